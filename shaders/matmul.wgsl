@@ -1,0 +1,84 @@
+// Prefill GEMM: Y[m, n0 + n] (+)= sum_k X[m, k] * W[n, k] (+ B[n0 + n])
+// X: f32 [M, K] at element offset x_off (row stride K). W: f16 pairs [N, K] (one part
+// of a possibly split weight, rows n0..n0+N of the whole). Y: f32, row stride ldy.
+// Tiles of 64 x 64 outputs, K in steps of 16, 256 threads each computing 4 x 4.
+
+struct Params {
+    M: u32, N: u32, K: u32, x_off: u32,
+    y_off: u32, ldy: u32, n0: u32, flags: u32, // flags: 1 = accumulate into Y, 2 = add bias
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read> W: array<u32>;
+@group(0) @binding(3) var<storage, read> B: array<f32>;
+@group(0) @binding(4) var<storage, read_write> Y: array<f32>;
+
+const TM: u32 = 64u;
+const TN: u32 = 64u;
+const TK: u32 = 16u;
+
+var<workgroup> xs: array<f32, 1024>; // [TK][TM]
+var<workgroup> ws: array<f32, 1024>; // [TK][TN]
+
+@compute @workgroup_size(16, 16)
+fn matmul(@builtin(workgroup_id) wg: vec3<u32>,
+          @builtin(local_invocation_id) lid: vec3<u32>,
+          @builtin(local_invocation_index) li: u32) {
+    let m_base = wg.y * TM;
+    let n_base = wg.x * TN;
+    var acc: array<f32, 16>;
+    for (var i = 0u; i < 16u; i++) { acc[i] = 0.0; }
+    let kw = p.K / 2u; // words per weight row (K is even)
+    for (var k0 = 0u; k0 < p.K; k0 += TK) {
+        for (var i = 0u; i < 4u; i++) {
+            let e = li + 256u * i;
+            let r = e / TK;
+            let kk = e % TK;
+            let gm = m_base + r;
+            let gk = k0 + kk;
+            var v = 0.0;
+            if (gm < p.M && gk < p.K) { v = X[p.x_off + gm * p.K + gk]; }
+            xs[kk * TM + r] = v;
+        }
+        for (var i = 0u; i < 2u; i++) {
+            let e = li + 256u * i;
+            let r = e / 8u;
+            let kp = e % 8u;
+            let gn = n_base + r;
+            let gk = k0 + kp * 2u;
+            var v = vec2<f32>(0.0, 0.0);
+            if (gn < p.N && gk < p.K) { v = unpack2x16float(W[gn * kw + gk / 2u]); }
+            ws[(kp * 2u) * TN + r] = v.x;
+            ws[(kp * 2u + 1u) * TN + r] = v.y;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TK; kk++) {
+            var a: array<f32, 4>;
+            var b: array<f32, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                a[i] = xs[kk * TM + lid.y + 16u * i];
+                b[i] = ws[kk * TN + lid.x + 16u * i];
+            }
+            for (var i = 0u; i < 4u; i++) {
+                for (var j = 0u; j < 4u; j++) {
+                    acc[i * 4u + j] = fma(a[i], b[j], acc[i * 4u + j]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let gm = m_base + lid.y + 16u * i;
+        if (gm >= p.M) { continue; }
+        for (var j = 0u; j < 4u; j++) {
+            let gn = n_base + lid.x + 16u * j;
+            if (gn >= p.N) { continue; }
+            var v = acc[i * 4u + j];
+            if ((p.flags & 2u) != 0u) { v += B[p.n0 + gn]; }
+            let idx = p.y_off + gm * p.ldy + p.n0 + gn;
+            if ((p.flags & 1u) != 0u) { v += Y[idx]; }
+            Y[idx] = v;
+        }
+    }
+}

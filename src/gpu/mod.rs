@@ -1,0 +1,327 @@
+//! The GPU layer: adapter selection, device with explicit features and limits, typed
+//! buffers, a pipeline cache, and [`Step`], which records one forward step's dispatches
+//! and copies into a single command encoder. No model knowledge lives here.
+
+mod step;
+mod tensor;
+
+pub use step::{grid_1d, Binding, Step};
+pub use tensor::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// How to pick an adapter: an index into `kvlink devices`' list, or a case-insensitive
+/// substring of the adapter's name / backend / driver.
+#[derive(Clone, Debug, Default)]
+pub enum AdapterChoice {
+    #[default]
+    Auto,
+    Index(usize),
+    Name(String),
+}
+
+impl AdapterChoice {
+    /// Parse `--adapter` / `KVLINK_ADAPTER`: a number is an index, anything else a name.
+    pub fn parse(s: &str) -> AdapterChoice {
+        let s = s.trim();
+        if s.is_empty() || s.eq_ignore_ascii_case("auto") {
+            AdapterChoice::Auto
+        } else if let Ok(i) = s.parse::<usize>() {
+            AdapterChoice::Index(i)
+        } else {
+            AdapterChoice::Name(s.to_string())
+        }
+    }
+    /// From the `KVLINK_ADAPTER` environment variable, else `Auto`.
+    pub fn from_env() -> AdapterChoice {
+        std::env::var("KVLINK_ADAPTER")
+            .map(|s| AdapterChoice::parse(&s))
+            .unwrap_or_default()
+    }
+}
+
+/// One adapter as listed by `kvlink devices`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdapterReport {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+    pub cooperative_matrix: bool,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+fn report(index: usize, a: &wgpu::Adapter) -> AdapterReport {
+    let info = a.get_info();
+    let f = a.features();
+    let l = a.limits();
+    AdapterReport {
+        index,
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+        shader_f16: f.contains(wgpu::Features::SHADER_F16),
+        subgroups: f.contains(wgpu::Features::SUBGROUP),
+        timestamps: f.contains(wgpu::Features::TIMESTAMP_QUERY),
+        cooperative_matrix: f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+        max_storage_buffer_binding_size: l.max_storage_buffer_binding_size as u64,
+        max_buffer_size: l.max_buffer_size,
+        max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
+    }
+}
+
+/// All adapters wgpu can see, in a stable order (discrete GPUs first).
+pub fn list_adapters() -> Vec<AdapterReport> {
+    sorted_adapters(&instance())
+        .iter()
+        .enumerate()
+        .map(|(i, a)| report(i, a))
+        .collect()
+}
+
+fn sorted_adapters(inst: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+    let mut v = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()));
+    let rank = |a: &wgpu::Adapter| match a.get_info().device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    v.sort_by_key(|a| (rank(a), a.get_info().backend != wgpu::Backend::Vulkan));
+    v
+}
+
+/// The device and everything derived from it. Cheap to share (`Arc<Gpu>`).
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub report: AdapterReport,
+    pub limits: wgpu::Limits,
+    pipelines: Mutex<HashMap<&'static str, Arc<wgpu::ComputePipeline>>>,
+    dummy: std::sync::OnceLock<Tensor>,
+}
+
+/// A compute kernel: a WGSL source and an entry point. Kernels are compiled once per
+/// device and cached under `name`.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernel {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub entry: &'static str,
+}
+
+impl Gpu {
+    /// Open the chosen adapter with the features and limits the engine uses.
+    pub fn new(choice: &AdapterChoice) -> Result<Arc<Gpu>> {
+        let inst = instance();
+        let adapters = sorted_adapters(&inst);
+        if adapters.is_empty() {
+            return Err(Error::Gpu(
+                "no GPU adapter found. On Linux without a GPU driver install Mesa's lavapipe \
+                 (`apt-get install mesa-vulkan-drivers`)"
+                    .into(),
+            ));
+        }
+        let idx = match choice {
+            AdapterChoice::Auto => 0,
+            AdapterChoice::Index(i) => {
+                if *i >= adapters.len() {
+                    return Err(Error::Gpu(format!(
+                        "adapter index {i} out of range: {} adapter(s) found (see `kvlink devices`)",
+                        adapters.len()
+                    )));
+                }
+                *i
+            }
+            AdapterChoice::Name(n) => {
+                let n = n.to_lowercase();
+                adapters
+                    .iter()
+                    .position(|a| {
+                        let r = report(0, a);
+                        r.name.to_lowercase().contains(&n)
+                            || r.backend.to_lowercase().contains(&n)
+                            || r.driver.to_lowercase().contains(&n)
+                    })
+                    .ok_or_else(|| {
+                        Error::Gpu(format!(
+                            "no adapter matches {n:?} (see `kvlink devices` for the list)"
+                        ))
+                    })?
+            }
+        };
+        let adapter = &adapters[idx];
+        let rep = report(idx, adapter);
+        let al = adapter.limits();
+        // Compute-only engine: ask for what the adapter offers on the limits we depend on.
+        let mut limits = wgpu::Limits::downlevel_defaults();
+        limits.max_storage_buffer_binding_size = al.max_storage_buffer_binding_size;
+        limits.max_buffer_size = al.max_buffer_size;
+        limits.max_storage_buffers_per_shader_stage = al.max_storage_buffers_per_shader_stage.min(16);
+        limits.max_compute_workgroup_storage_size = al.max_compute_workgroup_storage_size;
+        limits.max_compute_invocations_per_workgroup = al.max_compute_invocations_per_workgroup;
+        limits.max_compute_workgroup_size_x = al.max_compute_workgroup_size_x;
+        limits.max_compute_workgroup_size_y = al.max_compute_workgroup_size_y;
+        limits.max_compute_workgroups_per_dimension = al.max_compute_workgroups_per_dimension;
+        limits.max_bind_groups = al.max_bind_groups.min(4);
+        if limits.max_compute_invocations_per_workgroup < 256
+            || limits.max_compute_workgroup_storage_size < 16384
+            || limits.max_storage_buffers_per_shader_stage < 6
+        {
+            return Err(Error::Gpu(format!(
+                "adapter {:?} cannot run the kernels: needs 256 invocations per workgroup, \
+                 16 KiB workgroup memory and 6 storage buffers per stage (has {}, {}, {})",
+                rep.name,
+                al.max_compute_invocations_per_workgroup,
+                al.max_compute_workgroup_storage_size,
+                al.max_storage_buffers_per_shader_stage
+            )));
+        }
+        let mut features = wgpu::Features::empty();
+        for f in [wgpu::Features::SHADER_F16, wgpu::Features::TIMESTAMP_QUERY] {
+            if adapter.features().contains(f) {
+                features |= f;
+            }
+        }
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("kvlink"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Gpu(format!("cannot open adapter {:?}: {e}", rep.name)))?;
+        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
+            eprintln!("kvlink: GPU error: {e}");
+        }));
+        Ok(Arc::new(Gpu {
+            device,
+            queue,
+            report: rep,
+            limits,
+            pipelines: Mutex::new(HashMap::new()),
+            dummy: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// Largest buffer we create: the storage binding limit (so any buffer can be bound
+    /// whole) and the buffer size limit, whichever is smaller.
+    pub fn max_buffer_bytes(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+
+    /// A small zero buffer bound where a kernel's optional input is absent.
+    pub fn dummy(&self) -> Tensor {
+        self.dummy
+            .get_or_init(|| {
+                let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("dummy"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::STORAGE,
+                    mapped_at_creation: false,
+                });
+                Tensor {
+                    buf: Arc::new(buf),
+                    shape: vec![4],
+                    dtype: DType::F32,
+                }
+            })
+            .clone()
+    }
+
+    pub fn pipeline(&self, k: Kernel) -> Arc<wgpu::ComputePipeline> {
+        let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(k.name) {
+            return p.clone();
+        }
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(k.name),
+                source: wgpu::ShaderSource::Wgsl(k.source.into()),
+            });
+        let p = Arc::new(
+            self.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(k.name),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(k.entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                }),
+        );
+        cache.insert(k.name, p.clone());
+        p
+    }
+
+    /// Wait for all submitted work.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
+    }
+
+    /// Read a whole tensor back to the host as its raw 32-bit words.
+    pub fn read_words(&self, t: &Tensor) -> Result<Vec<u32>> {
+        let bytes = t.byte_len();
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_buffer_to_buffer(&t.buf, 0, &staging, 0, bytes);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("readback callback never ran".into()))?
+            .map_err(|e| Error::Gpu(format!("readback failed: {e}")))?;
+        let data = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("readback map failed: {e}")))?;
+        let words = bytemuck::cast_slice::<u8, u32>(&data[..bytes as usize]).to_vec();
+        drop(data);
+        staging.unmap();
+        Ok(words)
+    }
+
+    /// Read an f32 tensor back to the host.
+    pub fn read_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
+        let w = self.read_words(t)?;
+        Ok(match t.dtype {
+            DType::F32 | DType::U32 => bytemuck::cast_slice(&w).to_vec(),
+            DType::F16 => {
+                let h: &[half::f16] = bytemuck::cast_slice(&w);
+                h[..t.numel()].iter().map(|x| x.to_f32()).collect()
+            }
+        })
+    }
+
+    pub fn read_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
+        self.read_words(t)
+    }
+}

@@ -1,0 +1,9 @@
+//! kvlink: a wgpu/WGSL inference engine for Llama-family models that makes RAG fast by
+//! reusing per-document KV caches (KVLink, arXiv 2502.16002).
+
+pub mod error;
+pub mod model;
+
+pub use error::{Error, Result};
+pub mod gpu;
+pub mod ops;

@@ -1,0 +1,345 @@
+//! One Rust function per kernel: checks shapes, binds, records the dispatch into a
+//! [`Step`]. Shape errors that user input can cause come back as `Error::Input`.
+
+use crate::error::{Error, Result};
+use crate::gpu::{grid_1d, DType, Gpu, Kernel, Step, Tensor};
+
+macro_rules! kernel {
+    ($name:ident, $file:literal, $entry:literal) => {
+        pub const $name: Kernel = Kernel {
+            name: concat!($file, "::", $entry),
+            source: include_str!(concat!("../../shaders/", $file)),
+            entry: $entry,
+        };
+    };
+}
+
+pub mod kernels {
+    use super::*;
+    kernel!(MATMUL, "matmul.wgsl", "matmul");
+    kernel!(MATVEC, "matvec.wgsl", "matvec");
+    kernel!(RMS_NORM, "norm.wgsl", "rms_norm");
+    kernel!(ROPE, "rope.wgsl", "rope");
+    kernel!(ROTATE_KEYS, "rope.wgsl", "rotate_keys");
+    kernel!(KV_WRITE, "kv.wgsl", "kv_write");
+    kernel!(ATTENTION, "attention.wgsl", "attention");
+    kernel!(EMBED, "embed.wgsl", "embed");
+    kernel!(ADD, "elementwise.wgsl", "add");
+    kernel!(SILU_MUL, "elementwise.wgsl", "silu_mul");
+    kernel!(ARGMAX, "sample.wgsl", "argmax");
+
+    /// Every kernel, for validation tests.
+    pub const ALL: &[Kernel] = &[
+        MATMUL, MATVEC, RMS_NORM, ROPE, ROTATE_KEYS, KV_WRITE, ATTENTION, EMBED, ADD, SILU_MUL,
+        ARGMAX,
+    ];
+}
+use kernels::*;
+
+fn need(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Error::Input(msg()))
+    }
+}
+
+fn need_dtype(t: &Tensor, d: DType, what: &str) -> Result<()> {
+    need(t.dtype == d, || format!("{what}: expected {d:?}, got {:?}", t.dtype))
+}
+
+fn need_len(t: &Tensor, n: usize, what: &str) -> Result<()> {
+    need(t.numel() >= n, || {
+        format!("{what}: needs {n} elements, tensor {:?} has {}", t.shape, t.numel())
+    })
+}
+
+fn u32_of(x: usize, what: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| Error::Input(format!("{what} = {x} is too large")))
+}
+
+/// A weight matrix `[rows, cols]` in f16, split by rows over as many buffers as the
+/// adapter's largest storage binding requires.
+#[derive(Clone, Debug)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    /// (first row, tensor `[rows_in_part, cols]`)
+    pub parts: Vec<(usize, Tensor)>,
+}
+
+impl Matrix {
+    pub fn upload(gpu: &Gpu, rows: usize, cols: usize, data: &[f32], label: &str) -> Result<Matrix> {
+        let max_rows = (gpu.max_buffer_bytes() as usize / (cols.max(1) * 2)).max(1);
+        Self::upload_split(gpu, rows, cols, data, max_rows, label)
+    }
+
+    /// Like [`Matrix::upload`] with at most `max_rows` rows per buffer (tests use it to
+    /// exercise splitting at small sizes).
+    pub fn upload_split(
+        gpu: &Gpu,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+        max_rows: usize,
+        label: &str,
+    ) -> Result<Matrix> {
+        need(data.len() == rows * cols, || {
+            format!("{label}: expected {rows}x{cols} values, got {}", data.len())
+        })?;
+        need(cols % 2 == 0 && cols > 0, || format!("{label}: column count {cols} must be even"))?;
+        let max_rows = max_rows.max(1);
+        let mut parts = Vec::new();
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = max_rows.min(rows - r0);
+            let t = Tensor::from_f32_as_f16(gpu, &[n, cols], &data[r0 * cols..(r0 + n) * cols], label)?;
+            parts.push((r0, t));
+            r0 += n;
+        }
+        Ok(Matrix { rows, cols, parts })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        (self.rows * self.cols * 2) as u64
+    }
+}
+
+/// `y[y_row0 + i, :] (+)= x[x_row0 + i, :] @ w^T (+ bias)` for i < m.
+/// x: f32 `[*, w.cols]`, y: f32 `[*, w.rows]`, bias: f32 `[w.rows]`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    step: &mut Step,
+    x: &Tensor,
+    x_row0: usize,
+    m: usize,
+    w: &Matrix,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+    y_row0: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let (n, k) = (w.rows, w.cols);
+    need_dtype(x, DType::F32, "matmul x")?;
+    need_dtype(y, DType::F32, "matmul y")?;
+    need_len(x, (x_row0 + m) * k, "matmul x")?;
+    need_len(y, (y_row0 + m) * n, "matmul y")?;
+    if let Some(b) = bias {
+        need_len(b, n, "matmul bias")?;
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    let dummy;
+    let b = match bias {
+        Some(b) => b,
+        None => {
+            dummy = step.gpu().dummy();
+            &dummy
+        }
+    };
+    let flags = accumulate as u32 | if bias.is_some() { 2 } else { 0 };
+    for (r0, part) in &w.parts {
+        let pn = part.shape[0];
+        let params = [
+            u32_of(m, "rows")?,
+            pn as u32,
+            k as u32,
+            u32_of(x_row0 * k, "x offset")?,
+            u32_of(y_row0 * n, "y offset")?,
+            n as u32,
+            *r0 as u32,
+            flags,
+        ];
+        if m == 1 {
+            let groups = grid_1d(pn.div_ceil(4) as u32);
+            step.dispatch(MATVEC, &params, &[x, part, b, y], groups);
+        } else {
+            let gx = pn.div_ceil(64) as u32;
+            let gy = m.div_ceil(64) as u32;
+            need(gy <= 65535 && gx <= 65535, || format!("matmul too large: {m}x{pn}"))?;
+            step.dispatch(MATMUL, &params, &[x, part, b, y], [gx, gy, 1]);
+        }
+    }
+    Ok(())
+}
+
+/// RMSNorm of `rows` rows of length `dim`: y[y_row0 + r] = norm(x[x_row0 + r]) * w.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm(
+    step: &mut Step,
+    x: &Tensor,
+    x_row0: usize,
+    rows: usize,
+    w: &Tensor,
+    y: &Tensor,
+    y_row0: usize,
+    eps: f32,
+) -> Result<()> {
+    let dim = w.numel();
+    need_dtype(w, DType::F32, "rms_norm weight")?;
+    need_len(x, (x_row0 + rows) * dim, "rms_norm x")?;
+    need_len(y, (y_row0 + rows) * dim, "rms_norm y")?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let params = [
+        rows as u32,
+        dim as u32,
+        u32_of(x_row0 * dim, "x offset")?,
+        u32_of(y_row0 * dim, "y offset")?,
+        eps.to_bits(),
+    ];
+    step.dispatch(RMS_NORM, &params, &[x, w, y], grid_1d(rows as u32));
+    Ok(())
+}
+
+/// Rotate `t` rows of `heads` heads (f32 `[t, heads, head_dim]`) in place at `pos[i]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope(
+    step: &mut Step,
+    x: &Tensor,
+    t: usize,
+    heads: usize,
+    head_dim: usize,
+    pos: &Tensor,
+    inv_freq: &Tensor,
+    interleaved: bool,
+) -> Result<()> {
+    need_dtype(x, DType::F32, "rope x")?;
+    need_len(x, t * heads * head_dim, "rope x")?;
+    need_len(pos, t, "rope positions")?;
+    need_len(inv_freq, head_dim / 2, "rope inv_freq")?;
+    need(head_dim % 2 == 0, || format!("rope: head_dim {head_dim} must be even"))?;
+    let n = t * heads * head_dim / 2;
+    if n == 0 {
+        return Ok(());
+    }
+    let params = [t as u32, heads as u32, head_dim as u32, 0, interleaved as u32];
+    step.dispatch(ROPE, &params, &[x, pos, inv_freq], grid_1d(n.div_ceil(256) as u32));
+    Ok(())
+}
+
+/// Rotate cached keys of slots `slot0 .. slot0 + n` in place, slot `slot0 + s` by
+/// `deltas[s]` positions (0 = untouched). kc: f16 `[slots, kv_heads, head_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rotate_keys(
+    step: &mut Step,
+    kc: &Tensor,
+    slot0: usize,
+    n: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    deltas: &Tensor,
+    inv_freq: &Tensor,
+    interleaved: bool,
+) -> Result<()> {
+    need_dtype(kc, DType::F16, "rotate_keys cache")?;
+    need_len(kc, (slot0 + n) * kv_heads * head_dim, "rotate_keys cache")?;
+    need_len(deltas, n, "rotate_keys deltas")?;
+    need(head_dim % 4 == 0, || format!("rotate_keys: head_dim {head_dim} must be a multiple of 4"))?;
+    let threads = n * kv_heads * head_dim / 4;
+    if threads == 0 {
+        return Ok(());
+    }
+    let params = [n as u32, kv_heads as u32, head_dim as u32, slot0 as u32, interleaved as u32];
+    step.dispatch(ROTATE_KEYS, &params, &[kc, deltas, inv_freq], grid_1d(threads.div_ceil(256) as u32));
+    Ok(())
+}
+
+/// Store `t` new keys/values (f32 `[t, kv_dim]`) into the f16 cache at `slots[i]`.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_write(
+    step: &mut Step,
+    k: &Tensor,
+    v: &Tensor,
+    t: usize,
+    slots: &Tensor,
+    kc: &Tensor,
+    vc: &Tensor,
+    kv_dim: usize,
+) -> Result<()> {
+    need_len(k, t * kv_dim, "kv_write k")?;
+    need_len(v, t * kv_dim, "kv_write v")?;
+    need_len(slots, t, "kv_write slots")?;
+    need_dtype(kc, DType::F16, "kv_write cache")?;
+    let n = t * kv_dim / 2;
+    if n == 0 {
+        return Ok(());
+    }
+    step.dispatch(KV_WRITE, &[t as u32, kv_dim as u32], &[k, v, slots, kc, vc], grid_1d(n.div_ceil(256) as u32));
+    Ok(())
+}
+
+/// Attention of `t` queries (f32 `[t, heads, head_dim]`, in cache slots `qslot`) over the
+/// cache with the KVLink segment mask (`seg` per cache slot; all zeros = causal).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    step: &mut Step,
+    q: &Tensor,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    kc: &Tensor,
+    vc: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    need(heads % kv_heads == 0, || format!("attention: {heads} heads not a multiple of {kv_heads} kv heads"))?;
+    need(head_dim <= 256 && head_dim % 2 == 0, || format!("attention: head_dim {head_dim} must be even and <= 256"))?;
+    need_len(q, t * heads * head_dim, "attention q")?;
+    need_len(out, t * heads * head_dim, "attention out")?;
+    need_len(qslot, t, "attention qslot")?;
+    if t == 0 {
+        return Ok(());
+    }
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let params = [t as u32, heads as u32, kv_heads as u32, head_dim as u32, scale.to_bits()];
+    step.dispatch(ATTENTION, &params, &[q, kc, vc, qslot, seg, out], grid_1d((t * heads) as u32));
+    Ok(())
+}
+
+/// x[i, :] = table[tokens[i], :] for i < t.
+pub fn embed(step: &mut Step, tokens: &Tensor, t: usize, table: &Matrix, x: &Tensor) -> Result<()> {
+    need_len(tokens, t, "embed tokens")?;
+    need_len(x, t * table.cols, "embed x")?;
+    let n = t * table.cols / 2;
+    if n == 0 {
+        return Ok(());
+    }
+    for (r0, part) in &table.parts {
+        let params = [t as u32, table.cols as u32, *r0 as u32, part.shape[0] as u32];
+        step.dispatch(EMBED, &params, &[tokens, part, x], grid_1d(n.div_ceil(256) as u32));
+    }
+    Ok(())
+}
+
+/// b[i] += a[i] for i < n.
+pub fn add(step: &mut Step, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
+    elementwise(step, ADD, a, b, n)
+}
+
+/// u[i] = silu(g[i]) * u[i] for i < n.
+pub fn silu_mul(step: &mut Step, g: &Tensor, u: &Tensor, n: usize) -> Result<()> {
+    elementwise(step, SILU_MUL, g, u, n)
+}
+
+fn elementwise(step: &mut Step, k: Kernel, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
+    need_len(a, n, k.name)?;
+    need_len(b, n, k.name)?;
+    if n == 0 {
+        return Ok(());
+    }
+    step.dispatch(k, &[n as u32], &[a, b], grid_1d(n.div_ceil(256) as u32));
+    Ok(())
+}
+
+/// out[0] = argmax(logits[off .. off + n]).
+pub fn argmax(step: &mut Step, logits: &Tensor, off: usize, n: usize, out: &Tensor) -> Result<()> {
+    need_len(logits, off + n, "argmax logits")?;
+    need(n > 0, || "argmax over nothing".into())?;
+    step.dispatch(ARGMAX, &[n as u32, off as u32], &[logits, out], [1, 1, 1]);
+    Ok(())
+}

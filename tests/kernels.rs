@@ -1,0 +1,438 @@
+//! Every WGSL kernel against a plain f32 CPU reference, on fresh random inputs, with
+//! output buffers poisoned (NaN) so elements a kernel forgets to write fail the check.
+//! Sizes are chosen to hit partial tiles (non-multiples of 64/16/256).
+
+mod common;
+
+use common::{gpu, rand_vec, Rng};
+use half::f16;
+use kvlink::gpu::{DType, Step, Tensor};
+use kvlink::ops::{self, Matrix};
+
+fn f16r(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+fn nan_tensor(n: usize) -> Tensor {
+    Tensor::from_f32(gpu(), &[n], &vec![f32::NAN; n], "poison").unwrap()
+}
+
+fn assert_close(got: &[f32], want: &[f32], atol: f32, rtol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tol = atol + rtol * w.abs();
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}: element {i}: got {g}, want {w} (tol {tol})"
+        );
+    }
+}
+
+fn run(f: impl FnOnce(&mut Step)) {
+    let g = gpu();
+    let mut s = Step::new(g);
+    f(&mut s);
+    s.submit();
+    g.wait().unwrap();
+}
+
+#[test]
+fn shaders_validate_with_naga() {
+    for k in ops::kernels::ALL {
+        let module = naga::front::wgsl::parse_str(k.source)
+            .unwrap_or_else(|e| panic!("{}: {}", k.name, e.emit_to_string(k.source)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{}: {e:?}", k.name));
+        assert!(
+            module.entry_points.iter().any(|e| e.name == k.entry),
+            "{}: no entry point {}",
+            k.name,
+            k.entry
+        );
+    }
+}
+
+fn cpu_matmul(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut y = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0.0f64;
+            for l in 0..k {
+                acc += x[i * k + l] as f64 * w[j * k + l] as f64;
+            }
+            y[i * n + j] = acc as f32;
+        }
+    }
+    y
+}
+
+#[test]
+fn matmul_and_matvec_match_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    // (m, n, k, max_rows_per_part): m = 1 takes the GEMV kernel.
+    for &(m, n, k, split) in &[
+        (1, 67, 38, 1000),
+        (1, 300, 130, 128),
+        (3, 5, 16, 1000),
+        (70, 67, 38, 1000),
+        (65, 130, 66, 50),
+        (129, 64, 96, 1000),
+    ] {
+        for &(bias, acc) in &[(false, false), (true, false), (false, true), (true, true)] {
+            let x0 = 2; // row offset into x and y
+            let x = rand_vec(&mut rng, (x0 + m) * k, 1.0);
+            let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0).into_iter().map(f16r).collect();
+            let b = rand_vec(&mut rng, n, 1.0);
+            let y_init = rand_vec(&mut rng, (x0 + m) * n, 1.0);
+            let xt = Tensor::from_f32(g, &[x0 + m, k], &x, "x").unwrap();
+            let wm = Matrix::upload_split(g, n, k, &w, split, "w").unwrap();
+            assert_eq!(wm.parts.len(), n.div_ceil(split));
+            let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
+            let mut init = y_init.clone();
+            if !acc {
+                init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
+            }
+            let yt = Tensor::from_f32(g, &[x0 + m, n], &init, "y").unwrap();
+            run(|s| {
+                ops::matmul(s, &xt, x0, m, &wm, bias.then_some(&bt), &yt, x0, acc).unwrap()
+            });
+            let got = g.read_f32(&yt).unwrap();
+            let mut want = cpu_matmul(&x[x0 * k..], &w, m, n, k);
+            for i in 0..m {
+                for j in 0..n {
+                    if bias {
+                        want[i * n + j] += b[j];
+                    }
+                    if acc {
+                        want[i * n + j] += y_init[(x0 + i) * n + j];
+                    }
+                }
+            }
+            let what = format!("matmul m={m} n={n} k={k} bias={bias} acc={acc}");
+            assert_close(&got[x0 * n..], &want, 1e-3, 1e-4, &what);
+            // rows before the offset are untouched
+            assert_eq!(&got[..x0 * n], &init[..x0 * n], "{what}: wrote outside its rows");
+        }
+    }
+}
+
+#[test]
+fn rms_norm_matches_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    for &(rows, dim) in &[(1, 576), (5, 100), (3, 1000)] {
+        let x = rand_vec(&mut rng, (rows + 1) * dim, 2.0);
+        let w = rand_vec(&mut rng, dim, 1.0);
+        let xt = Tensor::from_f32(g, &[rows + 1, dim], &x, "x").unwrap();
+        let wt = Tensor::from_f32(g, &[dim], &w, "w").unwrap();
+        let yt = nan_tensor(rows * dim);
+        run(|s| ops::rms_norm(s, &xt, 1, rows, &wt, &yt, 0, 1e-5).unwrap());
+        let got = g.read_f32(&yt).unwrap();
+        let mut want = vec![0.0; rows * dim];
+        for r in 0..rows {
+            let row = &x[(r + 1) * dim..(r + 2) * dim];
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+            let inv = 1.0 / (ms + 1e-5).sqrt();
+            for i in 0..dim {
+                want[r * dim + i] = row[i] * inv * w[i];
+            }
+        }
+        assert_close(&got, &want, 1e-4, 1e-4, &format!("rms_norm {rows}x{dim}"));
+    }
+}
+
+fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
+
+/// CPU RoPE of one head vector at position `pos`.
+fn cpu_rope(x: &mut [f32], pos: f32, inv: &[f32], interleaved: bool) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+        let ang = pos * inv[i];
+        let (s, c) = ang.sin_cos();
+        let (x0, x1) = (x[a], x[b]);
+        x[a] = x0 * c - x1 * s;
+        x[b] = x0 * s + x1 * c;
+    }
+}
+
+#[test]
+fn rope_matches_cpu_both_pairings() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    for &interleaved in &[false, true] {
+        for &(t, heads, hd) in &[(7, 3, 64), (2, 5, 32), (1, 1, 128)] {
+            let x = rand_vec(&mut rng, t * heads * hd, 1.0);
+            let pos: Vec<i32> = (0..t).map(|_| rng.below(5000) as i32).collect();
+            let inv = inv_freq(hd, 10000.0);
+            let xt = Tensor::from_f32(g, &[t, heads, hd], &x, "x").unwrap();
+            let pt = Tensor::from_u32(g, &[t], bytemuck::cast_slice(&pos), "pos").unwrap();
+            let it = Tensor::from_f32(g, &[hd / 2], &inv, "inv").unwrap();
+            run(|s| ops::rope(s, &xt, t, heads, hd, &pt, &it, interleaved).unwrap());
+            let got = g.read_f32(&xt).unwrap();
+            let mut want = x.clone();
+            for ti in 0..t {
+                for h in 0..heads {
+                    let o = (ti * heads + h) * hd;
+                    cpu_rope(&mut want[o..o + hd], pos[ti] as f32, &inv, interleaved);
+                }
+            }
+            assert_close(&got, &want, 2e-3, 1e-3, &format!("rope t={t} h={heads} hd={hd} il={interleaved}"));
+        }
+    }
+}
+
+#[test]
+fn kv_write_and_rotate_keys_match_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    for &interleaved in &[false, true] {
+        let (slots, kvh, hd) = (37, 3, 64);
+        let kv_dim = kvh * hd;
+        let t = 9;
+        let k = rand_vec(&mut rng, t * kv_dim, 1.0);
+        let v = rand_vec(&mut rng, t * kv_dim, 1.0);
+        // distinct slots in random order
+        let mut all: Vec<u32> = (0..slots as u32).collect();
+        rng.shuffle(&mut all);
+        let sl: Vec<u32> = all[..t].to_vec();
+        let kt = Tensor::from_f32(g, &[t, kv_dim], &k, "k").unwrap();
+        let vt = Tensor::from_f32(g, &[t, kv_dim], &v, "v").unwrap();
+        let st = Tensor::from_u32(g, &[t], &sl, "slots").unwrap();
+        let poison = vec![f16::NAN; slots * kv_dim];
+        let kc = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vec![f32::NAN; slots * kv_dim], "kc").unwrap();
+        let vc = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vec![f32::NAN; slots * kv_dim], "vc").unwrap();
+        run(|s| ops::kv_write(s, &kt, &vt, t, &st, &kc, &vc, kv_dim).unwrap());
+        let gk = g.read_f32(&kc).unwrap();
+        let gv = g.read_f32(&vc).unwrap();
+        let mut want_k: Vec<f32> = poison.iter().map(|x| x.to_f32()).collect();
+        let mut want_v = want_k.clone();
+        for (i, &s) in sl.iter().enumerate() {
+            for d in 0..kv_dim {
+                want_k[s as usize * kv_dim + d] = f16r(k[i * kv_dim + d]);
+                want_v[s as usize * kv_dim + d] = f16r(v[i * kv_dim + d]);
+            }
+        }
+        for (a, b) in gk.iter().zip(&want_k).chain(gv.iter().zip(&want_v)) {
+            assert!(a == b || (a.is_nan() && b.is_nan()), "kv_write: got {a}, want {b}");
+        }
+
+        // rotate slots 4..4+n by per-slot deltas (some zero: left untouched)
+        let (slot0, n) = (4usize, 20usize);
+        let cache: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0).into_iter().map(f16r).collect();
+        let kc = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &cache, "kc").unwrap();
+        let deltas: Vec<i32> = (0..n).map(|i| if i % 5 == 0 { 0 } else { rng.below(3000) as i32 - 500 }).collect();
+        let dt = Tensor::from_u32(g, &[n], bytemuck::cast_slice(&deltas), "d").unwrap();
+        let inv = inv_freq(hd, 10000.0);
+        let it = Tensor::from_f32(g, &[hd / 2], &inv, "inv").unwrap();
+        run(|s| ops::rotate_keys(s, &kc, slot0, n, kvh, hd, &dt, &it, interleaved).unwrap());
+        let got = g.read_f32(&kc).unwrap();
+        let mut want = cache.clone();
+        for s in 0..n {
+            for h in 0..kvh {
+                let o = (slot0 + s) * kv_dim + h * hd;
+                cpu_rope(&mut want[o..o + hd], deltas[s] as f32, &inv, interleaved);
+            }
+        }
+        assert_close(&got, &want, 2e-3, 2e-3, &format!("rotate_keys il={interleaved}"));
+    }
+}
+
+#[test]
+fn rotating_by_delta_equals_encoding_at_shifted_position() {
+    // KVLINK.md §3: keys encoded at p, then rotated by d, equal keys encoded at p + d.
+    let g = gpu();
+    let mut rng = Rng::new();
+    let (t, kvh, hd) = (6, 2, 64);
+    let kv_dim = kvh * hd;
+    let raw = rand_vec(&mut rng, t * kv_dim, 1.0);
+    let inv = inv_freq(hd, 100000.0);
+    let it = Tensor::from_f32(g, &[hd / 2], &inv, "inv").unwrap();
+    let p: Vec<i32> = (0..t as i32).collect();
+    let d = 777;
+    let pd: Vec<i32> = p.iter().map(|x| x + d).collect();
+    let slots: Vec<u32> = (0..t as u32).collect();
+    let st = Tensor::from_u32(g, &[t], &slots, "slots").unwrap();
+    let encode = |pos: &[i32]| {
+        let x = Tensor::from_f32(g, &[t, kv_dim], &raw, "k").unwrap();
+        let pt = Tensor::from_u32(g, &[t], bytemuck::cast_slice(pos), "p").unwrap();
+        let kc = Tensor::zeros(g, &[t, kv_dim], DType::F16, "kc").unwrap();
+        let vc = Tensor::zeros(g, &[t, kv_dim], DType::F16, "vc").unwrap();
+        run(|s| {
+            ops::rope(s, &x, t, kvh, hd, &pt, &it, false).unwrap();
+            ops::kv_write(s, &x, &x, t, &st, &kc, &vc, kv_dim).unwrap();
+        });
+        kc
+    };
+    let at_p = encode(&p);
+    let at_pd = encode(&pd);
+    let dt = Tensor::from_u32(g, &[t], bytemuck::cast_slice(&vec![d; t]), "d").unwrap();
+    run(|s| ops::rotate_keys(s, &at_p, 0, t, kvh, hd, &dt, &it, false).unwrap());
+    let a = g.read_f32(&at_p).unwrap();
+    let b = g.read_f32(&at_pd).unwrap();
+    assert_close(&a, &b, 4e-3, 4e-3, "rotate(p) by d vs encode at p+d");
+}
+
+/// CPU attention with the KVLink mask over an f16 cache.
+#[allow(clippy::too_many_arguments)]
+fn cpu_attention(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    qslot: &[u32],
+    seg: &[u32],
+    heads: usize,
+    kvh: usize,
+    hd: usize,
+) -> Vec<f32> {
+    let t = qslot.len();
+    let mut out = vec![0.0; t * heads * hd];
+    let kv_dim = kvh * hd;
+    for ti in 0..t {
+        let ts = qslot[ti] as usize;
+        for h in 0..heads {
+            let kh = h / (heads / kvh);
+            let qv = &q[(ti * heads + h) * hd..][..hd];
+            let mut scores = vec![f32::NEG_INFINITY; ts + 1];
+            for (s, sc) in scores.iter_mut().enumerate() {
+                if seg[ts] == 0 || seg[s] == seg[ts] {
+                    let kv = &kc[s * kv_dim + kh * hd..][..hd];
+                    *sc = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt();
+                }
+            }
+            let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f32 = e.iter().sum();
+            for d in 0..hd {
+                let mut acc = 0.0;
+                for s in 0..=ts {
+                    acc += e[s] * vc[s * kv_dim + kh * hd + d];
+                }
+                out[(ti * heads + h) * hd + d] = acc / z;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_matches_cpu_with_segment_mask() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    for &(slots, heads, kvh, hd, segmented) in &[
+        (70, 4, 2, 64, false),
+        (150, 3, 1, 32, true),
+        (5, 2, 2, 128, true),
+        (130, 9, 3, 64, true),
+    ] {
+        let kv_dim = kvh * hd;
+        let kc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0).into_iter().map(f16r).collect();
+        let vc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0).into_iter().map(f16r).collect();
+        // segments: prefix 0, docs 1..3, then 0 again (like KVLINK.md §1)
+        let seg: Vec<u32> = (0..slots)
+            .map(|s| {
+                if !segmented || s < slots / 5 || s >= slots * 4 / 5 {
+                    0
+                } else {
+                    1 + (s * 3 / slots) as u32
+                }
+            })
+            .collect();
+        // queries: a few slots including the first, the last and doc-internal ones
+        let mut qslot: Vec<u32> = vec![0, (slots - 1) as u32, (slots / 2) as u32];
+        for _ in 0..4 {
+            qslot.push(rng.below(slots as u32));
+        }
+        let t = qslot.len();
+        let q = rand_vec(&mut rng, t * heads * hd, 1.0);
+        let qt = Tensor::from_f32(g, &[t, heads, hd], &q, "q").unwrap();
+        let kt = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &kc, "kc").unwrap();
+        let vt = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vc, "vc").unwrap();
+        let qs = Tensor::from_u32(g, &[t], &qslot, "qslot").unwrap();
+        let sg = Tensor::from_u32(g, &[slots], &seg, "seg").unwrap();
+        let out = nan_tensor(t * heads * hd);
+        run(|s| ops::attention(s, &qt, t, heads, kvh, hd, &kt, &vt, &qs, &sg, &out).unwrap());
+        let got = g.read_f32(&out).unwrap();
+        let want = cpu_attention(&q, &kc, &vc, &qslot, &seg, heads, kvh, hd);
+        assert_close(&got, &want, 1e-4, 1e-3, &format!("attention slots={slots} h={heads}/{kvh} hd={hd}"));
+    }
+}
+
+#[test]
+fn embed_gathers_rows_across_split_table() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    let (vocab, dim) = (101, 36);
+    let table: Vec<f32> = rand_vec(&mut rng, vocab * dim, 1.0).into_iter().map(f16r).collect();
+    let m = Matrix::upload_split(g, vocab, dim, &table, 40, "emb").unwrap();
+    assert_eq!(m.parts.len(), 3);
+    let tokens: Vec<u32> = vec![0, 100, 39, 40, 41, 79, 80, 7, 7];
+    let tt = Tensor::from_u32(g, &[tokens.len()], &tokens, "tok").unwrap();
+    let x = nan_tensor(tokens.len() * dim);
+    run(|s| ops::embed(s, &tt, tokens.len(), &m, &x).unwrap());
+    let got = g.read_f32(&x).unwrap();
+    let want: Vec<f32> = tokens
+        .iter()
+        .flat_map(|&t| table[t as usize * dim..(t as usize + 1) * dim].to_vec())
+        .collect();
+    assert_close(&got, &want, 0.0, 0.0, "embed");
+}
+
+#[test]
+fn add_and_silu_mul_match_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    let n = 1000;
+    let a = rand_vec(&mut rng, n, 3.0);
+    let b = rand_vec(&mut rng, n, 3.0);
+    let at = Tensor::from_f32(g, &[n], &a, "a").unwrap();
+    let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
+    run(|s| ops::add(s, &at, &bt, n).unwrap());
+    let got = g.read_f32(&bt).unwrap();
+    let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+    assert_close(&got, &want, 1e-6, 1e-6, "add");
+
+    let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
+    run(|s| ops::silu_mul(s, &at, &bt, n).unwrap());
+    let got = g.read_f32(&bt).unwrap();
+    let want: Vec<f32> = a.iter().zip(&b).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+    assert_close(&got, &want, 1e-5, 1e-5, "silu_mul");
+}
+
+#[test]
+fn argmax_finds_first_maximum() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    for &n in &[1usize, 255, 1000, 49152] {
+        let mut x = rand_vec(&mut rng, n + 3, 5.0);
+        let j = rng.below(n as u32) as usize;
+        x[3 + j] = 100.0;
+        if j + 7 < n {
+            x[3 + j + 7] = 100.0; // a tie later on: the first one wins
+        }
+        let xt = Tensor::from_f32(g, &[n + 3], &x, "x").unwrap();
+        let out = Tensor::from_u32(g, &[1], &[0xdead], "out").unwrap();
+        run(|s| ops::argmax(s, &xt, 3, n, &out).unwrap());
+        assert_eq!(g.read_u32(&out).unwrap()[0], j as u32, "argmax n={n}");
+    }
+}
+
+#[test]
+fn ops_reject_bad_shapes() {
+    let g = gpu();
+    let x = Tensor::from_f32(g, &[2, 8], &[0.0; 16], "x").unwrap();
+    let w = Matrix::upload(g, 4, 8, &[0.0; 32], "w").unwrap();
+    let y = Tensor::from_f32(g, &[1, 4], &[0.0; 4], "y").unwrap();
+    let mut s = Step::new(g);
+    assert!(ops::matmul(&mut s, &x, 0, 2, &w, None, &y, 0, false).is_err());
+    assert!(Matrix::upload(g, 4, 7, &[0.0; 28], "odd").is_err());
+}
