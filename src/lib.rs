@@ -7,3 +7,7 @@ pub mod model;
 pub use error::{Error, Result};
 pub mod gpu;
 pub mod ops;
+pub mod engine;
+pub mod sampling;
+
+pub use engine::{Engine, GenerateParams, GenerateStats};

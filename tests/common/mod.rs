@@ -56,3 +56,6 @@ impl Rng {
 pub fn rand_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.unit() * scale).collect()
 }
+
+pub mod model;
+pub mod reference;

@@ -1,0 +1,385 @@
+//! The Llama-family forward pass as a sequence of GPU ops (Llama, SmolLM2, Mistral,
+//! Qwen2). Reads like the math:
+//!
+//! ```text
+//! x = embed(tokens)
+//! for each layer:
+//!     h = rmsnorm(x) ; q, k, v = h Wq, h Wk, h Wv (+ biases)
+//!     q, k = rope(q, pos), rope(k, pos) ; cache[slots] = k, v
+//!     x += attention(q, cache, mask) Wo
+//!     h = rmsnorm(x) ; x += (silu(h Wg) * h Wu) Wd
+//! logits = rmsnorm(x) Wlm
+//! ```
+//! Activations are f32, weights and the KV cache f16. Everything for one call is
+//! recorded into one [`Step`] and submitted once.
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Step, Tensor};
+use crate::model::source::names as n;
+use crate::model::{ModelConfig, WeightSource};
+use crate::ops::{self, Matrix};
+use std::sync::{Arc, Mutex};
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+    bq: Option<Tensor>,
+    bk: Option<Tensor>,
+    bv: Option<Tensor>,
+    ffn_norm: Tensor,
+    w_gate: Matrix,
+    w_up: Matrix,
+    w_down: Matrix,
+}
+
+pub struct Llama {
+    pub cfg: ModelConfig,
+    gpu: Arc<Gpu>,
+    embed: Matrix,
+    layers: Vec<Layer>,
+    final_norm: Tensor,
+    /// None when tied to the embedding.
+    lm_head: Option<Matrix>,
+    inv_freq: Tensor,
+    scratch: Mutex<Option<Scratch>>,
+}
+
+/// The KV cache of one sequence: per layer f16 K and V `[capacity, kv_dim]`, plus the
+/// segment id of every slot (KVLINK.md §2; all zero = ordinary causal attention).
+pub struct KvCache {
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub seg: Tensor,
+    pub capacity: usize,
+    /// Slots 0..len hold valid entries.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(gpu: &Gpu, cfg: &ModelConfig, capacity: usize) -> Result<KvCache> {
+        let capacity = capacity.max(1);
+        let kvd = cfg.kv_dim();
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            k.push(Tensor::zeros(gpu, &[capacity, kvd], DType::F16, &format!("k{l}"))?);
+            v.push(Tensor::zeros(gpu, &[capacity, kvd], DType::F16, &format!("v{l}"))?);
+        }
+        let seg = Tensor::zeros(gpu, &[capacity], DType::U32, "seg")?;
+        Ok(KvCache {
+            k,
+            v,
+            seg,
+            capacity,
+            len: 0,
+        })
+    }
+
+    /// Bytes of GPU memory held.
+    pub fn bytes(&self) -> u64 {
+        self.k.iter().chain(&self.v).map(|t| t.byte_len()).sum::<u64>() + self.seg.byte_len()
+    }
+}
+
+/// Per-call activation buffers, kept and regrown as needed.
+struct Scratch {
+    rows: usize,
+    logit_rows: usize,
+    x: Tensor,
+    h: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    att: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    tokens: Tensor,
+    pos: Tensor,
+    slots: Tensor,
+    last: Tensor,
+    logits: Tensor,
+    token_out: Tensor,
+}
+
+/// Which rows of the batch need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+/// What one forward call processes: tokens at RoPE positions, stored in cache slots.
+pub struct Batch<'a> {
+    pub tokens: &'a [u32],
+    pub positions: &'a [i32],
+    pub slots: &'a [u32],
+}
+
+impl<'a> Batch<'a> {
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+fn load_vec(src: &dyn WeightSource, gpu: &Gpu, name: &str, len: usize) -> Result<Tensor> {
+    let t = src.load(name)?;
+    if t.numel() != len {
+        return Err(Error::BadModel {
+            path: src.describe().into(),
+            msg: format!("tensor {name} has shape {:?}, expected [{len}]", t.shape),
+        });
+    }
+    Tensor::from_f32(gpu, &[len], &t.data, name)
+}
+
+fn load_matrix(src: &dyn WeightSource, gpu: &Gpu, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+    let t = src.load(name)?;
+    if t.shape != [rows, cols] {
+        return Err(Error::BadModel {
+            path: src.describe().into(),
+            msg: format!("tensor {name} has shape {:?}, expected [{rows}, {cols}]", t.shape),
+        });
+    }
+    if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
+        return Err(Error::BadModel {
+            path: src.describe().into(),
+            msg: format!("tensor {name} holds a non-finite value at element {i}"),
+        });
+    }
+    Matrix::upload(gpu, rows, cols, &t.data, name)
+}
+
+impl Llama {
+    /// Upload all weights. `progress(done, total)` is called after each tensor.
+    pub fn load(gpu: Arc<Gpu>, src: &dyn WeightSource, progress: &mut dyn FnMut(usize, usize)) -> Result<Llama> {
+        let cfg = src.config().clone();
+        cfg.validate().map_err(|m| Error::BadModel {
+            path: src.describe().into(),
+            msg: m,
+        })?;
+        let g = &*gpu;
+        let (d, qd, kvd, ff) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let total = cfg.num_hidden_layers * 9 + 3;
+        let mut done = 0;
+        let mut tick = |p: &mut dyn FnMut(usize, usize), k: usize| {
+            done += k;
+            p(done, total);
+        };
+        let embed = load_matrix(src, g, n::EMBED, cfg.vocab_size, d)?;
+        tick(progress, 1);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = |s: &str| n::layer(i, s);
+            let bias = |s: &str, len: usize| -> Result<Option<Tensor>> {
+                if cfg.attention_bias {
+                    Ok(Some(load_vec(src, g, &l(s), len)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(Layer {
+                attn_norm: load_vec(src, g, &l(n::ATTN_NORM), d)?,
+                wq: load_matrix(src, g, &l(n::Q), qd, d)?,
+                wk: load_matrix(src, g, &l(n::K), kvd, d)?,
+                wv: load_matrix(src, g, &l(n::V), kvd, d)?,
+                wo: load_matrix(src, g, &l(n::O), d, qd)?,
+                bq: bias(n::Q_BIAS, qd)?,
+                bk: bias(n::K_BIAS, kvd)?,
+                bv: bias(n::V_BIAS, kvd)?,
+                ffn_norm: load_vec(src, g, &l(n::FFN_NORM), d)?,
+                w_gate: load_matrix(src, g, &l(n::GATE), ff, d)?,
+                w_up: load_matrix(src, g, &l(n::UP), ff, d)?,
+                w_down: load_matrix(src, g, &l(n::DOWN), d, ff)?,
+            });
+            tick(progress, 9);
+        }
+        let final_norm = load_vec(src, g, n::FINAL_NORM, d)?;
+        let lm_head = if !cfg.tie_word_embeddings && src.has(n::LM_HEAD) {
+            Some(load_matrix(src, g, n::LM_HEAD, cfg.vocab_size, d)?)
+        } else {
+            None
+        };
+        tick(progress, 2);
+        let inv = cfg.rope_inv_freq();
+        let inv_freq = Tensor::from_f32(g, &[inv.len()], &inv, "inv_freq")?;
+        Ok(Llama {
+            cfg,
+            gpu,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            inv_freq,
+            scratch: Mutex::new(None),
+        })
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    pub fn inv_freq(&self) -> &Tensor {
+        &self.inv_freq
+    }
+
+    /// Bytes of weights on the GPU.
+    pub fn weight_bytes(&self) -> u64 {
+        let mut b = self.embed.bytes() + self.lm_head.as_ref().map_or(0, |m| m.bytes());
+        for l in &self.layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                b += m.bytes();
+            }
+        }
+        b
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        KvCache::new(&self.gpu, &self.cfg, capacity)
+    }
+
+    fn scratch(&self, rows: usize, logit_rows: usize) -> Result<std::sync::MutexGuard<'_, Option<Scratch>>> {
+        let mut s = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = s.as_ref().is_some_and(|s| s.rows >= rows && s.logit_rows >= logit_rows);
+        if !fits {
+            let rows = rows.max(s.as_ref().map_or(0, |s| s.rows));
+            let logit_rows = logit_rows.max(s.as_ref().map_or(1, |s| s.logit_rows)).max(1);
+            let c = &self.cfg;
+            let g = &*self.gpu;
+            let f = |n: usize, l: &str| Tensor::zeros(g, &[n], DType::F32, l);
+            let u = |n: usize, l: &str| Tensor::zeros(g, &[n], DType::U32, l);
+            *s = Some(Scratch {
+                rows,
+                logit_rows,
+                x: f(rows * c.hidden_size, "x")?,
+                h: f(rows * c.hidden_size, "h")?,
+                q: f(rows * c.q_dim(), "q")?,
+                k: f(rows * c.kv_dim(), "k")?,
+                v: f(rows * c.kv_dim(), "v")?,
+                att: f(rows * c.q_dim(), "att")?,
+                gate: f(rows * c.intermediate_size, "gate")?,
+                up: f(rows * c.intermediate_size, "up")?,
+                tokens: u(rows, "tokens")?,
+                pos: u(rows, "pos")?,
+                slots: u(rows, "slots")?,
+                last: f(logit_rows * c.hidden_size, "last")?,
+                logits: f(logit_rows * c.vocab_size, "logits")?,
+                token_out: u(4, "token_out")?,
+            });
+        }
+        Ok(s)
+    }
+
+    /// Run the model over `batch`, writing its keys/values into `cache` at the batch's
+    /// slots (the cache's `seg` must already hold the segment of every slot involved).
+    /// Returns the logits of the requested rows (`[rows, vocab]`, read back) and, with
+    /// `greedy`, the argmax token of the last row computed on the GPU.
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        batch: &Batch,
+        logits: Logits,
+        greedy: bool,
+    ) -> Result<ForwardOut> {
+        let t = batch.len();
+        let c = &self.cfg;
+        if t == 0 {
+            return Err(Error::Input("forward: empty batch".into()));
+        }
+        if batch.positions.len() != t || batch.slots.len() != t {
+            return Err(Error::Input("forward: tokens, positions and slots differ in length".into()));
+        }
+        if let Some(&bad) = batch.tokens.iter().find(|&&x| x as usize >= c.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the model's vocabulary ({})",
+                c.vocab_size
+            )));
+        }
+        if let Some(&s) = batch.slots.iter().find(|&&s| s as usize >= cache.capacity) {
+            return Err(Error::Input(format!(
+                "cache slot {s} is beyond the cache capacity {}",
+                cache.capacity
+            )));
+        }
+        let logit_rows = match logits {
+            Logits::None => 0,
+            Logits::Last => 1,
+            Logits::All => t,
+        };
+        let g = &*self.gpu;
+        let guard = self.scratch(t, logit_rows.max(1))?;
+        let s = guard.as_ref().expect("scratch allocated");
+        s.tokens.write_u32(g, batch.tokens);
+        s.pos.write_u32(g, bytemuck::cast_slice(batch.positions));
+        s.slots.write_u32(g, batch.slots);
+
+        let (d, qd, kvd, ff) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let eps = c.rms_norm_eps;
+        let mut st = Step::new(g);
+        ops::embed(&mut st, &s.tokens, t, &self.embed, &s.x)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            ops::rms_norm(&mut st, &s.x, 0, t, &l.attn_norm, &s.h, 0, eps)?;
+            ops::matmul(&mut st, &s.h, 0, t, &l.wq, l.bq.as_ref(), &s.q, 0, false)?;
+            ops::matmul(&mut st, &s.h, 0, t, &l.wk, l.bk.as_ref(), &s.k, 0, false)?;
+            ops::matmul(&mut st, &s.h, 0, t, &l.wv, l.bv.as_ref(), &s.v, 0, false)?;
+            ops::rope(&mut st, &s.q, t, nh, hd, &s.pos, &self.inv_freq, false)?;
+            ops::rope(&mut st, &s.k, t, nkv, hd, &s.pos, &self.inv_freq, false)?;
+            ops::kv_write(&mut st, &s.k, &s.v, t, &s.slots, &cache.k[i], &cache.v[i], kvd)?;
+            ops::attention(&mut st, &s.q, t, nh, nkv, hd, &cache.k[i], &cache.v[i], &s.slots, &cache.seg, &s.att)?;
+            ops::matmul(&mut st, &s.att, 0, t, &l.wo, None, &s.x, 0, true)?;
+            ops::rms_norm(&mut st, &s.x, 0, t, &l.ffn_norm, &s.h, 0, eps)?;
+            ops::matmul(&mut st, &s.h, 0, t, &l.w_gate, None, &s.gate, 0, false)?;
+            ops::matmul(&mut st, &s.h, 0, t, &l.w_up, None, &s.up, 0, false)?;
+            ops::silu_mul(&mut st, &s.gate, &s.up, t * ff)?;
+            ops::matmul(&mut st, &s.up, 0, t, &l.w_down, None, &s.x, 0, true)?;
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        if logit_rows > 0 || greedy {
+            let (row0, rows) = if logits == Logits::All { (0, t) } else { (t - 1, 1) };
+            ops::rms_norm(&mut st, &s.x, row0, rows, &self.final_norm, &s.last, 0, eps)?;
+            ops::matmul(&mut st, &s.last, 0, rows, head, None, &s.logits, 0, false)?;
+            if greedy {
+                ops::argmax(&mut st, &s.logits, (rows - 1) * c.vocab_size, c.vocab_size, &s.token_out)?;
+            }
+        }
+        st.submit();
+        let _ = (qd, d);
+        let end = batch.slots.iter().map(|&x| x as usize + 1).max().unwrap_or(0);
+        cache.len = cache.len.max(end);
+        let mut out = ForwardOut::default();
+        if greedy {
+            let id = g.read_u32(&s.token_out)?[0];
+            if id as usize >= c.vocab_size {
+                return Err(Error::Gpu(
+                    "the model produced non-finite logits (NaN); the weights or the adapter's \
+                     arithmetic are broken"
+                        .into(),
+                ));
+            }
+            out.token = Some(id);
+        }
+        if logit_rows > 0 {
+            let all = g.read_f32(&s.logits)?;
+            out.logits = all[..logit_rows * c.vocab_size].to_vec();
+            out.rows = logit_rows;
+        } else {
+            g.wait()?;
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Default, Debug)]
+pub struct ForwardOut {
+    /// `[rows, vocab]` row-major.
+    pub logits: Vec<f32>,
+    pub rows: usize,
+    pub token: Option<u32>,
+}

@@ -1,0 +1,21 @@
+//! Models: configuration, weight sources (GGUF, HF folders, random), tokenizer, and the
+//! Llama-family forward pass.
+
+pub mod config;
+pub mod convert;
+pub mod fetch;
+pub mod gguf;
+pub mod hf;
+pub mod open;
+pub mod llama;
+pub mod paths;
+pub mod random;
+pub mod source;
+pub mod tokenizer;
+
+pub use config::{Arch, ModelConfig, RopeScaling};
+pub use source::{HostTensor, WeightSource};
+pub use tokenizer::{ChatMessage, Tokenizer};
+pub use gguf::GgufModel;
+pub use paths::default_model_path;
+pub use open::open_model;
