@@ -73,11 +73,19 @@ impl Engine {
         let tokenizer = src.tokenizer()?;
         let cfg = src.config();
         let max = cfg.max_position_embeddings.max(1);
-        let context = if context == 0 { max.min(DEFAULT_CONTEXT) } else { context };
+        let context = if context == 0 {
+            max.min(DEFAULT_CONTEXT)
+        } else {
+            context
+        };
         if context > max {
             return Err(Error::Input(format!(
                 "context {context} exceeds the model's maximum of {max} positions"
             )));
+        }
+        // Compile every kernel now, so the first request's TTFT measures inference only.
+        for k in crate::ops::kernels::ALL {
+            gpu.pipeline(*k);
         }
         let model = Llama::load(gpu, src, progress)?;
         Ok(Engine {
@@ -137,7 +145,12 @@ impl Engine {
 
     /// Prefill `ids` into a fresh causal cache starting at slot 0; returns the cache and
     /// the last row's logits (if `want_logits`) and greedy token.
-    fn prefill(&self, ids: &[u32], want_logits: bool, greedy: bool) -> Result<(KvCache, Vec<f32>, Option<u32>)> {
+    fn prefill(
+        &self,
+        ids: &[u32],
+        want_logits: bool,
+        greedy: bool,
+    ) -> Result<(KvCache, Vec<f32>, Option<u32>)> {
         self.check_prompt(ids)?;
         let mut cache = self.model.new_cache(self.context)?;
         let mut start = 0;
@@ -152,7 +165,11 @@ impl Engine {
                 positions: &pos,
                 slots: &slots,
             };
-            let lg = if last && want_logits { Logits::Last } else { Logits::None };
+            let lg = if last && want_logits {
+                Logits::Last
+            } else {
+                Logits::None
+            };
             out = Some(self.model.forward(&mut cache, &batch, lg, last && greedy)?);
             start = end;
         }

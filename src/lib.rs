@@ -5,9 +5,9 @@ pub mod error;
 pub mod model;
 
 pub use error::{Error, Result};
+pub mod engine;
 pub mod gpu;
 pub mod ops;
-pub mod engine;
 pub mod sampling;
 
 pub use engine::{Engine, GenerateParams, GenerateStats};

@@ -41,7 +41,10 @@ impl SamplingParams {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Input(format!("top-p must be in (0, 1], got {}", self.top_p)));
+            return Err(Error::Input(format!(
+                "top-p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -72,13 +75,20 @@ impl Sampler {
             return Ok(argmax(logits));
         }
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        idx.sort_unstable_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
         if self.params.top_k > 0 {
             idx.truncate(self.params.top_k);
         }
         let t = self.params.temperature;
         let m = logits[idx[0] as usize];
-        let mut probs: Vec<f64> = idx.iter().map(|&i| (((logits[i as usize] - m) / t) as f64).exp()).collect();
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((logits[i as usize] - m) / t) as f64).exp())
+            .collect();
         let z: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= z);
         if self.params.top_p < 1.0 {
@@ -165,9 +175,20 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(s.sample(&logits).unwrap(), 1);
         }
-        assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
-        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
-        assert!(Sampler::new(SamplingParams::greedy()).unwrap().sample(&[f32::NAN]).is_err());
+        assert!(Sampler::new(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams::greedy())
+            .unwrap()
+            .sample(&[f32::NAN])
+            .is_err());
     }
 
     #[test]

@@ -84,20 +84,32 @@ fn assert_tensors_match(
 #[test]
 fn roundtrip_tiny_through_hf_folder() {
     let (_tmp, dir, src) = converted("tiny", 7);
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(dir.join(f).is_file(), "{f} written");
     }
     let m = open_model(&dir).unwrap();
     assert_eq!(m.config(), src.config());
     assert_eq!(m.dtype(), "f16");
-    assert!(m.describe().contains("LlamaForCausalLM"), "{}", m.describe());
+    assert!(
+        m.describe().contains("LlamaForCausalLM"),
+        "{}",
+        m.describe()
+    );
     assert_tensors_match(&src, m.as_ref(), f16_round);
 
     // Tokenizer survives the trip.
     let t0 = src.tokenizer().unwrap();
     let t1 = m.tokenizer().unwrap();
     let text = "<|im_start|>user\nhello wörld<|im_end|>";
-    assert_eq!(t0.encode(text, true).unwrap(), t1.encode(text, true).unwrap());
+    assert_eq!(
+        t0.encode(text, true).unwrap(),
+        t1.encode(text, true).unwrap()
+    );
     assert_eq!(t1.decode(&t1.encode(text, false).unwrap()).unwrap(), text);
     assert_eq!(t0.eos_token, t1.eos_token);
     assert_eq!(t0.bos_token, t1.bos_token);
@@ -189,7 +201,10 @@ fn folder_without_weights(shape: &str) -> (TempDir, PathBuf, RandomModel) {
 }
 
 fn all_names(src: &dyn WeightSource) -> Vec<String> {
-    canonical_tensors(src.config()).into_iter().map(|(n, _)| n).collect()
+    canonical_tensors(src.config())
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect()
 }
 
 #[test]
@@ -199,7 +214,13 @@ fn loads_bf16_and_f32_weights() {
         (Dtype::F32, (|x| x) as fn(f32) -> f32, "f32"),
     ] {
         let (_tmp, dir, src) = folder_without_weights("tiny");
-        write_st(&dir.join("model.safetensors"), &src, &all_names(&src), dtype, &[]);
+        write_st(
+            &dir.join("model.safetensors"),
+            &src,
+            &all_names(&src),
+            dtype,
+            &[],
+        );
         let m = HfModel::open(&dir).unwrap();
         assert_eq!(m.dtype(), label);
         assert_eq!(m.config(), src.config());
@@ -228,14 +249,24 @@ fn loads_sharded_weights() {
 
     let m = open_model(&dir).unwrap();
     assert_eq!(m.config(), src.config());
-    assert!(m.describe().contains("2 safetensors files"), "{}", m.describe());
+    assert!(
+        m.describe().contains("2 safetensors files"),
+        "{}",
+        m.describe()
+    );
     let dt = m.dtype();
     assert!(dt.contains("f32") && dt.contains("bf16"), "{dt}");
     for n in a {
         assert_eq!(m.load(n).unwrap().data, src.load(n).unwrap().data, "{n}");
     }
     for n in b {
-        let want: Vec<f32> = src.load(n).unwrap().data.iter().map(|x| bf16_round(*x)).collect();
+        let want: Vec<f32> = src
+            .load(n)
+            .unwrap()
+            .data
+            .iter()
+            .map(|x| bf16_round(*x))
+            .collect();
         assert_eq!(m.load(n).unwrap().data, want, "{n}");
     }
 
@@ -250,8 +281,17 @@ fn loads_sharded_weights() {
 fn untied_without_lm_head_is_treated_as_tied() {
     let (_tmp, dir, src) = folder_without_weights("tiny");
     assert!(!src.config().tie_word_embeddings);
-    let names_: Vec<String> = all_names(&src).into_iter().filter(|n| n != names::LM_HEAD).collect();
-    write_st(&dir.join("model.safetensors"), &src, &names_, Dtype::F32, &[]);
+    let names_: Vec<String> = all_names(&src)
+        .into_iter()
+        .filter(|n| n != names::LM_HEAD)
+        .collect();
+    write_st(
+        &dir.join("model.safetensors"),
+        &src,
+        &names_,
+        Dtype::F32,
+        &[],
+    );
     let m = HfModel::open(&dir).unwrap();
     assert!(m.config().tie_word_embeddings);
     assert!(!m.has(names::LM_HEAD));
@@ -295,7 +335,10 @@ fn truncated_and_garbage_safetensors() {
         std::fs::write(&p, &bytes[..cut]).unwrap();
         let e = err_of(open_model(&dir));
         assert!(matches!(e, Error::BadModel { .. }), "cut {cut}: {e}");
-        assert!(e.to_string().contains("model.safetensors"), "cut {cut}: {e}");
+        assert!(
+            e.to_string().contains("model.safetensors"),
+            "cut {cut}: {e}"
+        );
     }
     // Header length pointing past the end / random bytes.
     let mut junk = vec![0xffu8; 64];
@@ -322,9 +365,23 @@ fn unsupported_dtype_names_tensor() {
 
     // A required tensor stored as I64: open fails naming it.
     let (_tmp, dir, src) = folder_without_weights("tiny");
-    let names_: Vec<String> = all_names(&src).into_iter().filter(|n| *n != qname).collect();
-    let extra = [(qname.as_str(), Dtype::I64, shape.clone(), vec![0u8; numel * 8])];
-    write_st(&dir.join("model.safetensors"), &src, &names_, Dtype::F32, &extra);
+    let names_: Vec<String> = all_names(&src)
+        .into_iter()
+        .filter(|n| *n != qname)
+        .collect();
+    let extra = [(
+        qname.as_str(),
+        Dtype::I64,
+        shape.clone(),
+        vec![0u8; numel * 8],
+    )];
+    write_st(
+        &dir.join("model.safetensors"),
+        &src,
+        &names_,
+        Dtype::F32,
+        &extra,
+    );
     let e = err_of(open_model(&dir));
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
     assert!(e.to_string().contains(&qname), "{e}");
@@ -332,7 +389,13 @@ fn unsupported_dtype_names_tensor() {
     // An extra non-canonical I64 tensor: the model opens, loading that tensor fails.
     let (_tmp2, dir2, src2) = folder_without_weights("tiny");
     let extra = [("model.extra_counter", Dtype::I64, vec![4], vec![0u8; 32])];
-    write_st(&dir2.join("model.safetensors"), &src2, &all_names(&src2), Dtype::F32, &extra);
+    write_st(
+        &dir2.join("model.safetensors"),
+        &src2,
+        &all_names(&src2),
+        Dtype::F32,
+        &extra,
+    );
     let m = open_model(&dir2).unwrap();
     assert!(m.has("model.extra_counter"));
     let e = m.load("model.extra_counter").unwrap_err();
@@ -347,14 +410,32 @@ fn wrong_shape_and_missing_tensor() {
     let (_tmp, dir, src) = folder_without_weights("tiny");
     let down = names::layer(1, names::DOWN);
     let names_: Vec<String> = all_names(&src).into_iter().filter(|n| *n != down).collect();
-    write_st(&dir.join("model.safetensors"), &src, &names_, Dtype::F32, &[]);
+    write_st(
+        &dir.join("model.safetensors"),
+        &src,
+        &names_,
+        Dtype::F32,
+        &[],
+    );
     let e = err_of(open_model(&dir));
-    assert!(matches!(e, Error::BadModel { .. }) && e.to_string().contains(&down), "{e}");
+    assert!(
+        matches!(e, Error::BadModel { .. }) && e.to_string().contains(&down),
+        "{e}"
+    );
 
     let extra = [(down.as_str(), Dtype::F32, vec![1, 4], vec![0u8; 16])];
-    write_st(&dir.join("model.safetensors"), &src, &names_, Dtype::F32, &extra);
+    write_st(
+        &dir.join("model.safetensors"),
+        &src,
+        &names_,
+        Dtype::F32,
+        &extra,
+    );
     let e = err_of(open_model(&dir));
-    assert!(e.to_string().contains(&down) && e.to_string().contains("shape"), "{e}");
+    assert!(
+        e.to_string().contains(&down) && e.to_string().contains("shape"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -378,7 +459,10 @@ fn open_model_paths() {
     let junk = tmp.path().join("weights.bin");
     std::fs::write(&junk, b"hello world").unwrap();
     let e = err_of(open_model(&junk));
-    assert!(e.to_string().contains("not a GGUF file or HF model folder"), "{e}");
+    assert!(
+        e.to_string().contains("not a GGUF file or HF model folder"),
+        "{e}"
+    );
 
     // A config.json path opens its folder.
     let (_t, dir, src) = converted("tiny", 2);
@@ -398,8 +482,11 @@ fn cfg_text(extra: &str) -> String {
 #[test]
 fn config_parsing_rules() {
     let p = Path::new("x/config.json");
-    let hf = parse_config(&cfg_text(r#", "sliding_window": null, "eos_token_id": [2, 32000]"#), p)
-        .unwrap();
+    let hf = parse_config(
+        &cfg_text(r#", "sliding_window": null, "eos_token_id": [2, 32000]"#),
+        p,
+    )
+    .unwrap();
     let c: &ModelConfig = &hf.config;
     assert_eq!(c.head_dim, 128);
     assert_eq!(c.rope_theta, 10000.0);
@@ -416,7 +503,10 @@ fn config_parsing_rules() {
         p,
     )
     .unwrap_err();
-    assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains("yarn"), "{e}");
+    assert!(
+        matches!(e, Error::Unsupported(_)) && e.to_string().contains("yarn"),
+        "{e}"
+    );
     let hf = parse_config(&cfg_text(r#", "rope_scaling": {"type": "default"}"#), p).unwrap();
     assert!(hf.config.rope_scaling.is_none());
     let hf = parse_config(
@@ -432,15 +522,21 @@ fn config_parsing_rules() {
     assert_eq!(hf.config.head_dim, 64);
     assert_eq!(hf.eos_token_ids, vec![7]);
 
-    let e = parse_config(r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 8}"#, p)
-        .unwrap_err();
-    assert!(matches!(e, Error::BadModel { .. }) && e.to_string().contains("missing"), "{e}");
+    let e = parse_config(
+        r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 8}"#,
+        p,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::BadModel { .. }) && e.to_string().contains("missing"),
+        "{e}"
+    );
     let e = parse_config("{not json", p).unwrap_err();
     assert!(e.to_string().contains("config.json"), "{e}");
-    let e = parse_config(&cfg_text(r#", "num_key_value_heads": 5"#).replace(
-        r#""num_key_value_heads": 8,"#,
-        "",
-    ), p)
+    let e = parse_config(
+        &cfg_text(r#", "num_key_value_heads": 5"#).replace(r#""num_key_value_heads": 8,"#, ""),
+        p,
+    )
     .unwrap_err();
     assert!(e.to_string().contains("num_key_value_heads"), "{e}");
 
@@ -483,9 +579,15 @@ fn random_model_shapes_and_determinism() {
         (mean, var.sqrt())
     };
     let (m, s) = stats(&ta.data);
-    assert!(m.abs() < 1e-3 && (s - 0.02).abs() < 1e-3, "mean {m} std {s}");
+    assert!(
+        m.abs() < 1e-3 && (s - 0.02).abs() < 1e-3,
+        "mean {m} std {s}"
+    );
     let (m, s) = stats(&a.load(&names::layer(0, names::ATTN_NORM)).unwrap().data);
-    assert!((m - 1.0).abs() < 0.02 && (s - 0.1).abs() < 0.02, "mean {m} std {s}");
+    assert!(
+        (m - 1.0).abs() < 0.02 && (s - 0.1).abs() < 0.02,
+        "mean {m} std {s}"
+    );
 
     let l = RandomModel::new("llama-3.2-1b", 0).unwrap();
     assert_eq!(l.config().rope_scaling.unwrap().factor, 32.0);
@@ -537,11 +639,19 @@ impl WeightSource for Broken {
 fn failed_convert_leaves_nothing() {
     let tmp = TempDir::new("broken");
     let out = tmp.path().join("model");
-    let e = write_hf_folder(&Broken(RandomModel::new("tiny", 0).unwrap()), &out, |_, _| {})
-        .unwrap_err();
+    let e = write_hf_folder(
+        &Broken(RandomModel::new("tiny", 0).unwrap()),
+        &out,
+        |_, _| {},
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("boom"), "{e}");
     assert!(!out.exists());
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "temp dir cleaned up");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "temp dir cleaned up"
+    );
 
     // Existing non-empty output is refused; an empty directory is fine.
     std::fs::create_dir(&out).unwrap();

@@ -86,7 +86,10 @@ fn matmul_and_matvec_match_cpu() {
         for &(bias, acc) in &[(false, false), (true, false), (false, true), (true, true)] {
             let x0 = 2; // row offset into x and y
             let x = rand_vec(&mut rng, (x0 + m) * k, 1.0);
-            let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0).into_iter().map(f16r).collect();
+            let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
+                .into_iter()
+                .map(f16r)
+                .collect();
             let b = rand_vec(&mut rng, n, 1.0);
             let y_init = rand_vec(&mut rng, (x0 + m) * n, 1.0);
             let xt = Tensor::from_f32(g, &[x0 + m, k], &x, "x").unwrap();
@@ -98,9 +101,7 @@ fn matmul_and_matvec_match_cpu() {
                 init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
             }
             let yt = Tensor::from_f32(g, &[x0 + m, n], &init, "y").unwrap();
-            run(|s| {
-                ops::matmul(s, &xt, x0, m, &wm, bias.then_some(&bt), &yt, x0, acc).unwrap()
-            });
+            run(|s| ops::matmul(s, &xt, x0, m, &wm, bias.then_some(&bt), &yt, x0, acc).unwrap());
             let got = g.read_f32(&yt).unwrap();
             let mut want = cpu_matmul(&x[x0 * k..], &w, m, n, k);
             for i in 0..m {
@@ -116,7 +117,11 @@ fn matmul_and_matvec_match_cpu() {
             let what = format!("matmul m={m} n={n} k={k} bias={bias} acc={acc}");
             assert_close(&got[x0 * n..], &want, 1e-3, 1e-4, &what);
             // rows before the offset are untouched
-            assert_eq!(&got[..x0 * n], &init[..x0 * n], "{what}: wrote outside its rows");
+            assert_eq!(
+                &got[..x0 * n],
+                &init[..x0 * n],
+                "{what}: wrote outside its rows"
+            );
         }
     }
 }
@@ -156,7 +161,11 @@ fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
 fn cpu_rope(x: &mut [f32], pos: f32, inv: &[f32], interleaved: bool) {
     let half = x.len() / 2;
     for i in 0..half {
-        let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+        let (a, b) = if interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
         let ang = pos * inv[i];
         let (s, c) = ang.sin_cos();
         let (x0, x1) = (x[a], x[b]);
@@ -186,7 +195,13 @@ fn rope_matches_cpu_both_pairings() {
                     cpu_rope(&mut want[o..o + hd], pos[ti] as f32, &inv, interleaved);
                 }
             }
-            assert_close(&got, &want, 2e-3, 1e-3, &format!("rope t={t} h={heads} hd={hd} il={interleaved}"));
+            assert_close(
+                &got,
+                &want,
+                2e-3,
+                1e-3,
+                &format!("rope t={t} h={heads} hd={hd} il={interleaved}"),
+            );
         }
     }
 }
@@ -209,8 +224,12 @@ fn kv_write_and_rotate_keys_match_cpu() {
         let vt = Tensor::from_f32(g, &[t, kv_dim], &v, "v").unwrap();
         let st = Tensor::from_u32(g, &[t], &sl, "slots").unwrap();
         let poison = vec![f16::NAN; slots * kv_dim];
-        let kc = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vec![f32::NAN; slots * kv_dim], "kc").unwrap();
-        let vc = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vec![f32::NAN; slots * kv_dim], "vc").unwrap();
+        let kc =
+            Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vec![f32::NAN; slots * kv_dim], "kc")
+                .unwrap();
+        let vc =
+            Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vec![f32::NAN; slots * kv_dim], "vc")
+                .unwrap();
         run(|s| ops::kv_write(s, &kt, &vt, t, &st, &kc, &vc, kv_dim).unwrap());
         let gk = g.read_f32(&kc).unwrap();
         let gv = g.read_f32(&vc).unwrap();
@@ -223,14 +242,28 @@ fn kv_write_and_rotate_keys_match_cpu() {
             }
         }
         for (a, b) in gk.iter().zip(&want_k).chain(gv.iter().zip(&want_v)) {
-            assert!(a == b || (a.is_nan() && b.is_nan()), "kv_write: got {a}, want {b}");
+            assert!(
+                a == b || (a.is_nan() && b.is_nan()),
+                "kv_write: got {a}, want {b}"
+            );
         }
 
         // rotate slots 4..4+n by per-slot deltas (some zero: left untouched)
         let (slot0, n) = (4usize, 20usize);
-        let cache: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0).into_iter().map(f16r).collect();
+        let cache: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0)
+            .into_iter()
+            .map(f16r)
+            .collect();
         let kc = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &cache, "kc").unwrap();
-        let deltas: Vec<i32> = (0..n).map(|i| if i % 5 == 0 { 0 } else { rng.below(3000) as i32 - 500 }).collect();
+        let deltas: Vec<i32> = (0..n)
+            .map(|i| {
+                if i % 5 == 0 {
+                    0
+                } else {
+                    rng.below(3000) as i32 - 500
+                }
+            })
+            .collect();
         let dt = Tensor::from_u32(g, &[n], bytemuck::cast_slice(&deltas), "d").unwrap();
         let inv = inv_freq(hd, 10000.0);
         let it = Tensor::from_f32(g, &[hd / 2], &inv, "inv").unwrap();
@@ -243,7 +276,13 @@ fn kv_write_and_rotate_keys_match_cpu() {
                 cpu_rope(&mut want[o..o + hd], deltas[s] as f32, &inv, interleaved);
             }
         }
-        assert_close(&got, &want, 2e-3, 2e-3, &format!("rotate_keys il={interleaved}"));
+        assert_close(
+            &got,
+            &want,
+            2e-3,
+            2e-3,
+            &format!("rotate_keys il={interleaved}"),
+        );
     }
 }
 
@@ -335,8 +374,14 @@ fn attention_matches_cpu_with_segment_mask() {
         (130, 9, 3, 64, true),
     ] {
         let kv_dim = kvh * hd;
-        let kc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0).into_iter().map(f16r).collect();
-        let vc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0).into_iter().map(f16r).collect();
+        let kc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0)
+            .into_iter()
+            .map(f16r)
+            .collect();
+        let vc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0)
+            .into_iter()
+            .map(f16r)
+            .collect();
         // segments: prefix 0, docs 1..3, then 0 again (like KVLINK.md §1)
         let seg: Vec<u32> = (0..slots)
             .map(|s| {
@@ -363,7 +408,13 @@ fn attention_matches_cpu_with_segment_mask() {
         run(|s| ops::attention(s, &qt, t, heads, kvh, hd, &kt, &vt, &qs, &sg, &out).unwrap());
         let got = g.read_f32(&out).unwrap();
         let want = cpu_attention(&q, &kc, &vc, &qslot, &seg, heads, kvh, hd);
-        assert_close(&got, &want, 1e-4, 1e-3, &format!("attention slots={slots} h={heads}/{kvh} hd={hd}"));
+        assert_close(
+            &got,
+            &want,
+            1e-4,
+            1e-3,
+            &format!("attention slots={slots} h={heads}/{kvh} hd={hd}"),
+        );
     }
 }
 
@@ -372,7 +423,10 @@ fn embed_gathers_rows_across_split_table() {
     let g = gpu();
     let mut rng = Rng::new();
     let (vocab, dim) = (101, 36);
-    let table: Vec<f32> = rand_vec(&mut rng, vocab * dim, 1.0).into_iter().map(f16r).collect();
+    let table: Vec<f32> = rand_vec(&mut rng, vocab * dim, 1.0)
+        .into_iter()
+        .map(f16r)
+        .collect();
     let m = Matrix::upload_split(g, vocab, dim, &table, 40, "emb").unwrap();
     assert_eq!(m.parts.len(), 3);
     let tokens: Vec<u32> = vec![0, 100, 39, 40, 41, 79, 80, 7, 7];
@@ -404,7 +458,11 @@ fn add_and_silu_mul_match_cpu() {
     let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
     run(|s| ops::silu_mul(s, &at, &bt, n).unwrap());
     let got = g.read_f32(&bt).unwrap();
-    let want: Vec<f32> = a.iter().zip(&b).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+    let want: Vec<f32> = a
+        .iter()
+        .zip(&b)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
     assert_close(&got, &want, 1e-5, 1e-5, "silu_mul");
 }
 

@@ -20,7 +20,10 @@ fn compare(gpu_logits: &[f32], ref_logits: &[f32]) -> (f32, bool) {
     let b = log_softmax(ref_logits);
     let mut idx: Vec<usize> = (0..b.len()).collect();
     idx.sort_by(|&x, &y| b[y].total_cmp(&b[x]));
-    let worst = idx[..10].iter().map(|&i| (a[i] - b[i]).abs()).fold(0.0, f32::max);
+    let worst = idx[..10]
+        .iter()
+        .map(|&i| (a[i] - b[i]).abs())
+        .fold(0.0, f32::max);
     (worst, argmax(gpu_logits) == argmax(ref_logits))
 }
 
@@ -39,7 +42,10 @@ fn logits_match_cpu_reference() {
         let pos: Vec<i32> = (0..ids.len() as i32).collect();
         let want = &r.forward(&ids, &pos, &vec![0; ids.len()], true)[0];
         let (worst, same) = compare(&got, want);
-        eprintln!("{text:?} ({} tokens): max |dlogprob| top-10 = {worst:.4}", ids.len());
+        eprintln!(
+            "{text:?} ({} tokens): max |dlogprob| top-10 = {worst:.4}",
+            ids.len()
+        );
         assert!(same, "{text:?}: argmax differs from the CPU reference");
         assert!(worst < 0.05, "{text:?}: top-10 logprobs differ by {worst}");
     }
@@ -48,7 +54,9 @@ fn logits_match_cpu_reference() {
 #[test]
 fn greedy_capital_of_france_is_paris() {
     let e = engine();
-    let ids = e.encode_prompt("The capital of France is", None, true).unwrap();
+    let ids = e
+        .encode_prompt("The capital of France is", None, true)
+        .unwrap();
     let mut out = Vec::new();
     let p = GenerateParams {
         max_tokens: 4,
@@ -70,5 +78,9 @@ fn prompt_longer_than_context_is_an_error() {
     let err = e.next_logits(&ids).unwrap_err().to_string();
     assert!(err.contains("context"), "{err}");
     let bad = vec![u32::MAX];
-    assert!(e.next_logits(&bad).unwrap_err().to_string().contains("vocabulary"));
+    assert!(e
+        .next_logits(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("vocabulary"));
 }

@@ -66,7 +66,14 @@ impl<'g> Step<'g> {
     }
 
     /// Record a buffer-to-buffer copy (byte offsets, multiples of 4).
-    pub fn copy(&mut self, src: &Tensor, src_offset: u64, dst: &Tensor, dst_offset: u64, size: u64) {
+    pub fn copy(
+        &mut self,
+        src: &Tensor,
+        src_offset: u64,
+        dst: &Tensor,
+        dst_offset: u64,
+        size: u64,
+    ) {
         self.cmds.push(Cmd::Copy {
             src: src.buf.clone(),
             src_offset,
@@ -152,7 +159,9 @@ impl<'g> Step<'g> {
             });
             while i < self.cmds.len() {
                 let Cmd::Dispatch {
-                    pipeline, groups: g, ..
+                    pipeline,
+                    groups: g,
+                    ..
                 } = &self.cmds[i]
                 else {
                     break;

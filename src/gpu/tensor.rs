@@ -71,7 +71,13 @@ impl Tensor {
         })
     }
 
-    fn from_bytes(gpu: &Gpu, shape: &[usize], dtype: DType, bytes: &[u8], label: &str) -> Result<Tensor> {
+    fn from_bytes(
+        gpu: &Gpu,
+        shape: &[usize],
+        dtype: DType,
+        bytes: &[u8],
+        label: &str,
+    ) -> Result<Tensor> {
         let owned;
         let data = if bytes.len() % 4 != 0 || bytes.is_empty() {
             let mut v = bytes.to_vec();
@@ -102,7 +108,12 @@ impl Tensor {
     }
 
     /// Upload f32 values rounded to f16 (packed two per word).
-    pub fn from_f32_as_f16(gpu: &Gpu, shape: &[usize], data: &[f32], label: &str) -> Result<Tensor> {
+    pub fn from_f32_as_f16(
+        gpu: &Gpu,
+        shape: &[usize],
+        data: &[f32],
+        label: &str,
+    ) -> Result<Tensor> {
         Self::check_len(shape, data.len(), label)?;
         let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
         Self::from_bytes(gpu, shape, DType::F16, bytemuck::cast_slice(&h), label)

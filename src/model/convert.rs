@@ -55,7 +55,10 @@ pub fn hf_config_json(cfg: &ModelConfig, bos_id: Option<u32>, eos_ids: &[u32]) -
         m.insert("use_sliding_window".into(), false.into());
         m.insert("sliding_window".into(), Value::Null);
     }
-    m.insert("bos_token_id".into(), bos_id.map(Value::from).unwrap_or(Value::Null));
+    m.insert(
+        "bos_token_id".into(),
+        bos_id.map(Value::from).unwrap_or(Value::Null),
+    );
     m.insert(
         "eos_token_id".into(),
         match eos_ids {

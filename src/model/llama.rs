@@ -65,8 +65,18 @@ impl KvCache {
         let mut k = Vec::new();
         let mut v = Vec::new();
         for l in 0..cfg.num_hidden_layers {
-            k.push(Tensor::zeros(gpu, &[capacity, kvd], DType::F16, &format!("k{l}"))?);
-            v.push(Tensor::zeros(gpu, &[capacity, kvd], DType::F16, &format!("v{l}"))?);
+            k.push(Tensor::zeros(
+                gpu,
+                &[capacity, kvd],
+                DType::F16,
+                &format!("k{l}"),
+            )?);
+            v.push(Tensor::zeros(
+                gpu,
+                &[capacity, kvd],
+                DType::F16,
+                &format!("v{l}"),
+            )?);
         }
         let seg = Tensor::zeros(gpu, &[capacity], DType::U32, "seg")?;
         Ok(KvCache {
@@ -80,7 +90,12 @@ impl KvCache {
 
     /// Bytes of GPU memory held.
     pub fn bytes(&self) -> u64 {
-        self.k.iter().chain(&self.v).map(|t| t.byte_len()).sum::<u64>() + self.seg.byte_len()
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|t| t.byte_len())
+            .sum::<u64>()
+            + self.seg.byte_len()
     }
 }
 
@@ -139,12 +154,21 @@ fn load_vec(src: &dyn WeightSource, gpu: &Gpu, name: &str, len: usize) -> Result
     Tensor::from_f32(gpu, &[len], &t.data, name)
 }
 
-fn load_matrix(src: &dyn WeightSource, gpu: &Gpu, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+fn load_matrix(
+    src: &dyn WeightSource,
+    gpu: &Gpu,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Matrix> {
     let t = src.load(name)?;
     if t.shape != [rows, cols] {
         return Err(Error::BadModel {
             path: src.describe().into(),
-            msg: format!("tensor {name} has shape {:?}, expected [{rows}, {cols}]", t.shape),
+            msg: format!(
+                "tensor {name} has shape {:?}, expected [{rows}, {cols}]",
+                t.shape
+            ),
         });
     }
     if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
@@ -158,14 +182,23 @@ fn load_matrix(src: &dyn WeightSource, gpu: &Gpu, name: &str, rows: usize, cols:
 
 impl Llama {
     /// Upload all weights. `progress(done, total)` is called after each tensor.
-    pub fn load(gpu: Arc<Gpu>, src: &dyn WeightSource, progress: &mut dyn FnMut(usize, usize)) -> Result<Llama> {
+    pub fn load(
+        gpu: Arc<Gpu>,
+        src: &dyn WeightSource,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Llama> {
         let cfg = src.config().clone();
         cfg.validate().map_err(|m| Error::BadModel {
             path: src.describe().into(),
             msg: m,
         })?;
         let g = &*gpu;
-        let (d, qd, kvd, ff) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let (d, qd, kvd, ff) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
         let total = cfg.num_hidden_layers * 9 + 3;
         let mut done = 0;
         let mut tick = |p: &mut dyn FnMut(usize, usize), k: usize| {
@@ -244,12 +277,20 @@ impl Llama {
         KvCache::new(&self.gpu, &self.cfg, capacity)
     }
 
-    fn scratch(&self, rows: usize, logit_rows: usize) -> Result<std::sync::MutexGuard<'_, Option<Scratch>>> {
+    fn scratch(
+        &self,
+        rows: usize,
+        logit_rows: usize,
+    ) -> Result<std::sync::MutexGuard<'_, Option<Scratch>>> {
         let mut s = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let fits = s.as_ref().is_some_and(|s| s.rows >= rows && s.logit_rows >= logit_rows);
+        let fits = s
+            .as_ref()
+            .is_some_and(|s| s.rows >= rows && s.logit_rows >= logit_rows);
         if !fits {
             let rows = rows.max(s.as_ref().map_or(0, |s| s.rows));
-            let logit_rows = logit_rows.max(s.as_ref().map_or(1, |s| s.logit_rows)).max(1);
+            let logit_rows = logit_rows
+                .max(s.as_ref().map_or(1, |s| s.logit_rows))
+                .max(1);
             let c = &self.cfg;
             let g = &*self.gpu;
             let f = |n: usize, l: &str| Tensor::zeros(g, &[n], DType::F32, l);
@@ -293,7 +334,9 @@ impl Llama {
             return Err(Error::Input("forward: empty batch".into()));
         }
         if batch.positions.len() != t || batch.slots.len() != t {
-            return Err(Error::Input("forward: tokens, positions and slots differ in length".into()));
+            return Err(Error::Input(
+                "forward: tokens, positions and slots differ in length".into(),
+            ));
         }
         if let Some(&bad) = batch.tokens.iter().find(|&&x| x as usize >= c.vocab_size) {
             return Err(Error::Input(format!(
@@ -331,8 +374,29 @@ impl Llama {
             ops::matmul(&mut st, &s.h, 0, t, &l.wv, l.bv.as_ref(), &s.v, 0, false)?;
             ops::rope(&mut st, &s.q, t, nh, hd, &s.pos, &self.inv_freq, false)?;
             ops::rope(&mut st, &s.k, t, nkv, hd, &s.pos, &self.inv_freq, false)?;
-            ops::kv_write(&mut st, &s.k, &s.v, t, &s.slots, &cache.k[i], &cache.v[i], kvd)?;
-            ops::attention(&mut st, &s.q, t, nh, nkv, hd, &cache.k[i], &cache.v[i], &s.slots, &cache.seg, &s.att)?;
+            ops::kv_write(
+                &mut st,
+                &s.k,
+                &s.v,
+                t,
+                &s.slots,
+                &cache.k[i],
+                &cache.v[i],
+                kvd,
+            )?;
+            ops::attention(
+                &mut st,
+                &s.q,
+                t,
+                nh,
+                nkv,
+                hd,
+                &cache.k[i],
+                &cache.v[i],
+                &s.slots,
+                &cache.seg,
+                &s.att,
+            )?;
             ops::matmul(&mut st, &s.att, 0, t, &l.wo, None, &s.x, 0, true)?;
             ops::rms_norm(&mut st, &s.x, 0, t, &l.ffn_norm, &s.h, 0, eps)?;
             ops::matmul(&mut st, &s.h, 0, t, &l.w_gate, None, &s.gate, 0, false)?;
@@ -342,16 +406,31 @@ impl Llama {
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         if logit_rows > 0 || greedy {
-            let (row0, rows) = if logits == Logits::All { (0, t) } else { (t - 1, 1) };
+            let (row0, rows) = if logits == Logits::All {
+                (0, t)
+            } else {
+                (t - 1, 1)
+            };
             ops::rms_norm(&mut st, &s.x, row0, rows, &self.final_norm, &s.last, 0, eps)?;
             ops::matmul(&mut st, &s.last, 0, rows, head, None, &s.logits, 0, false)?;
             if greedy {
-                ops::argmax(&mut st, &s.logits, (rows - 1) * c.vocab_size, c.vocab_size, &s.token_out)?;
+                ops::argmax(
+                    &mut st,
+                    &s.logits,
+                    (rows - 1) * c.vocab_size,
+                    c.vocab_size,
+                    &s.token_out,
+                )?;
             }
         }
         st.submit();
         let _ = (qd, d);
-        let end = batch.slots.iter().map(|&x| x as usize + 1).max().unwrap_or(0);
+        let end = batch
+            .slots
+            .iter()
+            .map(|&x| x as usize + 1)
+            .max()
+            .unwrap_or(0);
         cache.len = cache.len.max(end);
         let mut out = ForwardOut::default();
         if greedy {

@@ -39,10 +39,13 @@ pub fn open_model(path: &Path) -> Result<Box<dyn WeightSource>> {
         return open_gguf(path);
     }
     let fname = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    if fname == "config.json" || fname.ends_with(".safetensors") || fname.ends_with(".index.json")
-    {
+    if fname == "config.json" || fname.ends_with(".safetensors") || fname.ends_with(".index.json") {
         if let Some(dir) = path.parent().filter(|d| d.join("config.json").is_file()) {
-            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
             return Ok(Box::new(HfModel::open(dir)?));
         }
     }

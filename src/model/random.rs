@@ -214,7 +214,10 @@ impl WeightSource for RandomModel {
     }
     fn load(&self, name: &str) -> Result<HostTensor> {
         let shape = self.tensors.get(name).ok_or_else(|| {
-            Error::Input(format!("random model `{}` has no tensor `{name}`", self.shape))
+            Error::Input(format!(
+                "random model `{}` has no tensor `{name}`",
+                self.shape
+            ))
         })?;
         let mut h = Fnv64::default();
         h.update(name.as_bytes());

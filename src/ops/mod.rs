@@ -30,7 +30,16 @@ pub mod kernels {
 
     /// Every kernel, for validation tests.
     pub const ALL: &[Kernel] = &[
-        MATMUL, MATVEC, RMS_NORM, ROPE, ROTATE_KEYS, KV_WRITE, ATTENTION, EMBED, ADD, SILU_MUL,
+        MATMUL,
+        MATVEC,
+        RMS_NORM,
+        ROPE,
+        ROTATE_KEYS,
+        KV_WRITE,
+        ATTENTION,
+        EMBED,
+        ADD,
+        SILU_MUL,
         ARGMAX,
     ];
 }
@@ -45,12 +54,18 @@ fn need(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
 }
 
 fn need_dtype(t: &Tensor, d: DType, what: &str) -> Result<()> {
-    need(t.dtype == d, || format!("{what}: expected {d:?}, got {:?}", t.dtype))
+    need(t.dtype == d, || {
+        format!("{what}: expected {d:?}, got {:?}", t.dtype)
+    })
 }
 
 fn need_len(t: &Tensor, n: usize, what: &str) -> Result<()> {
     need(t.numel() >= n, || {
-        format!("{what}: needs {n} elements, tensor {:?} has {}", t.shape, t.numel())
+        format!(
+            "{what}: needs {n} elements, tensor {:?} has {}",
+            t.shape,
+            t.numel()
+        )
     })
 }
 
@@ -69,7 +84,13 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    pub fn upload(gpu: &Gpu, rows: usize, cols: usize, data: &[f32], label: &str) -> Result<Matrix> {
+    pub fn upload(
+        gpu: &Gpu,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+        label: &str,
+    ) -> Result<Matrix> {
         let max_rows = (gpu.max_buffer_bytes() as usize / (cols.max(1) * 2)).max(1);
         Self::upload_split(gpu, rows, cols, data, max_rows, label)
     }
@@ -87,13 +108,16 @@ impl Matrix {
         need(data.len() == rows * cols, || {
             format!("{label}: expected {rows}x{cols} values, got {}", data.len())
         })?;
-        need(cols % 2 == 0 && cols > 0, || format!("{label}: column count {cols} must be even"))?;
+        need(cols % 2 == 0 && cols > 0, || {
+            format!("{label}: column count {cols} must be even")
+        })?;
         let max_rows = max_rows.max(1);
         let mut parts = Vec::new();
         let mut r0 = 0;
         while r0 < rows {
             let n = max_rows.min(rows - r0);
-            let t = Tensor::from_f32_as_f16(gpu, &[n, cols], &data[r0 * cols..(r0 + n) * cols], label)?;
+            let t =
+                Tensor::from_f32_as_f16(gpu, &[n, cols], &data[r0 * cols..(r0 + n) * cols], label)?;
             parts.push((r0, t));
             r0 += n;
         }
@@ -157,7 +181,9 @@ pub fn matmul(
         } else {
             let gx = pn.div_ceil(64) as u32;
             let gy = m.div_ceil(64) as u32;
-            need(gy <= 65535 && gx <= 65535, || format!("matmul too large: {m}x{pn}"))?;
+            need(gy <= 65535 && gx <= 65535, || {
+                format!("matmul too large: {m}x{pn}")
+            })?;
             step.dispatch(MATMUL, &params, &[x, part, b, y], [gx, gy, 1]);
         }
     }
@@ -210,13 +236,26 @@ pub fn rope(
     need_len(x, t * heads * head_dim, "rope x")?;
     need_len(pos, t, "rope positions")?;
     need_len(inv_freq, head_dim / 2, "rope inv_freq")?;
-    need(head_dim % 2 == 0, || format!("rope: head_dim {head_dim} must be even"))?;
+    need(head_dim % 2 == 0, || {
+        format!("rope: head_dim {head_dim} must be even")
+    })?;
     let n = t * heads * head_dim / 2;
     if n == 0 {
         return Ok(());
     }
-    let params = [t as u32, heads as u32, head_dim as u32, 0, interleaved as u32];
-    step.dispatch(ROPE, &params, &[x, pos, inv_freq], grid_1d(n.div_ceil(256) as u32));
+    let params = [
+        t as u32,
+        heads as u32,
+        head_dim as u32,
+        0,
+        interleaved as u32,
+    ];
+    step.dispatch(
+        ROPE,
+        &params,
+        &[x, pos, inv_freq],
+        grid_1d(n.div_ceil(256) as u32),
+    );
     Ok(())
 }
 
@@ -237,13 +276,26 @@ pub fn rotate_keys(
     need_dtype(kc, DType::F16, "rotate_keys cache")?;
     need_len(kc, (slot0 + n) * kv_heads * head_dim, "rotate_keys cache")?;
     need_len(deltas, n, "rotate_keys deltas")?;
-    need(head_dim % 4 == 0, || format!("rotate_keys: head_dim {head_dim} must be a multiple of 4"))?;
+    need(head_dim % 4 == 0, || {
+        format!("rotate_keys: head_dim {head_dim} must be a multiple of 4")
+    })?;
     let threads = n * kv_heads * head_dim / 4;
     if threads == 0 {
         return Ok(());
     }
-    let params = [n as u32, kv_heads as u32, head_dim as u32, slot0 as u32, interleaved as u32];
-    step.dispatch(ROTATE_KEYS, &params, &[kc, deltas, inv_freq], grid_1d(threads.div_ceil(256) as u32));
+    let params = [
+        n as u32,
+        kv_heads as u32,
+        head_dim as u32,
+        slot0 as u32,
+        interleaved as u32,
+    ];
+    step.dispatch(
+        ROTATE_KEYS,
+        &params,
+        &[kc, deltas, inv_freq],
+        grid_1d(threads.div_ceil(256) as u32),
+    );
     Ok(())
 }
 
@@ -267,7 +319,12 @@ pub fn kv_write(
     if n == 0 {
         return Ok(());
     }
-    step.dispatch(KV_WRITE, &[t as u32, kv_dim as u32], &[k, v, slots, kc, vc], grid_1d(n.div_ceil(256) as u32));
+    step.dispatch(
+        KV_WRITE,
+        &[t as u32, kv_dim as u32],
+        &[k, v, slots, kc, vc],
+        grid_1d(n.div_ceil(256) as u32),
+    );
     Ok(())
 }
 
@@ -287,8 +344,12 @@ pub fn attention(
     seg: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
-    need(heads % kv_heads == 0, || format!("attention: {heads} heads not a multiple of {kv_heads} kv heads"))?;
-    need(head_dim <= 256 && head_dim % 2 == 0, || format!("attention: head_dim {head_dim} must be even and <= 256"))?;
+    need(heads % kv_heads == 0, || {
+        format!("attention: {heads} heads not a multiple of {kv_heads} kv heads")
+    })?;
+    need(head_dim <= 256 && head_dim % 2 == 0, || {
+        format!("attention: head_dim {head_dim} must be even and <= 256")
+    })?;
     need_len(q, t * heads * head_dim, "attention q")?;
     need_len(out, t * heads * head_dim, "attention out")?;
     need_len(qslot, t, "attention qslot")?;
@@ -296,8 +357,19 @@ pub fn attention(
         return Ok(());
     }
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let params = [t as u32, heads as u32, kv_heads as u32, head_dim as u32, scale.to_bits()];
-    step.dispatch(ATTENTION, &params, &[q, kc, vc, qslot, seg, out], grid_1d((t * heads) as u32));
+    let params = [
+        t as u32,
+        heads as u32,
+        kv_heads as u32,
+        head_dim as u32,
+        scale.to_bits(),
+    ];
+    step.dispatch(
+        ATTENTION,
+        &params,
+        &[q, kc, vc, qslot, seg, out],
+        grid_1d((t * heads) as u32),
+    );
     Ok(())
 }
 
@@ -310,8 +382,18 @@ pub fn embed(step: &mut Step, tokens: &Tensor, t: usize, table: &Matrix, x: &Ten
         return Ok(());
     }
     for (r0, part) in &table.parts {
-        let params = [t as u32, table.cols as u32, *r0 as u32, part.shape[0] as u32];
-        step.dispatch(EMBED, &params, &[tokens, part, x], grid_1d(n.div_ceil(256) as u32));
+        let params = [
+            t as u32,
+            table.cols as u32,
+            *r0 as u32,
+            part.shape[0] as u32,
+        ];
+        step.dispatch(
+            EMBED,
+            &params,
+            &[tokens, part, x],
+            grid_1d(n.div_ceil(256) as u32),
+        );
     }
     Ok(())
 }

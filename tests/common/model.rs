@@ -23,13 +23,21 @@ pub fn model_path() -> PathBuf {
 
 pub fn source() -> &'static Arc<dyn WeightSource> {
     static SRC: OnceLock<Arc<dyn WeightSource>> = OnceLock::new();
-    SRC.get_or_init(|| Arc::from(kvlink::model::open_model(&model_path()).expect("open test model")))
+    SRC.get_or_init(|| {
+        Arc::from(kvlink::model::open_model(&model_path()).expect("open test model"))
+    })
 }
 
 /// The engine on the test GPU, loaded once per test binary.
 pub fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
-        Engine::load(super::gpu().clone(), source().as_ref(), 2048, &mut |_, _| {}).expect("load engine")
+        Engine::load(
+            super::gpu().clone(),
+            source().as_ref(),
+            2048,
+            &mut |_, _| {},
+        )
+        .expect("load engine")
     })
 }

@@ -33,7 +33,9 @@ pub struct RefModel {
 fn linear(x: &[f32], w: &[f32], rows: usize, k: usize) -> Vec<f32> {
     let n = w.len() / k;
     let mut y = vec![0.0f32; rows * n];
-    let threads = std::thread::available_parallelism().map_or(2, |x| x.get()).min(8);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |x| x.get())
+        .min(8);
     let chunk = n.div_ceil(threads);
     let mut cols: Vec<Vec<f32>> = Vec::new();
     std::thread::scope(|s| {
@@ -90,7 +92,9 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
     let base: Vec<f32> = (0..d / 2)
         .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32))
         .collect();
-    let Some(s) = cfg.rope_scaling else { return base };
+    let Some(s) = cfg.rope_scaling else {
+        return base;
+    };
     let old = s.original_max_position_embeddings as f32;
     let low_wavelen = old / s.low_freq_factor;
     let high_wavelen = old / s.high_freq_factor;
@@ -102,7 +106,8 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
             } else if wavelen > low_wavelen {
                 f / s.factor
             } else {
-                let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                 (1.0 - smooth) * f / s.factor + smooth * f
             }
         })
@@ -124,7 +129,11 @@ fn rope(x: &mut [f32], pos: i32, inv: &[f32]) {
 impl RefModel {
     pub fn load(src: &dyn WeightSource) -> RefModel {
         let cfg = src.config().clone();
-        let ld = |name: &str| src.load(name).unwrap_or_else(|e| panic!("{name}: {e}")).data;
+        let ld = |name: &str| {
+            src.load(name)
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .data
+        };
         let opt = |name: &str| cfg.attention_bias.then(|| ld(name));
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -156,7 +165,13 @@ impl RefModel {
     }
 
     /// Logits `[T, vocab]` of every row (or only the last with `last_only`).
-    pub fn forward(&self, tokens: &[u32], positions: &[i32], seg: &[u32], last_only: bool) -> Vec<Vec<f32>> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        positions: &[i32],
+        seg: &[u32],
+        last_only: bool,
+    ) -> Vec<Vec<f32>> {
         let c = &self.cfg;
         let (t, d, hd) = (tokens.len(), c.hidden_size, c.head_dim);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
@@ -218,11 +233,19 @@ impl RefModel {
             let h = rmsnorm(&x, &l.ffn_norm, c.rms_norm_eps);
             let g = linear(&h, &l.wg, t, d);
             let u = linear(&h, &l.wu, t, d);
-            let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let a: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let o = linear(&a, &l.wd, t, c.intermediate_size);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
-        let rows: Vec<usize> = if last_only { vec![t - 1] } else { (0..t).collect() };
+        let rows: Vec<usize> = if last_only {
+            vec![t - 1]
+        } else {
+            (0..t).collect()
+        };
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         rows.iter()
             .map(|&r| {

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install what kvlink needs to run on a fresh Debian/Ubuntu machine:
+#  - a Vulkan driver: Mesa's lavapipe (CPU) when no GPU driver is installed;
+#  - the default model, SmolLM2-135M-Instruct GGUF, into the cache directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+have_vulkan_icd() { ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1; }
+if ! have_vulkan_icd; then
+  echo "setup: no Vulkan driver found; installing Mesa's lavapipe (mesa-vulkan-drivers)"
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_ apt-get update -qq
+  sudo_ apt-get install -y -qq mesa-vulkan-drivers >/dev/null
+fi
+if ! command -v pip >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
+  echo "setup: installing pip to fetch the model"
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_ apt-get update -qq
+  sudo_ apt-get install -y -qq python3-pip >/dev/null
+fi
+scripts/fetch-model.sh
