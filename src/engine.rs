@@ -2,10 +2,12 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::link::{self, DocCache, LinkConfig, Mode, PromptPlan, Timings};
 use crate::model::llama::{Batch, KvCache, Llama, Logits};
 use crate::model::{ModelConfig, Tokenizer, WeightSource};
 use crate::sampling::{Sampler, SamplingParams};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Default context window when the model allows more (KV memory grows with it).
@@ -20,6 +22,41 @@ pub struct Engine {
     pub context: usize,
     pub description: String,
     pub fingerprint: String,
+    /// Link tokens and markers (KVLink fine-tuned models); default: none.
+    pub link: LinkConfig,
+    /// Document caches resident on the GPU, by token ids.
+    docs: Mutex<HashMap<Vec<u32>, Arc<DocCache>>>,
+}
+
+/// A RAG request: documents (each tokenized and cached on its own) and a question.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub system: Option<String>,
+    pub documents: Vec<String>,
+    pub question: String,
+    /// Skip the chat template: prefix = BOS (if the model wants one), tail = question.
+    pub raw: bool,
+    pub mode: Mode,
+}
+
+impl Request {
+    pub fn new(documents: Vec<String>, question: impl Into<String>) -> Request {
+        Request {
+            system: None,
+            documents,
+            question: question.into(),
+            raw: false,
+            mode: Mode::Kvlink,
+        }
+    }
+}
+
+/// What `ask` reports besides the streamed tokens.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AskStats {
+    pub mode: Mode,
+    pub timings: Timings,
+    pub generation: GenerateStats,
 }
 
 #[derive(Clone, Debug)]
@@ -94,6 +131,8 @@ impl Engine {
             context,
             description: src.describe(),
             fingerprint: src.fingerprint(),
+            link: LinkConfig::default(),
+            docs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -202,14 +241,39 @@ impl Engine {
             self.check_prompt(ids)?;
             return Ok(stats);
         }
-        let (mut cache, logits, tok) = self.prefill(ids, !greedy, greedy)?;
-        let mut next = match tok {
+        let (cache, logits, tok) = self.prefill(ids, !greedy, greedy)?;
+        let first = match tok {
             Some(t) => t,
             None => sampler.sample(&logits)?,
         };
         stats.ttft = t0.elapsed();
+        self.decode_loop(
+            cache,
+            ids.len(),
+            first,
+            &mut sampler,
+            params,
+            &mut stats,
+            &mut on_token,
+        )?;
+        Ok(stats)
+    }
+
+    /// Emit `first`, then decode until a stop condition. `pos` is the first free slot.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_loop(
+        &self,
+        mut cache: KvCache,
+        mut pos: usize,
+        first: u32,
+        sampler: &mut Sampler,
+        params: &GenerateParams,
+        stats: &mut GenerateStats,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<()> {
+        let greedy = sampler.params().is_greedy();
         let t1 = Instant::now();
-        let mut pos = ids.len();
+        let mut next = first;
         loop {
             stats.generated_tokens += 1;
             let stop = params.stop_at_eos && self.tokenizer.is_stop(next);
@@ -224,7 +288,7 @@ impl Engine {
             if stats.generated_tokens >= params.max_tokens {
                 break;
             }
-            if pos >= self.context {
+            if pos >= cache.capacity {
                 stats.stop = "context";
                 break;
             }
@@ -246,6 +310,217 @@ impl Engine {
             pos += 1;
         }
         stats.decode = t1.elapsed();
-        Ok(stats)
+        Ok(())
+    }
+}
+
+/// Marks where the documents go when the chat template is rendered.
+const DOCS_SENTINEL: &str = "\u{1}KVLINK-DOCUMENTS\u{1}";
+
+impl Engine {
+    /// Tokenize a request into (prefix, documents, tail). The prefix and tail come from
+    /// the chat template rendered around the user turn "<documents><question>"; each
+    /// document is tokenized on its own (no special tokens added).
+    pub fn tokenize_request(&self, req: &Request) -> Result<(Vec<u32>, Vec<Vec<u32>>, Vec<u32>)> {
+        if req.question.trim().is_empty() {
+            return Err(Error::Input("the question is empty".into()));
+        }
+        let docs = req
+            .documents
+            .iter()
+            .enumerate()
+            .map(|(j, d)| {
+                if d.trim().is_empty() {
+                    return Err(Error::Input(format!("document {} is empty", j + 1)));
+                }
+                self.tokenizer.encode(d, false)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (prefix, tail) = if req.raw {
+            let prefix = self.tokenizer.encode("", true)?;
+            (prefix, self.tokenizer.encode(&req.question, false)?)
+        } else {
+            let mut msgs = Vec::new();
+            if let Some(s) = &req.system {
+                msgs.push(crate::model::ChatMessage::new("system", s.as_str()));
+            }
+            msgs.push(crate::model::ChatMessage::new(
+                "user",
+                format!("{DOCS_SENTINEL}{}", req.question),
+            ));
+            let text = self.tokenizer.apply_chat_template(&msgs, true)?;
+            let (head, rest) = text.split_once(DOCS_SENTINEL).ok_or_else(|| {
+                Error::Template("the chat template dropped the user message".into())
+            })?;
+            (
+                self.tokenizer.encode(head, false)?,
+                self.tokenizer.encode(rest, false)?,
+            )
+        };
+        Ok((prefix, docs, tail))
+    }
+
+    /// The prompt plan of a request (KVLINK.md §1), checked against the context.
+    pub fn plan(&self, req: &Request) -> Result<PromptPlan> {
+        let (prefix, docs, tail) = self.tokenize_request(req)?;
+        self.link.validate(self.config().vocab_size, docs.len())?;
+        for (j, d) in docs.iter().enumerate() {
+            if d.len() >= self.context {
+                return Err(Error::Input(format!(
+                    "document {} is {} tokens, longer than the context ({})",
+                    j + 1,
+                    d.len(),
+                    self.context
+                )));
+            }
+        }
+        let refs: Vec<&[u32]> = docs.iter().map(|d| d.as_slice()).collect();
+        let plan = PromptPlan::build(&prefix, &refs, &tail, &self.link)?;
+        if plan.len() >= self.context {
+            return Err(Error::Input(format!(
+                "the prompt is {} tokens ({} documents) but the context holds {} (use --ctx to \
+                 raise it, or fewer documents)",
+                plan.len(),
+                docs.len(),
+                self.context
+            )));
+        }
+        Ok(plan)
+    }
+
+    /// Encode a document alone (positions 0..n-1) and keep its cache on the GPU.
+    pub fn precompute(&self, doc_tokens: &[u32]) -> Result<Arc<DocCache>> {
+        Ok(self.doc_caches(&[doc_tokens])?.0.remove(0))
+    }
+
+    /// Caches for documents, encoding the missing ones in one batch. Returns the caches
+    /// and, per document, whether it was already resident.
+    pub fn doc_caches(&self, docs: &[&[u32]]) -> Result<(Vec<Arc<DocCache>>, Vec<bool>)> {
+        let mut map = self.docs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut missing: Vec<&[u32]> = Vec::new();
+        for d in docs {
+            if !map.contains_key(*d) && !missing.contains(d) {
+                missing.push(d);
+            }
+        }
+        let hits: Vec<bool> = docs.iter().map(|d| !missing.contains(d)).collect();
+        for dc in link::encode_documents(&self.model, &missing, PREFILL_CHUNK)? {
+            map.insert(dc.tokens.clone(), Arc::new(dc));
+        }
+        let out = docs.iter().map(|d| map[*d].clone()).collect();
+        Ok((out, hits))
+    }
+
+    /// Forget all GPU-resident document caches.
+    pub fn clear_doc_caches(&self) {
+        self.docs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Plan, fetch caches and prefill a request up to its first token.
+    fn start_request(
+        &self,
+        req: &Request,
+        extra: usize,
+        want_logits: bool,
+        greedy: bool,
+    ) -> Result<(
+        PromptPlan,
+        KvCache,
+        crate::model::llama::ForwardOut,
+        Timings,
+    )> {
+        let t0 = Instant::now();
+        let plan = self.plan(req)?;
+        let mut tm = Timings {
+            prompt_tokens: plan.len(),
+            ..Default::default()
+        };
+        let reuse = matches!(req.mode, Mode::Kvlink | Mode::Naive);
+        let caches = if reuse {
+            let docs: Vec<&[u32]> = (0..plan.docs.len()).map(|j| plan.doc_tokens(j)).collect();
+            let (c, hit) = self.doc_caches(&docs)?;
+            for (span, h) in plan.docs.iter().zip(&hit) {
+                if *h {
+                    tm.cached_docs += 1;
+                    tm.cached_doc_tokens += span.len;
+                } else {
+                    tm.computed_docs += 1;
+                    tm.computed_doc_tokens += span.len;
+                }
+            }
+            c
+        } else {
+            Vec::new()
+        };
+        self.gpu().wait()?;
+        tm.lookup = t0.elapsed();
+        let refs: Vec<&DocCache> = caches.iter().map(|c| c.as_ref()).collect();
+        let extra = extra.min(self.context.saturating_sub(plan.len()));
+        let t1 = Instant::now();
+        let (cache, out, assemble, computed) = link::assemble_and_prefill(
+            &self.model,
+            &plan,
+            &refs,
+            req.mode,
+            extra,
+            PREFILL_CHUNK,
+            if want_logits {
+                Logits::Last
+            } else {
+                Logits::None
+            },
+            greedy,
+        )?;
+        tm.assemble = assemble;
+        tm.prefill = t1.elapsed().saturating_sub(assemble);
+        tm.prefill_tokens = computed;
+        tm.ttft = t0.elapsed();
+        Ok((plan, cache, out, tm))
+    }
+
+    /// Next-token logits of a request's prompt, with its plan.
+    pub fn request_logits(&self, req: &Request) -> Result<(PromptPlan, Vec<f32>, Timings)> {
+        let (plan, _, out, tm) = self.start_request(req, 0, true, false)?;
+        Ok((plan, out.logits, tm))
+    }
+
+    /// Answer a request, streaming tokens to `on_token` (false stops early).
+    pub fn ask(
+        &self,
+        req: &Request,
+        params: &GenerateParams,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<AskStats> {
+        let mut sampler = Sampler::new(params.sampling.clone())?;
+        let greedy = sampler.params().is_greedy();
+        let (plan, cache, out, mut tm) =
+            self.start_request(req, params.max_tokens, !greedy, greedy)?;
+        let first = match out.token {
+            Some(t) => t,
+            None => sampler.sample(&out.logits)?,
+        };
+        tm.ttft = tm.ttft.max(tm.lookup + tm.assemble + tm.prefill);
+        let mut stats = GenerateStats {
+            prompt_tokens: plan.len(),
+            ttft: tm.ttft,
+            stop: "max_tokens",
+            ..Default::default()
+        };
+        if params.max_tokens > 0 {
+            self.decode_loop(
+                cache,
+                plan.len(),
+                first,
+                &mut sampler,
+                params,
+                &mut stats,
+                &mut on_token,
+            )?;
+        }
+        Ok(AskStats {
+            mode: req.mode,
+            timings: tm,
+            generation: stats,
+        })
     }
 }

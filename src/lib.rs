@@ -7,7 +7,10 @@ pub mod model;
 pub use error::{Error, Result};
 pub mod engine;
 pub mod gpu;
+pub mod kv;
+pub mod link;
 pub mod ops;
 pub mod sampling;
 
-pub use engine::{Engine, GenerateParams, GenerateStats};
+pub use engine::{AskStats, Engine, GenerateParams, GenerateStats, Request};
+pub use link::{Mode, PromptPlan};

@@ -448,9 +448,9 @@ impl Llama {
             let all = g.read_f32(&s.logits)?;
             out.logits = all[..logit_rows * c.vocab_size].to_vec();
             out.rows = logit_rows;
-        } else {
-            g.wait()?;
         }
+        // Nothing to read back: return without waiting; later submits are ordered
+        // after this one on the queue.
         Ok(out)
     }
 }

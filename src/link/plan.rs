@@ -1,0 +1,240 @@
+//! The prompt plan (KVLINK.md §1): the token sequence of a RAG request with a segment id
+//! and a global position per token.
+//!
+//! ```text
+//! [prefix ....][S][doc 1 ...][L1 x k][doc 2 ...][L2 x k] ... [E][question ...][assistant header]
+//!  seg 0        0  seg 1     seg 0   seg 2     seg 0          0  seg 0         seg 0
+//! ```
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Link-token configuration of a KVLink fine-tuned model (all off for plain models).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkConfig {
+    /// Link tokens after each document (k; the released checkpoints use 5).
+    #[serde(default, alias = "link_tokens")]
+    pub k: usize,
+    /// Id of the first link token: slot j uses `link_base + k*j + i`, i < k.
+    #[serde(default)]
+    pub link_base: Option<u32>,
+    /// KV-START marker before the first document.
+    #[serde(default)]
+    pub kv_start: Option<u32>,
+    /// KV-END marker after the last document's link tokens.
+    #[serde(default)]
+    pub kv_end: Option<u32>,
+    /// Most document slots the model was trained with (checkpoints: 40); 0 = no limit.
+    #[serde(default)]
+    pub max_slots: usize,
+}
+
+impl LinkConfig {
+    /// Read `kvlink.json` (fields as in this struct) if it exists next to the model.
+    pub fn from_file(path: &std::path::Path) -> Result<Option<LinkConfig>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let c: LinkConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_model(path, format!("invalid kvlink.json: {e}")))?;
+        Ok(Some(c))
+    }
+
+    /// Check every id the configuration can produce lies inside the vocabulary.
+    pub fn validate(&self, vocab: usize, n_docs: usize) -> Result<()> {
+        let check = |what: &str, id: u32| {
+            if id as usize >= vocab {
+                Err(Error::Input(format!(
+                    "{what} id {id} is outside the model's vocabulary ({vocab})"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(s) = self.kv_start {
+            check("KV-START", s)?;
+        }
+        if let Some(e) = self.kv_end {
+            check("KV-END", e)?;
+        }
+        if self.k > 0 {
+            let base = self.link_base.ok_or_else(|| {
+                Error::Input("link tokens requested (k > 0) but no link base id given".into())
+            })?;
+            if self.max_slots > 0 && n_docs > self.max_slots {
+                return Err(Error::Input(format!(
+                    "{n_docs} documents but the model's link tokens cover at most {} slots",
+                    self.max_slots
+                )));
+            }
+            let last = base as u64 + (self.k * n_docs.max(1)) as u64 - 1;
+            if last >= vocab as u64 {
+                return Err(Error::Input(format!(
+                    "link token ids {base}..={last} for {n_docs} documents go beyond the \
+                     vocabulary ({vocab})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn link_id(&self, slot: usize, i: usize) -> u32 {
+        self.link_base.unwrap_or(0) + (self.k * slot + i) as u32
+    }
+}
+
+/// Where a document sits in the plan.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DocSpan {
+    /// First global position (= cache slot) of the document.
+    pub start: usize,
+    pub len: usize,
+    /// Segment id (j + 1 for document slot j).
+    pub seg: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PromptPlan {
+    pub tokens: Vec<u32>,
+    pub segments: Vec<u32>,
+    pub positions: Vec<i32>,
+    pub prefix_len: usize,
+    pub docs: Vec<DocSpan>,
+}
+
+impl PromptPlan {
+    /// Lay out prefix, documents (each with its link tokens), markers and tail.
+    pub fn build(
+        prefix: &[u32],
+        docs: &[&[u32]],
+        tail: &[u32],
+        link: &LinkConfig,
+    ) -> Result<PromptPlan> {
+        if let Some(j) = docs.iter().position(|d| d.is_empty()) {
+            return Err(Error::Input(format!("document {} is empty", j + 1)));
+        }
+        let mut tokens = prefix.to_vec();
+        let mut segments = vec![0u32; prefix.len()];
+        let mut spans = Vec::with_capacity(docs.len());
+        let push = |t: &mut Vec<u32>, s: &mut Vec<u32>, id: u32, seg: u32| {
+            t.push(id);
+            s.push(seg);
+        };
+        if !docs.is_empty() {
+            if let Some(sid) = link.kv_start {
+                push(&mut tokens, &mut segments, sid, 0);
+            }
+        }
+        for (j, d) in docs.iter().enumerate() {
+            let seg = j as u32 + 1;
+            spans.push(DocSpan {
+                start: tokens.len(),
+                len: d.len(),
+                seg,
+            });
+            for &id in d.iter() {
+                push(&mut tokens, &mut segments, id, seg);
+            }
+            for i in 0..link.k {
+                push(&mut tokens, &mut segments, link.link_id(j, i), 0);
+            }
+        }
+        if !docs.is_empty() {
+            if let Some(eid) = link.kv_end {
+                push(&mut tokens, &mut segments, eid, 0);
+            }
+        }
+        for &id in tail {
+            push(&mut tokens, &mut segments, id, 0);
+        }
+        let positions = (0..tokens.len() as i32).collect();
+        Ok(PromptPlan {
+            tokens,
+            segments,
+            positions,
+            prefix_len: prefix.len(),
+            docs: spans,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Indices of the seg-0 tokens after the prefix: what the reuse path computes.
+    pub fn new_token_indices(&self) -> Vec<usize> {
+        (self.prefix_len..self.len())
+            .filter(|&i| self.segments[i] == 0)
+            .collect()
+    }
+
+    pub fn doc_tokens(&self, j: usize) -> &[u32] {
+        let d = &self.docs[j];
+        &self.tokens[d.start..d.start + d.len]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_matches_kvlink_md_section_1() {
+        let link = LinkConfig {
+            k: 2,
+            link_base: Some(100),
+            kv_start: Some(90),
+            kv_end: Some(91),
+            max_slots: 40,
+        };
+        let p = PromptPlan::build(&[1, 2], &[&[10, 11, 12], &[20]], &[30, 31], &link).unwrap();
+        assert_eq!(
+            p.tokens,
+            vec![1, 2, 90, 10, 11, 12, 100, 101, 20, 102, 103, 91, 30, 31]
+        );
+        assert_eq!(p.segments, vec![0, 0, 0, 1, 1, 1, 0, 0, 2, 0, 0, 0, 0, 0]);
+        assert_eq!(p.positions, (0..14).collect::<Vec<i32>>());
+        assert_eq!(
+            p.docs[0],
+            DocSpan {
+                start: 3,
+                len: 3,
+                seg: 1
+            }
+        );
+        assert_eq!(
+            p.docs[1],
+            DocSpan {
+                start: 8,
+                len: 1,
+                seg: 2
+            }
+        );
+        assert_eq!(p.new_token_indices(), vec![2, 6, 7, 9, 10, 11, 12, 13]);
+        assert_eq!(p.doc_tokens(0), &[10, 11, 12]);
+    }
+
+    #[test]
+    fn plain_models_have_no_markers_and_bad_configs_are_refused() {
+        let p = PromptPlan::build(&[], &[&[5, 6]], &[7], &LinkConfig::default()).unwrap();
+        assert_eq!(p.tokens, vec![5, 6, 7]);
+        assert_eq!(p.segments, vec![1, 1, 0]);
+        assert!(PromptPlan::build(&[], &[&[]], &[7], &LinkConfig::default()).is_err());
+        let link = LinkConfig {
+            k: 5,
+            link_base: Some(995),
+            ..Default::default()
+        };
+        assert!(link.validate(1000, 1).is_ok());
+        assert!(link.validate(1000, 2).is_err());
+        let bad = LinkConfig {
+            kv_start: Some(5000),
+            ..Default::default()
+        };
+        assert!(bad.validate(1000, 1).is_err());
+    }
+}

@@ -1,0 +1,157 @@
+//! The KVLink invariant (KVLINK.md §3) on the real SmolLM2 model: reusing document
+//! caches (encode alone, rotate, concatenate, prefill the seg-0 tokens) gives the same
+//! logits as one forward pass over the whole prompt with the §2 mask; with one document
+//! after an empty prefix both equal a plain causal prefill; without the rotation
+//! (`naive`) they measurably differ.
+
+mod common;
+
+use common::model::{engine, source};
+use common::reference::RefModel;
+use common::Rng;
+use kvlink::sampling::{argmax, log_softmax};
+use kvlink::{Mode, Request};
+
+const WORDS: &[&str] = &[
+    "river",
+    "castle",
+    "engine",
+    "winter",
+    "Paris",
+    "seven",
+    "orange",
+    "the",
+    "a",
+    "blue",
+    "library",
+    "mountain",
+    "quickly",
+    "because",
+    "Marie",
+    "Curie",
+    "discovered",
+    "radium",
+    "in",
+    "1898",
+    "and",
+    "won",
+    "two",
+    "Nobel",
+    "prizes",
+    "city",
+    "of",
+    "light",
+    "bridge",
+    "train",
+    "station",
+    "north",
+    "garden",
+    "coffee",
+    "museum",
+    "history",
+    ".",
+    ",",
+];
+
+fn text(rng: &mut Rng, n: usize) -> String {
+    (0..n)
+        .map(|_| WORDS[rng.below(WORDS.len() as u32) as usize])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Max |Δ logprob| over b's top-10, and whether the argmax agrees.
+fn diff(a: &[f32], b: &[f32]) -> (f32, bool) {
+    let (la, lb) = (log_softmax(a), log_softmax(b));
+    let mut idx: Vec<usize> = (0..lb.len()).collect();
+    idx.sort_by(|&x, &y| lb[y].total_cmp(&lb[x]));
+    let worst = idx[..10]
+        .iter()
+        .map(|&i| (la[i] - lb[i]).abs())
+        .fold(0.0, f32::max);
+    (worst, argmax(a) == argmax(b))
+}
+
+fn logits(req: &Request, mode: Mode) -> (kvlink::PromptPlan, Vec<f32>) {
+    let mut r = req.clone();
+    r.mode = mode;
+    let (plan, lg, _) = engine().request_logits(&r).unwrap();
+    (plan, lg)
+}
+
+#[test]
+fn reuse_equals_masked_forward_and_cpu_reference() {
+    let mut rng = Rng::new();
+    let docs: Vec<String> = (0..3)
+        .map(|_| {
+            let n = 20 + rng.below(25) as usize;
+            format!("{}\n", text(&mut rng, n))
+        })
+        .collect();
+    let mut req = Request::new(docs, format!("Question: {}?", text(&mut rng, 6)));
+    req.system = Some("Answer from the documents.".into());
+    engine().clear_doc_caches();
+    let (plan, kv) = logits(&req, Mode::Kvlink);
+    let (plan2, masked) = logits(&req, Mode::Masked);
+    assert_eq!(plan, plan2);
+    assert!(plan.prefix_len > 0 && plan.docs.len() == 3);
+    let (d, same) = diff(&kv, &masked);
+    eprintln!("kvlink vs masked: max |dlogprob| top-10 = {d:.4}");
+    assert!(
+        same && d < 0.05,
+        "kvlink vs masked: {d}, same argmax: {same}"
+    );
+
+    // the masked pass itself against the independent CPU reference with the §2 mask
+    let r = RefModel::load(source().as_ref());
+    let want = &r.forward(&plan.tokens, &plan.positions, &plan.segments, true)[0];
+    let (d, same) = diff(&masked, want);
+    eprintln!("masked vs CPU reference: {d:.4}");
+    assert!(
+        same && d < 0.05,
+        "masked vs reference: {d}, same argmax: {same}"
+    );
+
+    // warm caches give the same answer as cold ones
+    let (_, kv2) = logits(&req, Mode::Kvlink);
+    assert!(diff(&kv2, &kv).0 < 1e-4);
+
+    // naive reuse (no rotation) differs measurably
+    let (_, naive) = logits(&req, Mode::Naive);
+    let (dn, _) = diff(&naive, &masked);
+    eprintln!("naive vs masked: {dn:.4}");
+    assert!(
+        dn > 0.2,
+        "naive should differ from the masked pass, differs by {dn}"
+    );
+}
+
+#[test]
+fn one_document_after_empty_prefix_equals_causal_prefill() {
+    let mut rng = Rng::new();
+    let doc = text(&mut rng, 30);
+    let mut req = Request::new(vec![doc], format!(" {}", text(&mut rng, 5)));
+    req.raw = true;
+    let (plan, kv) = logits(&req, Mode::Kvlink);
+    assert_eq!(plan.docs[0].start, plan.prefix_len);
+    let (_, masked) = logits(&req, Mode::Masked);
+    let (_, full) = logits(&req, Mode::Full);
+    for (name, other) in [("masked", &masked), ("full", &full)] {
+        let (d, same) = diff(&kv, other);
+        eprintln!("kvlink vs {name}: {d:.4}");
+        assert!(same && d < 0.05, "kvlink vs {name}: {d}");
+    }
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let e = engine();
+    let empty = Request::new(vec!["  ".into()], "q?");
+    assert!(e.plan(&empty).unwrap_err().to_string().contains("empty"));
+    let no_q = Request::new(vec!["doc".into()], " ");
+    assert!(e.plan(&no_q).is_err());
+    let long = Request::new(vec!["word ".repeat(e.context + 10)], "q?");
+    assert!(e.plan(&long).unwrap_err().to_string().contains("context"));
+    let many = Request::new(vec!["some words here ".repeat(40); 200], "q?");
+    assert!(e.plan(&many).unwrap_err().to_string().contains("context"));
+}
