@@ -1,7 +1,8 @@
 //! The engine: a loaded model with its tokenizer on a GPU, and generation.
 
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Tensor};
+use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru};
 use crate::link::{self, DocCache, LinkConfig, Mode, PromptPlan, Timings};
 use crate::model::llama::{Batch, KvCache, Llama, Logits};
 use crate::model::{ModelConfig, Tokenizer, WeightSource};
@@ -24,9 +25,16 @@ pub struct Engine {
     pub fingerprint: String,
     /// Link tokens and markers (KVLink fine-tuned models); default: none.
     pub link: LinkConfig,
-    /// Document caches resident on the GPU, by token ids.
-    docs: Mutex<HashMap<Vec<u32>, Arc<DocCache>>>,
+    /// Fingerprint of the tokenizer (part of every document cache key).
+    pub tokenizer_fingerprint: String,
+    /// Document caches resident on the GPU (LRU under a byte budget).
+    docs: Mutex<Lru<DocKey, Arc<DocCache>>>,
+    /// Document caches on disk, if enabled.
+    store: Mutex<Option<DiskStore>>,
 }
+
+/// Default GPU memory budget for resident document caches.
+pub const DEFAULT_DOC_CACHE_BYTES: u64 = 1 << 30;
 
 /// A RAG request: documents (each tokenized and cached on its own) and a question.
 #[derive(Clone, Debug)]
@@ -49,6 +57,15 @@ impl Request {
             mode: Mode::Kvlink,
         }
     }
+}
+
+/// Where a document's cache came from for a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheSource {
+    Gpu,
+    Disk,
+    Computed,
 }
 
 /// What `ask` reports besides the streamed tokens.
@@ -127,12 +144,17 @@ impl Engine {
         let model = Llama::load(gpu, src, progress)?;
         Ok(Engine {
             model,
-            tokenizer,
             context,
             description: src.describe(),
             fingerprint: src.fingerprint(),
             link: LinkConfig::default(),
-            docs: Mutex::new(HashMap::new()),
+            tokenizer_fingerprint: format!(
+                "{:016x}",
+                crate::kv::fnv1a64(tokenizer.to_hf_json()?.as_bytes())
+            ),
+            tokenizer,
+            docs: Mutex::new(Lru::new(DEFAULT_DOC_CACHE_BYTES)),
+            store: Mutex::new(None),
         })
     }
 
@@ -393,22 +415,127 @@ impl Engine {
         Ok(self.doc_caches(&[doc_tokens])?.0.remove(0))
     }
 
-    /// Caches for documents, encoding the missing ones in one batch. Returns the caches
-    /// and, per document, whether it was already resident.
-    pub fn doc_caches(&self, docs: &[&[u32]]) -> Result<(Vec<Arc<DocCache>>, Vec<bool>)> {
-        let mut map = self.docs.lock().unwrap_or_else(|e| e.into_inner());
-        let mut missing: Vec<&[u32]> = Vec::new();
-        for d in docs {
-            if !map.contains_key(*d) && !missing.contains(d) {
-                missing.push(d);
+    /// Keep document caches on disk in `store` (None: GPU memory only).
+    pub fn set_store(&self, store: Option<DiskStore>) {
+        *self.store.lock().unwrap_or_else(|e| e.into_inner()) = store;
+    }
+
+    pub fn store(&self) -> Option<DiskStore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// GPU memory budget for resident document caches (evicts beyond it).
+    pub fn set_doc_cache_budget(&self, bytes: u64) {
+        self.docs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_budget(bytes);
+    }
+
+    /// The cache key of a document's token ids under this model and tokenizer.
+    pub fn doc_key(&self, tokens: &[u32]) -> DocKey {
+        DocKey::new(&self.fingerprint, &self.tokenizer_fingerprint, tokens)
+    }
+
+    /// Upload a document cache read from disk.
+    fn upload_doc(&self, tokens: &[u32], kv: &DocKv) -> Result<DocCache> {
+        let c = self.config();
+        if kv.n_layers != c.num_hidden_layers
+            || kv.kv_dim != c.kv_dim()
+            || kv.n_tokens != tokens.len()
+        {
+            return Err(Error::Input(
+                "document cache does not match the model's shape".into(),
+            ));
+        }
+        let g = self.gpu();
+        let shape = [kv.n_tokens, kv.kv_dim];
+        let up = |b: &Vec<u8>| Tensor::from_f16_bytes(g, &shape, b, "doc kv");
+        Ok(DocCache {
+            tokens: tokens.to_vec(),
+            k: kv.k.iter().map(up).collect::<Result<_>>()?,
+            v: kv.v.iter().map(up).collect::<Result<_>>()?,
+        })
+    }
+
+    /// Read a document cache back from the GPU for the disk store.
+    fn download_doc(&self, dc: &DocCache) -> Result<DocKv> {
+        let g = self.gpu();
+        let n = dc.len() * self.config().kv_dim() * 2;
+        let rd = |t: &Tensor| -> Result<Vec<u8>> {
+            let w = g.read_words(t)?;
+            Ok(bytemuck::cast_slice::<u32, u8>(&w)[..n].to_vec())
+        };
+        Ok(DocKv {
+            n_tokens: dc.len(),
+            n_layers: dc.k.len(),
+            kv_dim: self.config().kv_dim(),
+            k: dc.k.iter().map(rd).collect::<Result<_>>()?,
+            v: dc.v.iter().map(rd).collect::<Result<_>>()?,
+        })
+    }
+
+    /// Caches for documents: GPU-resident, else from the disk store, else encoded (all
+    /// missing documents in one batch) and written to the store. Returns the caches and,
+    /// per document, where each came from.
+    pub fn doc_caches(&self, docs: &[&[u32]]) -> Result<(Vec<Arc<DocCache>>, Vec<CacheSource>)> {
+        let mut lru = self.docs.lock().unwrap_or_else(|e| e.into_inner());
+        let store = self.store();
+        let keys: Vec<DocKey> = docs.iter().map(|d| self.doc_key(d)).collect();
+        let mut found: HashMap<&DocKey, (Arc<DocCache>, CacheSource)> = HashMap::new();
+        let mut missing: Vec<(usize, &[u32])> = Vec::new();
+        for (i, (d, k)) in docs.iter().zip(&keys).enumerate() {
+            if found.contains_key(k) || missing.iter().any(|(j, _)| keys[*j] == *k) {
+                continue;
             }
+            if let Some(dc) = lru.get(k) {
+                found.insert(k, (dc.clone(), CacheSource::Gpu));
+                continue;
+            }
+            if let Some(store) = &store {
+                match store.get(k, &self.fingerprint, &self.tokenizer_fingerprint, d)? {
+                    Lookup::Hit(kv) => {
+                        let dc = Arc::new(self.upload_doc(d, &kv)?);
+                        lru.insert(k.clone(), dc.clone(), dc.bytes());
+                        found.insert(k, (dc, CacheSource::Disk));
+                        continue;
+                    }
+                    Lookup::Corrupt(why) => {
+                        eprintln!("kvlink: document cache {k} was corrupt ({why}); recomputing it");
+                    }
+                    Lookup::Miss | Lookup::Mismatch(_) => {}
+                }
+            }
+            missing.push((i, d));
         }
-        let hits: Vec<bool> = docs.iter().map(|d| !missing.contains(d)).collect();
-        for dc in link::encode_documents(&self.model, &missing, PREFILL_CHUNK)? {
-            map.insert(dc.tokens.clone(), Arc::new(dc));
+        let batch: Vec<&[u32]> = missing.iter().map(|(_, d)| *d).collect();
+        for ((i, d), dc) in
+            missing
+                .iter()
+                .zip(link::encode_documents(&self.model, &batch, PREFILL_CHUNK)?)
+        {
+            let dc = Arc::new(dc);
+            if let Some(store) = &store {
+                let kv = self.download_doc(&dc)?;
+                store.put(
+                    &keys[*i],
+                    &self.fingerprint,
+                    &self.tokenizer_fingerprint,
+                    d,
+                    &kv,
+                )?;
+            }
+            lru.insert(keys[*i].clone(), dc.clone(), dc.bytes());
+            found.insert(&keys[*i], (dc, CacheSource::Computed));
         }
-        let out = docs.iter().map(|d| map[*d].clone()).collect();
-        Ok((out, hits))
+        let mut out = Vec::with_capacity(docs.len());
+        let mut src = Vec::with_capacity(docs.len());
+        for k in &keys {
+            let (dc, s) = &found[k];
+            out.push(dc.clone());
+            src.push(*s);
+        }
+        Ok((out, src))
     }
 
     /// Forget all GPU-resident document caches.
@@ -417,7 +544,7 @@ impl Engine {
     }
 
     /// Plan, fetch caches and prefill a request up to its first token.
-    fn start_request(
+    pub fn start_request(
         &self,
         req: &Request,
         extra: usize,
@@ -431,18 +558,39 @@ impl Engine {
     )> {
         let t0 = Instant::now();
         let plan = self.plan(req)?;
+        self.start_plan(plan, req.mode, t0, extra, want_logits, greedy)
+    }
+
+    /// Like `start_request` for an already built plan; `t0` is when the request began.
+    pub fn start_plan(
+        &self,
+        plan: PromptPlan,
+        mode: Mode,
+        t0: Instant,
+        extra: usize,
+        want_logits: bool,
+        greedy: bool,
+    ) -> Result<(
+        PromptPlan,
+        KvCache,
+        crate::model::llama::ForwardOut,
+        Timings,
+    )> {
         let mut tm = Timings {
             prompt_tokens: plan.len(),
             ..Default::default()
         };
-        let reuse = matches!(req.mode, Mode::Kvlink | Mode::Naive);
+        let reuse = matches!(mode, Mode::Kvlink | Mode::Naive);
         let caches = if reuse {
             let docs: Vec<&[u32]> = (0..plan.docs.len()).map(|j| plan.doc_tokens(j)).collect();
-            let (c, hit) = self.doc_caches(&docs)?;
-            for (span, h) in plan.docs.iter().zip(&hit) {
-                if *h {
+            let (c, from) = self.doc_caches(&docs)?;
+            for (span, f) in plan.docs.iter().zip(&from) {
+                if *f != CacheSource::Computed {
                     tm.cached_docs += 1;
                     tm.cached_doc_tokens += span.len;
+                    if *f == CacheSource::Disk {
+                        tm.disk_docs += 1;
+                    }
                 } else {
                     tm.computed_docs += 1;
                     tm.computed_doc_tokens += span.len;
@@ -461,7 +609,7 @@ impl Engine {
             &self.model,
             &plan,
             &refs,
-            req.mode,
+            mode,
             extra,
             PREFILL_CHUNK,
             if want_logits {

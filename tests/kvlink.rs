@@ -155,3 +155,44 @@ fn bad_requests_are_refused() {
     let many = Request::new(vec!["some words here ".repeat(40); 200], "q?");
     assert!(e.plan(&many).unwrap_err().to_string().contains("context"));
 }
+
+#[test]
+fn document_caches_persist_on_disk_and_corrupt_entries_are_recomputed() {
+    let e = engine();
+    let mut rng = Rng::new();
+    let dir = std::env::temp_dir().join(format!(
+        "kvlink-store-{}-{}",
+        std::process::id(),
+        rng.next_u64()
+    ));
+    let store = kvlink::kv::DiskStore::open(&dir).unwrap();
+    e.set_store(Some(store.clone()));
+    let docs: Vec<String> = (0..2)
+        .map(|_| format!("{}\n", text(&mut rng, 15)))
+        .collect();
+    let req = Request::new(docs, "Which words repeat?");
+    e.clear_doc_caches();
+    let (_, cold, t1) = e.request_logits(&req).unwrap();
+    assert_eq!((t1.computed_docs, t1.cached_docs), (2, 0));
+    assert_eq!(store.entries().unwrap().len(), 2);
+    // a new process would start with an empty GPU cache: drop it and read from disk
+    e.clear_doc_caches();
+    let (_, warm, t2) = e.request_logits(&req).unwrap();
+    assert_eq!((t2.disk_docs, t2.computed_docs), (2, 0));
+    assert!(
+        diff(&warm, &cold).0 < 1e-5,
+        "caches from disk changed the logits"
+    );
+    // flip a payload byte of one entry: detected, moved aside, recomputed
+    let victim = store.entries().unwrap()[0].path.clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&victim, &bytes).unwrap();
+    e.clear_doc_caches();
+    let (_, again, t3) = e.request_logits(&req).unwrap();
+    assert_eq!((t3.disk_docs, t3.computed_docs), (1, 1));
+    assert!(diff(&again, &cold).0 < 1e-5);
+    e.set_store(None);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -119,6 +119,12 @@ impl Tensor {
         Self::from_bytes(gpu, shape, DType::F16, bytemuck::cast_slice(&h), label)
     }
 
+    /// Upload raw little-endian f16 bytes.
+    pub fn from_f16_bytes(gpu: &Gpu, shape: &[usize], bytes: &[u8], label: &str) -> Result<Tensor> {
+        Self::check_len(shape, bytes.len() / 2, label)?;
+        Self::from_bytes(gpu, shape, DType::F16, bytes, label)
+    }
+
     pub fn from_u32(gpu: &Gpu, shape: &[usize], data: &[u32], label: &str) -> Result<Tensor> {
         Self::check_len(shape, data.len(), label)?;
         Self::from_bytes(gpu, shape, DType::U32, bytemuck::cast_slice(data), label)

@@ -93,6 +93,8 @@ pub struct Timings {
     #[serde(with = "ms")]
     pub ttft: Duration,
     pub cached_docs: usize,
+    /// Of the cached documents, those read from the disk store.
+    pub disk_docs: usize,
     pub computed_docs: usize,
     pub cached_doc_tokens: usize,
     pub computed_doc_tokens: usize,

@@ -1,0 +1,485 @@
+//! Host side of the per-document KV cache (KVLINK.md §3-4).
+//!
+//! - [`DocKv`]: one document's keys and values for every layer, as raw little-endian f16
+//!   bytes, keys post-RoPE at local positions `0..n_tokens`.
+//! - [`DocKey`]: the cache key, a 128-bit hex digest over the cache format version, the
+//!   model and tokenizer fingerprints and the token ids.
+//! - [`DiskStore`] (in [`store`]): one checksummed file per entry, written atomically.
+//! - [`Lru`]: a GPU-independent LRU index with a byte budget, for the GPU-resident cache.
+//!
+//! No dependency beyond std/serde: the hashes ([`xxh64`], [`fnv1a64`]) are hand-written.
+
+pub mod store;
+
+pub use store::{DiskStore, EntryInfo, Lookup, PruneStats};
+
+use crate::{Error, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::hash::Hash;
+
+/// Version of the on-disk entry format and of the key derivation. Bump it whenever the
+/// layout of [`DocKv`] or of the file changes: old entries then become misses.
+pub const CACHE_FORMAT_VERSION: u32 = 1;
+
+/// Bytes per stored element (f16).
+pub const DTYPE_BYTES: usize = 2;
+
+// ---------------------------------------------------------------------------------------
+// DocKv
+// ---------------------------------------------------------------------------------------
+
+/// One document's KV cache: per layer, keys and values as raw little-endian f16 bytes of
+/// shape `[n_tokens, kv_dim]` (row-major, 2 bytes per element). Keys are post-RoPE at
+/// local positions `0..n_tokens`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DocKv {
+    pub n_tokens: usize,
+    pub n_layers: usize,
+    pub kv_dim: usize,
+    /// `k[layer]`: `n_tokens * kv_dim * 2` bytes.
+    pub k: Vec<Vec<u8>>,
+    /// `v[layer]`: `n_tokens * kv_dim * 2` bytes.
+    pub v: Vec<Vec<u8>>,
+}
+
+impl fmt::Debug for DocKv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DocKv")
+            .field("n_tokens", &self.n_tokens)
+            .field("n_layers", &self.n_layers)
+            .field("kv_dim", &self.kv_dim)
+            .field("bytes", &self.bytes())
+            .finish()
+    }
+}
+
+impl DocKv {
+    /// All-zero cache of the given shape.
+    pub fn zeros(n_tokens: usize, n_layers: usize, kv_dim: usize) -> DocKv {
+        let lb = n_tokens * kv_dim * DTYPE_BYTES;
+        DocKv {
+            n_tokens,
+            n_layers,
+            kv_dim,
+            k: vec![vec![0u8; lb]; n_layers],
+            v: vec![vec![0u8; lb]; n_layers],
+        }
+    }
+
+    /// Bytes of one layer's K (or V): `n_tokens * kv_dim * 2`.
+    pub fn layer_bytes(&self) -> usize {
+        self.n_tokens * self.kv_dim * DTYPE_BYTES
+    }
+
+    /// Total payload bytes actually held (all K and V layers).
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(self.v.iter()).map(|l| l.len()).sum()
+    }
+
+    /// Checks that the shape fields and the buffers agree.
+    pub fn validate(&self) -> Result<()> {
+        let lb = self
+            .n_tokens
+            .checked_mul(self.kv_dim)
+            .and_then(|x| x.checked_mul(DTYPE_BYTES))
+            .ok_or_else(|| Error::Input(format!("DocKv: shape overflow {self:?}")))?;
+        if self.k.len() != self.n_layers || self.v.len() != self.n_layers {
+            return Err(Error::Input(format!(
+                "DocKv: n_layers = {} but k has {} layers and v has {}",
+                self.n_layers,
+                self.k.len(),
+                self.v.len()
+            )));
+        }
+        for (name, layers) in [("k", &self.k), ("v", &self.v)] {
+            for (i, l) in layers.iter().enumerate() {
+                if l.len() != lb {
+                    return Err(Error::Input(format!(
+                        "DocKv: {name}[{i}] has {} bytes, expected {lb} (n_tokens {} x kv_dim {} x 2)",
+                        l.len(),
+                        self.n_tokens,
+                        self.kv_dim
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// DocKey
+// ---------------------------------------------------------------------------------------
+
+/// Cache key of one document: 32 lowercase hex chars (128 bits: an xxh64 lane and an
+/// FNV-1a-64 lane over the same canonical encoding). The disk store also stores and checks
+/// the full fields, so a collision can only cause a miss, never a wrong hit.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DocKey(String);
+
+const KEY_DOMAIN: &[u8] = b"kvlink/doc-kv/key\0";
+
+impl DocKey {
+    pub fn new(model_fingerprint: &str, tokenizer_fingerprint: &str, token_ids: &[u32]) -> DocKey {
+        Self::with_version(
+            CACHE_FORMAT_VERSION,
+            model_fingerprint,
+            tokenizer_fingerprint,
+            token_ids,
+        )
+    }
+
+    /// The key as a different format version would derive it (tests, migrations).
+    pub fn with_version(
+        version: u32,
+        model_fingerprint: &str,
+        tokenizer_fingerprint: &str,
+        token_ids: &[u32],
+    ) -> DocKey {
+        let mut buf = Vec::with_capacity(
+            KEY_DOMAIN.len()
+                + 28
+                + model_fingerprint.len()
+                + tokenizer_fingerprint.len()
+                + 4 * token_ids.len(),
+        );
+        buf.extend_from_slice(KEY_DOMAIN);
+        buf.extend_from_slice(&version.to_le_bytes());
+        buf.extend_from_slice(&(model_fingerprint.len() as u64).to_le_bytes());
+        buf.extend_from_slice(model_fingerprint.as_bytes());
+        buf.extend_from_slice(&(tokenizer_fingerprint.len() as u64).to_le_bytes());
+        buf.extend_from_slice(tokenizer_fingerprint.as_bytes());
+        buf.extend_from_slice(&(token_ids.len() as u64).to_le_bytes());
+        for t in token_ids {
+            buf.extend_from_slice(&t.to_le_bytes());
+        }
+        let a = xxh64(&buf, 0x6b76_6c69_6e6b_0001);
+        let b = fnv1a64(&buf);
+        DocKey(format!("{a:016x}{b:016x}"))
+    }
+
+    /// Parses a key previously produced by [`DocKey::new`] (32 lowercase hex chars).
+    pub fn from_hex(s: &str) -> Option<DocKey> {
+        let ok = s.len() == 32 && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+        ok.then(|| DocKey(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DocKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Hashes (hand-written, no extra crates)
+// ---------------------------------------------------------------------------------------
+
+const P1: u64 = 0x9E37_79B1_85EB_CA87;
+const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+const P3: u64 = 0x1656_67B1_9E37_79F9;
+const P4: u64 = 0x85EB_CA77_C2B2_AE63;
+const P5: u64 = 0x27D4_EB2F_1656_67C5;
+
+#[inline]
+fn xround(acc: u64, input: u64) -> u64 {
+    acc.wrapping_add(input.wrapping_mul(P2))
+        .rotate_left(31)
+        .wrapping_mul(P1)
+}
+
+#[inline]
+fn xmerge(acc: u64, val: u64) -> u64 {
+    (acc ^ xround(0, val)).wrapping_mul(P1).wrapping_add(P4)
+}
+
+#[inline]
+fn rd64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().unwrap())
+}
+
+#[inline]
+fn rd32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[..4].try_into().unwrap())
+}
+
+/// Streaming XXH64 (the standard algorithm; `xxh64(b"", 0) == 0xEF46DB3751D8E999`).
+#[derive(Clone)]
+pub struct Xxh64 {
+    v: [u64; 4],
+    seed: u64,
+    total: u64,
+    buf: [u8; 32],
+    buf_len: usize,
+}
+
+impl Xxh64 {
+    pub fn new(seed: u64) -> Self {
+        Xxh64 {
+            v: [
+                seed.wrapping_add(P1).wrapping_add(P2),
+                seed.wrapping_add(P2),
+                seed,
+                seed.wrapping_sub(P1),
+            ],
+            seed,
+            total: 0,
+            buf: [0; 32],
+            buf_len: 0,
+        }
+    }
+
+    #[inline]
+    fn stripe(v: &mut [u64; 4], s: &[u8]) {
+        v[0] = xround(v[0], rd64(&s[0..]));
+        v[1] = xround(v[1], rd64(&s[8..]));
+        v[2] = xround(v[2], rd64(&s[16..]));
+        v[3] = xround(v[3], rd64(&s[24..]));
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.total += data.len() as u64;
+        if self.buf_len > 0 {
+            let take = (32 - self.buf_len).min(data.len());
+            self.buf[self.buf_len..self.buf_len + take].copy_from_slice(&data[..take]);
+            self.buf_len += take;
+            data = &data[take..];
+            if self.buf_len < 32 {
+                return;
+            }
+            let buf = self.buf;
+            Self::stripe(&mut self.v, &buf);
+            self.buf_len = 0;
+        }
+        let mut chunks = data.chunks_exact(32);
+        for c in &mut chunks {
+            Self::stripe(&mut self.v, c);
+        }
+        let rest = chunks.remainder();
+        self.buf[..rest.len()].copy_from_slice(rest);
+        self.buf_len = rest.len();
+    }
+
+    pub fn finish(&self) -> u64 {
+        let [v1, v2, v3, v4] = self.v;
+        let mut h = if self.total >= 32 {
+            let mut h = v1
+                .rotate_left(1)
+                .wrapping_add(v2.rotate_left(7))
+                .wrapping_add(v3.rotate_left(12))
+                .wrapping_add(v4.rotate_left(18));
+            h = xmerge(h, v1);
+            h = xmerge(h, v2);
+            h = xmerge(h, v3);
+            xmerge(h, v4)
+        } else {
+            self.seed.wrapping_add(P5)
+        };
+        h = h.wrapping_add(self.total);
+        let mut rest = &self.buf[..self.buf_len];
+        while rest.len() >= 8 {
+            h ^= xround(0, rd64(rest));
+            h = h.rotate_left(27).wrapping_mul(P1).wrapping_add(P4);
+            rest = &rest[8..];
+        }
+        if rest.len() >= 4 {
+            h ^= (rd32(rest) as u64).wrapping_mul(P1);
+            h = h.rotate_left(23).wrapping_mul(P2).wrapping_add(P3);
+            rest = &rest[4..];
+        }
+        for &b in rest {
+            h ^= (b as u64).wrapping_mul(P5);
+            h = h.rotate_left(11).wrapping_mul(P1);
+        }
+        h ^= h >> 33;
+        h = h.wrapping_mul(P2);
+        h ^= h >> 29;
+        h = h.wrapping_mul(P3);
+        h ^= h >> 32;
+        h
+    }
+}
+
+/// One-shot XXH64.
+pub fn xxh64(data: &[u8], seed: u64) -> u64 {
+    let mut h = Xxh64::new(seed);
+    h.update(data);
+    h.finish()
+}
+
+/// FNV-1a, 64-bit.
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The checksum the disk format uses (XXH64, seed 0).
+pub fn checksum64(data: &[u8]) -> u64 {
+    xxh64(data, 0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Lru
+// ---------------------------------------------------------------------------------------
+
+/// LRU index with a byte budget (GPU-independent; the values are whatever the caller
+/// keeps, e.g. GPU buffers). `used_bytes() <= budget_bytes()` always holds.
+pub struct Lru<K, V> {
+    budget_bytes: u64,
+    used: u64,
+    tick: u64,
+    map: HashMap<K, LruEntry<V>>,
+    order: BTreeMap<u64, K>,
+}
+
+struct LruEntry<V> {
+    value: V,
+    bytes: u64,
+    tick: u64,
+}
+
+impl<K: Eq + Hash + Clone, V> Lru<K, V> {
+    pub fn new(budget_bytes: u64) -> Self {
+        Lru {
+            budget_bytes,
+            used: 0,
+            tick: 0,
+            map: HashMap::new(),
+            order: BTreeMap::new(),
+        }
+    }
+
+    pub fn budget_bytes(&self) -> u64 {
+        self.budget_bytes
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn contains(&self, k: &K) -> bool {
+        self.map.contains_key(k)
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// Looks up `k` and marks it most recently used.
+    pub fn get(&mut self, k: &K) -> Option<&V> {
+        let t = self.next_tick();
+        let e = self.map.get_mut(k)?;
+        let key = self.order.remove(&e.tick).expect("lru order out of sync");
+        e.tick = t;
+        self.order.insert(t, key);
+        Some(&e.value)
+    }
+
+    /// Looks up `k` without changing its recency.
+    pub fn peek(&self, k: &K) -> Option<&V> {
+        self.map.get(k).map(|e| &e.value)
+    }
+
+    /// Inserts `k` as most recently used and returns what had to go, oldest first:
+    /// a previous value stored under `k` (always), then least recently used entries until
+    /// the budget holds. An entry larger than the whole budget is not inserted; it is
+    /// returned as evicted (nothing else is evicted for it).
+    pub fn insert(&mut self, k: K, v: V, bytes: u64) -> Vec<(K, V)> {
+        let mut evicted = Vec::new();
+        if let Some(old) = self.remove(&k) {
+            evicted.push((k.clone(), old));
+        }
+        if bytes > self.budget_bytes {
+            evicted.push((k, v));
+            return evicted;
+        }
+        while self.used + bytes > self.budget_bytes {
+            match self.pop_lru() {
+                Some(kv) => evicted.push(kv),
+                None => break,
+            }
+        }
+        let t = self.next_tick();
+        self.order.insert(t, k.clone());
+        self.map.insert(
+            k,
+            LruEntry {
+                value: v,
+                bytes,
+                tick: t,
+            },
+        );
+        self.used += bytes;
+        evicted
+    }
+
+    pub fn remove(&mut self, k: &K) -> Option<V> {
+        let e = self.map.remove(k)?;
+        self.order.remove(&e.tick);
+        self.used -= e.bytes;
+        Some(e.value)
+    }
+
+    /// Removes and returns the least recently used entry.
+    pub fn pop_lru(&mut self) -> Option<(K, V)> {
+        let (_, k) = self.order.pop_first()?;
+        let e = self.map.remove(&k).expect("lru order out of sync");
+        self.used -= e.bytes;
+        Some((k, e.value))
+    }
+
+    /// Changes the budget, returning the entries evicted to meet it (oldest first).
+    pub fn set_budget(&mut self, budget_bytes: u64) -> Vec<(K, V)> {
+        self.budget_bytes = budget_bytes;
+        let mut evicted = Vec::new();
+        while self.used > self.budget_bytes {
+            match self.pop_lru() {
+                Some(kv) => evicted.push(kv),
+                None => break,
+            }
+        }
+        evicted
+    }
+
+    /// Keys from least to most recently used.
+    pub fn keys_lru_order(&self) -> impl Iterator<Item = &K> {
+        self.order.values()
+    }
+
+    /// Removes everything, returning the entries (oldest first).
+    pub fn clear(&mut self) -> Vec<(K, V)> {
+        let mut out = Vec::with_capacity(self.len());
+        while let Some(kv) = self.pop_lru() {
+            out.push(kv);
+        }
+        out
+    }
+}
+
+impl<K, V> fmt::Debug for Lru<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lru")
+            .field("budget_bytes", &self.budget_bytes)
+            .field("used_bytes", &self.used)
+            .field("len", &self.map.len())
+            .finish()
+    }
+}

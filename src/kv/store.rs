@@ -1,0 +1,658 @@
+//! On-disk document KV store: one file per entry, `<dir>/<first 2 hex of key>/<key>.kvc`.
+//!
+//! File layout (all integers little-endian):
+//! ```text
+//! b"KVLC" | format version u32 | header length u32 | header JSON (EntryHeader)
+//!         | payload: K of layers 0..n_layers, then V of layers 0..n_layers (f16 bytes)
+//!         | XXH64 (seed 0) of every byte before it, u64 (see `super::checksum64`)
+//! ```
+//! Writes go to a unique temp file in the same directory, are fsynced and then renamed
+//! over the final name, so readers see either the old complete file or the new complete
+//! file, never a torn one; concurrent writers of one key are fine (the last rename wins).
+//! Reads never panic and never trust a file: magic, version, length and checksum are
+//! checked, and the stored model/tokenizer fingerprints and token ids must equal the
+//! caller's.
+
+use super::{DocKey, DocKv, Xxh64, CACHE_FORMAT_VERSION, DTYPE_BYTES};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// File magic.
+pub const MAGIC: &[u8; 4] = b"KVLC";
+/// Entry file extension.
+pub const ENTRY_EXT: &str = "kvc";
+/// Bytes before the header JSON: magic, version, header length.
+const PREFIX_BYTES: u64 = 12;
+/// Trailing checksum bytes.
+const CHECKSUM_BYTES: u64 = 8;
+/// Sanity bounds applied before anything is allocated from header values.
+const MAX_LAYERS: usize = 1 << 16;
+const MAX_KV_DIM: usize = 1 << 24;
+/// Temp files older than this are removed by [`DiskStore::prune`].
+const STALE_TMP: Duration = Duration::from_secs(3600);
+
+/// The JSON header of an entry file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryHeader {
+    pub format_version: u32,
+    pub model_fingerprint: String,
+    pub tokenizer_fingerprint: String,
+    pub n_tokens: usize,
+    pub n_layers: usize,
+    pub kv_dim: usize,
+    pub dtype: String,
+    /// Milliseconds since the Unix epoch when the entry was written.
+    pub created_unix_ms: u64,
+    pub token_ids: Vec<u32>,
+}
+
+/// Result of [`DiskStore::get`].
+#[derive(Debug)]
+pub enum Lookup {
+    /// A verified entry for exactly the requested model, tokenizer and tokens.
+    Hit(DocKv),
+    /// No entry under this key.
+    Miss,
+    /// An intact entry exists under this key but is not for this request (different
+    /// model or tokenizer fingerprint, different token ids: a stale entry or a hash
+    /// collision; or another format version). Treat as a miss; the string says why, for
+    /// the caller to report. The file is left alone (a later `put` replaces it).
+    Mismatch(String),
+    /// The entry failed magic/length/checksum/header checks. It has been moved aside
+    /// (`<key>.kvc.corrupt`, or deleted) so the next `get` is a `Miss`. Treat as a miss.
+    Corrupt(String),
+}
+
+impl Lookup {
+    pub fn is_hit(&self) -> bool {
+        matches!(self, Lookup::Hit(_))
+    }
+
+    /// The cache on a hit, `None` for every kind of miss.
+    pub fn into_hit(self) -> Option<DocKv> {
+        match self {
+            Lookup::Hit(kv) => Some(kv),
+            _ => None,
+        }
+    }
+}
+
+/// One entry as listed by [`DiskStore::entries`].
+#[derive(Clone, Debug)]
+pub struct EntryInfo {
+    pub key: DocKey,
+    pub path: PathBuf,
+    pub n_tokens: usize,
+    pub n_layers: usize,
+    pub kv_dim: usize,
+    /// File size in bytes.
+    pub bytes: u64,
+    pub model_fingerprint: String,
+    pub tokenizer_fingerprint: String,
+    pub created_unix_ms: u64,
+    /// Last write or last hit.
+    pub modified: SystemTime,
+}
+
+/// What [`DiskStore::prune`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneStats {
+    /// Entry files removed.
+    pub removed_entries: usize,
+    /// Bytes freed, including moved-aside corrupt files and stale temp files.
+    pub freed_bytes: u64,
+    /// Bytes of entry files left.
+    pub remaining_bytes: u64,
+}
+
+/// The on-disk store. Cheap to clone; many instances (and processes) may share a directory.
+#[derive(Clone, Debug)]
+pub struct DiskStore {
+    dir: PathBuf,
+}
+
+enum ReadErr {
+    Corrupt(String),
+    Version(u32),
+    Io(io::Error),
+}
+
+impl From<io::Error> for ReadErr {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ReadErr::Corrupt("truncated (unexpected end of file)".into())
+        } else {
+            ReadErr::Io(e)
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum FileKind {
+    Entry,
+    Corrupt,
+    Tmp,
+}
+
+struct FileRec {
+    path: PathBuf,
+    kind: FileKind,
+    size: u64,
+    mtime: SystemTime,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn thread_tag() -> String {
+    let s = format!("{:?}", std::thread::current().id());
+    let d: String = s.chars().filter(|c| c.is_ascii_digit()).collect();
+    if d.is_empty() {
+        "0".into()
+    } else {
+        d
+    }
+}
+
+impl DiskStore {
+    /// `crate::model::paths::cache_dir()/kv`.
+    pub fn default_dir() -> PathBuf {
+        crate::model::paths::cache_dir().join("kv")
+    }
+
+    /// Opens the store at [`DiskStore::default_dir`].
+    pub fn open_default() -> Result<DiskStore> {
+        Self::open(Self::default_dir())
+    }
+
+    /// Opens (creating if needed) the store at `dir`.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<DiskStore> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(DiskStore { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the entry for `key` lives.
+    pub fn path_for(&self, key: &DocKey) -> PathBuf {
+        let k = key.as_str();
+        let shard = k.get(..2).unwrap_or("00");
+        self.dir.join(shard).join(format!("{k}.{ENTRY_EXT}"))
+    }
+
+    pub fn contains(&self, key: &DocKey) -> bool {
+        self.path_for(key).is_file()
+    }
+
+    /// Removes the entry; `Ok(false)` if there was none.
+    pub fn remove(&self, key: &DocKey) -> Result<bool> {
+        let p = self.path_for(key);
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(p, e)),
+        }
+    }
+
+    /// Stores `kv` under `key`, atomically replacing any previous entry. `key` must be
+    /// `DocKey::new(model_fingerprint, tokenizer_fingerprint, token_ids)` and
+    /// `token_ids.len()` must equal `kv.n_tokens`.
+    pub fn put(
+        &self,
+        key: &DocKey,
+        model_fingerprint: &str,
+        tokenizer_fingerprint: &str,
+        token_ids: &[u32],
+        kv: &DocKv,
+    ) -> Result<()> {
+        kv.validate()?;
+        if token_ids.len() != kv.n_tokens {
+            return Err(Error::Input(format!(
+                "kv store put: {} token ids for a DocKv of {} tokens",
+                token_ids.len(),
+                kv.n_tokens
+            )));
+        }
+        let want = DocKey::new(model_fingerprint, tokenizer_fingerprint, token_ids);
+        if &want != key {
+            return Err(Error::Input(format!(
+                "kv store put: key {key} does not match its fields (expected {want})"
+            )));
+        }
+        let header = EntryHeader {
+            format_version: CACHE_FORMAT_VERSION,
+            model_fingerprint: model_fingerprint.to_string(),
+            tokenizer_fingerprint: tokenizer_fingerprint.to_string(),
+            n_tokens: kv.n_tokens,
+            n_layers: kv.n_layers,
+            kv_dim: kv.kv_dim,
+            dtype: "f16".into(),
+            created_unix_ms: now_unix_ms(),
+            token_ids: token_ids.to_vec(),
+        };
+        let json = serde_json::to_vec(&header)
+            .map_err(|e| Error::Input(format!("kv store: header encoding: {e}")))?;
+        let hlen = u32::try_from(json.len())
+            .map_err(|_| Error::Input("kv store: header too large".into()))?;
+
+        let final_path = self.path_for(key);
+        let shard = final_path
+            .parent()
+            .expect("entry path has a parent")
+            .to_path_buf();
+        fs::create_dir_all(&shard).map_err(|e| Error::io(&shard, e))?;
+        let (tmp_path, file) = self.create_tmp(&shard, key)?;
+
+        let write = || -> io::Result<()> {
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            let mut h = Xxh64::new(0);
+            let mut emit = |w: &mut BufWriter<File>, b: &[u8]| -> io::Result<()> {
+                h.update(b);
+                w.write_all(b)
+            };
+            emit(&mut w, MAGIC)?;
+            emit(&mut w, &CACHE_FORMAT_VERSION.to_le_bytes())?;
+            emit(&mut w, &hlen.to_le_bytes())?;
+            emit(&mut w, &json)?;
+            for l in kv.k.iter().chain(kv.v.iter()) {
+                emit(&mut w, l)?;
+            }
+            w.write_all(&h.finish().to_le_bytes())?;
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            drop(file);
+            fs::rename(&tmp_path, &final_path)?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp_path);
+            return Err(Error::io(&final_path, e));
+        }
+        sync_dir(&shard);
+        Ok(())
+    }
+
+    fn create_tmp(&self, shard: &Path, key: &DocKey) -> Result<(PathBuf, File)> {
+        let pid = std::process::id();
+        let tid = thread_tag();
+        loop {
+            let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+            let p = shard.join(format!(".{key}.{pid}.{tid}.{n}.tmp"));
+            match OpenOptions::new().write(true).create_new(true).open(&p) {
+                Ok(f) => return Ok((p, f)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(p, e)),
+            }
+        }
+    }
+
+    /// Looks up `key` and returns the cache only if the stored entry is intact and was
+    /// computed for exactly this model fingerprint, tokenizer fingerprint and token ids.
+    /// `Err` only for I/O failures other than a missing file (e.g. permissions).
+    pub fn get(
+        &self,
+        key: &DocKey,
+        model_fingerprint: &str,
+        tokenizer_fingerprint: &str,
+        token_ids: &[u32],
+    ) -> Result<Lookup> {
+        let path = self.path_for(key);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Lookup::Miss),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let (header, kv) = match read_entry(&mut file) {
+            Ok(x) => x,
+            Err(ReadErr::Io(e)) => return Err(Error::io(path, e)),
+            Err(ReadErr::Version(v)) => {
+                return Ok(Lookup::Mismatch(format!(
+                    "entry has cache format version {v}, this build uses {CACHE_FORMAT_VERSION}"
+                )))
+            }
+            Err(ReadErr::Corrupt(reason)) => {
+                move_aside(&path, &file);
+                return Ok(Lookup::Corrupt(reason));
+            }
+        };
+        if header.model_fingerprint != model_fingerprint {
+            return Ok(Lookup::Mismatch(format!(
+                "entry is for model {:?}, asked for {model_fingerprint:?}",
+                header.model_fingerprint
+            )));
+        }
+        if header.tokenizer_fingerprint != tokenizer_fingerprint {
+            return Ok(Lookup::Mismatch(format!(
+                "entry is for tokenizer {:?}, asked for {tokenizer_fingerprint:?}",
+                header.tokenizer_fingerprint
+            )));
+        }
+        if header.token_ids != token_ids {
+            return Ok(Lookup::Mismatch(format!(
+                "entry holds different token ids ({} tokens, asked for {}): key collision or stale entry",
+                header.token_ids.len(),
+                token_ids.len()
+            )));
+        }
+        // Best effort: a hit refreshes the mtime so prune() evicts least recently used.
+        let _ = file.set_modified(SystemTime::now());
+        Ok(Lookup::Hit(kv))
+    }
+
+    fn scan(&self) -> Result<Vec<FileRec>> {
+        let mut out = Vec::new();
+        let top = match fs::read_dir(&self.dir) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io(&self.dir, e)),
+        };
+        for shard in top {
+            let shard = shard.map_err(|e| Error::io(&self.dir, e))?;
+            let sp = shard.path();
+            let name = shard.file_name();
+            let name = name.to_string_lossy();
+            if name.len() != 2 || !sp.is_dir() {
+                continue;
+            }
+            let rd = match fs::read_dir(&sp) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(&sp, e)),
+            };
+            for f in rd {
+                let Ok(f) = f else { continue };
+                let fname = f.file_name().to_string_lossy().into_owned();
+                let kind = if fname.starts_with('.') && fname.ends_with(".tmp") {
+                    FileKind::Tmp
+                } else if fname.ends_with(".kvc.corrupt") {
+                    FileKind::Corrupt
+                } else if fname.ends_with(".kvc") {
+                    FileKind::Entry
+                } else {
+                    continue;
+                };
+                // Files can vanish under concurrent prune/put: skip them.
+                let Ok(md) = f.metadata() else { continue };
+                if !md.is_file() {
+                    continue;
+                }
+                out.push(FileRec {
+                    path: f.path(),
+                    kind,
+                    size: md.len(),
+                    mtime: md.modified().unwrap_or(UNIX_EPOCH),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// All readable entries (files whose header cannot be read are left out here but
+    /// still count in [`DiskStore::total_bytes`] and are removed by `get`/`prune`).
+    pub fn entries(&self) -> Result<Vec<EntryInfo>> {
+        let mut out = Vec::new();
+        for r in self.scan()? {
+            if r.kind != FileKind::Entry {
+                continue;
+            }
+            let Some(stem) = r.path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            let Some(key) = DocKey::from_hex(&stem) else {
+                continue;
+            };
+            let Ok(mut f) = File::open(&r.path) else {
+                continue;
+            };
+            let Ok(h) = read_header(&mut f, r.size) else {
+                continue;
+            };
+            out.push(EntryInfo {
+                key,
+                path: r.path,
+                n_tokens: h.n_tokens,
+                n_layers: h.n_layers,
+                kv_dim: h.kv_dim,
+                bytes: r.size,
+                model_fingerprint: h.model_fingerprint,
+                tokenizer_fingerprint: h.tokenizer_fingerprint,
+                created_unix_ms: h.created_unix_ms,
+                modified: r.mtime,
+            });
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Total size of all entry files.
+    pub fn total_bytes(&self) -> Result<u64> {
+        Ok(self
+            .scan()?
+            .iter()
+            .filter(|r| r.kind == FileKind::Entry)
+            .map(|r| r.size)
+            .sum())
+    }
+
+    /// Removes moved-aside corrupt files and stale temp files, then entries, oldest
+    /// mtime (last write or hit) first, until the entries total at most `max_bytes`.
+    pub fn prune(&self, max_bytes: u64) -> Result<PruneStats> {
+        let mut st = PruneStats::default();
+        let now = SystemTime::now();
+        let mut entries = Vec::new();
+        for r in self.scan()? {
+            match r.kind {
+                FileKind::Entry => entries.push(r),
+                FileKind::Corrupt => {
+                    if fs::remove_file(&r.path).is_ok() {
+                        st.freed_bytes += r.size;
+                    }
+                }
+                FileKind::Tmp => {
+                    let old = now
+                        .duration_since(r.mtime)
+                        .map(|d| d > STALE_TMP)
+                        .unwrap_or(false);
+                    if old && fs::remove_file(&r.path).is_ok() {
+                        st.freed_bytes += r.size;
+                    }
+                }
+            }
+        }
+        entries.sort_by(|a, b| a.mtime.cmp(&b.mtime).then_with(|| a.path.cmp(&b.path)));
+        let mut total: u64 = entries.iter().map(|r| r.size).sum();
+        for r in &entries {
+            if total <= max_bytes {
+                break;
+            }
+            match fs::remove_file(&r.path) {
+                Ok(()) => {
+                    st.removed_entries += 1;
+                    st.freed_bytes += r.size;
+                    total -= r.size;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => total -= r.size,
+                Err(e) => return Err(Error::io(&r.path, e)),
+            }
+        }
+        st.remaining_bytes = total;
+        Ok(st)
+    }
+}
+
+fn read_u32(r: &mut impl Read, h: &mut Xxh64) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    h.update(&b);
+    Ok(u32::from_le_bytes(b))
+}
+
+/// Reads magic, version and header; leaves `f` at the start of the payload.
+fn read_header_hashed(
+    f: &mut File,
+    file_len: u64,
+    h: &mut Xxh64,
+) -> std::result::Result<EntryHeader, ReadErr> {
+    if file_len < PREFIX_BYTES + CHECKSUM_BYTES {
+        return Err(ReadErr::Corrupt(format!("truncated: {file_len} bytes")));
+    }
+    let mut magic = [0u8; 4];
+    f.read_exact(&mut magic)?;
+    h.update(&magic);
+    if &magic != MAGIC {
+        return Err(ReadErr::Corrupt(format!("bad magic {magic:02x?}")));
+    }
+    let version = read_u32(f, h)?;
+    if version != CACHE_FORMAT_VERSION {
+        return Err(ReadErr::Version(version));
+    }
+    let hlen = read_u32(f, h)? as u64;
+    if hlen > file_len - PREFIX_BYTES - CHECKSUM_BYTES {
+        return Err(ReadErr::Corrupt(format!(
+            "header length {hlen} exceeds file size {file_len}"
+        )));
+    }
+    let mut json = vec![0u8; hlen as usize];
+    f.read_exact(&mut json)?;
+    h.update(&json);
+    let header: EntryHeader =
+        serde_json::from_slice(&json).map_err(|e| ReadErr::Corrupt(format!("bad header: {e}")))?;
+    if header.format_version != version {
+        return Err(ReadErr::Corrupt(format!(
+            "header says format version {}, file prefix says {version}",
+            header.format_version
+        )));
+    }
+    if header.dtype != "f16" {
+        return Err(ReadErr::Corrupt(format!(
+            "unsupported dtype {:?}",
+            header.dtype
+        )));
+    }
+    if header.token_ids.len() != header.n_tokens {
+        return Err(ReadErr::Corrupt(format!(
+            "header has n_tokens {} but {} token ids",
+            header.n_tokens,
+            header.token_ids.len()
+        )));
+    }
+    if header.n_layers > MAX_LAYERS || header.kv_dim > MAX_KV_DIM {
+        return Err(ReadErr::Corrupt(format!(
+            "implausible shape: n_layers {} kv_dim {}",
+            header.n_layers, header.kv_dim
+        )));
+    }
+    Ok(header)
+}
+
+fn read_header(f: &mut File, file_len: u64) -> std::result::Result<EntryHeader, ReadErr> {
+    read_header_hashed(f, file_len, &mut Xxh64::new(0))
+}
+
+fn read_entry(f: &mut File) -> std::result::Result<(EntryHeader, DocKv), ReadErr> {
+    let file_len = f.metadata()?.len();
+    let mut h = Xxh64::new(0);
+    let header = read_header_hashed(f, file_len, &mut h)?;
+    let layer_bytes = (header.n_tokens as u64)
+        .checked_mul(header.kv_dim as u64)
+        .and_then(|x| x.checked_mul(DTYPE_BYTES as u64));
+    let payload = layer_bytes.and_then(|lb| lb.checked_mul(2 * header.n_layers as u64));
+    let Some(payload) = payload else {
+        return Err(ReadErr::Corrupt("shape overflows".into()));
+    };
+    let layer_bytes = layer_bytes.unwrap_or(0);
+    // Position after the header = bytes consumed so far.
+    let consumed = f.stream_position()?;
+    let expected = consumed
+        .checked_add(payload)
+        .and_then(|x| x.checked_add(CHECKSUM_BYTES));
+    if expected != Some(file_len) {
+        return Err(ReadErr::Corrupt(format!(
+            "length mismatch: file has {file_len} bytes, header implies {}",
+            expected
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "overflow".into())
+        )));
+    }
+    let lb = layer_bytes as usize;
+    let mut read_layers = |f: &mut File| -> std::result::Result<Vec<Vec<u8>>, ReadErr> {
+        let mut out = Vec::with_capacity(header.n_layers);
+        for _ in 0..header.n_layers {
+            let mut buf = vec![0u8; lb];
+            f.read_exact(&mut buf)?;
+            h.update(&buf);
+            out.push(buf);
+        }
+        Ok(out)
+    };
+    let k = read_layers(f)?;
+    let v = read_layers(f)?;
+    let mut sum = [0u8; 8];
+    f.read_exact(&mut sum)?;
+    let stored = u64::from_le_bytes(sum);
+    let actual = h.finish();
+    if stored != actual {
+        return Err(ReadErr::Corrupt(format!(
+            "checksum mismatch: stored {stored:016x}, computed {actual:016x}"
+        )));
+    }
+    let kv = DocKv {
+        n_tokens: header.n_tokens,
+        n_layers: header.n_layers,
+        kv_dim: header.kv_dim,
+        k,
+        v,
+    };
+    Ok((header, kv))
+}
+
+/// Moves a corrupt entry out of the way (`.corrupt`, else delete), but only if the path
+/// still names the file we read (a concurrent writer may have replaced it meanwhile).
+fn move_aside(path: &Path, file: &File) {
+    if !same_file(path, file) {
+        return;
+    }
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".corrupt");
+    if fs::rename(path, &aside).is_err() {
+        let _ = fs::remove_file(path);
+    }
+}
+
+#[cfg(unix)]
+fn same_file(path: &Path, file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(path), file.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(path: &Path, _file: &File) -> bool {
+    path.is_file()
+}
+
+#[cfg(unix)]
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) {}

@@ -1,0 +1,800 @@
+//! Host-side document KV cache: disk store, keys, hashes, LRU index.
+
+use kvlink::kv::{
+    checksum64, fnv1a64, xxh64, DiskStore, DocKey, DocKv, Lookup, Lru, Xxh64, CACHE_FORMAT_VERSION,
+};
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+const MODEL: &str = "model:smollm2-135m:q4_1:abc123";
+const TOK: &str = "tok:smollm2:def456";
+
+// --- helpers ------------------------------------------------------------------------------
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let p = std::env::temp_dir().join(format!(
+            "kvlink-kvtest-{name}-{}-{nanos}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn random_kv(seed: u64, n_tokens: usize, n_layers: usize, kv_dim: usize) -> DocKv {
+    let mut r = Rng(seed);
+    let lb = n_tokens * kv_dim * 2;
+    DocKv {
+        n_tokens,
+        n_layers,
+        kv_dim,
+        k: (0..n_layers).map(|_| r.bytes(lb)).collect(),
+        v: (0..n_layers).map(|_| r.bytes(lb)).collect(),
+    }
+}
+
+fn tokens(seed: u64, n: usize) -> Vec<u32> {
+    let mut r = Rng(seed ^ 0x5555);
+    (0..n).map(|_| (r.next() % 128_256) as u32).collect()
+}
+
+fn hit(l: Lookup) -> DocKv {
+    match l {
+        Lookup::Hit(kv) => kv,
+        other => panic!("expected Hit, got {other:?}"),
+    }
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for shard in fs::read_dir(dir).unwrap() {
+        let shard = shard.unwrap().path();
+        if shard.is_dir() {
+            for f in fs::read_dir(&shard).unwrap() {
+                out.push(f.unwrap().file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Rewrites the trailing checksum so that only the intended change is seen.
+fn reseal(bytes: &mut [u8]) {
+    let n = bytes.len() - 8;
+    let sum = checksum64(&bytes[..n]);
+    bytes[n..].copy_from_slice(&sum.to_le_bytes());
+}
+
+// --- hashes and keys ----------------------------------------------------------------------
+
+#[test]
+fn xxh64_known_vectors() {
+    assert_eq!(xxh64(b"", 0), 0xEF46_DB37_51D8_E999);
+    assert_eq!(xxh64(b"a", 0), 0xD24E_C4F1_A98C_6E5B);
+    assert_eq!(xxh64(b"abc", 0), 0x44BC_2CF5_AD77_0999);
+    assert_eq!(
+        xxh64(b"Nobody inspects the spammish repetition", 0),
+        0xFBCE_A83C_8A37_8BF1
+    );
+    assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+    assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+}
+
+#[test]
+fn xxh64_streaming_matches_one_shot() {
+    let data = Rng(7).bytes(1000);
+    for len in [0usize, 1, 3, 4, 7, 8, 31, 32, 33, 63, 64, 65, 100, 1000] {
+        let want = xxh64(&data[..len], 42);
+        for split in [1usize, 3, 5, 16, 31, 32, 33, 64] {
+            let mut h = Xxh64::new(42);
+            for c in data[..len].chunks(split) {
+                h.update(c);
+            }
+            assert_eq!(h.finish(), want, "len {len} split {split}");
+        }
+    }
+}
+
+#[test]
+fn doc_key_depends_on_every_field() {
+    let t = tokens(1, 50);
+    let k = DocKey::new(MODEL, TOK, &t);
+    assert_eq!(k, DocKey::new(MODEL, TOK, &t));
+    assert_eq!(k.as_str().len(), 32);
+    assert!(k
+        .as_str()
+        .bytes()
+        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    assert_eq!(DocKey::from_hex(k.as_str()), Some(k.clone()));
+    assert_eq!(DocKey::from_hex("xyz"), None);
+    assert_eq!(k.to_string(), k.as_str());
+
+    let mut t2 = t.clone();
+    t2[49] ^= 1;
+    let mut keys = HashSet::new();
+    keys.insert(k.clone());
+    assert!(keys.insert(DocKey::new("other-model", TOK, &t)));
+    assert!(keys.insert(DocKey::new(MODEL, "other-tok", &t)));
+    assert!(keys.insert(DocKey::new(MODEL, TOK, &t2)));
+    assert!(keys.insert(DocKey::new(MODEL, TOK, &t[..49])));
+    assert!(keys.insert(DocKey::new(MODEL, TOK, &[])));
+    assert!(keys.insert(DocKey::with_version(
+        CACHE_FORMAT_VERSION + 1,
+        MODEL,
+        TOK,
+        &t
+    )));
+    // Length prefixes: moving bytes between the fingerprints changes the key.
+    assert_ne!(DocKey::new("ab", "c", &t), DocKey::new("a", "bc", &t));
+    // No collisions over many small token sequences.
+    let mut many = HashSet::new();
+    for i in 0..20_000u32 {
+        assert!(many.insert(DocKey::new(MODEL, TOK, &[i, i / 7])));
+    }
+}
+
+#[test]
+fn doc_kv_validate_and_bytes() {
+    let kv = random_kv(1, 5, 3, 8);
+    kv.validate().unwrap();
+    assert_eq!(kv.bytes(), 2 * 3 * 5 * 8 * 2);
+    assert_eq!(kv.layer_bytes(), 5 * 8 * 2);
+    let mut bad = kv.clone();
+    bad.k[1].pop();
+    assert!(bad.validate().is_err());
+    let mut bad = kv.clone();
+    bad.v.pop();
+    assert!(bad.validate().is_err());
+    let mut bad = kv.clone();
+    bad.n_tokens = 6;
+    assert!(bad.validate().is_err());
+    DocKv::zeros(0, 2, 4).validate().unwrap();
+}
+
+// --- disk store -----------------------------------------------------------------------------
+
+#[test]
+fn round_trip_and_layout() {
+    let td = TempDir::new("roundtrip");
+    let store = DiskStore::open(td.path().join("kv")).unwrap();
+    let t = tokens(2, 17);
+    let kv = random_kv(2, 17, 3, 24);
+    let key = DocKey::new(MODEL, TOK, &t);
+    assert!(!store.contains(&key));
+    assert!(matches!(
+        store.get(&key, MODEL, TOK, &t).unwrap(),
+        Lookup::Miss
+    ));
+
+    store.put(&key, MODEL, TOK, &t, &kv).unwrap();
+    assert!(store.contains(&key));
+    let p = store.path_for(&key);
+    assert_eq!(
+        p,
+        td.path()
+            .join("kv")
+            .join(&key.as_str()[..2])
+            .join(format!("{key}.kvc"))
+    );
+    let raw = fs::read(&p).unwrap();
+    assert_eq!(&raw[..4], b"KVLC");
+    assert_eq!(
+        u32::from_le_bytes(raw[4..8].try_into().unwrap()),
+        CACHE_FORMAT_VERSION
+    );
+    let got = hit(store.get(&key, MODEL, TOK, &t).unwrap());
+    assert_eq!(got, kv);
+
+    // Payload order: all K layers, then all V layers, right before the checksum.
+    let payload: Vec<u8> = kv.k.iter().chain(kv.v.iter()).flatten().copied().collect();
+    let end = raw.len() - 8;
+    assert_eq!(&raw[end - payload.len()..end], &payload[..]);
+    assert_eq!(checksum64(&raw[..end]).to_le_bytes(), raw[end..]);
+
+    let entries = store.entries().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].key, key);
+    assert_eq!(entries[0].n_tokens, 17);
+    assert_eq!(entries[0].n_layers, 3);
+    assert_eq!(entries[0].kv_dim, 24);
+    assert_eq!(entries[0].bytes, raw.len() as u64);
+    assert_eq!(entries[0].model_fingerprint, MODEL);
+    assert_eq!(entries[0].tokenizer_fingerprint, TOK);
+    assert_eq!(store.total_bytes().unwrap(), raw.len() as u64);
+
+    // Empty document and a second entry.
+    let k0 = DocKey::new(MODEL, TOK, &[]);
+    store
+        .put(&k0, MODEL, TOK, &[], &DocKv::zeros(0, 3, 24))
+        .unwrap();
+    assert_eq!(
+        hit(store.get(&k0, MODEL, TOK, &[]).unwrap()),
+        DocKv::zeros(0, 3, 24)
+    );
+    assert_eq!(store.entries().unwrap().len(), 2);
+
+    assert!(store.remove(&key).unwrap());
+    assert!(!store.remove(&key).unwrap());
+    assert!(!store.contains(&key));
+    assert!(matches!(
+        store.get(&key, MODEL, TOK, &t).unwrap(),
+        Lookup::Miss
+    ));
+    // No temp files left behind.
+    assert!(files_in(store.dir()).iter().all(|f| f.ends_with(".kvc")));
+}
+
+#[test]
+fn put_rejects_inconsistent_input() {
+    let td = TempDir::new("putreject");
+    let store = DiskStore::open(td.path()).unwrap();
+    let t = tokens(3, 4);
+    let kv = random_kv(3, 4, 2, 8);
+    let key = DocKey::new(MODEL, TOK, &t);
+    // Key for other fields.
+    assert!(store
+        .put(&DocKey::new("m2", TOK, &t), MODEL, TOK, &t, &kv)
+        .is_err());
+    // Token count differs from the DocKv.
+    let t5 = tokens(3, 5);
+    assert!(store
+        .put(&DocKey::new(MODEL, TOK, &t5), MODEL, TOK, &t5, &kv)
+        .is_err());
+    // Invalid DocKv.
+    let mut bad = kv.clone();
+    bad.v[0].truncate(3);
+    assert!(store.put(&key, MODEL, TOK, &t, &bad).is_err());
+    assert!(files_in(store.dir()).is_empty());
+}
+
+#[test]
+fn reuse_across_instances() {
+    let td = TempDir::new("reopen");
+    let t = tokens(4, 33);
+    let kv = random_kv(4, 33, 4, 16);
+    let key = DocKey::new(MODEL, TOK, &t);
+    {
+        let s = DiskStore::open(td.path()).unwrap();
+        s.put(&key, MODEL, TOK, &t, &kv).unwrap();
+    }
+    let s2 = DiskStore::open(td.path()).unwrap();
+    assert_eq!(hit(s2.get(&key, MODEL, TOK, &t).unwrap()), kv);
+}
+
+const CHILD_ENV: &str = "KVLINK_KV_TEST_CHILD_DIR";
+
+/// Helper run by `reuse_across_processes` in a child process; does nothing otherwise.
+#[test]
+#[ignore]
+fn child_writer() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let store = DiskStore::open(&dir).unwrap();
+    // Read what the parent wrote.
+    let tp = tokens(10, 21);
+    let got = hit(store
+        .get(&DocKey::new(MODEL, TOK, &tp), MODEL, TOK, &tp)
+        .unwrap());
+    assert_eq!(got, random_kv(10, 21, 3, 32));
+    // Write one for the parent.
+    let tc = tokens(11, 19);
+    store
+        .put(
+            &DocKey::new(MODEL, TOK, &tc),
+            MODEL,
+            TOK,
+            &tc,
+            &random_kv(11, 19, 3, 32),
+        )
+        .unwrap();
+}
+
+#[test]
+fn reuse_across_processes() {
+    let td = TempDir::new("xproc");
+    let store = DiskStore::open(td.path()).unwrap();
+    let tp = tokens(10, 21);
+    store
+        .put(
+            &DocKey::new(MODEL, TOK, &tp),
+            MODEL,
+            TOK,
+            &tp,
+            &random_kv(10, 21, 3, 32),
+        )
+        .unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_writer", "--ignored", "--test-threads=1"])
+        .env(CHILD_ENV, td.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "child did not run the helper: {stdout}"
+    );
+    let tc = tokens(11, 19);
+    let got = hit(store
+        .get(&DocKey::new(MODEL, TOK, &tc), MODEL, TOK, &tc)
+        .unwrap());
+    assert_eq!(got, random_kv(11, 19, 3, 32));
+}
+
+#[test]
+fn wrong_model_tokenizer_or_tokens_refused() {
+    let td = TempDir::new("mismatch");
+    let store = DiskStore::open(td.path()).unwrap();
+    let t = tokens(5, 12);
+    let kv = random_kv(5, 12, 2, 16);
+    let key = DocKey::new(MODEL, TOK, &t);
+    store.put(&key, MODEL, TOK, &t, &kv).unwrap();
+
+    // Another model has another key: plain miss.
+    let key_b = DocKey::new("other-model", TOK, &t);
+    assert_ne!(key, key_b);
+    assert!(matches!(
+        store.get(&key_b, "other-model", TOK, &t).unwrap(),
+        Lookup::Miss
+    ));
+    // Same key file, but asked for another model / tokenizer / tokens: refused.
+    for (m, tk, ids) in [
+        ("other-model", TOK, t.clone()),
+        (MODEL, "other-tok", t.clone()),
+        (MODEL, TOK, tokens(6, 12)),
+        (MODEL, TOK, t[..11].to_vec()),
+    ] {
+        match store.get(&key, m, tk, &ids).unwrap() {
+            Lookup::Mismatch(why) => assert!(!why.is_empty()),
+            other => panic!("expected Mismatch, got {other:?}"),
+        }
+    }
+    // The entry itself is intact and still served to the right caller.
+    assert_eq!(hit(store.get(&key, MODEL, TOK, &t).unwrap()), kv);
+
+    // A simulated key collision: another document's file under this key.
+    let t2 = tokens(7, 12);
+    let key2 = DocKey::new(MODEL, TOK, &t2);
+    fs::create_dir_all(store.path_for(&key2).parent().unwrap()).unwrap();
+    fs::copy(store.path_for(&key), store.path_for(&key2)).unwrap();
+    assert!(matches!(
+        store.get(&key2, MODEL, TOK, &t2).unwrap(),
+        Lookup::Mismatch(_)
+    ));
+    // Recomputing and storing replaces it.
+    let kv2 = random_kv(7, 12, 2, 16);
+    store.put(&key2, MODEL, TOK, &t2, &kv2).unwrap();
+    assert_eq!(hit(store.get(&key2, MODEL, TOK, &t2).unwrap()), kv2);
+}
+
+#[test]
+fn wrong_format_version_refused() {
+    let td = TempDir::new("version");
+    let store = DiskStore::open(td.path()).unwrap();
+    let t = tokens(8, 9);
+    let key = DocKey::new(MODEL, TOK, &t);
+    store
+        .put(&key, MODEL, TOK, &t, &random_kv(8, 9, 2, 8))
+        .unwrap();
+    let p = store.path_for(&key);
+    let mut raw = fs::read(&p).unwrap();
+    raw[4..8].copy_from_slice(&(CACHE_FORMAT_VERSION + 1).to_le_bytes());
+    reseal(&mut raw);
+    fs::write(&p, &raw).unwrap();
+    match store.get(&key, MODEL, TOK, &t).unwrap() {
+        Lookup::Mismatch(why) => assert!(why.contains("version"), "{why}"),
+        other => panic!("expected Mismatch, got {other:?}"),
+    }
+    // Older version too.
+    raw[4..8].copy_from_slice(&0u32.to_le_bytes());
+    reseal(&mut raw);
+    fs::write(&p, &raw).unwrap();
+    assert!(matches!(
+        store.get(&key, MODEL, TOK, &t).unwrap(),
+        Lookup::Mismatch(_)
+    ));
+}
+
+#[test]
+fn corrupt_payload_detected_and_moved_aside() {
+    let td = TempDir::new("corrupt");
+    let store = DiskStore::open(td.path()).unwrap();
+    let t = tokens(9, 20);
+    let kv = random_kv(9, 20, 3, 16);
+    let key = DocKey::new(MODEL, TOK, &t);
+    store.put(&key, MODEL, TOK, &t, &kv).unwrap();
+    let p = store.path_for(&key);
+    let mut raw = fs::read(&p).unwrap();
+    let i = raw.len() - 8 - kv.bytes() / 2; // middle of the payload
+    raw[i] ^= 0x10;
+    fs::write(&p, &raw).unwrap();
+
+    match store.get(&key, MODEL, TOK, &t).unwrap() {
+        Lookup::Corrupt(why) => assert!(why.contains("checksum"), "{why}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(!p.exists());
+    assert!(!store.contains(&key));
+    let names = files_in(store.dir());
+    assert_eq!(names, vec![format!("{key}.kvc.corrupt")]);
+    assert!(matches!(
+        store.get(&key, MODEL, TOK, &t).unwrap(),
+        Lookup::Miss
+    ));
+    assert_eq!(store.total_bytes().unwrap(), 0);
+
+    // Recompute, store, hit; prune clears the moved-aside file.
+    store.put(&key, MODEL, TOK, &t, &kv).unwrap();
+    assert_eq!(hit(store.get(&key, MODEL, TOK, &t).unwrap()), kv);
+    let st = store.prune(u64::MAX).unwrap();
+    assert_eq!(st.removed_entries, 0);
+    assert_eq!(st.freed_bytes, raw.len() as u64);
+    assert_eq!(files_in(store.dir()), vec![format!("{key}.kvc")]);
+}
+
+#[test]
+fn truncated_and_garbage_files_are_corrupt() {
+    let td = TempDir::new("trunc");
+    let store = DiskStore::open(td.path()).unwrap();
+    let t = tokens(12, 10);
+    let kv = random_kv(12, 10, 2, 8);
+    let key = DocKey::new(MODEL, TOK, &t);
+    store.put(&key, MODEL, TOK, &t, &kv).unwrap();
+    let p = store.path_for(&key);
+    let good = fs::read(&p).unwrap();
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated by one", good[..good.len() - 1].to_vec()),
+        ("truncated half", good[..good.len() / 2].to_vec()),
+        ("empty", vec![]),
+        ("three bytes", b"KVL".to_vec()),
+        ("extra byte", [good.clone(), vec![0]].concat()),
+        ("bad magic", [b"XXXX".to_vec(), good[4..].to_vec()].concat()),
+        ("garbage", Rng(1).bytes(5000)),
+    ];
+    for (name, bytes) in cases {
+        fs::write(&p, &bytes).unwrap();
+        match store.get(&key, MODEL, TOK, &t).unwrap() {
+            Lookup::Corrupt(_) => {}
+            other => panic!("{name}: expected Corrupt, got {other:?}"),
+        }
+        assert!(!p.exists(), "{name}: corrupt file not moved aside");
+        assert!(
+            matches!(store.get(&key, MODEL, TOK, &t).unwrap(), Lookup::Miss),
+            "{name}"
+        );
+    }
+
+    // Header claiming an enormous shape (checksum resealed): refused without allocating.
+    let hlen = u32::from_le_bytes(good[8..12].try_into().unwrap()) as usize;
+    let json = String::from_utf8(good[12..12 + hlen].to_vec()).unwrap();
+    for (from, to) in [
+        ("\"n_layers\":2", "\"n_layers\":9999999999999"),
+        ("\"kv_dim\":8", "\"kv_dim\":99999999999999999"),
+        ("\"n_tokens\":10", "\"n_tokens\":18446744073709551615"),
+        ("\"dtype\":\"f16\"", "\"dtype\":\"f32\""),
+    ] {
+        assert!(json.contains(from), "{json}");
+        let j2 = json.replace(from, to);
+        let mut raw = good[..8].to_vec();
+        raw.extend_from_slice(&(j2.len() as u32).to_le_bytes());
+        raw.extend_from_slice(j2.as_bytes());
+        raw.extend_from_slice(&good[12 + hlen..]);
+        reseal(&mut raw);
+        fs::write(&p, &raw).unwrap();
+        assert!(
+            matches!(store.get(&key, MODEL, TOK, &t).unwrap(), Lookup::Corrupt(_)),
+            "{to}"
+        );
+    }
+}
+
+#[test]
+fn reads_never_panic_or_hit_on_mutated_bytes() {
+    let td = TempDir::new("fuzz");
+    let store = DiskStore::open(td.path()).unwrap();
+    let t = tokens(13, 3);
+    let kv = random_kv(13, 3, 2, 4);
+    let key = DocKey::new(MODEL, TOK, &t);
+    store.put(&key, MODEL, TOK, &t, &kv).unwrap();
+    let p = store.path_for(&key);
+    let good = fs::read(&p).unwrap();
+    // Every truncation.
+    for n in 0..good.len() {
+        fs::write(&p, &good[..n]).unwrap();
+        let r = store.get(&key, MODEL, TOK, &t).unwrap();
+        assert!(matches!(r, Lookup::Corrupt(_)), "len {n}: {r:?}");
+    }
+    // Every single-byte change (without and with resealing the checksum).
+    let mut rng = Rng(99);
+    for i in 0..good.len() {
+        for reseal_it in [false, true] {
+            let mut raw = good.clone();
+            raw[i] ^= 1 << (rng.next() % 8);
+            if reseal_it && i < raw.len() - 8 {
+                reseal(&mut raw);
+            }
+            fs::write(&p, &raw).unwrap();
+            match store.get(&key, MODEL, TOK, &t).unwrap() {
+                Lookup::Hit(got) => {
+                    // Only a resealed change can read back (e.g. in the payload or the
+                    // created time); a payload change must then show in the result.
+                    assert!(
+                        reseal_it && i < good.len() - 8,
+                        "byte {i}: unsealed change accepted"
+                    );
+                    let payload_start = good.len() - 8 - kv.bytes();
+                    assert_eq!(got == kv, i < payload_start, "byte {i}");
+                }
+                Lookup::Miss => panic!("byte {i}: file vanished"),
+                Lookup::Mismatch(_) | Lookup::Corrupt(_) => {}
+            }
+        }
+    }
+}
+
+#[test]
+fn concurrent_writers_and_readers() {
+    let td = TempDir::new("concurrent");
+    let store = DiskStore::open(td.path()).unwrap();
+    let t = tokens(14, 64);
+    let key = DocKey::new(MODEL, TOK, &t);
+    let variants: Vec<DocKv> = (0..8).map(|i| random_kv(100 + i, 64, 4, 64)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let hits = Arc::new(AtomicU64::new(0));
+
+    std::thread::scope(|s| {
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (store, t, key, variants, stop, hits) =
+                    (&store, &t, &key, &variants, stop.clone(), hits.clone());
+                s.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match store.get(key, MODEL, TOK, t).unwrap() {
+                            Lookup::Hit(kv) => {
+                                assert!(variants.contains(&kv), "reader saw a torn entry");
+                                hits.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Lookup::Miss => {}
+                            other => panic!("reader saw {other:?}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        let writers: Vec<_> = variants
+            .iter()
+            .map(|kv| {
+                let (store, t, key) = (&store, &t, &key);
+                s.spawn(move || {
+                    for _ in 0..10 {
+                        store.put(key, MODEL, TOK, t, kv).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        // Let readers see the final state too.
+        std::thread::sleep(Duration::from_millis(20));
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.join().unwrap();
+        }
+    });
+    assert!(hits.load(Ordering::Relaxed) > 0);
+    let got = hit(store.get(&key, MODEL, TOK, &t).unwrap());
+    assert!(variants.contains(&got));
+    assert_eq!(files_in(store.dir()), vec![format!("{key}.kvc")]);
+}
+
+#[test]
+fn prune_removes_oldest_first() {
+    let td = TempDir::new("prune");
+    let store = DiskStore::open(td.path()).unwrap();
+    let base = SystemTime::now() - Duration::from_secs(1000);
+    let mut keys = Vec::new();
+    for i in 0..5u64 {
+        let t = tokens(200 + i, 8);
+        let key = DocKey::new(MODEL, TOK, &t);
+        store
+            .put(&key, MODEL, TOK, &t, &random_kv(i, 8, 2, 8))
+            .unwrap();
+        let f = fs::File::options()
+            .write(true)
+            .open(store.path_for(&key))
+            .unwrap();
+        f.set_modified(base + Duration::from_secs(10 * i)).unwrap();
+        keys.push((key, t));
+    }
+    // Sizes differ slightly (the header holds the token ids as JSON).
+    let sizes: Vec<u64> = keys
+        .iter()
+        .map(|(k, _)| fs::metadata(store.path_for(k)).unwrap().len())
+        .collect();
+    assert_eq!(store.total_bytes().unwrap(), sizes.iter().sum::<u64>());
+    // A hit refreshes entry 0, so entries 1 and 2 are now the oldest.
+    let (k0, t0) = &keys[0];
+    assert!(store.get(k0, MODEL, TOK, t0).unwrap().is_hit());
+
+    let keep3 = sizes[0] + sizes[3] + sizes[4];
+    let st = store.prune(keep3).unwrap();
+    assert_eq!(st.removed_entries, 2);
+    assert_eq!(st.freed_bytes, sizes[1] + sizes[2]);
+    assert_eq!(st.remaining_bytes, keep3);
+    let left: Vec<bool> = keys.iter().map(|(k, _)| store.contains(k)).collect();
+    assert_eq!(left, vec![true, false, false, true, true]);
+    assert_eq!(store.total_bytes().unwrap(), keep3);
+
+    let st = store.prune(sizes[0] + 1).unwrap();
+    assert_eq!(st.removed_entries, 2);
+    let left: Vec<bool> = keys.iter().map(|(k, _)| store.contains(k)).collect();
+    assert_eq!(left, vec![true, false, false, false, false]);
+
+    assert_eq!(store.prune(0).unwrap().removed_entries, 1);
+    assert!(store.entries().unwrap().is_empty());
+}
+
+// --- LRU ------------------------------------------------------------------------------------
+
+#[test]
+fn lru_eviction_order_and_budget() {
+    let mut lru: Lru<&str, u32> = Lru::new(100);
+    assert!(lru.insert("a", 1, 30).is_empty());
+    assert!(lru.insert("b", 2, 30).is_empty());
+    assert!(lru.insert("c", 3, 30).is_empty());
+    assert_eq!(lru.len(), 3);
+    assert_eq!(lru.used_bytes(), 90);
+    // Touch "a": "b" becomes least recently used.
+    assert_eq!(lru.get(&"a"), Some(&1));
+    assert_eq!(lru.get(&"zz"), None);
+    assert_eq!(
+        lru.keys_lru_order().copied().collect::<Vec<_>>(),
+        vec!["b", "c", "a"]
+    );
+    let ev = lru.insert("d", 4, 30);
+    assert_eq!(ev, vec![("b", 2)]);
+    assert_eq!(lru.used_bytes(), 90);
+    // peek does not refresh: "c" is evicted next, then "a".
+    assert_eq!(lru.peek(&"c"), Some(&3));
+    let ev = lru.insert("e", 5, 60);
+    assert_eq!(ev, vec![("c", 3), ("a", 1)]);
+    assert_eq!(lru.used_bytes(), 90);
+    assert!(lru.used_bytes() <= lru.budget_bytes());
+    assert_eq!(lru.len(), 2);
+    assert!(lru.contains(&"d") && lru.contains(&"e"));
+
+    assert_eq!(lru.remove(&"d"), Some(4));
+    assert_eq!(lru.remove(&"d"), None);
+    assert_eq!(lru.used_bytes(), 60);
+    // Replacing a key returns the old value and updates the size.
+    let ev = lru.insert("e", 50, 10);
+    assert_eq!(ev, vec![("e", 5)]);
+    assert_eq!(lru.used_bytes(), 10);
+    assert_eq!(lru.get(&"e"), Some(&50));
+
+    // Shrinking the budget evicts oldest first.
+    lru.insert("f", 6, 40);
+    lru.insert("g", 7, 40);
+    assert_eq!(lru.set_budget(50), vec![("e", 50), ("f", 6)]);
+    assert_eq!(lru.used_bytes(), 40);
+    assert_eq!(lru.pop_lru(), Some(("g", 7)));
+    assert!(lru.is_empty());
+    assert_eq!(lru.used_bytes(), 0);
+}
+
+#[test]
+fn lru_oversized_entry_not_inserted() {
+    let mut lru: Lru<u32, String> = Lru::new(100);
+    lru.insert(1, "one".into(), 60);
+    let ev = lru.insert(2, "two".into(), 101);
+    assert_eq!(ev, vec![(2, "two".to_string())]);
+    // Nothing else was evicted for it.
+    assert_eq!(lru.len(), 1);
+    assert_eq!(lru.used_bytes(), 60);
+    assert!(!lru.contains(&2));
+    // Exactly the budget fits (evicting the rest).
+    let ev = lru.insert(3, "three".into(), 100);
+    assert_eq!(ev, vec![(1, "one".to_string())]);
+    assert_eq!(lru.used_bytes(), 100);
+    // Zero-byte entries always fit.
+    assert!(lru.insert(4, "four".into(), 0).is_empty());
+    assert_eq!(lru.len(), 2);
+    let mut zero: Lru<u32, ()> = Lru::new(0);
+    assert_eq!(zero.insert(1, (), 1), vec![(1, ())]);
+    assert!(zero.is_empty());
+}
+
+#[test]
+fn lru_randomized_against_model() {
+    // Compare with a simple Vec-based reference implementation.
+    let mut rng = Rng(5);
+    let budget = 1000u64;
+    let mut lru: Lru<u64, u64> = Lru::new(budget);
+    let mut model: Vec<(u64, u64, u64)> = Vec::new(); // (key, val, bytes), oldest first
+    for step in 0..5000u64 {
+        let k = rng.next() % 40;
+        match rng.next() % 3 {
+            0 => {
+                let got = lru.get(&k).copied();
+                let pos = model.iter().position(|e| e.0 == k);
+                assert_eq!(got, pos.map(|p| model[p].1), "step {step}");
+                if let Some(p) = pos {
+                    let e = model.remove(p);
+                    model.push(e);
+                }
+            }
+            1 => {
+                let got = lru.remove(&k);
+                let pos = model.iter().position(|e| e.0 == k);
+                assert_eq!(got, pos.map(|p| model.remove(p).1));
+            }
+            _ => {
+                let bytes = rng.next() % 300;
+                let mut want = Vec::new();
+                if let Some(p) = model.iter().position(|e| e.0 == k) {
+                    let e = model.remove(p);
+                    want.push((e.0, e.1));
+                }
+                if bytes > budget {
+                    want.push((k, step));
+                } else {
+                    while model.iter().map(|e| e.2).sum::<u64>() + bytes > budget {
+                        let e = model.remove(0);
+                        want.push((e.0, e.1));
+                    }
+                    model.push((k, step, bytes));
+                }
+                assert_eq!(lru.insert(k, step, bytes), want, "step {step}");
+            }
+        }
+        assert_eq!(lru.len(), model.len());
+        assert_eq!(lru.used_bytes(), model.iter().map(|e| e.2).sum::<u64>());
+        assert!(lru.used_bytes() <= budget);
+    }
+}
