@@ -105,3 +105,46 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>,
         if (d < hd) { O[qb + d] = acc[i] / l; }
     }
 }
+
+// Variant for CPU adapters: one invocation per (query, head), keys scanned in order
+// with an online softmax; no barriers. Same inputs and mask as `attention`.
+@compute @workgroup_size(64)
+fn attention_serial(@builtin(global_invocation_id) gid: vec3<u32>,
+                    @builtin(num_workgroups) nwg: vec3<u32>) {
+    let qh = gid.x + gid.y * nwg.x * 64u;
+    if (qh >= p.T * p.heads) { return; }
+    let t = qh / p.heads;
+    let h = qh % p.heads;
+    let kvh = h / (p.heads / p.kv_heads);
+    let hd = p.head_dim;
+    let kv_stride = p.kv_heads * hd;
+    let qb = qh * hd;
+    let ts = qslot[t];
+    let tseg = seg[ts];
+    var acc: array<f32, 256>;
+    for (var d = 0u; d < hd; d++) { acc[d] = 0.0; }
+    var m = -3.4e38;
+    var l = 0.0;
+    for (var s = 0u; s <= ts; s++) {
+        if (tseg != 0u && seg[s] != tseg) { continue; }
+        let kb = (s * kv_stride + kvh * hd) / 2u;
+        var dot = 0.0;
+        for (var j = 0u; j < hd / 2u; j++) {
+            let k2 = unpack2x16float(Kc[kb + j]);
+            dot = fma(Q[qb + 2u * j], k2.x, dot);
+            dot = fma(Q[qb + 2u * j + 1u], k2.y, dot);
+        }
+        let score = dot * p.scale;
+        let m_new = max(m, score);
+        let alpha = exp(m - m_new);
+        let e = exp(score - m_new);
+        l = l * alpha + e;
+        for (var j = 0u; j < hd / 2u; j++) {
+            let v2 = unpack2x16float(Vc[kb + j]);
+            acc[2u * j] = acc[2u * j] * alpha + e * v2.x;
+            acc[2u * j + 1u] = acc[2u * j + 1u] * alpha + e * v2.y;
+        }
+        m = m_new;
+    }
+    for (var d = 0u; d < hd; d++) { O[qb + d] = acc[d] / l; }
+}

@@ -82,3 +82,51 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>,
         }
     }
 }
+
+// Variant for CPU adapters (lavapipe/llvmpipe): no workgroup memory or barriers; each
+// invocation computes a 4 x 4 block of outputs straight from memory (the CPU's caches
+// do the tiling). Neighbouring invocations take neighbouring column blocks.
+@compute @workgroup_size(64)
+fn matmul_blocks(@builtin(global_invocation_id) gid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let nb = (p.N + 3u) / 4u;
+    let id = gid.x + gid.y * nwg.x * 64u;
+    let mb = (p.M + 3u) / 4u;
+    if (id >= nb * mb) { return; }
+    let n_base = (id % nb) * 4u;
+    let m_base = (id / nb) * 4u;
+    let kw = p.K / 2u;
+    var acc: array<f32, 16>;
+    for (var i = 0u; i < 16u; i++) { acc[i] = 0.0; }
+    // rows / cols past the edge read row 0 / col 0 and are never written
+    var xr: array<u32, 4>;
+    var wr: array<u32, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        xr[i] = p.x_off + select(0u, (m_base + i) * p.K, m_base + i < p.M);
+        wr[i] = select(0u, (n_base + i) * kw, n_base + i < p.N);
+    }
+    for (var kp = 0u; kp < kw; kp++) {
+        var w: array<vec2<f32>, 4>;
+        for (var j = 0u; j < 4u; j++) { w[j] = unpack2x16float(W[wr[j] + kp]); }
+        for (var i = 0u; i < 4u; i++) {
+            let x0 = X[xr[i] + 2u * kp];
+            let x1 = X[xr[i] + 2u * kp + 1u];
+            for (var j = 0u; j < 4u; j++) {
+                acc[i * 4u + j] = fma(x0, w[j].x, fma(x1, w[j].y, acc[i * 4u + j]));
+            }
+        }
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let gm = m_base + i;
+        if (gm >= p.M) { continue; }
+        for (var j = 0u; j < 4u; j++) {
+            let gn = n_base + j;
+            if (gn >= p.N) { continue; }
+            var v = acc[i * 4u + j];
+            if ((p.flags & 2u) != 0u) { v += B[p.n0 + gn]; }
+            let idx = p.y_off + gm * p.ldy + p.n0 + gn;
+            if ((p.flags & 1u) != 0u) { v += Y[idx]; }
+            Y[idx] = v;
+        }
+    }
+}

@@ -49,3 +49,27 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>,
         Y[idx] = v;
     }
 }
+
+// Variant for CPU adapters (lavapipe/llvmpipe), where workgroup barriers are costly:
+// one invocation per output row, no shared memory.
+@compute @workgroup_size(64)
+fn matvec_rows(@builtin(global_invocation_id) gid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = gid.x + gid.y * nwg.x * 64u;
+    if (row >= p.N) { return; }
+    let kw = p.K / 2u;
+    let base = row * kw;
+    var a0 = 0.0;
+    var a1 = 0.0;
+    for (var kp = 0u; kp < kw; kp++) {
+        let w = unpack2x16float(W[base + kp]);
+        let xi = p.x_off + kp * 2u;
+        a0 = fma(X[xi], w.x, a0);
+        a1 = fma(X[xi + 1u], w.y, a1);
+    }
+    var v = a0 + a1;
+    if ((p.flags & 2u) != 0u) { v += B[p.n0 + row]; }
+    let idx = p.y_off + p.n0 + row;
+    if ((p.flags & 1u) != 0u) { v += Y[idx]; }
+    Y[idx] = v;
+}

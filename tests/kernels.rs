@@ -36,6 +36,16 @@ fn run(f: impl FnOnce(&mut Step)) {
     g.wait().unwrap();
 }
 
+/// Run with an explicit kernel variant (GPU-style or the CPU-adapter serial one).
+fn run_variant(serial: bool, f: impl FnOnce(&mut Step)) {
+    let g = gpu();
+    let mut s = Step::new(g);
+    s.set_serial(serial);
+    f(&mut s);
+    s.submit();
+    g.wait().unwrap();
+}
+
 #[test]
 fn shaders_validate_with_naga() {
     for k in ops::kernels::ALL {
@@ -83,7 +93,14 @@ fn matmul_and_matvec_match_cpu() {
         (65, 130, 66, 50),
         (129, 64, 96, 1000),
     ] {
-        for &(bias, acc) in &[(false, false), (true, false), (false, true), (true, true)] {
+        for &(bias, acc, serial) in &[
+            (false, false, false),
+            (true, false, true),
+            (false, true, false),
+            (true, true, true),
+            (true, true, false),
+            (false, false, true),
+        ] {
             let x0 = 2; // row offset into x and y
             let x = rand_vec(&mut rng, (x0 + m) * k, 1.0);
             let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
@@ -101,7 +118,9 @@ fn matmul_and_matvec_match_cpu() {
                 init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
             }
             let yt = Tensor::from_f32(g, &[x0 + m, n], &init, "y").unwrap();
-            run(|s| ops::matmul(s, &xt, x0, m, &wm, bias.then_some(&bt), &yt, x0, acc).unwrap());
+            run_variant(serial, |s| {
+                ops::matmul(s, &xt, x0, m, &wm, bias.then_some(&bt), &yt, x0, acc).unwrap()
+            });
             let got = g.read_f32(&yt).unwrap();
             let mut want = cpu_matmul(&x[x0 * k..], &w, m, n, k);
             for i in 0..m {
@@ -114,7 +133,7 @@ fn matmul_and_matvec_match_cpu() {
                     }
                 }
             }
-            let what = format!("matmul m={m} n={n} k={k} bias={bias} acc={acc}");
+            let what = format!("matmul m={m} n={n} k={k} bias={bias} acc={acc} serial={serial}");
             assert_close(&got[x0 * n..], &want, 1e-3, 1e-4, &what);
             // rows before the offset are untouched
             assert_eq!(
@@ -404,17 +423,16 @@ fn attention_matches_cpu_with_segment_mask() {
         let vt = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vc, "vc").unwrap();
         let qs = Tensor::from_u32(g, &[t], &qslot, "qslot").unwrap();
         let sg = Tensor::from_u32(g, &[slots], &seg, "seg").unwrap();
-        let out = nan_tensor(t * heads * hd);
-        run(|s| ops::attention(s, &qt, t, heads, kvh, hd, &kt, &vt, &qs, &sg, &out).unwrap());
-        let got = g.read_f32(&out).unwrap();
         let want = cpu_attention(&q, &kc, &vc, &qslot, &seg, heads, kvh, hd);
-        assert_close(
-            &got,
-            &want,
-            1e-4,
-            1e-3,
-            &format!("attention slots={slots} h={heads}/{kvh} hd={hd}"),
-        );
+        for serial in [false, true] {
+            let out = nan_tensor(t * heads * hd);
+            run_variant(serial, |s| {
+                ops::attention(s, &qt, t, heads, kvh, hd, &kt, &vt, &qs, &sg, &out).unwrap()
+            });
+            let got = g.read_f32(&out).unwrap();
+            let what = format!("attention slots={slots} h={heads}/{kvh} hd={hd} serial={serial}");
+            assert_close(&got, &want, 1e-4, 1e-3, &what);
+        }
     }
 }
 

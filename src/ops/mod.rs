@@ -17,12 +17,15 @@ macro_rules! kernel {
 pub mod kernels {
     use super::*;
     kernel!(MATMUL, "matmul.wgsl", "matmul");
+    kernel!(MATMUL_BLOCKS, "matmul.wgsl", "matmul_blocks");
     kernel!(MATVEC, "matvec.wgsl", "matvec");
+    kernel!(MATVEC_ROWS, "matvec.wgsl", "matvec_rows");
     kernel!(RMS_NORM, "norm.wgsl", "rms_norm");
     kernel!(ROPE, "rope.wgsl", "rope");
     kernel!(ROTATE_KEYS, "rope.wgsl", "rotate_keys");
     kernel!(KV_WRITE, "kv.wgsl", "kv_write");
     kernel!(ATTENTION, "attention.wgsl", "attention");
+    kernel!(ATTENTION_SERIAL, "attention.wgsl", "attention_serial");
     kernel!(EMBED, "embed.wgsl", "embed");
     kernel!(ADD, "elementwise.wgsl", "add");
     kernel!(SILU_MUL, "elementwise.wgsl", "silu_mul");
@@ -175,9 +178,16 @@ pub fn matmul(
             *r0 as u32,
             flags,
         ];
-        if m == 1 {
+        if m == 1 && step.serial() {
+            let groups = grid_1d(pn.div_ceil(64) as u32);
+            step.dispatch(MATVEC_ROWS, &params, &[x, part, b, y], groups);
+        } else if m == 1 {
             let groups = grid_1d(pn.div_ceil(4) as u32);
             step.dispatch(MATVEC, &params, &[x, part, b, y], groups);
+        } else if step.serial() {
+            let blocks = pn.div_ceil(4) * m.div_ceil(4);
+            let groups = grid_1d(u32_of(blocks.div_ceil(64), "matmul blocks")?);
+            step.dispatch(MATMUL_BLOCKS, &params, &[x, part, b, y], groups);
         } else {
             let gx = pn.div_ceil(64) as u32;
             let gy = m.div_ceil(64) as u32;

@@ -1,0 +1,574 @@
+//! RAG subcommands: `ask`, `precompute`, `bench`.
+
+use super::{load_engine_from, GenArgs, ModelArgs};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use kvlink::gpu::AdapterChoice;
+use kvlink::kv::DiskStore;
+use kvlink::link::{LinkConfig, Mode, PromptPlan, Timings};
+use kvlink::{Engine, GenerateParams, Request};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Documents and cache flags shared by `ask`, `logits` and `precompute`.
+#[derive(Args, Clone, Default)]
+pub struct DocArgs {
+    /// A document file (repeat for several). Each is encoded and cached on its own.
+    #[arg(long = "doc", short = 'd')]
+    pub docs: Vec<PathBuf>,
+    /// Where document caches are kept on disk (default: <cache dir>/kv).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Do not read or write document caches on disk.
+    #[arg(long)]
+    pub no_store: bool,
+    /// Link tokens per document (KVLink fine-tuned models; also from kvlink.json next
+    /// to the model).
+    #[arg(long)]
+    pub link_tokens: Option<usize>,
+    /// Id of the first link token.
+    #[arg(long)]
+    pub link_base: Option<u32>,
+    /// KV-START marker token id.
+    #[arg(long)]
+    pub kv_start: Option<u32>,
+    /// KV-END marker token id.
+    #[arg(long)]
+    pub kv_end: Option<u32>,
+}
+
+impl DocArgs {
+    /// Read the document files ("\n"-terminated, so documents end on a line break).
+    pub fn read_docs(&self) -> Result<Vec<String>> {
+        self.docs
+            .iter()
+            .map(|p| {
+                let t = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read document {}", p.display()))?;
+                Ok(format!("{}\n", t.trim_end()))
+            })
+            .collect()
+    }
+
+    /// Apply link-token configuration (kvlink.json next to the model, then flags) and
+    /// the disk store to a loaded engine.
+    pub fn configure(&self, engine: &mut Engine, model: &ModelArgs) -> Result<()> {
+        let mut link = LinkConfig::default();
+        if let Some(m) = &model.model {
+            let dir = if m.is_dir() {
+                m.clone()
+            } else {
+                m.parent().map(|p| p.to_path_buf()).unwrap_or_default()
+            };
+            if let Some(c) = LinkConfig::from_file(&dir.join("kvlink.json"))? {
+                link = c;
+            }
+        }
+        if let Some(k) = self.link_tokens {
+            link.k = k;
+        }
+        if self.link_base.is_some() {
+            link.link_base = self.link_base;
+        }
+        if self.kv_start.is_some() {
+            link.kv_start = self.kv_start;
+        }
+        if self.kv_end.is_some() {
+            link.kv_end = self.kv_end;
+        }
+        link.validate(engine.config().vocab_size, 1)?;
+        engine.link = link;
+        if !self.no_store {
+            let store = match &self.store {
+                Some(d) => DiskStore::open(d.clone())?,
+                None => DiskStore::open_default()?,
+            };
+            engine.set_store(Some(store));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct AskArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub docs: DocArgs,
+    /// The question.
+    #[arg(long, short = 'q')]
+    pub question: String,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// full (plain prefill, no reuse), kvlink (reuse + rotation, default), naive (reuse
+    /// without rotation), masked (one pass with the KVLink mask, no reuse).
+    #[arg(long, default_value = "kvlink")]
+    pub mode: String,
+    /// No chat template: documents then the question as plain text.
+    #[arg(long)]
+    pub raw: bool,
+    /// Print the answer and timings as one JSON object instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub gen: GenArgs,
+}
+
+pub fn ask(adapter: &AdapterChoice, a: &AskArgs) -> Result<()> {
+    let mode: Mode = a.mode.parse()?;
+    let params = a.gen.params();
+    params.sampling.validate()?;
+    let docs = a.docs.read_docs()?;
+    let mut engine = load_engine_from(adapter, &a.model)?;
+    a.docs.configure(&mut engine, &a.model)?;
+    let req = Request {
+        system: a.system.clone(),
+        documents: docs,
+        question: a.question.clone(),
+        raw: a.raw,
+        mode,
+    };
+    let mut ts = kvlink::model::tokenizer::TextStream::new(&engine.tokenizer);
+    let mut answer = String::new();
+    let mut out = std::io::stdout().lock();
+    let stats = engine.ask(&req, &params, |t| {
+        if params.stop_at_eos && engine.tokenizer.is_stop(t) {
+            return true;
+        }
+        if let Ok(s) = ts.push(t) {
+            answer.push_str(&s);
+            if !a.json {
+                let _ = out.write_all(s.as_bytes());
+                let _ = out.flush();
+            }
+        }
+        true
+    })?;
+    let rest = ts.finish()?;
+    answer.push_str(&rest);
+    if a.json {
+        let v = serde_json::json!({
+            "answer": answer,
+            "mode": stats.mode,
+            "timings_ms": stats.timings,
+            "generation": {
+                "prompt_tokens": stats.generation.prompt_tokens,
+                "generated_tokens": stats.generation.generated_tokens,
+                "decode_tok_s": stats.generation.decode_tok_s(),
+                "stop": stats.generation.stop,
+            },
+            "adapter": engine.gpu().report.name,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out, "{rest}")?;
+        drop(out);
+        print_timings(&stats.timings, stats.mode, &engine);
+        eprintln!(
+            "[{} generated, {:.1} tok/s, stop: {}]",
+            stats.generation.generated_tokens,
+            stats.generation.decode_tok_s(),
+            stats.generation.stop
+        );
+    }
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn print_timings(t: &Timings, mode: Mode, engine: &Engine) {
+    eprintln!(
+        "[{mode}] TTFT {:.1} ms = lookup {:.1} + assembly {:.1} + prefill/first token {:.1} | \
+         {} prompt tokens, {} computed | docs: {} cached ({} from disk, {} tokens), {} computed \
+         ({} tokens) | {}",
+        ms(t.ttft),
+        ms(t.lookup),
+        ms(t.assemble),
+        ms(t.prefill),
+        t.prompt_tokens,
+        t.prefill_tokens,
+        t.cached_docs,
+        t.disk_docs,
+        t.cached_doc_tokens,
+        t.computed_docs,
+        t.computed_doc_tokens,
+        engine.gpu().report.name
+    );
+}
+
+#[derive(Args)]
+pub struct PrecomputeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Document files to encode and store.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Where document caches are kept (default: <cache dir>/kv).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Documents encoded per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+}
+
+pub fn precompute(adapter: &AdapterChoice, a: &PrecomputeArgs) -> Result<()> {
+    let engine = load_engine_from(adapter, &a.model)?;
+    let store = match &a.store {
+        Some(d) => DiskStore::open(d.clone())?,
+        None => DiskStore::open_default()?,
+    };
+    engine.set_store(Some(store.clone()));
+    let docs = DocArgs {
+        docs: a.files.clone(),
+        ..Default::default()
+    }
+    .read_docs()?;
+    let pb = ProgressBar::new(docs.len() as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "precompute [{bar:30}] {pos}/{len} documents ({elapsed}, eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let (mut fresh, mut present, mut tokens) = (0, 0, 0);
+    for chunk in docs.chunks(a.batch.max(1)) {
+        let ids = chunk
+            .iter()
+            .map(|d| {
+                engine
+                    .tokenizer
+                    .encode(d, false)
+                    .map_err(anyhow::Error::from)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (i, d) in ids.iter().enumerate() {
+            if d.is_empty() {
+                bail!("document {} is empty", fresh + present + i + 1);
+            }
+            if d.len() >= engine.context {
+                bail!(
+                    "a document is {} tokens, longer than the context ({}); use --ctx",
+                    d.len(),
+                    engine.context
+                );
+            }
+        }
+        let refs: Vec<&[u32]> = ids.iter().map(|d| d.as_slice()).collect();
+        let (_, from) = engine.doc_caches(&refs)?;
+        for (f, d) in from.iter().zip(&ids) {
+            tokens += d.len();
+            if *f == kvlink::engine::CacheSource::Computed {
+                fresh += 1;
+            } else {
+                present += 1;
+            }
+        }
+        engine.clear_doc_caches();
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    eprintln!(
+        "{} documents ({tokens} tokens): {fresh} encoded, {present} already stored; store {} ({:.1} MiB)",
+        docs.len(),
+        store.dir().display(),
+        store.total_bytes()? as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Time to first token: full prefill vs KVLink reuse (caches on the GPU and from
+    /// disk), same prompt, one run; median of repeats after warm-up.
+    Ttft(TtftArgs),
+    /// Prefill and decode throughput.
+    Speed(SpeedArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct BenchModel {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Random weights of a named shape instead of a model file (smollm2-135m,
+    /// llama-3.2-1b, tiny, tiny-qwen2): no download, for speed work.
+    #[arg(long)]
+    pub random_model: Option<String>,
+    /// Print results as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Timed repeats (median reported).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Untimed warm-up runs.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+}
+
+#[derive(Args)]
+pub struct TtftArgs {
+    #[command(flatten)]
+    pub bench: BenchModel,
+    /// Documents per prompt.
+    #[arg(long, default_value_t = 10)]
+    pub docs: usize,
+    /// Tokens per document.
+    #[arg(long, default_value_t = 256)]
+    pub doc_len: usize,
+    /// Tokens in the question.
+    #[arg(long, default_value_t = 32)]
+    pub question_len: usize,
+    /// Tokens in the prefix (system prompt).
+    #[arg(long, default_value_t = 16)]
+    pub prefix_len: usize,
+    /// Skip the disk-store measurement.
+    #[arg(long)]
+    pub no_disk: bool,
+}
+
+#[derive(Args)]
+pub struct SpeedArgs {
+    #[command(flatten)]
+    pub bench: BenchModel,
+    /// Prompt lengths for prefill throughput.
+    #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+    pub prefill: Vec<usize>,
+    /// Decode this many tokens after a prompt of --decode-ctx tokens.
+    #[arg(long, default_value_t = 128)]
+    pub decode: usize,
+    #[arg(long, default_value_t = 512)]
+    pub decode_ctx: usize,
+}
+
+fn bench_engine(adapter: &AdapterChoice, b: &BenchModel, ctx: usize) -> Result<Engine> {
+    let mut m = b.model.clone();
+    if m.ctx == 0 {
+        m.ctx = ctx;
+    }
+    match &b.random_model {
+        Some(shape) => {
+            let src = kvlink::model::random::RandomModel::new(shape, 1)?;
+            super::load_engine_with(adapter, &src, m.ctx)
+        }
+        None => load_engine_from(adapter, &m),
+    }
+}
+
+/// Random token ids that are ordinary text tokens (not the first/last 1000 ids, where
+/// vocabularies keep special tokens), deterministic per seed.
+fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let (lo, hi) = if vocab > 4000 {
+        (1000u64, vocab as u64 - 1000)
+    } else {
+        (0, vocab as u64)
+    };
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (lo + s % (hi - lo)) as u32
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// Time `f` (returns ms): `warmup` untimed runs, then the median of `repeats`.
+fn timed(warmup: usize, repeats: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut v = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        v.push(f()?);
+    }
+    Ok(median(v))
+}
+
+pub fn bench(adapter: &AdapterChoice, cmd: &BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Ttft(a) => bench_ttft(adapter, a),
+        BenchCmd::Speed(a) => bench_speed(adapter, a),
+    }
+}
+
+fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
+    let total = a.prefix_len + a.docs * (a.doc_len + 8) + a.question_len + 16;
+    let engine = bench_engine(adapter, &a.bench, total.next_power_of_two().max(1024))?;
+    let vocab = engine.config().vocab_size;
+    let prefix = random_tokens(a.prefix_len, vocab, 1);
+    let docs: Vec<Vec<u32>> = (0..a.docs)
+        .map(|j| random_tokens(a.doc_len, vocab, 100 + j as u64))
+        .collect();
+    let tail = random_tokens(a.question_len, vocab, 2);
+    let refs: Vec<&[u32]> = docs.iter().map(|d| d.as_slice()).collect();
+    let plan = PromptPlan::build(&prefix, &refs, &tail, &engine.link)?;
+    if plan.len() >= engine.context {
+        bail!(
+            "the prompt ({} tokens) does not fit the context ({}); pass --ctx",
+            plan.len(),
+            engine.context
+        );
+    }
+    let run = |mode: Mode| -> Result<(f64, Timings)> {
+        let t0 = Instant::now();
+        let (_, _, out, tm) = engine.start_plan(plan.clone(), mode, t0, 1, false, true)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        anyhow::ensure!(out.token.is_some(), "no first token");
+        Ok((ms, tm))
+    };
+    let (w, r) = (a.bench.warmup, a.bench.repeats);
+    eprintln!(
+        "bench ttft: {} docs x {} tokens + {} question tokens = {} prompt tokens on {}",
+        a.docs,
+        a.doc_len,
+        a.question_len,
+        plan.len(),
+        engine.gpu().report.name
+    );
+    let full = timed(w, r, || Ok(run(Mode::Full)?.0))?;
+    engine.clear_doc_caches();
+    let (cold, _) = run(Mode::Kvlink)?; // encodes the documents
+    let mut last = Timings::default();
+    let warm = timed(w, r, || {
+        let (ms, tm) = run(Mode::Kvlink)?;
+        last = tm;
+        Ok(ms)
+    })?;
+    let mut disk = None;
+    if !a.no_disk {
+        let dir = std::env::temp_dir().join(format!("kvlink-bench-{}", std::process::id()));
+        let store = DiskStore::open(dir.clone())?;
+        engine.set_store(Some(store));
+        engine.clear_doc_caches();
+        run(Mode::Kvlink)?; // writes the store
+        let d = timed(0, r, || {
+            engine.clear_doc_caches();
+            Ok(run(Mode::Kvlink)?.0)
+        })?;
+        engine.set_store(None);
+        let _ = std::fs::remove_dir_all(&dir);
+        disk = Some(d);
+    }
+    let v = serde_json::json!({
+        "adapter": engine.gpu().report.name,
+        "backend": engine.gpu().report.backend,
+        "model": engine.description,
+        "docs": a.docs, "doc_len": a.doc_len, "question_len": a.question_len,
+        "prompt_tokens": plan.len(),
+        "full_ms": full,
+        "kvlink_gpu_ms": warm,
+        "kvlink_disk_ms": disk,
+        "kvlink_cold_ms": cold,
+        "ratio_gpu": warm / full,
+        "ratio_disk": disk.map(|d| d / full),
+        "kvlink_breakdown_ms": last,
+    });
+    if a.bench.json {
+        println!("{v}");
+    } else {
+        println!("| measure | TTFT ms | vs full |");
+        println!("|---|---:|---:|");
+        println!(
+            "| full prefill ({} tokens) | {full:.2} | 1.000 |",
+            plan.len()
+        );
+        println!("| kvlink, caches on GPU | {warm:.2} | {:.3} |", warm / full);
+        if let Some(d) = disk {
+            println!("| kvlink, caches from disk | {d:.2} | {:.3} |", d / full);
+        }
+        println!(
+            "| kvlink, cold (encode docs) | {cold:.2} | {:.3} |",
+            cold / full
+        );
+        println!(
+            "kvlink breakdown (GPU caches): lookup {:.2} ms, assembly {:.2} ms, prefill {:.2} ms ({} tokens)",
+            last.lookup.as_secs_f64() * 1e3,
+            last.assemble.as_secs_f64() * 1e3,
+            last.prefill.as_secs_f64() * 1e3,
+            last.prefill_tokens
+        );
+    }
+    Ok(())
+}
+
+fn bench_speed(adapter: &AdapterChoice, a: &SpeedArgs) -> Result<()> {
+    let need = a
+        .prefill
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(a.decode_ctx + a.decode)
+        + 8;
+    let engine = bench_engine(adapter, &a.bench, need.next_power_of_two())?;
+    let vocab = engine.config().vocab_size;
+    let (w, r) = (a.bench.warmup, a.bench.repeats);
+    let mut rows = Vec::new();
+    for &n in &a.prefill {
+        let ids = random_tokens(n, vocab, 7);
+        let p = GenerateParams {
+            max_tokens: 1,
+            stop_at_eos: false,
+            ..Default::default()
+        };
+        let ms = timed(w, r, || {
+            let st = engine.generate(&ids, &p, |_| true)?;
+            Ok(st.ttft.as_secs_f64() * 1e3)
+        })?;
+        rows.push(serde_json::json!({"measure": format!("prefill {n} tokens"), "ms": ms, "tok_s": n as f64 / ms * 1e3}));
+    }
+    if a.decode > 0 {
+        let ids = random_tokens(a.decode_ctx, vocab, 8);
+        let p = GenerateParams {
+            max_tokens: a.decode + 1,
+            stop_at_eos: false,
+            ..Default::default()
+        };
+        let tok_s = {
+            let mut v = Vec::new();
+            for i in 0..(w + r.max(1)) {
+                let st = engine.generate(&ids, &p, |_| true)?;
+                if i >= w {
+                    v.push(st.decode_tok_s());
+                }
+            }
+            median(v)
+        };
+        rows.push(serde_json::json!({"measure": format!("decode {} tokens after {}", a.decode, a.decode_ctx), "ms": 1e3 / tok_s, "tok_s": tok_s}));
+    }
+    let v = serde_json::json!({
+        "adapter": engine.gpu().report.name,
+        "model": engine.description,
+        "results": rows,
+    });
+    if a.bench.json {
+        println!("{v}");
+    } else {
+        println!("| measure | ms | tok/s |");
+        println!("|---|---:|---:|");
+        for r in &rows {
+            println!(
+                "| {} | {:.2} | {:.0} |",
+                r["measure"].as_str().unwrap_or(""),
+                r["ms"].as_f64().unwrap_or(0.0),
+                r["tok_s"].as_f64().unwrap_or(0.0)
+            );
+        }
+        println!("adapter: {}", engine.gpu().report.name);
+    }
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! The `kvlink` binary end to end: help texts, `devices`, `info`, `logits --json`,
+//! greedy and seeded generation, chat-template prompts, and bad `--adapter` values.
+//! Each `logits`/`generate` run loads the real model once (seconds on lavapipe), so the
+//! number of such runs is kept small.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+const PROMPT: &str = "The capital of France is";
+
+/// Mesa's EGL (probed when wgpu enumerates the GL backend) prints
+/// "error: XDG_RUNTIME_DIR is invalid or not set" on headless machines; give child
+/// processes a private runtime dir so their stderr holds only kvlink's own output.
+fn runtime_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xdg-runtime");
+        std::fs::create_dir_all(&d).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        d
+    })
+}
+
+fn kvlink(args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvlink"));
+    // KVLINK_ADAPTER (the tests' adapter choice, as common::gpu() uses) is inherited;
+    // an explicit --adapter overrides it.
+    cmd.args(args);
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        cmd.env("XDG_RUNTIME_DIR", runtime_dir());
+    }
+    cmd.output().expect("run the kvlink binary")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).expect("stdout is UTF-8")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Run and require success; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let o = kvlink(args);
+    assert!(
+        o.status.success(),
+        "kvlink {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    assert!(
+        !stderr(&o).contains("panicked"),
+        "kvlink {args:?} panicked:\n{}",
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+fn model() -> String {
+    common::model::model_path().to_string_lossy().into_owned()
+}
+
+#[test]
+fn help_texts_mention_key_flags() {
+    let top = ok(&["--help"]);
+    for w in [
+        "devices",
+        "info",
+        "generate",
+        "chat",
+        "logits",
+        "convert",
+        "fetch-model",
+        "--adapter",
+    ] {
+        assert!(
+            top.contains(w),
+            "`kvlink --help` does not mention {w}:\n{top}"
+        );
+    }
+    let cases: &[(&str, &[&str])] = &[
+        ("devices", &["--json"]),
+        ("info", &["--model", "--json", "--ctx"]),
+        (
+            "generate",
+            &[
+                "--model",
+                "--prompt",
+                "--raw",
+                "--system",
+                "--max-tokens",
+                "--temperature",
+                "--top-k",
+                "--top-p",
+                "--seed",
+                "--ignore-eos",
+                "--ctx",
+                "--stats",
+                "--adapter",
+            ],
+        ),
+        (
+            "chat",
+            &[
+                "--model",
+                "--system",
+                "--temperature",
+                "--max-tokens",
+                "--seed",
+            ],
+        ),
+        (
+            "logits",
+            &["--model", "--prompt", "--raw", "--top", "--json"],
+        ),
+        ("convert", &["--model", "--out"]),
+        ("fetch-model", &[]),
+    ];
+    for (sub, flags) in cases {
+        let h = ok(&[sub, "--help"]);
+        assert!(
+            h.contains("Usage"),
+            "`kvlink {sub} --help` has no usage line:\n{h}"
+        );
+        for f in *flags {
+            assert!(
+                h.contains(f),
+                "`kvlink {sub} --help` does not mention {f}:\n{h}"
+            );
+        }
+    }
+    // `help <sub>` works too.
+    let h = ok(&["help", "generate"]);
+    assert!(h.contains("--prompt"), "{h}");
+}
+
+#[test]
+fn devices_lists_an_adapter() {
+    let text = ok(&["devices"]);
+    assert!(
+        text.lines().any(|l| l.starts_with("[0] ")),
+        "`kvlink devices` lists no adapter:\n{text}"
+    );
+    let json = ok(&["devices", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("`kvlink devices --json` is not JSON ({e}):\n{json}"));
+    let list = v.as_array().expect("devices --json is an array");
+    assert!(!list.is_empty(), "no adapters in {json}");
+    for (i, a) in list.iter().enumerate() {
+        assert_eq!(a["index"].as_u64(), Some(i as u64), "{a}");
+        assert!(a["name"].as_str().is_some_and(|s| !s.is_empty()), "{a}");
+        assert!(a["backend"].is_string(), "{a}");
+        assert!(
+            a["max_storage_buffer_binding_size"].as_u64().is_some(),
+            "{a}"
+        );
+    }
+}
+
+#[test]
+fn info_json_describes_smollm2() {
+    let m = model();
+    let json = ok(&["info", "--model", &m, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("`kvlink info --json` is not JSON ({e}):\n{json}"));
+    let c = &v["config"];
+    assert_eq!(c["hidden_size"], 576, "{json}");
+    assert_eq!(c["num_hidden_layers"], 30, "{json}");
+    assert_eq!(c["num_attention_heads"], 9, "{json}");
+    assert_eq!(c["num_key_value_heads"], 3, "{json}");
+    assert_eq!(c["head_dim"], 64, "{json}");
+    assert_eq!(c["intermediate_size"], 1536, "{json}");
+    assert_eq!(c["vocab_size"], 49152, "{json}");
+    assert_eq!(c["max_position_embeddings"], 8192, "{json}");
+    assert_eq!(c["tie_word_embeddings"], true, "{json}");
+    assert_eq!(v["dtype"], "Q4_1", "{json}");
+    assert_eq!(v["tokenizer"]["vocab_size"], 49152, "{json}");
+    assert_eq!(v["tokenizer"]["eos"], "<|im_end|>", "{json}");
+    let p = v["parameters"].as_u64().expect("parameters");
+    assert!((130_000_000..140_000_000).contains(&p), "parameters {p}");
+    assert!(
+        v["chat_template"]
+            .as_str()
+            .is_some_and(|t| t.contains("<|im_start|>")),
+        "{json}"
+    );
+    // The plain-text form works too and names the architecture.
+    let text = ok(&["info", "--model", &m]);
+    assert!(text.contains("Llama") && text.contains("576"), "{text}");
+}
+
+#[test]
+fn logits_json_top5_is_paris() {
+    let m = model();
+    let out = ok(&[
+        "logits", "--model", &m, "--prompt", PROMPT, "--raw", "--top", "5", "--json",
+    ]);
+    let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected exactly one JSON line, got:\n{out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(lines[0])
+        .unwrap_or_else(|e| panic!("logits --json is not JSON ({e}):\n{out}"));
+    assert!(v.is_object(), "{out}");
+    let tokens = v["tokens"].as_array().expect("\"tokens\" array");
+    assert!(!tokens.is_empty(), "{out}");
+    for t in tokens {
+        let id = t
+            .as_u64()
+            .unwrap_or_else(|| panic!("token {t} is not an integer"));
+        assert!(id < 49152 && u32::try_from(id).is_ok(), "token id {id}");
+    }
+    let top = v["top"].as_array().expect("\"top\" array");
+    assert_eq!(top.len(), 5, "{out}");
+    let mut prev = f64::INFINITY;
+    for e in top {
+        let id = e["id"].as_u64().unwrap_or_else(|| panic!("bad id in {e}"));
+        assert!(id < 49152, "{e}");
+        assert!(e["token"].is_string(), "{e}");
+        let lp = e["logprob"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("bad logprob in {e}"));
+        assert!(lp.is_finite() && lp <= 0.0, "logprob {lp} in {e}");
+        assert!(lp <= prev, "logprobs not descending: {out}");
+        prev = lp;
+    }
+    assert_eq!(top[0]["token"], " Paris", "{out}");
+    let ids: std::collections::HashSet<u64> =
+        top.iter().map(|e| e["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), 5, "duplicate ids in {out}");
+}
+
+#[test]
+fn generate_greedy_raw_says_paris() {
+    let m = model();
+    let out = ok(&["generate", "--model", &m, "-p", PROMPT, "--raw", "-n", "3"]);
+    assert!(out.starts_with(" Paris"), "greedy continuation: {out:?}");
+}
+
+#[test]
+fn generate_with_chat_template() {
+    let m = model();
+    let out = ok(&["generate", "--model", &m, "-p", PROMPT, "-n", "8"]);
+    assert!(
+        !out.trim().is_empty(),
+        "no output with the chat template: {out:?}"
+    );
+    assert!(
+        !out.contains("<|im_start|>"),
+        "template markup leaked: {out:?}"
+    );
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let m = model();
+    let args = [
+        "generate",
+        "--model",
+        &m,
+        "-p",
+        PROMPT,
+        "--raw",
+        "-t",
+        "0.9",
+        "--seed",
+        "5",
+        "-n",
+        "8",
+        "--ignore-eos",
+    ];
+    let a = ok(&args);
+    let b = ok(&args);
+    assert!(!a.trim().is_empty(), "no sampled output");
+    assert_eq!(a, b, "same seed, different output");
+}
+
+fn assert_adapter_error(adapter: &str, want: &str) {
+    let m = model();
+    let o = kvlink(&[
+        "generate",
+        "--model",
+        &m,
+        "-p",
+        PROMPT,
+        "--raw",
+        "-n",
+        "1",
+        "--adapter",
+        adapter,
+    ]);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "--adapter {adapter} succeeded: {}",
+        stdout(&o)
+    );
+    assert!(
+        !err.contains("panicked"),
+        "--adapter {adapter} panicked:\n{err}"
+    );
+    let errs: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errs.len(), 1, "--adapter {adapter}: stderr:\n{err}");
+    assert!(
+        errs[0].contains("adapter") && errs[0].contains(want),
+        "--adapter {adapter}: message does not name the adapter: {}",
+        errs[0]
+    );
+}
+
+#[test]
+fn bad_adapter_index_is_an_error() {
+    assert_adapter_error("99", "99");
+}
+
+#[test]
+fn bad_adapter_name_is_an_error() {
+    assert_adapter_error("nosuchgpu", "nosuchgpu");
+}
