@@ -27,8 +27,12 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
     let m_base = wg.y * TM;
     let n_base = wg.x * TN;
-    var acc: array<f32, 16>;
-    for (var i = 0u; i < 16u; i++) { acc[i] = 0.0; }
+    // Thread (x, y) owns rows y + 16i and columns x + 16j, i, j < 4. Accumulators are
+    // named vectors, not an indexed array, so they stay in registers.
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
     let kw = p.K / 2u; // words per weight row (K is even)
     for (var k0 = 0u; k0 < p.K; k0 += TK) {
         for (var i = 0u; i < 4u; i++) {
@@ -54,32 +58,33 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>,
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TK; kk++) {
-            var a: array<f32, 4>;
-            var b: array<f32, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                a[i] = xs[kk * TM + lid.y + 16u * i];
-                b[i] = ws[kk * TN + lid.x + 16u * i];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i * 4u + j] = fma(a[i], b[j], acc[i * 4u + j]);
-                }
-            }
+            let xo = kk * TM + lid.y;
+            let wo = kk * TN + lid.x;
+            let b = vec4<f32>(ws[wo], ws[wo + 16u], ws[wo + 32u], ws[wo + 48u]);
+            c0 = fma(vec4<f32>(xs[xo]), b, c0);
+            c1 = fma(vec4<f32>(xs[xo + 16u]), b, c1);
+            c2 = fma(vec4<f32>(xs[xo + 32u]), b, c2);
+            c3 = fma(vec4<f32>(xs[xo + 48u]), b, c3);
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) {
-        let gm = m_base + lid.y + 16u * i;
-        if (gm >= p.M) { continue; }
-        for (var j = 0u; j < 4u; j++) {
-            let gn = n_base + lid.x + 16u * j;
-            if (gn >= p.N) { continue; }
-            var v = acc[i * 4u + j];
-            if ((p.flags & 2u) != 0u) { v += B[p.n0 + gn]; }
-            let idx = p.y_off + gm * p.ldy + p.n0 + gn;
-            if ((p.flags & 1u) != 0u) { v += Y[idx]; }
-            Y[idx] = v;
-        }
+    store_row(m_base + lid.y, n_base + lid.x, c0);
+    store_row(m_base + lid.y + 16u, n_base + lid.x, c1);
+    store_row(m_base + lid.y + 32u, n_base + lid.x, c2);
+    store_row(m_base + lid.y + 48u, n_base + lid.x, c3);
+}
+
+// Write one thread's 4 outputs of row gm (columns gn, gn + 16, gn + 32, gn + 48).
+fn store_row(gm: u32, gn: u32, c: vec4<f32>) {
+    if (gm >= p.M) { return; }
+    for (var j = 0u; j < 4u; j++) {
+        let n = gn + 16u * j;
+        if (n >= p.N) { continue; }
+        var v = c[j];
+        if ((p.flags & 2u) != 0u) { v += B[p.n0 + n]; }
+        let idx = p.y_off + gm * p.ldy + p.n0 + n;
+        if ((p.flags & 1u) != 0u) { v += Y[idx]; }
+        Y[idx] = v;
     }
 }
 

@@ -3,6 +3,11 @@
 mod cli;
 
 fn main() {
+    // Mesa's Vulkan drivers print "error: XDG_RUNTIME_DIR is invalid" on headless
+    // machines where it is unset; give them a harmless value (before any thread exists).
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     if let Err(e) = cli::run() {
         // One clear line (plus causes), never a panic trace, and a non-zero exit.
         let mut msg = format!("error: {e}");

@@ -252,7 +252,7 @@ fn devices(json: bool) -> Result<()> {
 }
 
 /// Resolve `--model` (or the default model, fetched if missing) and open it.
-fn open_source(m: &ModelArgs) -> Result<Box<dyn WeightSource>> {
+pub(crate) fn open_source(m: &ModelArgs) -> Result<Box<dyn WeightSource>> {
     let path = match &m.model {
         Some(p) => p.clone(),
         None => {

@@ -345,18 +345,21 @@ pub struct SpeedArgs {
     pub decode_ctx: usize,
 }
 
+/// Load the benchmark's model with a context of at least `ctx` tokens (or --ctx).
 fn bench_engine(adapter: &AdapterChoice, b: &BenchModel, ctx: usize) -> Result<Engine> {
     let mut m = b.model.clone();
+    let src: Box<dyn kvlink::model::WeightSource> = match &b.random_model {
+        Some(shape) => Box::new(kvlink::model::random::RandomModel::new(shape, 1)?),
+        None => super::open_source(&m)?,
+    };
     if m.ctx == 0 {
+        let max = src.config().max_position_embeddings;
+        if ctx > max {
+            bail!("the benchmark needs {ctx} tokens of context but the model has {max} positions; use smaller sizes");
+        }
         m.ctx = ctx;
     }
-    match &b.random_model {
-        Some(shape) => {
-            let src = kvlink::model::random::RandomModel::new(shape, 1)?;
-            super::load_engine_with(adapter, &src, m.ctx)
-        }
-        None => load_engine_from(adapter, &m),
-    }
+    super::load_engine_with(adapter, src.as_ref(), m.ctx)
 }
 
 /// Random token ids that are ordinary text tokens (not the first/last 1000 ids, where
@@ -405,9 +408,25 @@ pub fn bench(adapter: &AdapterChoice, cmd: &BenchCmd) -> Result<()> {
     }
 }
 
+/// With KVLINK_PROFILE=1: GPU time per kernel over the whole run.
+fn print_profile(engine: &Engine) {
+    let prof = engine.gpu().take_profile();
+    if prof.is_empty() {
+        return;
+    }
+    let total: f64 = prof.iter().map(|p| p.2).sum();
+    eprintln!("GPU time per kernel (KVLINK_PROFILE, whole run, {total:.1} ms):");
+    for (name, n, ms) in prof {
+        eprintln!(
+            "  {name:<32} {n:>8} dispatches {ms:>10.2} ms {:>5.1}%",
+            100.0 * ms / total
+        );
+    }
+}
+
 fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
     let total = a.prefix_len + a.docs * (a.doc_len + 8) + a.question_len + 16;
-    let engine = bench_engine(adapter, &a.bench, total.next_power_of_two().max(1024))?;
+    let engine = bench_engine(adapter, &a.bench, total.div_ceil(256) * 256)?;
     let vocab = engine.config().vocab_size;
     let prefix = random_tokens(a.prefix_len, vocab, 1);
     let docs: Vec<Vec<u32>> = (0..a.docs)
@@ -494,6 +513,7 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
             "| kvlink, cold (encode docs) | {cold:.2} | {:.3} |",
             cold / full
         );
+        print_profile(&engine);
         println!(
             "kvlink breakdown (GPU caches): lookup {:.2} ms, assembly {:.2} ms, prefill {:.2} ms ({} tokens)",
             last.lookup.as_secs_f64() * 1e3,
@@ -514,7 +534,7 @@ fn bench_speed(adapter: &AdapterChoice, a: &SpeedArgs) -> Result<()> {
         .unwrap_or(0)
         .max(a.decode_ctx + a.decode)
         + 8;
-    let engine = bench_engine(adapter, &a.bench, need.next_power_of_two())?;
+    let engine = bench_engine(adapter, &a.bench, need.div_ceil(256) * 256)?;
     let vocab = engine.config().vocab_size;
     let (w, r) = (a.bench.warmup, a.bench.repeats);
     let mut rows = Vec::new();
@@ -569,6 +589,7 @@ fn bench_speed(adapter: &AdapterChoice, a: &SpeedArgs) -> Result<()> {
             );
         }
         println!("adapter: {}", engine.gpu().report.name);
+        print_profile(&engine);
     }
     Ok(())
 }

@@ -121,6 +121,9 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pipelines: Mutex<HashMap<&'static str, Arc<wgpu::ComputePipeline>>>,
     dummy: std::sync::OnceLock<Tensor>,
+    profiling: bool,
+    /// Per-kernel (dispatch count, GPU nanoseconds) when profiling.
+    pub(crate) profile: Mutex<HashMap<&'static str, (u64, f64)>>,
 }
 
 /// A compute kernel: a WGSL source and an entry point. Kernels are compiled once per
@@ -225,6 +228,9 @@ impl Gpu {
             limits,
             pipelines: Mutex::new(HashMap::new()),
             dummy: std::sync::OnceLock::new(),
+            profiling: std::env::var_os("KVLINK_PROFILE").is_some_and(|v| v != "0")
+                && features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            profile: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -243,6 +249,20 @@ impl Gpu {
             Ok("cpu") => true,
             _ => self.report.device_type == "Cpu",
         }
+    }
+
+    /// Whether GPU timestamps are taken per dispatch (`KVLINK_PROFILE=1`).
+    pub fn profiling(&self) -> bool {
+        self.profiling
+    }
+
+    /// Per-kernel GPU time since the last call, most expensive first:
+    /// (kernel, dispatches, milliseconds). Empty unless profiling.
+    pub fn take_profile(&self) -> Vec<(&'static str, u64, f64)> {
+        let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = p.drain().map(|(k, (n, ns))| (k, n, ns / 1e6)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
     }
 
     /// A small zero buffer bound where a kernel's optional input is absent.

@@ -12,6 +12,7 @@ pub type Binding = Arc<wgpu::Buffer>;
 
 enum Cmd {
     Dispatch {
+        name: &'static str,
         pipeline: Arc<wgpu::ComputePipeline>,
         param_offset: u64,
         param_size: u64,
@@ -69,6 +70,7 @@ impl<'g> Step<'g> {
         self.params.extend_from_slice(bytemuck::cast_slice(&words));
         self.params.resize(off + SLOT, 0);
         self.cmds.push(Cmd::Dispatch {
+            name: k.name,
             pipeline: self.gpu.pipeline(k),
             param_offset: off as u64,
             param_size: (words.len() * 4) as u64,
@@ -151,6 +153,10 @@ impl<'g> Step<'g> {
         let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("step"),
         });
+        if self.gpu.profiling() {
+            self.submit_profiled(enc, &groups);
+            return;
+        }
         let mut i = 0;
         while i < self.cmds.len() {
             if let Cmd::Copy {
@@ -185,6 +191,97 @@ impl<'g> Step<'g> {
             }
         }
         self.gpu.queue.submit([enc.finish()]);
+    }
+}
+
+impl Step<'_> {
+    /// Profiling (KVLINK_PROFILE=1): every dispatch in its own pass between two GPU
+    /// timestamps; the durations are added to the device's per-kernel totals.
+    fn submit_profiled(&self, mut enc: wgpu::CommandEncoder, groups: &[Option<wgpu::BindGroup>]) {
+        let dev = &self.gpu.device;
+        let n = self
+            .cmds
+            .iter()
+            .filter(|c| matches!(c, Cmd::Dispatch { .. }))
+            .count()
+            .min(4000);
+        let qs = dev.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: (2 * n).max(2) as u32,
+        });
+        let mut names = Vec::with_capacity(n);
+        for (i, c) in self.cmds.iter().enumerate() {
+            match c {
+                Cmd::Copy {
+                    src,
+                    src_offset,
+                    dst,
+                    dst_offset,
+                    size,
+                } => enc.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size),
+                Cmd::Dispatch {
+                    name,
+                    pipeline,
+                    groups: g,
+                    ..
+                } => {
+                    let q = names.len() as u32;
+                    let tw = (names.len() < n).then(|| wgpu::ComputePassTimestampWrites {
+                        query_set: &qs,
+                        beginning_of_pass_write_index: Some(2 * q),
+                        end_of_pass_write_index: Some(2 * q + 1),
+                    });
+                    if tw.is_some() {
+                        names.push(*name);
+                    }
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: None,
+                        timestamp_writes: tw,
+                    });
+                    pass.set_pipeline(pipeline);
+                    pass.set_bind_group(0, groups[i].as_ref(), &[]);
+                    pass.dispatch_workgroups(g[0], g[1], g[2]);
+                }
+            }
+        }
+        let bytes = (16 * n.max(1)) as u64;
+        let resolve = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile resolve"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let read = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile read"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if !names.is_empty() {
+            enc.resolve_query_set(&qs, 0..2 * names.len() as u32, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
+        }
+        self.gpu.queue.submit([enc.finish()]);
+        if names.is_empty() {
+            return;
+        }
+        read.map_async(wgpu::MapMode::Read, .., |_| {});
+        if self.gpu.wait().is_err() {
+            return;
+        }
+        let Ok(view) = read.get_mapped_range(..) else {
+            return;
+        };
+        let ticks: &[u64] = bytemuck::cast_slice(&view);
+        let period = self.gpu.queue.get_timestamp_period() as f64;
+        let mut prof = self.gpu.profile.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, name) in names.iter().enumerate() {
+            let ns = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
+            let e = prof.entry(name).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += ns;
+        }
     }
 }
 

@@ -34,12 +34,15 @@ pub mod kernels {
     /// Every kernel, for validation tests.
     pub const ALL: &[Kernel] = &[
         MATMUL,
+        MATMUL_BLOCKS,
         MATVEC,
+        MATVEC_ROWS,
         RMS_NORM,
         ROPE,
         ROTATE_KEYS,
         KV_WRITE,
         ATTENTION,
+        ATTENTION_SERIAL,
         EMBED,
         ADD,
         SILU_MUL,
@@ -374,12 +377,13 @@ pub fn attention(
         head_dim as u32,
         scale.to_bits(),
     ];
-    step.dispatch(
-        ATTENTION,
-        &params,
-        &[q, kc, vc, qslot, seg, out],
-        grid_1d((t * heads) as u32),
-    );
+    let bufs = [q, kc, vc, qslot, seg, out];
+    if step.serial() {
+        let groups = grid_1d((t * heads).div_ceil(64) as u32);
+        step.dispatch(ATTENTION_SERIAL, &params, &bufs, groups);
+    } else {
+        step.dispatch(ATTENTION, &params, &bufs, grid_1d((t * heads) as u32));
+    }
     Ok(())
 }
 

@@ -8,6 +8,10 @@ use std::sync::{Arc, OnceLock};
 pub fn gpu() -> &'static Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
     GPU.get_or_init(|| {
+        // Quiet Mesa's "XDG_RUNTIME_DIR is invalid" on headless machines.
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+            std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+        }
         Gpu::new(&AdapterChoice::from_env()).expect(
             "no usable GPU adapter: install Mesa's lavapipe (apt-get install mesa-vulkan-drivers)",
         )
