@@ -1,6 +1,7 @@
 // Attention of T new queries over the KV cache, grouped-query heads, KVLink mask (§2):
 // the query in cache slot t attends key slot s iff s <= t and
 // (seg[s] == seg[t] or seg[t] == 0). Plain causal attention is the case seg == 0.
+// seg[cap + t] is the first slot of t's segment: a document query starts there.
 // One workgroup per (query, head); keys in chunks of 64 (one score per thread), online
 // softmax across chunks; each thread accumulates head_dim / 64 output dims.
 // Q: f32 [T, heads, head_dim] (RoPE applied). Kc, Vc: f16 pairs [slots, kv_heads, head_dim].
@@ -8,6 +9,7 @@
 struct Params {
     T: u32, heads: u32, kv_heads: u32, head_dim: u32,
     scale: f32,
+    cap: u32,        // slots in the cache; seg holds [cap] ids then [cap] starts
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -23,6 +25,7 @@ var<workgroup> q: array<f32, 256>;
 var<workgroup> sc: array<f32, 64>;
 var<workgroup> red: array<f32, 64>;
 var<workgroup> wts: u32;
+var<workgroup> wfirst: u32;
 
 @compute @workgroup_size(64)
 fn attention(@builtin(workgroup_id) wg: vec3<u32>,
@@ -37,16 +40,20 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>,
     let kv_stride = p.kv_heads * hd;   // elements per cache slot
     let qb = qh * hd;
     for (var d = li; d < hd; d += C) { q[d] = Q[qb + d]; }
-    if (li == 0u) { wts = qslot[t]; }
+    if (li == 0u) {
+        wts = qslot[t];
+        wfirst = seg[p.cap + qslot[t]] / C; // first chunk holding keys of t's segment
+    }
     let ts = workgroupUniformLoad(&wts); // uniform: it bounds a loop with barriers
     let tseg = seg[ts];
+    let first = workgroupUniformLoad(&wfirst);
 
     var m = -3.4e38;
     var l = 0.0;
     var acc: array<f32, 4>;  // dims li, li + 64, li + 128, li + 192
     for (var i = 0u; i < 4u; i++) { acc[i] = 0.0; }
     let nchunks = ts / C + 1u;
-    for (var c = 0u; c < nchunks; c++) {
+    for (var c = first; c < nchunks; c++) {
         let s = c * C + li;
         var score = -3.4e38;
         if (s <= ts && (tseg == 0u || seg[s] == tseg)) {
@@ -125,7 +132,7 @@ fn attention_serial(@builtin(global_invocation_id) gid: vec3<u32>,
     for (var d = 0u; d < hd; d++) { acc[d] = 0.0; }
     var m = -3.4e38;
     var l = 0.0;
-    for (var s = 0u; s <= ts; s++) {
+    for (var s = seg[p.cap + ts]; s <= ts; s++) {
         if (tseg != 0u && seg[s] != tseg) { continue; }
         let kb = (s * kv_stride + kvh * hd) / 2u;
         var dot = 0.0;

@@ -581,9 +581,19 @@ impl Engine {
             ..Default::default()
         };
         let reuse = matches!(mode, Mode::Kvlink | Mode::Naive);
+        let mut prefix = None;
         let caches = if reuse {
-            let docs: Vec<&[u32]> = (0..plan.docs.len()).map(|j| plan.doc_tokens(j)).collect();
-            let (c, from) = self.doc_caches(&docs)?;
+            let mut docs: Vec<&[u32]> = (0..plan.docs.len()).map(|j| plan.doc_tokens(j)).collect();
+            // The prefix (system prompt + user header) is cached like a document.
+            let with_prefix = plan.prefix_len > 0;
+            if with_prefix {
+                docs.insert(0, &plan.tokens[..plan.prefix_len]);
+            }
+            let (mut c, mut from) = self.doc_caches(&docs)?;
+            if with_prefix {
+                tm.prefix_cached = from.remove(0) != CacheSource::Computed;
+                prefix = Some(c.remove(0));
+            }
             for (span, f) in plan.docs.iter().zip(&from) {
                 if *f != CacheSource::Computed {
                     tm.cached_docs += 1;
@@ -608,6 +618,7 @@ impl Engine {
         let (cache, out, assemble, computed) = link::assemble_and_prefill(
             &self.model,
             &plan,
+            prefix.as_deref(),
             &refs,
             mode,
             extra,

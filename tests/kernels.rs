@@ -422,7 +422,8 @@ fn attention_matches_cpu_with_segment_mask() {
         let kt = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &kc, "kc").unwrap();
         let vt = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vc, "vc").unwrap();
         let qs = Tensor::from_u32(g, &[t], &qslot, "qslot").unwrap();
-        let sg = Tensor::from_u32(g, &[slots], &seg, "seg").unwrap();
+        let words = ops::segment_words(&seg, slots);
+        let sg = Tensor::from_u32(g, &[2 * slots], &words, "seg").unwrap();
         let want = cpu_attention(&q, &kc, &vc, &qslot, &seg, heads, kvh, hd);
         for serial in [false, true] {
             let out = nan_tensor(t * heads * hd);

@@ -170,7 +170,8 @@ fn document_caches_persist_on_disk_and_corrupt_entries_are_recomputed() {
     let docs: Vec<String> = (0..2)
         .map(|_| format!("{}\n", text(&mut rng, 15)))
         .collect();
-    let req = Request::new(docs, "Which words repeat?");
+    let mut req = Request::new(docs, "Which words repeat?");
+    req.raw = true; // no prefix: the store then holds exactly the two documents
     e.clear_doc_caches();
     let (_, cold, t1) = e.request_logits(&req).unwrap();
     assert_eq!((t1.computed_docs, t1.cached_docs), (2, 0));

@@ -95,6 +95,8 @@ pub struct Timings {
     pub cached_docs: usize,
     /// Of the cached documents, those read from the disk store.
     pub disk_docs: usize,
+    /// The prefix's KV came from the cache (not computed for this request).
+    pub prefix_cached: bool,
     pub computed_docs: usize,
     pub cached_doc_tokens: usize,
     pub computed_doc_tokens: usize,
@@ -167,7 +169,7 @@ pub fn encode_documents(model: &Llama, docs: &[&[u32]], chunk: usize) -> Result<
         segs.extend(std::iter::repeat_n(j as u32 + 1, d.len()));
     }
     let slots: Vec<u32> = (0..total as u32).collect();
-    cache.seg.write_u32(gpu, &segs);
+    cache.set_segments(gpu, &segs)?;
     run_chunked(
         model,
         &mut cache,
@@ -207,13 +209,16 @@ pub fn encode_documents(model: &Llama, docs: &[&[u32]], chunk: usize) -> Result<
 }
 
 /// Build the request's KV cache for `plan` in `mode` and prefill up to the first token.
-/// `docs[j]` is document j's cache (ignored for `Full` and `Masked`). `extra` slots are
+/// `docs[j]` is document j's cache (ignored for `Full` and `Masked`); `prefix`, if
+/// given, is the prefix's cache (a prefix is an ordinary prefix cache: encoded alone at
+/// positions 0..p-1), otherwise the prefix is encoded here. `extra` slots are
 /// reserved for generated tokens. Returns the cache, the last row's output and the
 /// time spent assembling (prefix + copies + rotation).
 #[allow(clippy::too_many_arguments)]
 pub fn assemble_and_prefill(
     model: &Llama,
     plan: &PromptPlan,
+    prefix: Option<&DocCache>,
     docs: &[&DocCache],
     mode: Mode,
     extra: usize,
@@ -229,7 +234,7 @@ pub fn assemble_and_prefill(
     match mode {
         Mode::Full | Mode::Masked => {
             if mode == Mode::Masked {
-                cache.seg.write_u32(gpu, &plan.segments);
+                cache.set_segments(gpu, &plan.segments)?;
             }
             let out = run_chunked(
                 model,
@@ -251,10 +256,19 @@ pub fn assemble_and_prefill(
                     plan.docs.len()
                 )));
             }
-            cache.seg.write_u32(gpu, &plan.segments);
-            // 1. the prefix, encoded normally
+            cache.set_segments(gpu, &plan.segments)?;
+            // 1. the prefix: copied from its cache, or encoded normally
             let p = plan.prefix_len;
-            if p > 0 {
+            let kvd = model.cfg.kv_dim();
+            let prefix = prefix.filter(|c| p > 0 && c.tokens[..] == plan.tokens[..p]);
+            if let Some(pc) = prefix {
+                let mut st = Step::new(gpu);
+                for l in 0..model.cfg.num_hidden_layers {
+                    st.copy(&pc.k[l], 0, &cache.k[l], 0, (p * kvd * 2) as u64);
+                    st.copy(&pc.v[l], 0, &cache.v[l], 0, (p * kvd * 2) as u64);
+                }
+                st.submit();
+            } else if p > 0 {
                 run_chunked(
                     model,
                     &mut cache,
@@ -267,7 +281,6 @@ pub fn assemble_and_prefill(
                 )?;
             }
             // 2. copy each document's K/V into place; 3. rotate keys by their deltas
-            let kvd = model.cfg.kv_dim();
             let mut st = Step::new(gpu);
             for (span, dc) in plan.docs.iter().zip(docs) {
                 if dc.len() != span.len {
@@ -324,7 +337,8 @@ pub fn assemble_and_prefill(
             let pos: Vec<i32> = idx.iter().map(|&i| plan.positions[i]).collect();
             let sl: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
             let out = run_chunked(model, &mut cache, &toks, &pos, &sl, chunk, logits, greedy)?;
-            Ok((cache, out, assemble, p + idx.len()))
+            let computed = if prefix.is_some() { 0 } else { p } + idx.len();
+            Ok((cache, out, assemble, computed))
         }
     }
 }

@@ -49,6 +49,9 @@ pub struct Llama {
 
 /// The KV cache of one sequence: per layer f16 K and V `[capacity, kv_dim]`, plus the
 /// segment id of every slot (KVLINK.md §2; all zero = ordinary causal attention).
+/// `seg` holds `[capacity]` segment ids followed by `[capacity]` segment starts (the
+/// first slot of the run of equal ids a slot belongs to), so attention of a document
+/// token scans only its own document.
 pub struct KvCache {
     pub k: Vec<Tensor>,
     pub v: Vec<Tensor>,
@@ -78,7 +81,7 @@ impl KvCache {
                 &format!("v{l}"),
             )?);
         }
-        let seg = Tensor::zeros(gpu, &[capacity], DType::U32, "seg")?;
+        let seg = Tensor::zeros(gpu, &[2 * capacity], DType::U32, "seg")?;
         Ok(KvCache {
             k,
             v,
@@ -86,6 +89,20 @@ impl KvCache {
             capacity,
             len: 0,
         })
+    }
+
+    /// Set the segment id of slots `0..segs.len()` (the rest stay 0).
+    pub fn set_segments(&self, gpu: &Gpu, segs: &[u32]) -> Result<()> {
+        if segs.len() > self.capacity {
+            return Err(Error::Input(format!(
+                "{} segment ids for a cache of {} slots",
+                segs.len(),
+                self.capacity
+            )));
+        }
+        self.seg
+            .write_u32(gpu, &crate::ops::segment_words(segs, self.capacity));
+        Ok(())
     }
 
     /// Bytes of GPU memory held.

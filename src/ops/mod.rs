@@ -341,6 +341,21 @@ pub fn kv_write(
     Ok(())
 }
 
+/// The attention kernels' segment buffer for `segs` in a cache of `capacity` slots:
+/// `capacity` segment ids (0 past `segs`), then for each slot the first slot where its
+/// segment id occurs (0 for segment 0), where a document query starts scanning keys.
+pub fn segment_words(segs: &[u32], capacity: usize) -> Vec<u32> {
+    let mut words = vec![0u32; 2 * capacity];
+    words[..segs.len()].copy_from_slice(segs);
+    let mut first = std::collections::HashMap::new();
+    for (i, &s) in segs.iter().enumerate() {
+        if s != 0 {
+            words[capacity + i] = *first.entry(s).or_insert(i as u32);
+        }
+    }
+    words
+}
+
 /// Attention of `t` queries (f32 `[t, heads, head_dim]`, in cache slots `qslot`) over the
 /// cache with the KVLink segment mask (`seg` per cache slot; all zeros = causal).
 #[allow(clippy::too_many_arguments)]
@@ -369,6 +384,9 @@ pub fn attention(
     if t == 0 {
         return Ok(());
     }
+    need(seg.numel() % 2 == 0 && seg.numel() >= 2, || {
+        "attention: the segment buffer holds ids then starts (2 x slots)".into()
+    })?;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let params = [
         t as u32,
@@ -376,6 +394,7 @@ pub fn attention(
         kv_heads as u32,
         head_dim as u32,
         scale.to_bits(),
+        (seg.numel() / 2) as u32,
     ];
     let bufs = [q, kc, vc, qslot, seg, out];
     if step.serial() {
