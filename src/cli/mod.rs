@@ -266,12 +266,10 @@ pub(crate) fn open_source(m: &ModelArgs) -> Result<Box<dyn WeightSource>> {
     };
     if !path.exists() {
         let s = path.to_string_lossy();
-        if s.matches('/').count() == 1 && !s.starts_with('.') && !s.starts_with('/') {
-            bail!(
-                "model not found: {s} is neither a file nor a folder here. Download a \
-                 Hugging Face repository first (e.g. `huggingface-cli download {s} --local-dir \
-                 DIR`) and pass --model DIR"
-            );
+        if kvlink::model::hub::looks_like_repo(&s) {
+            // Not a file or folder here: a Hugging Face Hub repository id.
+            let dir = kvlink::model::hub::download(&s, true)?;
+            return Ok(open_model(&dir)?);
         }
         bail!("model not found: {}", path.display());
     }

@@ -119,11 +119,17 @@ pub struct Gpu {
     pub queue: wgpu::Queue,
     pub report: AdapterReport,
     pub limits: wgpu::Limits,
-    pipelines: Mutex<HashMap<&'static str, Arc<wgpu::ComputePipeline>>>,
+    pipelines: Mutex<HashMap<&'static str, Arc<Pipeline>>>,
     dummy: std::sync::OnceLock<Tensor>,
     profiling: bool,
     /// Per-kernel (dispatch count, GPU nanoseconds) when profiling.
     pub(crate) profile: Mutex<HashMap<&'static str, (u64, f64)>>,
+}
+
+/// A compiled kernel with its bind group layout (fetched once, not per dispatch).
+pub struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
 }
 
 /// A compute kernel: a WGSL source and an entry point. Kernels are compiled once per
@@ -284,7 +290,7 @@ impl Gpu {
             .clone()
     }
 
-    pub fn pipeline(&self, k: Kernel) -> Arc<wgpu::ComputePipeline> {
+    pub fn pipeline(&self, k: Kernel) -> Arc<Pipeline> {
         let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = cache.get(k.name) {
             return p.clone();
@@ -295,17 +301,18 @@ impl Gpu {
                 label: Some(k.name),
                 source: wgpu::ShaderSource::Wgsl(k.source.into()),
             });
-        let p = Arc::new(
-            self.device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(k.name),
-                    layout: None,
-                    module: &module,
-                    entry_point: Some(k.entry),
-                    compilation_options: Default::default(),
-                    cache: None,
-                }),
-        );
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(k.name),
+                layout: None,
+                module: &module,
+                entry_point: Some(k.entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        let layout = pipeline.get_bind_group_layout(0);
+        let p = Arc::new(Pipeline { pipeline, layout });
         cache.insert(k.name, p.clone());
         p
     }

@@ -4,7 +4,7 @@
 //! All parameters of the step go into one uniform buffer (256-byte slots), written once;
 //! each dispatch binds its slot at binding 0 and its storage buffers at 1..=n.
 
-use super::{Gpu, Kernel, Tensor};
+use super::{Gpu, Kernel, Pipeline, Tensor};
 use std::sync::Arc;
 
 /// A storage buffer bound to a dispatch (whole buffer).
@@ -13,7 +13,7 @@ pub type Binding = Arc<wgpu::Buffer>;
 enum Cmd {
     Dispatch {
         name: &'static str,
-        pipeline: Arc<wgpu::ComputePipeline>,
+        pipeline: Arc<Pipeline>,
         param_offset: u64,
         param_size: u64,
         buffers: Vec<Binding>,
@@ -143,7 +143,7 @@ impl<'g> Step<'g> {
                     }
                     Some(dev.create_bind_group(&wgpu::BindGroupDescriptor {
                         label: None,
-                        layout: &pipeline.get_bind_group_layout(0),
+                        layout: &pipeline.layout,
                         entries: &entries,
                     }))
                 }
@@ -184,7 +184,7 @@ impl<'g> Step<'g> {
                 else {
                     break;
                 };
-                pass.set_pipeline(pipeline);
+                pass.set_pipeline(&pipeline.pipeline);
                 pass.set_bind_group(0, groups[i].as_ref(), &[]);
                 pass.dispatch_workgroups(g[0], g[1], g[2]);
                 i += 1;
@@ -239,7 +239,7 @@ impl Step<'_> {
                         label: None,
                         timestamp_writes: tw,
                     });
-                    pass.set_pipeline(pipeline);
+                    pass.set_pipeline(&pipeline.pipeline);
                     pass.set_bind_group(0, groups[i].as_ref(), &[]);
                     pass.dispatch_workgroups(g[0], g[1], g[2]);
                 }
