@@ -31,6 +31,8 @@ pub struct Engine {
     docs: Mutex<Lru<DocKey, Arc<DocCache>>>,
     /// Document caches on disk, if enabled.
     store: Mutex<Option<DiskStore>>,
+    /// Attention capture is per engine: one capturing request at a time.
+    capture_lock: Mutex<()>,
 }
 
 /// Default GPU memory budget for resident document caches.
@@ -56,6 +58,27 @@ impl Request {
             raw: false,
             mode: Mode::Kvlink,
         }
+    }
+}
+
+/// Attention mass per prompt segment while answering (see `Engine::ask_with_attention`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AttentionCapture {
+    pub layers: usize,
+    pub heads: usize,
+    /// "prefix", "doc 1".., "links", "question", "answer".
+    pub groups: Vec<String>,
+    /// The generated tokens, one record each.
+    pub tokens: Vec<u32>,
+    /// `[token][layer][head][group]`; each (token, layer, head) row sums to 1.
+    pub mass: Vec<f32>,
+}
+
+impl AttentionCapture {
+    /// Mass of (token, layer, head, group).
+    pub fn at(&self, token: usize, layer: usize, head: usize, group: usize) -> f32 {
+        let g = self.groups.len();
+        self.mass[((token * self.layers + layer) * self.heads + head) * g + group]
     }
 }
 
@@ -155,6 +178,7 @@ impl Engine {
             tokenizer,
             docs: Mutex::new(Lru::new(DEFAULT_DOC_CACHE_BYTES)),
             store: Mutex::new(None),
+            capture_lock: Mutex::new(()),
         })
     }
 
@@ -641,6 +665,49 @@ impl Engine {
     pub fn request_logits(&self, req: &Request) -> Result<(PromptPlan, Vec<f32>, Timings)> {
         let (plan, _, out, tm) = self.start_request(req, 0, true, false)?;
         Ok((plan, out.logits, tm))
+    }
+
+    /// Like [`Engine::ask`], and also capture, for every generated token, the attention
+    /// mass each prompt segment receives per layer and head (computed on the GPU; costs
+    /// one extra small kernel per layer and step, only here).
+    pub fn ask_with_attention(
+        &self,
+        req: &Request,
+        params: &GenerateParams,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<(AskStats, AttentionCapture)> {
+        let _exclusive = self.capture_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = self.plan(req)?;
+        let (groups, names) = plan.groups();
+        let c = self.config();
+        let cap = Arc::new(crate::model::llama::MassCapture::new(
+            self.gpu(),
+            c,
+            &groups,
+            (plan.len() + params.max_tokens + 1).min(self.context),
+            names.len(),
+        )?);
+        self.model.set_capture(Some(cap.clone()));
+        let mut tokens = Vec::new();
+        let r = self.ask(req, params, |t| {
+            tokens.push(t);
+            on_token(t)
+        });
+        self.model.set_capture(None);
+        let stats = r?;
+        let records = std::mem::take(&mut *cap.records.lock().unwrap_or_else(|e| e.into_inner()));
+        let n = tokens.len().min(records.len());
+        tokens.truncate(n);
+        Ok((
+            stats,
+            AttentionCapture {
+                layers: c.num_hidden_layers,
+                heads: c.num_attention_heads,
+                groups: names,
+                tokens,
+                mass: records[..n].concat(),
+            },
+        ))
     }
 
     /// Answer a request, streaming tokens to `on_token` (false stops early).

@@ -513,3 +513,87 @@ fn ops_reject_bad_shapes() {
     assert!(ops::matmul(&mut s, &x, 0, 2, &w, None, &y, 0, false).is_err());
     assert!(Matrix::upload(g, 4, 7, &[0.0; 28], "odd").is_err());
 }
+
+#[test]
+fn attention_mass_matches_cpu_and_rows_sum_to_one() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    let (slots, heads, kvh, hd, n_groups) = (90usize, 6usize, 2usize, 64usize, 5usize);
+    let kv_dim = kvh * hd;
+    let kc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0)
+        .into_iter()
+        .map(f16r)
+        .collect();
+    let seg: Vec<u32> = (0..slots)
+        .map(|s| {
+            if (20..60).contains(&s) {
+                1 + (s as u32 - 20) / 20
+            } else {
+                0
+            }
+        })
+        .collect();
+    let group: Vec<u32> = (0..slots as u32).map(|s| s % n_groups as u32).collect();
+    let t = 3;
+    let qslot: Vec<u32> = vec![35, 89, 10]; // a document query, the last slot, a prefix query
+    let q = rand_vec(&mut rng, t * heads * hd, 1.0);
+    let qt = Tensor::from_f32(g, &[t, heads, hd], &q, "q").unwrap();
+    let kt = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &kc, "kc").unwrap();
+    let qs = Tensor::from_u32(g, &[t], &qslot, "qslot").unwrap();
+    let sg = Tensor::from_u32(g, &[2 * slots], &ops::segment_words(&seg, slots), "seg").unwrap();
+    let gr = Tensor::from_u32(g, &[slots], &group, "group").unwrap();
+    let out = nan_tensor(t * heads * n_groups);
+    run(|s| {
+        for row in 0..t {
+            ops::attention_mass(
+                s,
+                &qt,
+                row,
+                heads,
+                kvh,
+                hd,
+                &kt,
+                &qs,
+                &sg,
+                &gr,
+                n_groups,
+                &out,
+                row * heads * n_groups,
+            )
+            .unwrap();
+        }
+    });
+    let got = g.read_f32(&out).unwrap();
+    let mut want = vec![0.0f32; t * heads * n_groups];
+    for (row, &ts) in qslot.iter().enumerate() {
+        let ts = ts as usize;
+        for h in 0..heads {
+            let kh = h / (heads / kvh);
+            let qv = &q[(row * heads + h) * hd..][..hd];
+            let vis: Vec<usize> = (0..=ts)
+                .filter(|&s| seg[ts] == 0 || seg[s] == seg[ts])
+                .collect();
+            let sc: Vec<f32> = vis
+                .iter()
+                .map(|&s| {
+                    qv.iter()
+                        .zip(&kc[s * kv_dim + kh * hd..][..hd])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+                        / (hd as f32).sqrt()
+                })
+                .collect();
+            let m = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = sc.iter().map(|x| (x - m).exp()).sum();
+            for (&s, x) in vis.iter().zip(&sc) {
+                want[(row * heads + h) * n_groups + group[s] as usize] += (x - m).exp() / z;
+            }
+            let total: f32 = got[(row * heads + h) * n_groups..][..n_groups].iter().sum();
+            assert!(
+                (total - 1.0).abs() < 1e-4,
+                "row {row} head {h} sums to {total}"
+            );
+        }
+    }
+    assert_close(&got, &want, 1e-5, 1e-4, "attention_mass");
+}

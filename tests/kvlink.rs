@@ -197,3 +197,48 @@ fn document_caches_persist_on_disk_and_corrupt_entries_are_recomputed() {
     e.set_store(None);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn attention_mass_capture_matches_cpu_reference() {
+    // A small random model: the capture is about plumbing and arithmetic, not quality.
+    let src = kvlink::model::random::RandomModel::new("tiny", 3).unwrap();
+    let e = kvlink::Engine::load(common::gpu().clone(), &src, 512, &mut |_, _| {}).unwrap();
+    let mut rng = Rng::new();
+    let docs: Vec<String> = (0..3).map(|_| text(&mut rng, 8)).collect();
+    let mut req = Request::new(docs, "which?");
+    req.system = Some("sys".into());
+    req.mode = Mode::Masked;
+    let params = kvlink::GenerateParams {
+        max_tokens: 3,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let (_, cap) = e.ask_with_attention(&req, &params, |_| true).unwrap();
+    assert_eq!(cap.tokens.len(), 3);
+    assert_eq!(cap.groups.len(), 3 + 4);
+    let g = cap.groups.len();
+    for row in cap.mass.chunks(g) {
+        let s: f32 = row.iter().sum();
+        assert!((s - 1.0).abs() < 1e-3, "a row sums to {s}");
+    }
+    // first generated token: its query is the prompt's last row
+    let plan = e.plan(&req).unwrap();
+    let (groups, _) = plan.groups();
+    let r = RefModel::load(&src);
+    let attn = r.last_row_attention(&plan.tokens, &plan.positions, &plan.segments);
+    for (l, heads) in attn.iter().enumerate() {
+        for (h, w) in heads.iter().enumerate() {
+            let mut want = vec![0.0f32; g];
+            for (s, x) in w.iter().enumerate() {
+                want[groups[s] as usize] += x;
+            }
+            for (k, wk) in want.iter().enumerate() {
+                let got = cap.at(0, l, h, k);
+                assert!(
+                    (got - wk).abs() < 2e-3,
+                    "layer {l} head {h} group {k}: {got} vs {wk}"
+                );
+            }
+        }
+    }
+}

@@ -101,6 +101,8 @@ pub struct PromptPlan {
     pub positions: Vec<i32>,
     pub prefix_len: usize,
     pub docs: Vec<DocSpan>,
+    /// Where the tail (question + assistant header) starts.
+    pub tail_start: usize,
 }
 
 impl PromptPlan {
@@ -145,6 +147,7 @@ impl PromptPlan {
                 push(&mut tokens, &mut segments, eid, 0);
             }
         }
+        let tail_start = tokens.len();
         for &id in tail {
             push(&mut tokens, &mut segments, id, 0);
         }
@@ -155,6 +158,7 @@ impl PromptPlan {
             positions,
             prefix_len: prefix.len(),
             docs: spans,
+            tail_start,
         })
     }
 
@@ -163,6 +167,27 @@ impl PromptPlan {
     }
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
+    }
+
+    /// For inspection: a group per token (0 prefix, 1..=D documents, D+1 link tokens and
+    /// markers, D+2 the tail) and the group names, plus "answer" (D+3) for generated
+    /// tokens.
+    pub fn groups(&self) -> (Vec<u32>, Vec<String>) {
+        let d = self.docs.len() as u32;
+        let mut g = vec![d + 1; self.len()];
+        g[..self.prefix_len].fill(0);
+        for (j, span) in self.docs.iter().enumerate() {
+            g[span.start..span.start + span.len].fill(j as u32 + 1);
+        }
+        g[self.tail_start..].fill(d + 2);
+        let mut names = vec!["prefix".to_string()];
+        names.extend((1..=d).map(|j| format!("doc {j}")));
+        names.extend([
+            "links".to_string(),
+            "question".to_string(),
+            "answer".to_string(),
+        ]);
+        (g, names)
     }
 
     /// Indices of the seg-0 tokens after the prefix: what the reuse path computes.
@@ -216,6 +241,13 @@ mod tests {
         );
         assert_eq!(p.new_token_indices(), vec![2, 6, 7, 9, 10, 11, 12, 13]);
         assert_eq!(p.doc_tokens(0), &[10, 11, 12]);
+        assert_eq!(p.tail_start, 12);
+        let (g, names) = p.groups();
+        assert_eq!(g, vec![0, 0, 3, 1, 1, 1, 3, 3, 2, 3, 3, 3, 4, 4]);
+        assert_eq!(
+            names,
+            ["prefix", "doc 1", "doc 2", "links", "question", "answer"]
+        );
     }
 
     #[test]

@@ -45,6 +45,45 @@ pub struct Llama {
     lm_head: Option<Matrix>,
     inv_freq: Tensor,
     scratch: Mutex<Option<Scratch>>,
+    capture: Mutex<Option<Arc<MassCapture>>>,
+}
+
+/// Attention-mass capture (for inspection): while set on the model, every forward call
+/// that produces a token also records, for its last row, the softmax mass each group of
+/// key slots receives, per layer and head: one record `[layers][heads][n_groups]`.
+pub struct MassCapture {
+    /// Group index per cache slot (`[capacity]`, u32).
+    pub group: Tensor,
+    pub n_groups: usize,
+    out: Tensor,
+    pub records: Mutex<Vec<Vec<f32>>>,
+}
+
+impl MassCapture {
+    pub fn new(
+        gpu: &Gpu,
+        cfg: &ModelConfig,
+        groups: &[u32],
+        capacity: usize,
+        n_groups: usize,
+    ) -> Result<MassCapture> {
+        let mut g = groups.to_vec();
+        g.resize(
+            capacity.max(groups.len()),
+            n_groups.saturating_sub(1) as u32,
+        );
+        Ok(MassCapture {
+            group: Tensor::from_u32(gpu, &[g.len()], &g, "mass groups")?,
+            n_groups,
+            out: Tensor::zeros(
+                gpu,
+                &[cfg.num_hidden_layers * cfg.num_attention_heads * n_groups],
+                DType::F32,
+                "mass",
+            )?,
+            records: Mutex::new(Vec::new()),
+        })
+    }
 }
 
 /// The KV cache of one sequence: per layer f16 K and V `[capacity, kv_dim]`, plus the
@@ -268,6 +307,7 @@ impl Llama {
             lm_head,
             inv_freq,
             scratch: Mutex::new(None),
+            capture: Mutex::new(None),
         })
     }
 
@@ -288,6 +328,11 @@ impl Llama {
             }
         }
         b
+    }
+
+    /// Start (Some) or stop (None) attention-mass capture; see [`MassCapture`].
+    pub fn set_capture(&self, c: Option<Arc<MassCapture>>) {
+        *self.capture.lock().unwrap_or_else(|e| e.into_inner()) = c;
     }
 
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
@@ -382,6 +427,12 @@ impl Llama {
         let (d, qd, kvd, ff) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let eps = c.rms_norm_eps;
+        let capture = self
+            .capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let capture = capture.filter(|_| logit_rows > 0 || greedy);
         let mut st = Step::new(g);
         ops::embed(&mut st, &s.tokens, t, &self.embed, &s.x)?;
         for (i, l) in self.layers.iter().enumerate() {
@@ -414,6 +465,24 @@ impl Llama {
                 &cache.seg,
                 &s.att,
             )?;
+            if let Some(cap) = &capture {
+                let n = cap.n_groups;
+                ops::attention_mass(
+                    &mut st,
+                    &s.q,
+                    t - 1,
+                    nh,
+                    nkv,
+                    hd,
+                    &cache.k[i],
+                    &s.slots,
+                    &cache.seg,
+                    &cap.group,
+                    n,
+                    &cap.out,
+                    i * nh * n,
+                )?;
+            }
             ops::matmul(&mut st, &s.att, 0, t, &l.wo, None, &s.x, 0, true)?;
             ops::rms_norm(&mut st, &s.x, 0, t, &l.ffn_norm, &s.h, 0, eps)?;
             ops::matmul(&mut st, &s.h, 0, t, &l.w_gate, None, &s.gate, 0, false)?;
@@ -450,6 +519,13 @@ impl Llama {
             .unwrap_or(0);
         cache.len = cache.len.max(end);
         let mut out = ForwardOut::default();
+        if let Some(cap) = &capture {
+            let rec = g.read_f32(&cap.out)?;
+            cap.records
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(rec);
+        }
         if greedy {
             let id = g.read_u32(&s.token_out)?[0];
             if id as usize >= c.vocab_size {

@@ -27,6 +27,7 @@ pub mod kernels {
     kernel!(ATTENTION, "attention.wgsl", "attention");
     kernel!(ATTENTION_SERIAL, "attention.wgsl", "attention_serial");
     kernel!(EMBED, "embed.wgsl", "embed");
+    kernel!(ATTENTION_MASS, "attention_mass.wgsl", "attention_mass");
     kernel!(ADD, "elementwise.wgsl", "add");
     kernel!(SILU_MUL, "elementwise.wgsl", "silu_mul");
     kernel!(ARGMAX, "sample.wgsl", "argmax");
@@ -43,6 +44,7 @@ pub mod kernels {
         KV_WRITE,
         ATTENTION,
         ATTENTION_SERIAL,
+        ATTENTION_MASS,
         EMBED,
         ADD,
         SILU_MUL,
@@ -403,6 +405,53 @@ pub fn attention(
     } else {
         step.dispatch(ATTENTION, &params, &bufs, grid_1d((t * heads) as u32));
     }
+    Ok(())
+}
+
+/// Attention mass per group of key slots for query `row` of a batch, per head:
+/// `out[out_off + h * n_groups + g]` = softmax weight (KVLink mask as in `attention`)
+/// summed over visible keys s with `group[s] == g`. For inspection, not the hot path.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_mass(
+    step: &mut Step,
+    q: &Tensor,
+    row: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    kc: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    group: &Tensor,
+    n_groups: usize,
+    out: &Tensor,
+    out_off: usize,
+) -> Result<()> {
+    need(n_groups > 0, || "attention_mass: no groups".into())?;
+    need_len(q, (row + 1) * heads * head_dim, "attention_mass q")?;
+    need_len(qslot, row + 1, "attention_mass qslot")?;
+    need_len(out, out_off + heads * n_groups, "attention_mass out")?;
+    need(group.numel() * 2 >= seg.numel(), || {
+        "attention_mass: group per slot".into()
+    })?;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let params = [
+        row as u32,
+        heads as u32,
+        kv_heads as u32,
+        head_dim as u32,
+        scale.to_bits(),
+        (seg.numel() / 2) as u32,
+        n_groups as u32,
+        out_off as u32,
+    ];
+    let groups = [heads.div_ceil(32) as u32, 1, 1];
+    step.dispatch(
+        ATTENTION_MASS,
+        &params,
+        &[q, kc, qslot, seg, group, out],
+        groups,
+    );
     Ok(())
 }
 

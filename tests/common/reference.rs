@@ -172,6 +172,29 @@ impl RefModel {
         seg: &[u32],
         last_only: bool,
     ) -> Vec<Vec<f32>> {
+        self.forward_inner(tokens, positions, seg, last_only, None)
+    }
+
+    /// Attention weights of the last row: `[layer][head][key]` (keys 0..T).
+    pub fn last_row_attention(
+        &self,
+        tokens: &[u32],
+        positions: &[i32],
+        seg: &[u32],
+    ) -> Vec<Vec<Vec<f32>>> {
+        let mut out = Vec::new();
+        self.forward_inner(tokens, positions, seg, true, Some(&mut out));
+        out
+    }
+
+    fn forward_inner(
+        &self,
+        tokens: &[u32],
+        positions: &[i32],
+        seg: &[u32],
+        last_only: bool,
+        mut attn: Option<&mut Vec<Vec<Vec<f32>>>>,
+    ) -> Vec<Vec<f32>> {
         let c = &self.cfg;
         let (t, d, hd) = (tokens.len(), c.hidden_size, c.head_dim);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
@@ -201,6 +224,7 @@ impl RefModel {
                 }
             }
             let mut att = vec![0.0f32; t * nh * hd];
+            let mut layer_attn = vec![Vec::new(); nh];
             let scale = 1.0 / (hd as f32).sqrt();
             for ti in 0..t {
                 for hh in 0..nh {
@@ -219,6 +243,9 @@ impl RefModel {
                     let m = w.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                     w.iter_mut().for_each(|x| *x = (*x - m).exp());
                     let z: f32 = w.iter().sum();
+                    if ti == t - 1 {
+                        layer_attn[hh] = w.iter().map(|x| x / z).collect();
+                    }
                     let o = &mut att[(ti * nh + hh) * hd..][..hd];
                     for (s, ws) in w.iter().enumerate() {
                         let vv = &v[(s * nkv + kh) * hd..][..hd];
@@ -227,6 +254,9 @@ impl RefModel {
                         }
                     }
                 }
+            }
+            if let Some(a) = attn.as_deref_mut() {
+                a.push(layer_attn);
             }
             let o = linear(&att, &l.wo, t, nh * hd);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
