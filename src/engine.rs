@@ -360,6 +360,9 @@ impl Engine {
     }
 }
 
+/// (prefix, documents, tail) token ids of a request.
+pub type TokenizedRequest = (Vec<u32>, Vec<Vec<u32>>, Vec<u32>);
+
 /// Marks where the documents go when the chat template is rendered.
 const DOCS_SENTINEL: &str = "\u{1}KVLINK-DOCUMENTS\u{1}";
 
@@ -367,7 +370,7 @@ impl Engine {
     /// Tokenize a request into (prefix, documents, tail). The prefix and tail come from
     /// the chat template rendered around the user turn "<documents><question>"; each
     /// document is tokenized on its own (no special tokens added).
-    pub fn tokenize_request(&self, req: &Request) -> Result<(Vec<u32>, Vec<Vec<u32>>, Vec<u32>)> {
+    pub fn tokenize_request(&self, req: &Request) -> Result<TokenizedRequest> {
         if req.question.trim().is_empty() {
             return Err(Error::Input("the question is empty".into()));
         }

@@ -1,3 +1,4 @@
+#![allow(clippy::needless_range_loop)]
 //! Every WGSL kernel against a plain f32 CPU reference, on fresh random inputs, with
 //! output buffers poisoned (NaN) so elements a kernel forgets to write fail the check.
 //! Sizes are chosen to hit partial tiles (non-multiples of 64/16/256).

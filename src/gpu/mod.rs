@@ -79,7 +79,7 @@ fn report(index: usize, a: &wgpu::Adapter) -> AdapterReport {
         subgroups: f.contains(wgpu::Features::SUBGROUP),
         timestamps: f.contains(wgpu::Features::TIMESTAMP_QUERY),
         cooperative_matrix: f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
-        max_storage_buffer_binding_size: l.max_storage_buffer_binding_size as u64,
+        max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
         max_buffer_size: l.max_buffer_size,
         max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
     }
@@ -243,7 +243,9 @@ impl Gpu {
     /// Largest buffer we create: the storage binding limit (so any buffer can be bound
     /// whole) and the buffer size limit, whichever is smaller.
     pub fn max_buffer_bytes(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
     }
 
     /// CPU adapters (lavapipe, SwiftShader) run barrier-free variants of some kernels:

@@ -79,7 +79,7 @@ impl Tensor {
         label: &str,
     ) -> Result<Tensor> {
         let owned;
-        let data = if bytes.len() % 4 != 0 || bytes.is_empty() {
+        let data = if !bytes.len().is_multiple_of(4) || bytes.is_empty() {
             let mut v = bytes.to_vec();
             v.resize((bytes.len().div_ceil(4) * 4).max(4), 0);
             owned = v;

@@ -116,6 +116,7 @@ mod ms {
 
 /// Run `tokens` at `positions` into `slots` of `cache`, in chunks of at most `chunk`
 /// tokens (slots ascending). Logits/greedy token of the last token if asked.
+#[allow(clippy::too_many_arguments)]
 pub fn run_chunked(
     model: &Llama,
     cache: &mut KvCache,

@@ -54,14 +54,14 @@ impl ModelConfig {
         }
         if c.num_attention_heads == 0
             || c.num_key_value_heads == 0
-            || c.num_attention_heads % c.num_key_value_heads != 0
+            || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
         {
             return Err(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 c.num_attention_heads, c.num_key_value_heads
             ));
         }
-        if c.head_dim == 0 || c.head_dim % 2 != 0 || c.head_dim > 256 {
+        if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) || c.head_dim > 256 {
             return Err(format!("head_dim {} must be even and <= 256", c.head_dim));
         }
         if c.max_position_embeddings == 0 {
@@ -70,7 +70,11 @@ impl ModelConfig {
         if c.intermediate_size == 0 {
             return Err("intermediate_size must be > 0".into());
         }
-        if !(c.rope_theta > 0.0) || !(c.rms_norm_eps > 0.0) {
+        if c.rope_theta.is_nan()
+            || c.rope_theta <= 0.0
+            || c.rms_norm_eps.is_nan()
+            || c.rms_norm_eps <= 0.0
+        {
             return Err("rope_theta and rms_norm_eps must be > 0".into());
         }
         Ok(())

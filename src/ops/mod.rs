@@ -116,7 +116,7 @@ impl Matrix {
         need(data.len() == rows * cols, || {
             format!("{label}: expected {rows}x{cols} values, got {}", data.len())
         })?;
-        need(cols % 2 == 0 && cols > 0, || {
+        need(cols.is_multiple_of(2) && cols > 0, || {
             format!("{label}: column count {cols} must be even")
         })?;
         let max_rows = max_rows.max(1);
@@ -251,7 +251,7 @@ pub fn rope(
     need_len(x, t * heads * head_dim, "rope x")?;
     need_len(pos, t, "rope positions")?;
     need_len(inv_freq, head_dim / 2, "rope inv_freq")?;
-    need(head_dim % 2 == 0, || {
+    need(head_dim.is_multiple_of(2), || {
         format!("rope: head_dim {head_dim} must be even")
     })?;
     let n = t * heads * head_dim / 2;
@@ -291,7 +291,7 @@ pub fn rotate_keys(
     need_dtype(kc, DType::F16, "rotate_keys cache")?;
     need_len(kc, (slot0 + n) * kv_heads * head_dim, "rotate_keys cache")?;
     need_len(deltas, n, "rotate_keys deltas")?;
-    need(head_dim % 4 == 0, || {
+    need(head_dim.is_multiple_of(4), || {
         format!("rotate_keys: head_dim {head_dim} must be a multiple of 4")
     })?;
     let threads = n * kv_heads * head_dim / 4;
@@ -374,10 +374,10 @@ pub fn attention(
     seg: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
-    need(heads % kv_heads == 0, || {
+    need(heads.is_multiple_of(kv_heads), || {
         format!("attention: {heads} heads not a multiple of {kv_heads} kv heads")
     })?;
-    need(head_dim <= 256 && head_dim % 2 == 0, || {
+    need(head_dim <= 256 && head_dim.is_multiple_of(2), || {
         format!("attention: head_dim {head_dim} must be even and <= 256")
     })?;
     need_len(q, t * heads * head_dim, "attention q")?;
@@ -386,7 +386,7 @@ pub fn attention(
     if t == 0 {
         return Ok(());
     }
-    need(seg.numel() % 2 == 0 && seg.numel() >= 2, || {
+    need(seg.numel().is_multiple_of(2) && seg.numel() >= 2, || {
         "attention: the segment buffer holds ids then starts (2 x slots)".into()
     })?;
     let scale = 1.0 / (head_dim as f32).sqrt();
