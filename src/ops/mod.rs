@@ -25,7 +25,6 @@ pub mod kernels {
     kernel!(ROTATE_KEYS, "rope.wgsl", "rotate_keys");
     kernel!(KV_WRITE, "kv.wgsl", "kv_write");
     kernel!(ATTENTION, "attention.wgsl", "attention");
-    kernel!(ATTENTION_SERIAL, "attention.wgsl", "attention_serial");
     kernel!(EMBED, "embed.wgsl", "embed");
     kernel!(ATTENTION_MASS, "attention_mass.wgsl", "attention_mass");
     kernel!(ADD, "elementwise.wgsl", "add");
@@ -43,7 +42,6 @@ pub mod kernels {
         ROTATE_KEYS,
         KV_WRITE,
         ATTENTION,
-        ATTENTION_SERIAL,
         ATTENTION_MASS,
         EMBED,
         ADD,
@@ -398,13 +396,11 @@ pub fn attention(
         scale.to_bits(),
         (seg.numel() / 2) as u32,
     ];
+    // One kernel for every adapter: a barrier-free one-invocation-per-(query, head)
+    // variant gave NaNs on llvmpipe past ~1k keys (divergent loops over a 256-float
+    // private array), so CPU adapters run this one too.
     let bufs = [q, kc, vc, qslot, seg, out];
-    if step.serial() {
-        let groups = grid_1d((t * heads).div_ceil(64) as u32);
-        step.dispatch(ATTENTION_SERIAL, &params, &bufs, groups);
-    } else {
-        step.dispatch(ATTENTION, &params, &bufs, grid_1d((t * heads) as u32));
-    }
+    step.dispatch(ATTENTION, &params, &bufs, grid_1d((t * heads) as u32));
     Ok(())
 }
 
