@@ -144,9 +144,6 @@ pub fn run_chunked(
             if last { logits } else { Logits::None },
             last && greedy,
         )?;
-        if std::env::var_os("KVLINK_SYNC_CHUNKS").is_some() {
-            model.gpu().wait()?;
-        }
         i = end;
     }
     Ok(out)
