@@ -360,6 +360,15 @@ impl Engine {
     }
 }
 
+/// A request prefilled up to its first token: its plan, KV cache, the last row's output
+/// (logits and/or greedy token) and the TTFT breakdown so far.
+pub type Started = (
+    PromptPlan,
+    KvCache,
+    crate::model::llama::ForwardOut,
+    Timings,
+);
+
 /// (prefix, documents, tail) token ids of a request.
 pub type TokenizedRequest = (Vec<u32>, Vec<Vec<u32>>, Vec<u32>);
 
@@ -585,12 +594,7 @@ impl Engine {
         extra: usize,
         want_logits: bool,
         greedy: bool,
-    ) -> Result<(
-        PromptPlan,
-        KvCache,
-        crate::model::llama::ForwardOut,
-        Timings,
-    )> {
+    ) -> Result<Started> {
         let t0 = Instant::now();
         let plan = self.plan(req)?;
         self.start_plan(plan, req.mode, t0, extra, want_logits, greedy)
@@ -605,12 +609,7 @@ impl Engine {
         extra: usize,
         want_logits: bool,
         greedy: bool,
-    ) -> Result<(
-        PromptPlan,
-        KvCache,
-        crate::model::llama::ForwardOut,
-        Timings,
-    )> {
+    ) -> Result<Started> {
         let mut tm = Timings {
             prompt_tokens: plan.len(),
             ..Default::default()

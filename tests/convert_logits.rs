@@ -5,38 +5,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::tempdir::TempDir;
 
 use kvlink::model::open_model;
 use kvlink::sampling::{argmax, log_softmax};
 use kvlink::Engine;
-
-/// A fresh, empty directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "kvlink-convert-logits-{}-{nanos}-{tag}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 const PROMPTS: &[&str] = &[
     "The capital of France is",

@@ -1,8 +1,11 @@
 //! HF folder loading, conversion and random weights.
 
+mod common;
+
+use common::tempdir::TempDir;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kvlink::model::convert::write_hf_folder;
 use kvlink::model::hf::{canonical_tensors, parse_config, HfModel};
@@ -13,36 +16,6 @@ use kvlink::model::{HostTensor, ModelConfig, Tokenizer, WeightSource};
 use kvlink::Error;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A fresh, unique, empty directory under the system temp dir (removed on drop).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "kvlink-hf-test-{}-{n}-{nanos}-{tag}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn f16_round(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()

@@ -1,11 +1,15 @@
 //! Host-side document KV cache: disk store, keys, hashes, LRU index.
 
+mod common;
+
+use common::tempdir::TempDir;
+
 use kvlink::kv::{
     checksum64, fnv1a64, xxh64, DiskStore, DocKey, DocKv, Lookup, Lru, Xxh64, CACHE_FORMAT_VERSION,
 };
 use std::collections::HashSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,34 +18,6 @@ const MODEL: &str = "model:smollm2-135m:q4_1:abc123";
 const TOK: &str = "tok:smollm2:def456";
 
 // --- helpers ------------------------------------------------------------------------------
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "kvlink-kvtest-{name}-{}-{nanos}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Rng(u64);
 

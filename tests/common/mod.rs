@@ -63,3 +63,4 @@ pub fn rand_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
 
 pub mod model;
 pub mod reference;
+pub mod tempdir;
