@@ -9,7 +9,6 @@ mod common;
 use common::model::{engine, source};
 use common::reference::RefModel;
 use common::Rng;
-use kvlink::sampling::{argmax, log_softmax};
 use kvlink::{Mode, Request};
 
 const WORDS: &[&str] = &[
@@ -60,17 +59,7 @@ fn text(rng: &mut Rng, n: usize) -> String {
         .join(" ")
 }
 
-/// Max |Δ logprob| over b's top-10, and whether the argmax agrees.
-fn diff(a: &[f32], b: &[f32]) -> (f32, bool) {
-    let (la, lb) = (log_softmax(a), log_softmax(b));
-    let mut idx: Vec<usize> = (0..lb.len()).collect();
-    idx.sort_by(|&x, &y| lb[y].total_cmp(&lb[x]));
-    let worst = idx[..10]
-        .iter()
-        .map(|&i| (la[i] - lb[i]).abs())
-        .fold(0.0, f32::max);
-    (worst, argmax(a) == argmax(b))
-}
+use common::top10_diff as diff;
 
 fn logits(req: &Request, mode: Mode) -> (kvlink::PromptPlan, Vec<f32>) {
     let mut r = req.clone();

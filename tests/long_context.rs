@@ -8,16 +8,7 @@ use kvlink::link::run_chunked;
 use kvlink::model::llama::Logits;
 use kvlink::sampling::{argmax, log_softmax};
 
-fn diff(a: &[f32], b: &[f32]) -> (f32, bool) {
-    let (la, lb) = (log_softmax(a), log_softmax(b));
-    let mut idx: Vec<usize> = (0..lb.len()).collect();
-    idx.sort_by(|&x, &y| lb[y].total_cmp(&lb[x]));
-    let worst = idx[..10]
-        .iter()
-        .map(|&i| (la[i] - lb[i]).abs())
-        .fold(0.0, f32::max);
-    (worst, argmax(a) == argmax(b))
-}
+use common::top10_diff as diff;
 
 fn long_ids(n: usize) -> Vec<u32> {
     let text = "The river flows through the old city, past the castle and the library. \

@@ -5,7 +5,6 @@ mod common;
 
 use common::model::{engine, source};
 use common::reference::RefModel;
-use kvlink::sampling::{argmax, log_softmax};
 use kvlink::GenerateParams;
 use std::sync::OnceLock;
 
@@ -14,18 +13,7 @@ fn reference() -> &'static RefModel {
     R.get_or_init(|| RefModel::load(source().as_ref()))
 }
 
-/// Max |Δ logprob| over the reference's top-10, and whether the argmax agrees.
-fn compare(gpu_logits: &[f32], ref_logits: &[f32]) -> (f32, bool) {
-    let a = log_softmax(gpu_logits);
-    let b = log_softmax(ref_logits);
-    let mut idx: Vec<usize> = (0..b.len()).collect();
-    idx.sort_by(|&x, &y| b[y].total_cmp(&b[x]));
-    let worst = idx[..10]
-        .iter()
-        .map(|&i| (a[i] - b[i]).abs())
-        .fold(0.0, f32::max);
-    (worst, argmax(gpu_logits) == argmax(ref_logits))
-}
+use common::top10_diff as compare;
 
 #[test]
 fn logits_match_cpu_reference() {

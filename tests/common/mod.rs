@@ -64,3 +64,17 @@ pub fn rand_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
 pub mod model;
 pub mod reference;
 pub mod tempdir;
+
+/// Max |Δ logprob| over `b`'s ten most likely tokens, and whether the argmax agrees:
+/// how the tests compare two sets of next-token logits.
+pub fn top10_diff(a: &[f32], b: &[f32]) -> (f32, bool) {
+    use kvlink::sampling::{argmax, log_softmax};
+    let (la, lb) = (log_softmax(a), log_softmax(b));
+    let mut idx: Vec<usize> = (0..lb.len()).collect();
+    idx.sort_by(|&x, &y| lb[y].total_cmp(&lb[x]));
+    let worst = idx[..10]
+        .iter()
+        .map(|&i| (la[i] - lb[i]).abs())
+        .fold(0.0, f32::max);
+    (worst, argmax(a) == argmax(b))
+}
