@@ -596,3 +596,71 @@ fn attention_mass_matches_cpu_and_rows_sum_to_one() {
     }
     assert_close(&got, &want, 1e-5, 1e-4, "attention_mass");
 }
+
+// ---- Step bind-group cache and the fused decode kernels ----
+
+/// Steps with the same dispatches over the same buffers reuse their bind groups (no
+/// per-step creation) and still see each step's own parameters; buffers dropped and
+/// reallocated between steps never hit a stale bind group.
+#[test]
+fn step_cache_reuses_bind_groups_with_fresh_params() {
+    // A device of its own, so other tests' steps do not move the counters.
+    let g = kvlink::gpu::Gpu::new(&kvlink::gpu::AdapterChoice::from_env()).unwrap();
+    let g = &*g;
+    let mut rng = Rng::new();
+    let (n, k) = (37usize, 24usize);
+    let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
+        .into_iter()
+        .map(f16r)
+        .collect();
+    let wm = Matrix::upload(g, n, k, &w, "w").unwrap();
+    let x = rand_vec(&mut rng, 3 * k, 1.0);
+    let xt = Tensor::from_f32(g, &[3, k], &x, "x").unwrap();
+    let yt = Tensor::from_f32(g, &[3, n], &vec![f32::NAN; 3 * n], "y").unwrap();
+    let mut created = Vec::new();
+    for round in 0..6 {
+        for serial in [false, true] {
+            // The row (a parameter) changes every step; the buffers do not.
+            let row = round % 3;
+            let mut s = Step::new(g);
+            s.set_serial(serial);
+            ops::matmul(&mut s, &xt, row, 1, &wm, None, &yt, row, false).unwrap();
+            ops::add(&mut s, &xt, &xt, 0).unwrap();
+            assert_eq!(s.dispatch_count(), 1);
+            s.submit();
+            let got = g.read_f32(&yt).unwrap();
+            let want = cpu_matmul(&x[row * k..(row + 1) * k], &w, 1, n, k);
+            assert_close(
+                &got[row * n..(row + 1) * n],
+                &want,
+                1e-3,
+                1e-4,
+                &format!("round {round} serial {serial}"),
+            );
+        }
+        created.push(g.step_stats().bind_groups_created);
+    }
+    // Two kernels (serial and not), created in the first round only.
+    assert_eq!(created[0], 2, "{created:?}");
+    assert!(created.iter().all(|&c| c == 2), "{created:?}");
+    let st = g.step_stats();
+    assert_eq!(st.dispatches, 12);
+
+    // Fresh buffers each round (the old ones dropped): results stay right.
+    for round in 0..5 {
+        let x = rand_vec(&mut rng, k, 1.0);
+        let xt = Tensor::from_f32(g, &[1, k], &x, "x").unwrap();
+        let yt = Tensor::from_f32(g, &[1, n], &vec![f32::NAN; n], "y").unwrap();
+        let mut s = Step::new(g);
+        ops::matmul(&mut s, &xt, 0, 1, &wm, None, &yt, 0, false).unwrap();
+        s.submit();
+        let got = g.read_f32(&yt).unwrap();
+        assert_close(
+            &got,
+            &cpu_matmul(&x, &w, 1, n, k),
+            1e-3,
+            1e-4,
+            &format!("fresh {round}"),
+        );
+    }
+}

@@ -5,7 +5,7 @@
 mod step;
 mod tensor;
 
-pub use step::{grid_1d, Binding, Step};
+pub use step::{grid_1d, Binding, Step, StepStats};
 pub use tensor::{DType, Tensor};
 
 use crate::error::{Error, Result};
@@ -120,6 +120,8 @@ pub struct Gpu {
     pub report: AdapterReport,
     pub limits: wgpu::Limits,
     pipelines: Mutex<HashMap<&'static str, Arc<Pipeline>>>,
+    /// The steps' parameter buffer and bind group cache (see `step.rs`).
+    steps: Mutex<step::StepState>,
     dummy: std::sync::OnceLock<Tensor>,
     profiling: bool,
     /// Per-kernel (dispatch count, GPU nanoseconds) when profiling.
@@ -198,6 +200,8 @@ impl Gpu {
         limits.max_bind_groups = al.max_bind_groups.min(4);
         if limits.max_compute_invocations_per_workgroup < 256
             || limits.max_compute_workgroup_storage_size < 16384
+        // Step parameters are packed at this alignment (64 on NVIDIA, 256 by default).
+        limits.min_uniform_buffer_offset_alignment = al.min_uniform_buffer_offset_alignment;
             || limits.max_storage_buffers_per_shader_stage < 6
         {
             return Err(Error::Gpu(format!(
@@ -235,6 +239,7 @@ impl Gpu {
             pipelines: Mutex::new(HashMap::new()),
             dummy: std::sync::OnceLock::new(),
             profiling: std::env::var_os("KVLINK_PROFILE").is_some_and(|v| v != "0")
+            steps: Mutex::new(step::StepState::default()),
                 && features.contains(wgpu::Features::TIMESTAMP_QUERY),
             profile: Mutex::new(HashMap::new()),
         }))

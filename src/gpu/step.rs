@@ -1,14 +1,114 @@
 //! [`Step`]: one forward step recorded into one command encoder and one submit.
 //!
 //! Ops append dispatches (kernel, a few words of parameters, storage buffers) and copies.
-//! All parameters of the step go into one uniform buffer (256-byte slots), written once;
-//! each dispatch binds its slot at binding 0 and its storage buffers at 1..=n.
+//! All parameters of the step go into one uniform buffer that lives as long as the
+//! device ([`StepState`]), at aligned offsets, written with `queue.write_buffer` right
+//! before the submit; each dispatch binds its slot at binding 0 and its storage buffers
+//! at 1..=n.
+//!
+//! Bind groups are cached across steps, keyed by (pipeline, parameter slot, buffers):
+//! a decode step records the same dispatches in the same order as the one before it, so
+//! in steady state no bind group and no buffer is created per step. Why this is safe:
+//! - `write_buffer` is ordered on the queue timeline: its copy runs after every earlier
+//!   submit and before the commands of the next one, so rewriting the parameters for
+//!   step n+1 cannot change what step n reads, even while step n still runs. The write
+//!   and the submit happen under one lock, so two threads' steps cannot interleave.
+//! - Buffers are keyed by the address of their `Arc`; each cache entry holds a `Weak`
+//!   to every buffer it binds, which keeps that address from being reused while the
+//!   entry exists. Entries whose buffers were dropped are swept before every submit
+//!   (a bind group holds its buffers' GPU memory, so a dropped KV cache must not
+//!   linger), and the cache is bounded.
 
 use super::{Gpu, Kernel, Pipeline, Tensor};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 
 /// A storage buffer bound to a dispatch (whole buffer).
 pub type Binding = Arc<wgpu::Buffer>;
+
+/// Most storage buffers a cached bind group may have (more: created per step).
+const MAX_KEY_BUFFERS: usize = 8;
+/// Bind groups kept at most; past this, entries unused for a few steps go first.
+const MAX_CACHED: usize = 4096;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct BindKey {
+    pipeline: usize,
+    param_offset: u32,
+    param_size: u32,
+    n: u8,
+    buffers: [usize; MAX_KEY_BUFFERS],
+}
+
+struct CachedGroup {
+    group: wgpu::BindGroup,
+    buffers: Vec<Weak<wgpu::Buffer>>,
+    last_used: u64,
+}
+
+/// Per-device state shared by all steps: the parameter buffer and the bind group cache.
+#[derive(Default)]
+pub struct StepState {
+    params: Option<wgpu::Buffer>,
+    params_size: u64,
+    groups: HashMap<BindKey, CachedGroup>,
+    submits: u64,
+    dispatches: u64,
+    /// Bind groups created since the device was opened (tests and profiling read it).
+    created: u64,
+}
+
+impl StepState {
+    /// Make the parameter buffer hold `bytes`; a new buffer drops every cached group
+    /// (they bind the old one).
+    fn reserve_params(&mut self, dev: &wgpu::Device, bytes: u64) {
+        if self.params.is_some() && self.params_size >= bytes {
+            return;
+        }
+        let size = bytes.next_power_of_two().max(64 * 1024);
+        self.params = Some(dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("step params"),
+            size,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }));
+        self.params_size = size;
+        self.groups.clear();
+    }
+
+    /// Drop groups whose buffers are gone; bound the cache.
+    fn sweep(&mut self) {
+        self.groups
+            .retain(|_, g| g.buffers.iter().all(|w| w.strong_count() > 0));
+        if self.groups.len() > MAX_CACHED {
+            let recent = self.submits.saturating_sub(4);
+            self.groups.retain(|_, g| g.last_used >= recent);
+            if self.groups.len() > MAX_CACHED {
+                self.groups.clear();
+            }
+        }
+    }
+}
+
+/// Counters over the device's lifetime, for tests and profiling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepStats {
+    pub submits: u64,
+    pub dispatches: u64,
+    pub bind_groups_created: u64,
+}
+
+impl Gpu {
+    /// Steps submitted, dispatches recorded in them and bind groups created so far.
+    pub fn step_stats(&self) -> StepStats {
+        let s = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        StepStats {
+            submits: s.submits,
+            dispatches: s.dispatches,
+            bind_groups_created: s.created,
+        }
+    }
+}
 
 enum Cmd {
     Dispatch {
@@ -35,7 +135,8 @@ pub struct Step<'g> {
     cmds: Vec<Cmd>,
 }
 
-const SLOT: usize = 256;
+/// Largest parameter block of one dispatch, in bytes.
+const MAX_PARAMS: usize = 256;
 
 impl<'g> Step<'g> {
     pub fn new(gpu: &'g Gpu) -> Step<'g> {
@@ -61,19 +162,29 @@ impl<'g> Step<'g> {
         self.serial = serial;
     }
 
+    /// Dispatches recorded so far.
+    pub fn dispatch_count(&self) -> usize {
+        self.cmds
+            .iter()
+            .filter(|c| matches!(c, Cmd::Dispatch { .. }))
+            .count()
+    }
+
     /// Record a dispatch. `params` are the kernel's uniform words (u32 or f32 bits).
     pub fn dispatch(&mut self, k: Kernel, params: &[u32], bufs: &[&Tensor], groups: [u32; 3]) {
-        debug_assert!(params.len() * 4 <= SLOT);
-        let off = self.params.len();
-        let mut words = params.to_vec();
-        words.resize(params.len().div_ceil(4).max(1) * 4, 0);
-        self.params.extend_from_slice(bytemuck::cast_slice(&words));
-        self.params.resize(off + SLOT, 0);
+        debug_assert!(params.len() * 4 <= MAX_PARAMS);
+        let align = (self.gpu.limits.min_uniform_buffer_offset_alignment as usize).max(16);
+        let off = self.params.len().div_ceil(align) * align;
+        // Uniform structs are sized in 16-byte units; at least one unit.
+        let size = (params.len() * 4).div_ceil(16).max(1) * 16;
+        self.params.resize(off, 0);
+        self.params.extend_from_slice(bytemuck::cast_slice(params));
+        self.params.resize(off + size, 0);
         self.cmds.push(Cmd::Dispatch {
             name: k.name,
             pipeline: self.gpu.pipeline(k),
             param_offset: off as u64,
-            param_size: (words.len() * 4) as u64,
+            param_size: size as u64,
             buffers: bufs.iter().map(|t| t.buf.clone()).collect(),
             groups,
         });
@@ -107,15 +218,15 @@ impl<'g> Step<'g> {
             return;
         }
         let dev = &self.gpu.device;
-        let ubuf = (!self.params.is_empty()).then(|| {
-            use wgpu::util::DeviceExt;
-            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("step params"),
-                contents: &self.params,
-                usage: wgpu::BufferUsages::UNIFORM,
-            })
-        });
-        // Bind groups first: they must outlive the pass that uses them.
+        // Held from the parameter write to the submit (see the module docs).
+        let mut state = self.gpu.steps.lock().unwrap_or_else(|e| e.into_inner());
+        state.submits += 1;
+        state.sweep();
+        if !self.params.is_empty() {
+            state.reserve_params(dev, self.params.len() as u64);
+            let pbuf = state.params.as_ref().expect("params buffer reserved");
+            self.gpu.queue.write_buffer(pbuf, 0, &self.params);
+        }
         let groups: Vec<Option<wgpu::BindGroup>> = self
             .cmds
             .iter()
@@ -126,30 +237,11 @@ impl<'g> Step<'g> {
                     param_size,
                     buffers,
                     ..
-                } => {
-                    let mut entries = vec![wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: ubuf.as_ref().expect("params present"),
-                            offset: *param_offset,
-                            size: wgpu::BufferSize::new(*param_size),
-                        }),
-                    }];
-                    for (i, b) in buffers.iter().enumerate() {
-                        entries.push(wgpu::BindGroupEntry {
-                            binding: i as u32 + 1,
-                            resource: b.as_entire_binding(),
-                        });
-                    }
-                    Some(dev.create_bind_group(&wgpu::BindGroupDescriptor {
-                        label: None,
-                        layout: &pipeline.layout,
-                        entries: &entries,
-                    }))
-                }
+                } => Some(state.bind_group(dev, pipeline, *param_offset, *param_size, buffers)),
                 Cmd::Copy { .. } => None,
             })
             .collect();
+        state.dispatches += groups.iter().filter(|g| g.is_some()).count() as u64;
         let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("step"),
         });
@@ -191,6 +283,73 @@ impl<'g> Step<'g> {
             }
         }
         self.gpu.queue.submit([enc.finish()]);
+        drop(state);
+    }
+}
+
+impl StepState {
+    /// The bind group of one dispatch: from the cache, else created (and cached when
+    /// its key fits).
+    fn bind_group(
+        &mut self,
+        dev: &wgpu::Device,
+        pipeline: &Arc<Pipeline>,
+        param_offset: u64,
+        param_size: u64,
+        buffers: &[Binding],
+    ) -> wgpu::BindGroup {
+        let key = (buffers.len() <= MAX_KEY_BUFFERS).then(|| {
+            let mut k = BindKey {
+                pipeline: Arc::as_ptr(pipeline) as usize,
+                param_offset: param_offset as u32,
+                param_size: param_size as u32,
+                n: buffers.len() as u8,
+                buffers: [0; MAX_KEY_BUFFERS],
+            };
+            for (slot, b) in k.buffers.iter_mut().zip(buffers) {
+                *slot = Arc::as_ptr(b) as usize;
+            }
+            k
+        });
+        let now = self.submits;
+        if let Some(c) = key.as_ref().and_then(|k| self.groups.get_mut(k)) {
+            c.last_used = now;
+            return c.group.clone();
+        }
+        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        if let Some(pbuf) = &self.params {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: pbuf,
+                    offset: param_offset,
+                    size: wgpu::BufferSize::new(param_size),
+                }),
+            });
+        }
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: b.as_entire_binding(),
+            });
+        }
+        let group = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.layout,
+            entries: &entries,
+        });
+        self.created += 1;
+        if let Some(k) = key {
+            self.groups.insert(
+                k,
+                CachedGroup {
+                    group: group.clone(),
+                    buffers: buffers.iter().map(Arc::downgrade).collect(),
+                    last_used: now,
+                },
+            );
+        }
+        group
     }
 }
 
