@@ -664,3 +664,74 @@ fn step_cache_reuses_bind_groups_with_fresh_params() {
         );
     }
 }
+
+/// The flash-attention kernel with several key splits (split-K plus the combine pass)
+/// against the CPU reference: decode-like (one query), KVLink-like (a few queries over a
+/// long segmented cache) and prefill-like (every slot a query, several row tiles).
+#[test]
+fn flash_attention_splits_match_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    for &(slots, heads, kvh, hd, nq, segmented) in &[
+        (300, 4, 1, 64, 1, false),
+        (333, 9, 3, 64, 5, true),
+        (97, 2, 2, 32, 97, false),
+        (140, 4, 2, 128, 9, true),
+        (70, 14, 2, 64, 70, true),
+    ] {
+        let kv_dim = kvh * hd;
+        let kc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0)
+            .into_iter()
+            .map(f16r)
+            .collect();
+        let vc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0)
+            .into_iter()
+            .map(f16r)
+            .collect();
+        let seg: Vec<u32> = (0..slots)
+            .map(|s| {
+                if !segmented || s < slots / 5 || s >= slots * 4 / 5 {
+                    0
+                } else {
+                    1 + (s * 3 / slots) as u32
+                }
+            })
+            .collect();
+        let qslot: Vec<u32> = if nq == slots {
+            (0..slots as u32).collect()
+        } else {
+            let mut v = vec![(slots - 1) as u32, (slots / 2) as u32];
+            while v.len() < nq {
+                v.push(rng.below(slots as u32));
+            }
+            v.truncate(nq);
+            v
+        };
+        let t = qslot.len();
+        let q = rand_vec(&mut rng, t * heads * hd, 1.0);
+        let qt = Tensor::from_f32(g, &[t, heads, hd], &q, "q").unwrap();
+        let kt = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &kc, "kc").unwrap();
+        let vt = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vc, "vc").unwrap();
+        let qs = Tensor::from_u32(g, &[t], &qslot, "qslot").unwrap();
+        let words = ops::segment_words(&seg, slots);
+        let sg = Tensor::from_u32(g, &[2 * slots], &words, "seg").unwrap();
+        let want = cpu_attention(&q, &kc, &vc, &qslot, &seg, heads, kvh, hd);
+        let (k, br) = match hd {
+            32 => (ops::kernels::FLASH_D32, 32),
+            64 => (ops::kernels::FLASH_D64, 32),
+            _ => (ops::kernels::FLASH_D128, 16),
+        };
+        for splits in [1, 3, 16] {
+            let out = nan_tensor(t * heads * hd);
+            run(|s| {
+                ops::flash_attention(
+                    s, &qt, t, heads, kvh, hd, &kt, &vt, &qs, &sg, &out, k, br, splits,
+                )
+                .unwrap()
+            });
+            let got = g.read_f32(&out).unwrap();
+            let what = format!("flash slots={slots} h={heads}/{kvh} hd={hd} t={t} splits={splits}");
+            assert_close(&got, &want, 1e-4, 1e-3, &what);
+        }
+    }
+}

@@ -123,6 +123,8 @@ pub struct Gpu {
     /// The steps' parameter buffer and bind group cache (see `step.rs`).
     steps: Mutex<step::StepState>,
     dummy: std::sync::OnceLock<Tensor>,
+    /// Named scratch buffers reused across steps (e.g. attention split partials).
+    scratch: Mutex<HashMap<&'static str, Tensor>>,
     profiling: bool,
     /// Per-kernel (dispatch count, GPU nanoseconds) when profiling.
     pub(crate) profile: Mutex<HashMap<&'static str, (u64, f64)>>,
@@ -198,10 +200,10 @@ impl Gpu {
         limits.max_compute_workgroup_size_y = al.max_compute_workgroup_size_y;
         limits.max_compute_workgroups_per_dimension = al.max_compute_workgroups_per_dimension;
         limits.max_bind_groups = al.max_bind_groups.min(4);
-        if limits.max_compute_invocations_per_workgroup < 256
-            || limits.max_compute_workgroup_storage_size < 16384
         // Step parameters are packed at this alignment (64 on NVIDIA, 256 by default).
         limits.min_uniform_buffer_offset_alignment = al.min_uniform_buffer_offset_alignment;
+        if limits.max_compute_invocations_per_workgroup < 256
+            || limits.max_compute_workgroup_storage_size < 16384
             || limits.max_storage_buffers_per_shader_stage < 6
         {
             return Err(Error::Gpu(format!(
@@ -237,9 +239,10 @@ impl Gpu {
             report: rep,
             limits,
             pipelines: Mutex::new(HashMap::new()),
-            dummy: std::sync::OnceLock::new(),
-            profiling: std::env::var_os("KVLINK_PROFILE").is_some_and(|v| v != "0")
             steps: Mutex::new(step::StepState::default()),
+            dummy: std::sync::OnceLock::new(),
+            scratch: Mutex::new(HashMap::new()),
+            profiling: std::env::var_os("KVLINK_PROFILE").is_some_and(|v| v != "0")
                 && features.contains(wgpu::Features::TIMESTAMP_QUERY),
             profile: Mutex::new(HashMap::new()),
         }))
@@ -295,6 +298,22 @@ impl Gpu {
                 }
             })
             .clone()
+    }
+
+    /// A scratch f32 buffer of at least `words` elements, kept under `name` and grown
+    /// when needed. Work on one queue runs in order, so steps may share it as long as
+    /// each dispatch that reads it follows the one that wrote it.
+    pub fn scratch(&self, name: &'static str, words: usize) -> Result<Tensor> {
+        let mut cache = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(name) {
+            if t.numel() >= words {
+                return Ok(t.clone());
+            }
+        }
+        let n = words.max(4).next_power_of_two();
+        let t = Tensor::zeros(self, &[n], DType::F32, name)?;
+        cache.insert(name, t.clone());
+        Ok(t)
     }
 
     pub fn pipeline(&self, k: Kernel) -> Arc<Pipeline> {

@@ -30,6 +30,33 @@ pub mod kernels {
     kernel!(ADD, "elementwise.wgsl", "add");
     kernel!(SILU_MUL, "elementwise.wgsl", "silu_mul");
     kernel!(ARGMAX, "sample.wgsl", "argmax");
+    kernel!(
+        ATTENTION_COMBINE,
+        "attention_combine.wgsl",
+        "attention_combine"
+    );
+
+    /// Flash attention specialised for one head size (the host fixes `D` and the rows
+    /// per workgroup `BR` so the tiles fit 32 KiB of workgroup memory).
+    macro_rules! flash {
+        ($name:ident, $d:literal, $br:literal) => {
+            pub const $name: Kernel = Kernel {
+                name: concat!("flash_attention.wgsl::flash_attention_d", $d),
+                source: concat!(
+                    "const D: u32 = ",
+                    $d,
+                    "u;\nconst BR: u32 = ",
+                    $br,
+                    "u;\n",
+                    include_str!("../../shaders/flash_attention.wgsl")
+                ),
+                entry: "flash_attention",
+            };
+        };
+    }
+    flash!(FLASH_D32, 32, 32);
+    flash!(FLASH_D64, 64, 32);
+    flash!(FLASH_D128, 128, 16);
 
     /// Every kernel, for validation tests.
     pub const ALL: &[Kernel] = &[
@@ -47,6 +74,10 @@ pub mod kernels {
         ADD,
         SILU_MUL,
         ARGMAX,
+        ATTENTION_COMBINE,
+        FLASH_D32,
+        FLASH_D64,
+        FLASH_D128,
     ];
 }
 use kernels::*;
@@ -388,19 +419,133 @@ pub fn attention(
         "attention: the segment buffer holds ids then starts (2 x slots)".into()
     })?;
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let cap = seg.numel() / 2;
+    if let Some((k, br)) = flash_kernel(head_dim) {
+        let splits = if step.serial() {
+            1
+        } else {
+            attention_splits(t, heads, kv_heads, cap, head_dim, br)
+        };
+        return flash_attention(
+            step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, k, br, splits,
+        );
+    }
     let params = [
         t as u32,
         heads as u32,
         kv_heads as u32,
         head_dim as u32,
         scale.to_bits(),
-        (seg.numel() / 2) as u32,
+        cap as u32,
     ];
-    // One kernel for every adapter: a barrier-free one-invocation-per-(query, head)
-    // variant gave NaNs on llvmpipe past ~1k keys (divergent loops over a 256-float
-    // private array), so CPU adapters run this one too.
+    // Head sizes without a flash variant: one workgroup per (query, head). (A
+    // barrier-free one-invocation-per-(query, head) variant gave NaNs on llvmpipe past
+    // ~1k keys, so CPU adapters run this one too.)
     let bufs = [q, kc, vc, qslot, seg, out];
     step.dispatch(ATTENTION, &params, &bufs, grid_1d((t * heads) as u32));
+    Ok(())
+}
+
+/// The flash-attention kernel for a head size and its rows per workgroup.
+fn flash_kernel(head_dim: usize) -> Option<(Kernel, usize)> {
+    match head_dim {
+        32 => Some((FLASH_D32, 32)),
+        64 => Some((FLASH_D64, 32)),
+        128 => Some((FLASH_D128, 16)),
+        _ => None,
+    }
+}
+
+/// Key splits for a GPU: enough workgroups to fill a large GPU (~256) when there are
+/// few queries, never more splits than key tiles (of 32) in the cache, and a bounded
+/// scratch buffer.
+fn attention_splits(
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    cap: usize,
+    head_dim: usize,
+    br: usize,
+) -> usize {
+    let base = (t * heads / kv_heads).div_ceil(br) * kv_heads;
+    let tiles = cap.div_ceil(32).max(1);
+    let by_scratch = (16usize << 20) / (t * heads * (head_dim + 4)).max(1);
+    256usize
+        .div_ceil(base)
+        .min(tiles)
+        .min(64)
+        .min(by_scratch)
+        .max(1)
+}
+
+/// [`attention`] with its flash kernel and an explicit number of key splits (> 1 adds
+/// a combine pass over a scratch buffer). Public so tests can check every split count.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention(
+    step: &mut Step,
+    q: &Tensor,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    kc: &Tensor,
+    vc: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    out: &Tensor,
+    kernel: Kernel,
+    br: usize,
+    splits: usize,
+) -> Result<()> {
+    need((1..=1024).contains(&splits), || {
+        format!("attention: {splits} key splits")
+    })?;
+    let cap = seg.numel() / 2;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let rows = t * (heads / kv_heads);
+    let params = [
+        t as u32,
+        heads as u32,
+        kv_heads as u32,
+        cap as u32,
+        scale.to_bits(),
+        splits as u32,
+        u32_of(rows, "attention rows")?,
+        0,
+    ];
+    let groups = [
+        u32_of(rows.div_ceil(br), "attention row tiles")?,
+        kv_heads as u32,
+        splits as u32,
+    ];
+    if splits == 1 {
+        let dummy = step.gpu().dummy();
+        step.dispatch(
+            kernel,
+            &params,
+            &[q, kc, vc, qslot, seg, out, &dummy],
+            groups,
+        );
+        return Ok(());
+    }
+    let r = t * heads;
+    let part = step
+        .gpu()
+        .scratch("attention splits", splits * r * (head_dim + 4))?;
+    step.dispatch(
+        kernel,
+        &params,
+        &[q, kc, vc, qslot, seg, out, &part],
+        groups,
+    );
+    let d4 = head_dim / 4;
+    let combine = [r as u32, d4 as u32, splits as u32, 0];
+    step.dispatch(
+        ATTENTION_COMBINE,
+        &combine,
+        &[&part, out],
+        grid_1d(u32_of((r * d4).div_ceil(64), "attention combine")?),
+    );
     Ok(())
 }
 

@@ -1,0 +1,30 @@
+// Merge the key splits of flash_attention.wgsl: for each output row, the splits'
+// unnormalised outputs and (max, sum) pairs combine by the log-sum-exp rule.
+// part: [splits, R, D/4] vec4 outputs, then [splits, R] vec4 (max, sum, -, -).
+
+struct Params { R: u32, d4: u32, splits: u32, _pad: u32 }
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> part: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> O: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn attention_combine(@builtin(global_invocation_id) gid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 64u;
+    if (i >= p.R * p.d4) { return; }
+    let r = i / p.d4;
+    let c = i % p.d4;
+    let ml = p.splits * p.R * p.d4;
+    var m = -3.4e38;
+    for (var z = 0u; z < p.splits; z++) { m = max(m, part[ml + z * p.R + r].x); }
+    var l = 0.0;
+    var o = vec4<f32>(0.0);
+    for (var z = 0u; z < p.splits; z++) {
+        let s = part[ml + z * p.R + r];
+        let w = exp(s.x - m);
+        l += s.y * w;
+        o += part[(z * p.R + r) * p.d4 + c] * w;
+    }
+    O[i] = o / l;
+}
