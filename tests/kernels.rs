@@ -665,6 +665,344 @@ fn step_cache_reuses_bind_groups_with_fresh_params() {
     }
 }
 
+/// The GEMV kernels one by one (the generic one for any even K, the vec4 one for
+/// K % 8 == 0, the serial one), at odd row counts, with bias / accumulate / row offsets
+/// and split matrices.
+#[test]
+fn matvec_variants_match_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    // (n, k, max rows per part)
+    for &(n, k, split) in &[
+        (1, 8, 1000),
+        (7, 40, 1000),
+        (67, 576, 1000),
+        (9, 2056, 4),
+        (130, 64, 33),
+        (33, 1030, 1000),
+    ] {
+        for &(bias, acc, serial) in &[
+            (false, false, false),
+            (true, true, false),
+            (true, false, true),
+            (false, true, true),
+        ] {
+            let x0 = 3;
+            let x = rand_vec(&mut rng, (x0 + 1) * k, 1.0);
+            let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
+                .into_iter()
+                .map(f16r)
+                .collect();
+            let b = rand_vec(&mut rng, n, 1.0);
+            let y_init = rand_vec(&mut rng, (x0 + 1) * n, 1.0);
+            let mut init = y_init.clone();
+            if !acc {
+                init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
+            }
+            let xt = Tensor::from_f32(g, &[x0 + 1, k], &x, "x").unwrap();
+            let wm = Matrix::upload_split(g, n, k, &w, split, "w").unwrap();
+            let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
+            let yt = Tensor::from_f32(g, &[x0 + 1, n], &init, "y").unwrap();
+            run_variant(serial, |s| {
+                ops::matmul(s, &xt, x0, 1, &wm, bias.then_some(&bt), &yt, x0, acc).unwrap()
+            });
+            let got = g.read_f32(&yt).unwrap();
+            let mut want = cpu_matmul(&x[x0 * k..], &w, 1, n, k);
+            for j in 0..n {
+                want[j] +=
+                    if bias { b[j] } else { 0.0 } + if acc { y_init[x0 * n + j] } else { 0.0 };
+            }
+            let what =
+                format!("matvec n={n} k={k} split={split} bias={bias} acc={acc} serial={serial}");
+            assert_close(&got[x0 * n..], &want, 2e-3, 1e-4, &what);
+            assert_eq!(
+                &got[..x0 * n],
+                &init[..x0 * n],
+                "{what}: wrote outside its row"
+            );
+        }
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Gate|up projection with SwiGLU: the fused GEMV (both kernels and the serial one),
+/// the prefill path (GEMM + silu_mul_split) and the split-matrix fallback.
+#[test]
+fn matmul_swiglu_matches_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    // (m, ff, k, max rows per part of the [2 ff, k] matrix)
+    for &(m, ff, k, split) in &[
+        (1, 1, 8, 1000),
+        (1, 37, 64, 1000),
+        (1, 29, 38, 1000),
+        (1, 300, 576, 1000),
+        (1, 21, 40, 16),
+        (5, 37, 64, 1000),
+        (67, 45, 38, 1000),
+        (3, 21, 40, 16),
+    ] {
+        for serial in [false, true] {
+            let x = rand_vec(&mut rng, m * k, 1.0);
+            let w: Vec<f32> = rand_vec(&mut rng, 2 * ff * k, 1.0)
+                .into_iter()
+                .map(f16r)
+                .collect();
+            let xt = Tensor::from_f32(g, &[m, k], &x, "x").unwrap();
+            let wm = Matrix::upload_split(g, 2 * ff, k, &w, split, "w").unwrap();
+            let gu = nan_tensor(m * 2 * ff);
+            let act = nan_tensor(m * ff + 3);
+            run_variant(serial, |s| {
+                ops::matmul_swiglu(s, &xt, m, &wm, &gu, &act).unwrap()
+            });
+            let got = g.read_f32(&act).unwrap();
+            let proj = cpu_matmul(&x, &w, m, 2 * ff, k);
+            let want: Vec<f32> = (0..m * ff)
+                .map(|i| {
+                    let (r, j) = (i / ff, i % ff);
+                    silu(proj[r * 2 * ff + j]) * proj[r * 2 * ff + ff + j]
+                })
+                .collect();
+            let what = format!("swiglu m={m} ff={ff} k={k} split={split} serial={serial}");
+            assert_close(&got[..m * ff], &want, 2e-3, 1e-3, &what);
+            assert!(
+                got[m * ff..].iter().all(|v| v.is_nan()),
+                "{what}: wrote past act"
+            );
+        }
+    }
+}
+
+/// Fused RoPE + KV write: Q rotated into its own buffer, K rotated and V copied into
+/// the f16 caches at the given slots, other slots untouched; both pairings.
+#[test]
+fn rope_kv_matches_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    for &interleaved in &[false, true] {
+        for &(t, nh, nkv, hd, slots) in &[(1, 9, 3, 64, 20), (5, 4, 2, 32, 11), (3, 2, 1, 128, 4)] {
+            let (qd, kvd) = (nh * hd, nkv * hd);
+            let row = qd + 2 * kvd;
+            let qkv = rand_vec(&mut rng, t * row, 1.0);
+            let mut perm: Vec<u32> = (0..slots as u32).collect();
+            rng.shuffle(&mut perm);
+            let slot_of = &perm[..t];
+            let pos: Vec<i32> = (0..t).map(|_| rng.below(9000) as i32).collect();
+            let mut idx = slot_of.to_vec();
+            idx.extend(pos.iter().map(|&p| p as u32));
+            let inv = inv_freq(hd, 10000.0);
+            let qkv_t = Tensor::from_f32(g, &[t, row], &qkv, "qkv").unwrap();
+            let idx_t = Tensor::from_u32(g, &[2 * t], &idx, "idx").unwrap();
+            let inv_t = Tensor::from_f32(g, &[hd / 2], &inv, "inv").unwrap();
+            let q = nan_tensor(t * qd);
+            let nan16 = vec![f32::NAN; slots * kvd];
+            let kc = Tensor::from_f32_as_f16(g, &[slots, kvd], &nan16, "kc").unwrap();
+            let vc = Tensor::from_f32_as_f16(g, &[slots, kvd], &nan16, "vc").unwrap();
+            run(|s| {
+                ops::rope_kv(
+                    s,
+                    &qkv_t,
+                    t,
+                    nh,
+                    nkv,
+                    hd,
+                    &idx_t,
+                    &inv_t,
+                    interleaved,
+                    &q,
+                    &kc,
+                    &vc,
+                )
+                .unwrap()
+            });
+            let got_q = g.read_f32(&q).unwrap();
+            let got_k = g.read_f32(&kc).unwrap();
+            let got_v = g.read_f32(&vc).unwrap();
+            let mut want_q = vec![0.0; t * qd];
+            let mut want_k = vec![f32::NAN; slots * kvd];
+            let mut want_v = vec![f32::NAN; slots * kvd];
+            for ti in 0..t {
+                let r = &qkv[ti * row..(ti + 1) * row];
+                for h in 0..nh {
+                    let mut v = r[h * hd..(h + 1) * hd].to_vec();
+                    cpu_rope(&mut v, pos[ti] as f32, &inv, interleaved);
+                    want_q[(ti * nh + h) * hd..][..hd].copy_from_slice(&v);
+                }
+                let sl = slot_of[ti] as usize;
+                for h in 0..nkv {
+                    let mut v = r[qd + h * hd..qd + (h + 1) * hd].to_vec();
+                    cpu_rope(&mut v, pos[ti] as f32, &inv, interleaved);
+                    for (d, x) in v.iter().enumerate() {
+                        want_k[sl * kvd + h * hd + d] = f16r(*x);
+                    }
+                }
+                for d in 0..kvd {
+                    want_v[sl * kvd + d] = f16r(r[qd + kvd + d]);
+                }
+            }
+            let what = format!("rope_kv t={t} nh={nh} nkv={nkv} hd={hd} il={interleaved}");
+            assert_close(&got_q, &want_q, 2e-3, 1e-3, &format!("{what} q"));
+            for (name, got, want) in [("k", &got_k, &want_k), ("v", &got_v, &want_v)] {
+                for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+                    if b.is_nan() {
+                        assert!(a.is_nan(), "{what} {name}: element {i} written ({a})");
+                    } else {
+                        assert!(
+                            (a - b).abs() <= 4e-3 + 2e-3 * b.abs(),
+                            "{what} {name}: element {i}: got {a}, want {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn cpu_rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let ss: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+    let inv = 1.0 / (ss / x.len() as f64 + eps as f64).sqrt();
+    x.iter()
+        .zip(w)
+        .map(|(&v, &g)| (v as f64 * inv) as f32 * g)
+        .collect()
+}
+
+/// RMSNorm fused into the GEMV (vec4 kernel, K % 8 == 0) and its two-dispatch fallback
+/// (other K, the serial kernels), plain and SwiGLU, with bias / accumulate / offsets.
+#[test]
+fn rms_norm_matvec_matches_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    let eps = 1e-5;
+    // (n, k, max rows per part)
+    for &(n, k, split) in &[
+        (1, 8, 100),
+        (67, 576, 1000),
+        (45, 40, 16),
+        (21, 38, 1000),
+        (300, 2048, 1000),
+    ] {
+        for &(bias, acc, serial) in &[
+            (false, false, false),
+            (true, true, false),
+            (true, false, true),
+            (false, true, true),
+        ] {
+            let x0 = 2;
+            let x = rand_vec(&mut rng, (x0 + 1) * k, 2.0);
+            let nw: Vec<f32> = rand_vec(&mut rng, k, 0.5).iter().map(|v| 1.0 + v).collect();
+            let w: Vec<f32> = rand_vec(&mut rng, 2 * n * k, 1.0)
+                .into_iter()
+                .map(f16r)
+                .collect();
+            let b = rand_vec(&mut rng, n, 1.0);
+            let y_init = rand_vec(&mut rng, (x0 + 1) * n, 1.0);
+            let mut init = y_init.clone();
+            if !acc {
+                init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
+            }
+            let xt = Tensor::from_f32(g, &[x0 + 1, k], &x, "x").unwrap();
+            let nwt = Tensor::from_f32(g, &[k], &nw, "nw").unwrap();
+            let wm = Matrix::upload_split(g, n, k, &w[..n * k], split, "w").unwrap();
+            let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
+            let yt = Tensor::from_f32(g, &[x0 + 1, n], &init, "y").unwrap();
+            let h = nan_tensor(k);
+            run_variant(serial, |s| {
+                let bias = bias.then_some(&bt);
+                ops::rms_norm_matvec(s, &xt, x0, &nwt, eps, &h, &wm, bias, &yt, x0, acc).unwrap()
+            });
+            let got = g.read_f32(&yt).unwrap();
+            let xn = cpu_rms_norm(&x[x0 * k..], &nw, eps);
+            let mut want = cpu_matmul(&xn, &w[..n * k], 1, n, k);
+            for j in 0..n {
+                want[j] +=
+                    if bias { b[j] } else { 0.0 } + if acc { y_init[x0 * n + j] } else { 0.0 };
+            }
+            let what = format!(
+                "rms_norm_matvec n={n} k={k} split={split} bias={bias} acc={acc} serial={serial}"
+            );
+            assert_close(&got[x0 * n..], &want, 3e-3, 1e-3, &what);
+            assert_eq!(
+                &got[..x0 * n],
+                &init[..x0 * n],
+                "{what}: wrote outside its row"
+            );
+
+            // SwiGLU: W = [gate; up], 2n rows.
+            let wm = Matrix::upload_split(g, 2 * n, k, &w, split.max(2 * n), "w").unwrap();
+            let xt = Tensor::from_f32(g, &[k], &x[x0 * k..], "x").unwrap();
+            let gu = nan_tensor(2 * n);
+            let act = nan_tensor(n + 1);
+            run_variant(serial, |s| {
+                ops::rms_norm_matvec_swiglu(s, &xt, &nwt, eps, &h, &wm, &gu, &act).unwrap()
+            });
+            let got = g.read_f32(&act).unwrap();
+            let proj = cpu_matmul(&xn, &w, 1, 2 * n, k);
+            let want: Vec<f32> = (0..n).map(|j| silu(proj[j]) * proj[n + j]).collect();
+            assert_close(&got[..n], &want, 3e-3, 1e-3, &format!("{what} swiglu"));
+            assert!(got[n].is_nan(), "{what} swiglu: wrote past act");
+        }
+    }
+}
+
+/// The fused model path (stacked Q|K|V with Qwen2 biases, rope_kv, SwiGLU GEMV, the
+/// norms fused into decode GEMVs) against the CPU reference forward on a random
+/// tiny-qwen2: a prefill with logits for every row, then two decode steps.
+#[test]
+fn fused_forward_with_qkv_biases_matches_cpu_reference() {
+    use kvlink::model::llama::{Batch, Llama, Logits};
+    use kvlink::model::random::RandomModel;
+    use kvlink::model::WeightSource;
+    let g = gpu();
+    let src = RandomModel::new("tiny-qwen2", 3).unwrap();
+    assert!(src.config().attention_bias);
+    let model = Llama::load(g.clone(), &src, &mut |_, _| {}).unwrap();
+    let reference = common::reference::RefModel::load(&src);
+    let mut rng = Rng::new();
+    let vocab = src.config().vocab_size as u32;
+    let tokens: Vec<u32> = (0..9).map(|_| rng.below(vocab)).collect();
+    let positions: Vec<i32> = (0..9).collect();
+    let mut cache = model.new_cache(32).unwrap();
+    let check = |got: &[f32], want: &[f32], what: &str| {
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert_close(got, want, 2e-3 * scale.max(1.0), 2e-3, what);
+    };
+    // Prefill 7 tokens (all rows' logits), then decode the rest one by one.
+    let slots: Vec<u32> = (0..7).collect();
+    let batch = Batch {
+        tokens: &tokens[..7],
+        positions: &positions[..7],
+        slots: &slots,
+    };
+    let out = model
+        .forward(&mut cache, &batch, Logits::All, false)
+        .unwrap();
+    let want = reference.forward(&tokens[..7], &positions[..7], &[0; 7], false);
+    let v = vocab as usize;
+    for r in 0..7 {
+        check(
+            &out.logits[r * v..(r + 1) * v],
+            &want[r],
+            &format!("prefill row {r}"),
+        );
+    }
+    for i in 7..9 {
+        let batch = Batch {
+            tokens: &tokens[i..i + 1],
+            positions: &positions[i..i + 1],
+            slots: &[i as u32],
+        };
+        let out = model
+            .forward(&mut cache, &batch, Logits::Last, true)
+            .unwrap();
+        let want = reference.forward(&tokens[..=i], &positions[..=i], &vec![0; i + 1], true);
+        check(&out.logits, &want[0], &format!("decode token {i}"));
+    }
+}
+
 /// The flash-attention kernel with several key splits (split-K plus the combine pass)
 /// against the CPU reference: decode-like (one query), KVLink-like (a few queries over a
 /// long segmented cache) and prefill-like (every slot a query, several row tiles).

@@ -12,6 +12,13 @@
 //! ```
 //! Activations are f32, weights and the KV cache f16. Everything for one call is
 //! recorded into one [`Step`] and submitted once.
+//!
+//! Fewer, larger dispatches (decode is bound by per-dispatch cost): Wq|Wk|Wv are one
+//! matrix (one projection into `qkv`), rope + the cache write are one kernel, Wg|Wu are
+//! one matrix whose GEMV applies silu(g) * u itself, and the residual adds ride on the
+//! Wo and Wd projections (accumulate into x). In decode (one token) on GPU adapters
+//! the GEMVs also apply the RMSNorm before them. Six dispatches per layer then: qkv,
+//! rope_kv, attention, wo, gate_up, down.
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Step, Tensor};
@@ -22,16 +29,14 @@ use std::sync::{Arc, Mutex};
 
 struct Layer {
     attn_norm: Tensor,
-    wq: Matrix,
-    wk: Matrix,
-    wv: Matrix,
+    /// Wq, Wk, Wv stacked: `[q_dim + 2 kv_dim, hidden]`.
+    wqkv: Matrix,
+    /// Their biases stacked the same way (Qwen2).
+    bqkv: Option<Tensor>,
     wo: Matrix,
-    bq: Option<Tensor>,
-    bk: Option<Tensor>,
-    bv: Option<Tensor>,
     ffn_norm: Tensor,
-    w_gate: Matrix,
-    w_up: Matrix,
+    /// Wgate, Wup stacked: `[2 ff, hidden]`.
+    w_gate_up: Matrix,
     w_down: Matrix,
 }
 
@@ -161,15 +166,15 @@ struct Scratch {
     logit_rows: usize,
     x: Tensor,
     h: Tensor,
+    qkv: Tensor,
     q: Tensor,
-    k: Tensor,
-    v: Tensor,
     att: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    /// Gate|up projection (prefill only; decode fuses SwiGLU into the GEMV).
+    gu: Tensor,
+    act: Tensor,
     tokens: Tensor,
-    pos: Tensor,
-    slots: Tensor,
+    /// Cache slots of the batch's tokens, then their positions (`[2 t]`).
+    idx: Tensor,
     last: Tensor,
     logits: Tensor,
     token_out: Tensor,
@@ -217,6 +222,32 @@ fn load_matrix(
     rows: usize,
     cols: usize,
 ) -> Result<Matrix> {
+    let data = load_host_matrix(src, name, rows, cols)?;
+    Matrix::upload(gpu, rows, cols, &data, name)
+}
+
+/// Several `[rows_i, cols]` weights stacked by rows into one matrix (one GEMV for all).
+fn load_stacked(
+    src: &dyn WeightSource,
+    gpu: &Gpu,
+    parts: &[(&str, usize)],
+    cols: usize,
+    label: &str,
+) -> Result<Matrix> {
+    let mut data = Vec::new();
+    for &(name, rows) in parts {
+        data.extend(load_host_matrix(src, name, rows, cols)?);
+    }
+    let rows = parts.iter().map(|p| p.1).sum();
+    Matrix::upload(gpu, rows, cols, &data, label)
+}
+
+fn load_host_matrix(
+    src: &dyn WeightSource,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
     let t = src.load(name)?;
     if t.shape != [rows, cols] {
         return Err(Error::BadModel {
@@ -233,7 +264,7 @@ fn load_matrix(
             msg: format!("tensor {name} holds a non-finite value at element {i}"),
         });
     }
-    Matrix::upload(gpu, rows, cols, &t.data, name)
+    Ok(t.data)
 }
 
 impl Llama {
@@ -266,25 +297,35 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = |s: &str| n::layer(i, s);
-            let bias = |s: &str, len: usize| -> Result<Option<Tensor>> {
-                if cfg.attention_bias {
-                    Ok(Some(load_vec(src, g, &l(s), len)?))
-                } else {
-                    Ok(None)
+            let bqkv = if cfg.attention_bias {
+                let mut b = Vec::with_capacity(qd + 2 * kvd);
+                for (name, len) in [(n::Q_BIAS, qd), (n::K_BIAS, kvd), (n::V_BIAS, kvd)] {
+                    let t = src.load(&l(name))?;
+                    if t.numel() != len {
+                        return Err(Error::BadModel {
+                            path: src.describe().into(),
+                            msg: format!(
+                                "tensor {} has shape {:?}, expected [{len}]",
+                                l(name),
+                                t.shape
+                            ),
+                        });
+                    }
+                    b.extend(t.data);
                 }
+                Some(Tensor::from_f32(g, &[b.len()], &b, &l("qkv_bias"))?)
+            } else {
+                None
             };
+            let (q, k, v) = (l(n::Q), l(n::K), l(n::V));
+            let (gate, up) = (l(n::GATE), l(n::UP));
             layers.push(Layer {
                 attn_norm: load_vec(src, g, &l(n::ATTN_NORM), d)?,
-                wq: load_matrix(src, g, &l(n::Q), qd, d)?,
-                wk: load_matrix(src, g, &l(n::K), kvd, d)?,
-                wv: load_matrix(src, g, &l(n::V), kvd, d)?,
+                wqkv: load_stacked(src, g, &[(&q, qd), (&k, kvd), (&v, kvd)], d, &l("qkv"))?,
+                bqkv,
                 wo: load_matrix(src, g, &l(n::O), d, qd)?,
-                bq: bias(n::Q_BIAS, qd)?,
-                bk: bias(n::K_BIAS, kvd)?,
-                bv: bias(n::V_BIAS, kvd)?,
                 ffn_norm: load_vec(src, g, &l(n::FFN_NORM), d)?,
-                w_gate: load_matrix(src, g, &l(n::GATE), ff, d)?,
-                w_up: load_matrix(src, g, &l(n::UP), ff, d)?,
+                w_gate_up: load_stacked(src, g, &[(&gate, ff), (&up, ff)], d, &l("gate_up"))?,
                 w_down: load_matrix(src, g, &l(n::DOWN), d, ff)?,
             });
             tick(progress, 9);
@@ -323,7 +364,7 @@ impl Llama {
     pub fn weight_bytes(&self) -> u64 {
         let mut b = self.embed.bytes() + self.lm_head.as_ref().map_or(0, |m| m.bytes());
         for l in &self.layers {
-            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+            for m in [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down] {
                 b += m.bytes();
             }
         }
@@ -362,15 +403,21 @@ impl Llama {
                 logit_rows,
                 x: f(rows * c.hidden_size, "x")?,
                 h: f(rows * c.hidden_size, "h")?,
+                qkv: f(rows * (c.q_dim() + 2 * c.kv_dim()), "qkv")?,
                 q: f(rows * c.q_dim(), "q")?,
-                k: f(rows * c.kv_dim(), "k")?,
-                v: f(rows * c.kv_dim(), "v")?,
                 att: f(rows * c.q_dim(), "att")?,
-                gate: f(rows * c.intermediate_size, "gate")?,
-                up: f(rows * c.intermediate_size, "up")?,
+                // Decode never touches it: keep it small until a prefill needs it.
+                gu: f(
+                    if rows > 1 {
+                        rows * 2 * c.intermediate_size
+                    } else {
+                        1
+                    },
+                    "gu",
+                )?,
+                act: f(rows * c.intermediate_size, "act")?,
                 tokens: u(rows, "tokens")?,
-                pos: u(rows, "pos")?,
-                slots: u(rows, "slots")?,
+                idx: u(2 * rows, "slots+pos")?,
                 last: f(logit_rows * c.hidden_size, "last")?,
                 logits: f(logit_rows * c.vocab_size, "logits")?,
                 token_out: u(4, "token_out")?,
@@ -421,10 +468,11 @@ impl Llama {
         let guard = self.scratch(t, logit_rows.max(1))?;
         let s = guard.as_ref().expect("scratch allocated");
         s.tokens.write_u32(g, batch.tokens);
-        s.pos.write_u32(g, bytemuck::cast_slice(batch.positions));
-        s.slots.write_u32(g, batch.slots);
+        let mut idx = Vec::with_capacity(2 * t);
+        idx.extend_from_slice(batch.slots);
+        idx.extend(batch.positions.iter().map(|&p| p as u32));
+        s.idx.write_u32(g, &idx);
 
-        let (d, qd, kvd, ff) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let eps = c.rms_norm_eps;
         let capture = self
@@ -436,21 +484,27 @@ impl Llama {
         let mut st = Step::new(g);
         ops::embed(&mut st, &s.tokens, t, &self.embed, &s.x)?;
         for (i, l) in self.layers.iter().enumerate() {
-            ops::rms_norm(&mut st, &s.x, 0, t, &l.attn_norm, &s.h, 0, eps)?;
-            ops::matmul(&mut st, &s.h, 0, t, &l.wq, l.bq.as_ref(), &s.q, 0, false)?;
-            ops::matmul(&mut st, &s.h, 0, t, &l.wk, l.bk.as_ref(), &s.k, 0, false)?;
-            ops::matmul(&mut st, &s.h, 0, t, &l.wv, l.bv.as_ref(), &s.v, 0, false)?;
-            ops::rope(&mut st, &s.q, t, nh, hd, &s.pos, &self.inv_freq, false)?;
-            ops::rope(&mut st, &s.k, t, nkv, hd, &s.pos, &self.inv_freq, false)?;
-            ops::kv_write(
+            let bqkv = l.bqkv.as_ref();
+            if t == 1 {
+                let (x, h, nw) = (&s.x, &s.h, &l.attn_norm);
+                ops::rms_norm_matvec(&mut st, x, 0, nw, eps, h, &l.wqkv, bqkv, &s.qkv, 0, false)?;
+            } else {
+                ops::rms_norm(&mut st, &s.x, 0, t, &l.attn_norm, &s.h, 0, eps)?;
+                ops::matmul(&mut st, &s.h, 0, t, &l.wqkv, bqkv, &s.qkv, 0, false)?;
+            }
+            ops::rope_kv(
                 &mut st,
-                &s.k,
-                &s.v,
+                &s.qkv,
                 t,
-                &s.slots,
+                nh,
+                nkv,
+                hd,
+                &s.idx,
+                &self.inv_freq,
+                false,
+                &s.q,
                 &cache.k[i],
                 &cache.v[i],
-                kvd,
             )?;
             ops::attention(
                 &mut st,
@@ -461,7 +515,7 @@ impl Llama {
                 hd,
                 &cache.k[i],
                 &cache.v[i],
-                &s.slots,
+                &s.idx,
                 &cache.seg,
                 &s.att,
             )?;
@@ -475,7 +529,7 @@ impl Llama {
                     nkv,
                     hd,
                     &cache.k[i],
-                    &s.slots,
+                    &s.idx,
                     &cache.seg,
                     &cap.group,
                     n,
@@ -484,11 +538,14 @@ impl Llama {
                 )?;
             }
             ops::matmul(&mut st, &s.att, 0, t, &l.wo, None, &s.x, 0, true)?;
-            ops::rms_norm(&mut st, &s.x, 0, t, &l.ffn_norm, &s.h, 0, eps)?;
-            ops::matmul(&mut st, &s.h, 0, t, &l.w_gate, None, &s.gate, 0, false)?;
-            ops::matmul(&mut st, &s.h, 0, t, &l.w_up, None, &s.up, 0, false)?;
-            ops::silu_mul(&mut st, &s.gate, &s.up, t * ff)?;
-            ops::matmul(&mut st, &s.up, 0, t, &l.w_down, None, &s.x, 0, true)?;
+            if t == 1 {
+                let (x, h, nw) = (&s.x, &s.h, &l.ffn_norm);
+                ops::rms_norm_matvec_swiglu(&mut st, x, nw, eps, h, &l.w_gate_up, &s.gu, &s.act)?;
+            } else {
+                ops::rms_norm(&mut st, &s.x, 0, t, &l.ffn_norm, &s.h, 0, eps)?;
+                ops::matmul_swiglu(&mut st, &s.h, t, &l.w_gate_up, &s.gu, &s.act)?;
+            }
+            ops::matmul(&mut st, &s.act, 0, t, &l.w_down, None, &s.x, 0, true)?;
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         if logit_rows > 0 || greedy {
@@ -497,8 +554,15 @@ impl Llama {
             } else {
                 (t - 1, 1)
             };
-            ops::rms_norm(&mut st, &s.x, row0, rows, &self.final_norm, &s.last, 0, eps)?;
-            ops::matmul(&mut st, &s.last, 0, rows, head, None, &s.logits, 0, false)?;
+            if rows == 1 {
+                let (x, nw, last) = (&s.x, &self.final_norm, &s.last);
+                ops::rms_norm_matvec(
+                    &mut st, x, row0, nw, eps, last, head, None, &s.logits, 0, false,
+                )?;
+            } else {
+                ops::rms_norm(&mut st, &s.x, row0, rows, &self.final_norm, &s.last, 0, eps)?;
+                ops::matmul(&mut st, &s.last, 0, rows, head, None, &s.logits, 0, false)?;
+            }
             if greedy {
                 ops::argmax(
                     &mut st,
@@ -510,7 +574,6 @@ impl Llama {
             }
         }
         st.submit();
-        let _ = (qd, d);
         let end = batch
             .slots
             .iter()

@@ -20,6 +20,9 @@ pub mod kernels {
     kernel!(MATMUL_BLOCKS, "matmul.wgsl", "matmul_blocks");
     kernel!(MATVEC, "matvec.wgsl", "matvec");
     kernel!(MATVEC_ROWS, "matvec.wgsl", "matvec_rows");
+    kernel!(MATVEC_VEC4, "matvec_vec4.wgsl", "matvec_vec4");
+    kernel!(ROPE_KV, "rope_kv.wgsl", "rope_kv");
+    kernel!(SILU_MUL_SPLIT, "elementwise.wgsl", "silu_mul_split");
     kernel!(RMS_NORM, "norm.wgsl", "rms_norm");
     kernel!(ROPE, "rope.wgsl", "rope");
     kernel!(ROTATE_KEYS, "rope.wgsl", "rotate_keys");
@@ -64,6 +67,9 @@ pub mod kernels {
         MATMUL_BLOCKS,
         MATVEC,
         MATVEC_ROWS,
+        MATVEC_VEC4,
+        ROPE_KV,
+        SILU_MUL_SPLIT,
         RMS_NORM,
         ROPE,
         ROTATE_KEYS,
@@ -212,12 +218,8 @@ pub fn matmul(
             *r0 as u32,
             flags,
         ];
-        if m == 1 && step.serial() {
-            let groups = grid_1d(pn.div_ceil(64) as u32);
-            step.dispatch(MATVEC_ROWS, &params, &[x, part, b, y], groups);
-        } else if m == 1 {
-            let groups = grid_1d(pn.div_ceil(4) as u32);
-            step.dispatch(MATVEC, &params, &[x, part, b, y], groups);
+        if m == 1 {
+            matvec(step, &params, pn, k, [x, part, b, y], None);
         } else if step.serial() {
             let blocks = pn.div_ceil(4) * m.div_ceil(4);
             let groups = grid_1d(u32_of(blocks.div_ceil(64), "matmul blocks")?);
@@ -231,6 +233,233 @@ pub fn matmul(
             step.dispatch(MATMUL, &params, &[x, part, b, y], [gx, gy, 1]);
         }
     }
+    Ok(())
+}
+
+/// Whether the vec4 GEMV runs this projection (GPU adapters, K % 8 == 0).
+fn vec4_gemv(step: &Step, k: usize, x_off: usize) -> bool {
+    !step.serial() && k.is_multiple_of(8) && x_off.is_multiple_of(4)
+}
+
+/// One GEMV dispatch over `outputs` rows (matmul.wgsl's parameters): the barrier-free
+/// kernel on CPU adapters, else the vec4 kernel where K allows it. `norm` (RMSNorm
+/// weight, eps) normalizes X inside the vec4 kernel; callers check [`vec4_gemv`].
+fn matvec(
+    step: &mut Step,
+    params: &[u32; 8],
+    outputs: usize,
+    k: usize,
+    bufs: [&Tensor; 4],
+    norm: Option<(&Tensor, f32)>,
+) {
+    if vec4_gemv(step, k, params[3] as usize) {
+        let mut p9 = [0u32; 9];
+        p9[..8].copy_from_slice(params);
+        let dummy = step.gpu().dummy();
+        let nw = match norm {
+            Some((w, eps)) => {
+                p9[7] |= 8;
+                p9[8] = eps.to_bits();
+                w
+            }
+            None => &dummy,
+        };
+        let groups = grid_1d(outputs.div_ceil(8) as u32);
+        let [x, w, b, y] = bufs;
+        step.dispatch(MATVEC_VEC4, &p9, &[x, w, b, y, nw], groups);
+        return;
+    }
+    debug_assert!(norm.is_none(), "fused RMSNorm needs the vec4 GEMV");
+    if step.serial() {
+        let groups = grid_1d(outputs.div_ceil(64) as u32);
+        step.dispatch(MATVEC_ROWS, params, &bufs, groups);
+    } else {
+        let groups = grid_1d(outputs.div_ceil(4) as u32);
+        step.dispatch(MATVEC, params, &bufs, groups);
+    }
+}
+
+/// SwiGLU feed-forward input: `act[i, :] = silu(x_i @ Wg^T) * (x_i @ Wu^T)` for i < m,
+/// where `w` is the fused `[gate; up]` matrix (`[2 ff, k]`: gate rows, then up rows).
+/// Decode (m = 1, `w` in one part) is one fused GEMV; otherwise the projection goes to
+/// `gu` (f32 `[m, 2 ff]`) and one element-wise pass forms `act` (f32 `[m, ff]`).
+pub fn matmul_swiglu(
+    step: &mut Step,
+    x: &Tensor,
+    m: usize,
+    w: &Matrix,
+    gu: &Tensor,
+    act: &Tensor,
+) -> Result<()> {
+    need(w.rows.is_multiple_of(2), || {
+        format!("matmul_swiglu: {} rows is not gate + up", w.rows)
+    })?;
+    let (ff, k) = (w.rows / 2, w.cols);
+    need_dtype(x, DType::F32, "matmul_swiglu x")?;
+    need_dtype(act, DType::F32, "matmul_swiglu act")?;
+    need_len(x, m * k, "matmul_swiglu x")?;
+    need_len(act, m * ff, "matmul_swiglu act")?;
+    if m == 0 {
+        return Ok(());
+    }
+    if m == 1 && w.parts.len() == 1 {
+        let params = [1, ff as u32, k as u32, 0, 0, ff as u32, 0, 4];
+        let dummy = step.gpu().dummy();
+        matvec(step, &params, ff, k, [x, &w.parts[0].1, &dummy, act], None);
+        return Ok(());
+    }
+    need_len(gu, m * 2 * ff, "matmul_swiglu gu")?;
+    matmul(step, x, 0, m, w, None, gu, 0, false)?;
+    let n = m * ff;
+    step.dispatch(
+        SILU_MUL_SPLIT,
+        &[u32_of(n, "matmul_swiglu size")?, ff as u32],
+        &[gu, act],
+        grid_1d(n.div_ceil(256) as u32),
+    );
+    Ok(())
+}
+
+/// RMSNorm feeding a projection: `y[y_row0] (+)= (norm(x[x_row0]) * nw) @ w^T (+ bias)`
+/// for one row. On GPU adapters with K % 8 == 0 the GEMV normalizes X itself (one
+/// dispatch); otherwise the normalized row goes through `h` (f32 `[1, k]`).
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_matvec(
+    step: &mut Step,
+    x: &Tensor,
+    x_row0: usize,
+    nw: &Tensor,
+    eps: f32,
+    h: &Tensor,
+    w: &Matrix,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+    y_row0: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let k = w.cols;
+    need(nw.numel() == k, || {
+        format!("rms_norm_matvec: norm weight {:?} for {k} columns", nw.shape)
+    })?;
+    if !vec4_gemv(step, k, x_row0 * k) {
+        rms_norm(step, x, x_row0, 1, nw, h, 0, eps)?;
+        return matmul(step, h, 0, 1, w, bias, y, y_row0, accumulate);
+    }
+    need_dtype(x, DType::F32, "rms_norm_matvec x")?;
+    need_dtype(nw, DType::F32, "rms_norm_matvec norm weight")?;
+    need_dtype(y, DType::F32, "rms_norm_matvec y")?;
+    need_len(x, (x_row0 + 1) * k, "rms_norm_matvec x")?;
+    need_len(y, (y_row0 + 1) * w.rows, "rms_norm_matvec y")?;
+    if let Some(b) = bias {
+        need_len(b, w.rows, "rms_norm_matvec bias")?;
+    }
+    let dummy = step.gpu().dummy();
+    let b = bias.unwrap_or(&dummy);
+    let flags = accumulate as u32 | if bias.is_some() { 2 } else { 0 };
+    for (r0, part) in &w.parts {
+        let pn = part.shape[0];
+        let params = [
+            1,
+            pn as u32,
+            k as u32,
+            u32_of(x_row0 * k, "x offset")?,
+            u32_of(y_row0 * w.rows, "y offset")?,
+            w.rows as u32,
+            *r0 as u32,
+            flags,
+        ];
+        matvec(step, &params, pn, k, [x, part, b, y], Some((nw, eps)));
+    }
+    Ok(())
+}
+
+/// RMSNorm feeding the SwiGLU projection, for one row (see [`matmul_swiglu`]); one
+/// dispatch where the vec4 GEMV applies, else through `h`.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_matvec_swiglu(
+    step: &mut Step,
+    x: &Tensor,
+    nw: &Tensor,
+    eps: f32,
+    h: &Tensor,
+    w: &Matrix,
+    gu: &Tensor,
+    act: &Tensor,
+) -> Result<()> {
+    let k = w.cols;
+    need(nw.numel() == k && w.rows.is_multiple_of(2), || {
+        format!(
+            "rms_norm_matvec_swiglu: norm weight {:?}, matrix {}x{k}",
+            nw.shape, w.rows
+        )
+    })?;
+    if !vec4_gemv(step, k, 0) || w.parts.len() != 1 {
+        rms_norm(step, x, 0, 1, nw, h, 0, eps)?;
+        return matmul_swiglu(step, h, 1, w, gu, act);
+    }
+    let ff = w.rows / 2;
+    need_dtype(x, DType::F32, "rms_norm_matvec_swiglu x")?;
+    need_dtype(act, DType::F32, "rms_norm_matvec_swiglu act")?;
+    need_len(x, k, "rms_norm_matvec_swiglu x")?;
+    need_len(act, ff, "rms_norm_matvec_swiglu act")?;
+    let params = [1, ff as u32, k as u32, 0, 0, ff as u32, 0, 4];
+    let dummy = step.gpu().dummy();
+    let bufs = [x, &w.parts[0].1, &dummy, act];
+    matvec(step, &params, ff, k, bufs, Some((nw, eps)));
+    Ok(())
+}
+
+/// After the fused QKV projection (`qkv`: f32 `[t, q_dim + 2 kv_dim]`), rotate Q and K
+/// at their positions and store them: Q to `q` (f32 `[t, heads, head_dim]`), K and V to
+/// the f16 caches. `idx` holds `[t]` cache slots followed by `[t]` positions (i32).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv(
+    step: &mut Step,
+    qkv: &Tensor,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    idx: &Tensor,
+    inv_freq: &Tensor,
+    interleaved: bool,
+    q: &Tensor,
+    kc: &Tensor,
+    vc: &Tensor,
+) -> Result<()> {
+    let all = heads + 2 * kv_heads;
+    need(head_dim.is_multiple_of(4) && head_dim > 0, || {
+        format!("rope_kv: head_dim {head_dim} must be a multiple of 4")
+    })?;
+    need_dtype(qkv, DType::F32, "rope_kv qkv")?;
+    need_dtype(q, DType::F32, "rope_kv q")?;
+    need_dtype(kc, DType::F16, "rope_kv k cache")?;
+    need_dtype(vc, DType::F16, "rope_kv v cache")?;
+    need_len(qkv, t * all * head_dim, "rope_kv qkv")?;
+    need_len(q, t * heads * head_dim, "rope_kv q")?;
+    need_len(idx, 2 * t, "rope_kv slots and positions")?;
+    need_len(inv_freq, head_dim / 2, "rope_kv inv_freq")?;
+    need(
+        kc.numel() == vc.numel() && kc.numel().is_multiple_of(kv_heads * head_dim),
+        || "rope_kv: K and V caches must both be [slots, kv_dim]".into(),
+    )?;
+    let threads = t * all * head_dim / 4;
+    if threads == 0 {
+        return Ok(());
+    }
+    let params = [
+        t as u32,
+        heads as u32,
+        kv_heads as u32,
+        head_dim as u32,
+        interleaved as u32,
+    ];
+    step.dispatch(
+        ROPE_KV,
+        &params,
+        &[qkv, idx, inv_freq, q, kc, vc],
+        grid_1d(u32_of(threads.div_ceil(256), "rope_kv size")?),
+    );
     Ok(())
 }
 
