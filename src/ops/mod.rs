@@ -339,7 +339,10 @@ pub fn rms_norm_matvec(
 ) -> Result<()> {
     let k = w.cols;
     need(nw.numel() == k, || {
-        format!("rms_norm_matvec: norm weight {:?} for {k} columns", nw.shape)
+        format!(
+            "rms_norm_matvec: norm weight {:?} for {k} columns",
+            nw.shape
+        )
     })?;
     if !vec4_gemv(step, k, x_row0 * k) {
         rms_norm(step, x, x_row0, 1, nw, h, 0, eps)?;
