@@ -9,7 +9,8 @@ use crate::model::{ModelConfig, Tokenizer, WeightSource};
 use crate::sampling::{Sampler, SamplingParams};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use web_time::Instant;
 
 /// Default context window when the model allows more (KV memory grows with it).
 pub const DEFAULT_CONTEXT: usize = 4096;

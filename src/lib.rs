@@ -12,6 +12,8 @@ pub mod kv;
 pub mod link;
 pub mod ops;
 pub mod sampling;
+#[cfg(all(target_arch = "wasm32", feature = "web"))]
+pub mod web;
 
 pub use engine::{AskStats, Engine, GenerateParams, GenerateStats, Request};
 pub use link::{Mode, PromptPlan};

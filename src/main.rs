@@ -1,7 +1,13 @@
 //! The `kvlink` command line. Thin: parse, call the library, print.
 
+#[cfg(not(target_arch = "wasm32"))]
 mod cli;
 
+/// The command line is native only; the browser build is the library (feature `web`).
+#[cfg(target_arch = "wasm32")]
+fn main() {}
+
+#[cfg(not(target_arch = "wasm32"))]
 fn main() {
     // Mesa's Vulkan drivers print "error: XDG_RUNTIME_DIR is invalid" on headless
     // machines where it is unset; give them a harmless value (before any thread exists).

@@ -185,7 +185,12 @@ impl Gpu {
                     })?
             }
         };
-        let adapter = &adapters[idx];
+        pollster::block_on(Self::from_adapter(&adapters[idx], idx))
+    }
+
+    /// Open `adapter` (number `idx` in the list) with the features and limits the engine
+    /// uses. Async: the browser build awaits it (no blocking on the web).
+    pub async fn from_adapter(adapter: &wgpu::Adapter, idx: usize) -> Result<Arc<Gpu>> {
         let rep = report(idx, adapter);
         let al = adapter.limits();
         // Compute-only engine: ask for what the adapter offers on the limits we depend on.
@@ -221,15 +226,17 @@ impl Gpu {
                 features |= f;
             }
         }
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("kvlink"),
-            required_features: features,
-            required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| Error::Gpu(format!("cannot open adapter {:?}: {e}", rep.name)))?;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("kvlink"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::Gpu(format!("cannot open adapter {:?}: {e}", rep.name)))?;
         device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
             eprintln!("kvlink: GPU error: {e}");
         }));
@@ -352,7 +359,11 @@ impl Gpu {
     }
 
     /// Read a whole tensor back to the host as its raw 32-bit words.
+    #[cfg_attr(all(target_arch = "wasm32", feature = "web"), allow(unreachable_code))]
     pub fn read_words(&self, t: &Tensor) -> Result<Vec<u32>> {
+        // The browser cannot block on a map: there the read is deferred (see `web`).
+        #[cfg(all(target_arch = "wasm32", feature = "web"))]
+        return crate::web::readback::defer(self, t);
         let bytes = t.byte_len();
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),

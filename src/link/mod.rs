@@ -231,7 +231,7 @@ pub fn assemble_and_prefill(
     let n = plan.len();
     let mut cache = model.new_cache(n + extra)?;
     let slots: Vec<u32> = (0..n as u32).collect();
-    let t0 = std::time::Instant::now();
+    let t0 = web_time::Instant::now();
     match mode {
         Mode::Full | Mode::Masked => {
             if mode == Mode::Masked {

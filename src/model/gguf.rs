@@ -751,10 +751,27 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// A GGUF file's bytes: memory-mapped from disk, or owned (the browser build, where
+/// they come from a fetch or a file picker).
+enum FileBytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(m) => m,
+            FileBytes::Owned(v) => v,
+        }
+    }
+}
+
 /// A parsed GGUF file: header, metadata, tensor table, and the memory map.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: FileBytes,
     pub version: u32,
     pub alignment: u64,
     /// Absolute offset of the tensor data section.
@@ -783,10 +800,15 @@ impl GgufFile {
         // SAFETY: the map is read-only; as with every mmap-based loader, the file must not be
         // truncated by another process while it is mapped.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        Self::parse(path, mmap)
+        Self::parse(path, FileBytes::Mapped(mmap))
     }
 
-    fn parse(path: PathBuf, mmap: Mmap) -> Result<GgufFile> {
+    /// Parse a GGUF file held in memory; `name` stands in for its path in messages.
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<GgufFile> {
+        Self::parse(name.into(), FileBytes::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, mmap: FileBytes) -> Result<GgufFile> {
         let (version, alignment, data_offset, metadata, tensors) = {
             let mut c = Cursor {
                 data: &mmap[..],

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod fetch;
 pub mod gguf;
 pub mod hf;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod hub;
 pub mod llama;
 pub mod open;
