@@ -186,7 +186,17 @@ async fn real_model_logits_match_native() {
     let got = k.logits(prompt.into(), true, 50).await.unwrap();
     let got: serde_json::Value =
         serde_json::from_str(&String::from(js_sys::JSON::stringify(&got).unwrap())).unwrap();
-    web_sys::console::log_1(&format!("web top: {}", got["top"]).into());
+    web_sys::console::log_1(
+        &format!(
+            "web top 3: {}",
+            &got["top"].as_array().unwrap()[..3]
+                .iter()
+                .map(|t| t["token"].to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+        .into(),
+    );
     assert_eq!(got["tokens"], native["tokens"], "prompt token ids");
     let web_top = got["top"].as_array().unwrap();
     let native_top = native["top"].as_array().unwrap();

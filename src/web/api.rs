@@ -4,7 +4,7 @@
 //! Everything the engine does synchronously (tokenize, plan, record and submit GPU work)
 //! runs as on native; only the waits for GPU results are awaited (see [`super::readback`]).
 
-use super::readback::{deferred, words_to_f32};
+use super::readback::{self, deferred, words_to_f32};
 use crate::engine::{CacheSource, Engine};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu};
@@ -155,6 +155,8 @@ impl Kvlink {
         let source = super::store::doc_cache(&engine, store.as_ref(), &tokens)
             .await
             .map_err(js_err)?;
+        // Report the time the GPU took, not just the time to submit the encoding.
+        readback::gpu_idle(engine.gpu()).await.map_err(js_err)?;
         let mut st = self.st.borrow_mut();
         st.docs.push(text);
         Ok(to_js(&serde_json::json!({

@@ -149,3 +149,8 @@ pub fn words_to_f32(w: &[u32], dtype: DType, n: usize) -> Vec<f32> {
         }
     }
 }
+
+/// Resolves once all GPU work submitted so far has finished (a 16-byte read after it).
+pub async fn gpu_idle(gpu: &Gpu) -> Result<()> {
+    finish(stage(gpu, &gpu.dummy())).await.map(|_| ())
+}
