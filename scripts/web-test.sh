@@ -4,6 +4,9 @@
 #  1. tests/web.rs through wasm-bindgen-test: kernels vs CPU references, and the real
 #     model's next-token top-10 log-probabilities vs the native engine's, which
 #     `kvlink logits --json` writes to target/tmp/web/native-logits.json first;
+#     and that a document cache written by the native disk store (`kvlink precompute`)
+#     is imported from the browser's store (OPFS), and the one the browser writes for
+#     the same document holds the same K/V;
 #  2. the demo page end to end (scripts/web-screenshot.sh): load the model, add
 #     documents, full vs KVLink TTFT, a streamed answer; target/tmp/web/screenshot.png.
 # `--no-page` skips 2.
@@ -21,6 +24,10 @@ prompt="The capital of France is"
 cargo run --locked --quiet -- logits --model "$out/model.gguf" -p "$prompt" --raw --top 10 --json \
   | python3 -c 'import json,sys; d=json.load(sys.stdin); d["prompt"]=sys.argv[1]; json.dump(d, sys.stdout)' "$prompt" \
   > "$out/native-logits.json"
+# A document cache written by the native disk store, for the browser to import.
+printf '%s\n' "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was completed in 1889 for the World's Fair and was the tallest structure in the world until 1930." > "$out/doc.txt"
+rm -rf "$out/store"
+cargo run --locked --quiet -- precompute --model "$out/model.gguf" --store "$out/store" "$out/doc.txt" >/dev/null
 
 webdriver_json=$(mktemp)
 trap 'rm -f "$webdriver_json"' EXIT

@@ -503,6 +503,18 @@ impl Engine {
         })
     }
 
+    /// Make a document cache read from another store (the browser's) resident on the
+    /// GPU, as a disk-store hit would.
+    pub fn insert_doc(&self, tokens: &[u32], kv: &DocKv) -> Result<Arc<DocCache>> {
+        let dc = Arc::new(self.upload_doc(tokens, kv)?);
+        self.docs.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            self.doc_key(tokens),
+            dc.clone(),
+            dc.bytes(),
+        );
+        Ok(dc)
+    }
+
     /// Read a document cache back from the GPU for the disk store.
     fn download_doc(&self, dc: &DocCache) -> Result<DocKv> {
         let g = self.gpu();

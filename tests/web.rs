@@ -213,3 +213,93 @@ async fn real_model_logits_match_native() {
     web_sys::console::log_1(&format!("max |dlogprob| over native top-10: {worst:.5}").into());
     assert!(worst < 0.05, "top-10 logprobs differ by {worst}");
 }
+
+fn js_json(v: &wasm_bindgen::JsValue) -> serde_json::Value {
+    serde_json::from_str(&String::from(js_sys::JSON::stringify(v).unwrap())).unwrap()
+}
+
+/// The browser's document store and the native one share keys and format: an entry
+/// `kvlink precompute` wrote is a hit in the browser, and the entry the browser writes
+/// for the same document decodes to the same K/V (within f16 rounding of two GPUs).
+#[wasm_bindgen_test]
+async fn document_store_matches_native() {
+    use kvlink::kv::store::decode_entry;
+    use kvlink::kv::Lookup;
+    use kvlink::web::api::Kvlink;
+    use kvlink::web::store::OpfsStore;
+    let text = fetch_bytes("/target/tmp/web/doc.txt")
+        .await
+        .expect("target/tmp/web/doc.txt (run scripts/web-test.sh)");
+    // As the command line reads documents: trailing whitespace becomes one newline.
+    let text = format!("{}\n", String::from_utf8(text).unwrap().trim_end());
+    let model = fetch_bytes("/target/tmp/web/model.gguf").await.unwrap();
+
+    let k = Kvlink::create().await.unwrap();
+    k.load_model(model.clone(), "model.gguf".into(), 512)
+        .unwrap();
+    let (key, tokens, mfp, tfp) = {
+        let gpu = web::open_gpu().await.unwrap();
+        let src = kvlink::model::GgufModel::from_file(
+            kvlink::model::gguf::GgufFile::from_bytes("m", model.clone()).unwrap(),
+        )
+        .unwrap();
+        let e = kvlink::Engine::load(gpu, &src, 512, &mut |_, _| {}).unwrap();
+        let tokens = e.tokenizer.encode(&text, false).unwrap();
+        (
+            e.doc_key(&tokens),
+            tokens,
+            e.fingerprint.clone(),
+            e.tokenizer_fingerprint.clone(),
+        )
+    };
+    let ks = key.to_string();
+    let native = fetch_bytes(&format!("/target/tmp/web/store/{}/{ks}.kvc", &ks[..2]))
+        .await
+        .expect("the native store has the document under the same key");
+    let Lookup::Hit(native_kv) = decode_entry(&native, &mfp, &tfp, &tokens) else {
+        panic!("the native entry does not decode in the browser");
+    };
+
+    // native -> browser: the imported entry is used instead of encoding the document
+    let store = OpfsStore::open().await.unwrap();
+    store.put_bytes(&key, &native).await.unwrap();
+    assert!(k.use_store(true).await.unwrap());
+    let d = js_json(&k.add_document(text.clone()).await.unwrap());
+    assert_eq!(d["source"], "store", "{d}");
+    assert_eq!(d["tokens"], tokens.len());
+
+    // browser -> native format: a fresh engine computes the document and writes it
+    store.remove(&key).await.unwrap();
+    let k2 = Kvlink::create().await.unwrap();
+    k2.load_model(model, "model.gguf".into(), 512).unwrap();
+    assert!(k2.use_store(true).await.unwrap());
+    let d = js_json(&k2.add_document(text).await.unwrap());
+    assert_eq!(d["source"], "computed", "{d}");
+    let written = store.get_bytes(&key).await.unwrap().expect("written");
+    let Lookup::Hit(web_kv) = decode_entry(&written, &mfp, &tfp, &tokens) else {
+        panic!("the browser's entry does not decode");
+    };
+    assert_eq!(
+        (web_kv.n_tokens, web_kv.n_layers, web_kv.kv_dim),
+        (native_kv.n_tokens, native_kv.n_layers, native_kv.kv_dim)
+    );
+    let f = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()
+    };
+    let mut worst = 0.0f32;
+    for (a, b) in web_kv
+        .k
+        .iter()
+        .zip(&native_kv.k)
+        .chain(web_kv.v.iter().zip(&native_kv.v))
+    {
+        for (x, y) in f(a).iter().zip(f(b).iter()) {
+            worst = worst.max((x - y).abs() / (1.0 + y.abs()));
+        }
+    }
+    web_sys::console::log_1(&format!("browser vs native K/V: max rel diff {worst:.5}").into());
+    assert!(worst < 0.02, "browser and native K/V differ by {worst}");
+    store.remove(&key).await.unwrap();
+}

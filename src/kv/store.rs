@@ -233,21 +233,13 @@ impl DiskStore {
                 "kv store put: key {key} does not match its fields (expected {want})"
             )));
         }
-        let header = EntryHeader {
-            format_version: CACHE_FORMAT_VERSION,
-            model_fingerprint: model_fingerprint.to_string(),
-            tokenizer_fingerprint: tokenizer_fingerprint.to_string(),
-            n_tokens: kv.n_tokens,
-            n_layers: kv.n_layers,
-            kv_dim: kv.kv_dim,
-            dtype: "f16".into(),
-            created_unix_ms: now_unix_ms(),
-            token_ids: token_ids.to_vec(),
-        };
-        let json = serde_json::to_vec(&header)
-            .map_err(|e| Error::Input(format!("kv store: header encoding: {e}")))?;
-        let hlen = u32::try_from(json.len())
-            .map_err(|_| Error::Input("kv store: header too large".into()))?;
+        let json = header_json(
+            model_fingerprint,
+            tokenizer_fingerprint,
+            token_ids,
+            kv,
+            now_unix_ms(),
+        )?;
 
         let final_path = self.path_for(key);
         let shard = final_path
@@ -259,19 +251,7 @@ impl DiskStore {
 
         let write = || -> io::Result<()> {
             let mut w = BufWriter::with_capacity(1 << 20, file);
-            let mut h = Xxh64::new(0);
-            let mut emit = |w: &mut BufWriter<File>, b: &[u8]| -> io::Result<()> {
-                h.update(b);
-                w.write_all(b)
-            };
-            emit(&mut w, MAGIC)?;
-            emit(&mut w, &CACHE_FORMAT_VERSION.to_le_bytes())?;
-            emit(&mut w, &hlen.to_le_bytes())?;
-            emit(&mut w, &json)?;
-            for l in kv.k.iter().chain(kv.v.iter()) {
-                emit(&mut w, l)?;
-            }
-            w.write_all(&h.finish().to_le_bytes())?;
+            write_entry(&mut w, &json, kv)?;
             let file = w.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()?;
             drop(file);
@@ -329,28 +309,18 @@ impl DiskStore {
                 return Ok(Lookup::Corrupt(reason));
             }
         };
-        if header.model_fingerprint != model_fingerprint {
-            return Ok(Lookup::Mismatch(format!(
-                "entry is for model {:?}, asked for {model_fingerprint:?}",
-                header.model_fingerprint
-            )));
+        let found = check_entry(
+            header,
+            kv,
+            model_fingerprint,
+            tokenizer_fingerprint,
+            token_ids,
+        );
+        if found.is_hit() {
+            // Best effort: a hit refreshes the mtime so prune() evicts least recently used.
+            let _ = file.set_modified(SystemTime::now());
         }
-        if header.tokenizer_fingerprint != tokenizer_fingerprint {
-            return Ok(Lookup::Mismatch(format!(
-                "entry is for tokenizer {:?}, asked for {tokenizer_fingerprint:?}",
-                header.tokenizer_fingerprint
-            )));
-        }
-        if header.token_ids != token_ids {
-            return Ok(Lookup::Mismatch(format!(
-                "entry holds different token ids ({} tokens, asked for {}): key collision or stale entry",
-                header.token_ids.len(),
-                token_ids.len()
-            )));
-        }
-        // Best effort: a hit refreshes the mtime so prune() evicts least recently used.
-        let _ = file.set_modified(SystemTime::now());
-        Ok(Lookup::Hit(kv))
+        Ok(found)
     }
 
     fn scan(&self) -> Result<Vec<FileRec>> {
@@ -494,6 +464,132 @@ impl DiskStore {
     }
 }
 
+/// The JSON header of a new entry.
+fn header_json(
+    model_fingerprint: &str,
+    tokenizer_fingerprint: &str,
+    token_ids: &[u32],
+    kv: &DocKv,
+    created_unix_ms: u64,
+) -> Result<Vec<u8>> {
+    let header = EntryHeader {
+        format_version: CACHE_FORMAT_VERSION,
+        model_fingerprint: model_fingerprint.to_string(),
+        tokenizer_fingerprint: tokenizer_fingerprint.to_string(),
+        n_tokens: kv.n_tokens,
+        n_layers: kv.n_layers,
+        kv_dim: kv.kv_dim,
+        dtype: "f16".into(),
+        created_unix_ms,
+        token_ids: token_ids.to_vec(),
+    };
+    let json = serde_json::to_vec(&header)
+        .map_err(|e| Error::Input(format!("kv store: header encoding: {e}")))?;
+    u32::try_from(json.len()).map_err(|_| Error::Input("kv store: header too large".into()))?;
+    Ok(json)
+}
+
+/// Write one entry (see the module docs for the layout) after its header JSON.
+fn write_entry(w: &mut impl Write, json: &[u8], kv: &DocKv) -> io::Result<()> {
+    let mut h = Xxh64::new(0);
+    let mut emit = |w: &mut dyn Write, b: &[u8]| -> io::Result<()> {
+        h.update(b);
+        w.write_all(b)
+    };
+    emit(w, MAGIC)?;
+    emit(w, &CACHE_FORMAT_VERSION.to_le_bytes())?;
+    emit(w, &(json.len() as u32).to_le_bytes())?;
+    emit(w, json)?;
+    for l in kv.k.iter().chain(kv.v.iter()) {
+        emit(w, l)?;
+    }
+    w.write_all(&h.finish().to_le_bytes())
+}
+
+/// One entry file's bytes, exactly as [`DiskStore::put`] writes them (for stores that
+/// are not directories, such as the browser's). `created_unix_ms` goes in the header.
+pub fn encode_entry(
+    model_fingerprint: &str,
+    tokenizer_fingerprint: &str,
+    token_ids: &[u32],
+    kv: &DocKv,
+    created_unix_ms: u64,
+) -> Result<Vec<u8>> {
+    kv.validate()?;
+    if token_ids.len() != kv.n_tokens {
+        return Err(Error::Input(format!(
+            "kv store: {} token ids for a DocKv of {} tokens",
+            token_ids.len(),
+            kv.n_tokens
+        )));
+    }
+    let json = header_json(
+        model_fingerprint,
+        tokenizer_fingerprint,
+        token_ids,
+        kv,
+        created_unix_ms,
+    )?;
+    let mut out = Vec::with_capacity(json.len() + kv.bytes() + 32);
+    write_entry(&mut out, &json, kv).map_err(|e| Error::Input(format!("kv store: {e}")))?;
+    Ok(out)
+}
+
+/// Check one entry file's bytes as [`DiskStore::get`] checks a file: intact (magic,
+/// version, length, checksum) and for exactly this model, tokenizer and token ids.
+pub fn decode_entry(
+    bytes: &[u8],
+    model_fingerprint: &str,
+    tokenizer_fingerprint: &str,
+    token_ids: &[u32],
+) -> Lookup {
+    let mut c = io::Cursor::new(bytes);
+    match read_entry_from(&mut c, bytes.len() as u64) {
+        Ok((header, kv)) => check_entry(
+            header,
+            kv,
+            model_fingerprint,
+            tokenizer_fingerprint,
+            token_ids,
+        ),
+        Err(ReadErr::Version(v)) => Lookup::Mismatch(format!(
+            "entry has cache format version {v}, this build uses {CACHE_FORMAT_VERSION}"
+        )),
+        Err(ReadErr::Corrupt(reason)) => Lookup::Corrupt(reason),
+        Err(ReadErr::Io(e)) => Lookup::Corrupt(e.to_string()),
+    }
+}
+
+/// Whether an intact entry is the one asked for.
+fn check_entry(
+    header: EntryHeader,
+    kv: DocKv,
+    model_fingerprint: &str,
+    tokenizer_fingerprint: &str,
+    token_ids: &[u32],
+) -> Lookup {
+    if header.model_fingerprint != model_fingerprint {
+        return Lookup::Mismatch(format!(
+            "entry is for model {:?}, asked for {model_fingerprint:?}",
+            header.model_fingerprint
+        ));
+    }
+    if header.tokenizer_fingerprint != tokenizer_fingerprint {
+        return Lookup::Mismatch(format!(
+            "entry is for tokenizer {:?}, asked for {tokenizer_fingerprint:?}",
+            header.tokenizer_fingerprint
+        ));
+    }
+    if header.token_ids != token_ids {
+        return Lookup::Mismatch(format!(
+            "entry holds different token ids ({} tokens, asked for {}): key collision or stale entry",
+            header.token_ids.len(),
+            token_ids.len()
+        ));
+    }
+    Lookup::Hit(kv)
+}
+
 fn read_u32(r: &mut impl Read, h: &mut Xxh64) -> io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;
@@ -503,7 +599,7 @@ fn read_u32(r: &mut impl Read, h: &mut Xxh64) -> io::Result<u32> {
 
 /// Reads magic, version and header; leaves `f` at the start of the payload.
 fn read_header_hashed(
-    f: &mut File,
+    f: &mut impl Read,
     file_len: u64,
     h: &mut Xxh64,
 ) -> std::result::Result<EntryHeader, ReadErr> {
@@ -565,6 +661,13 @@ fn read_header(f: &mut File, file_len: u64) -> std::result::Result<EntryHeader, 
 
 fn read_entry(f: &mut File) -> std::result::Result<(EntryHeader, DocKv), ReadErr> {
     let file_len = f.metadata()?.len();
+    read_entry_from(f, file_len)
+}
+
+fn read_entry_from<R: Read + Seek>(
+    f: &mut R,
+    file_len: u64,
+) -> std::result::Result<(EntryHeader, DocKv), ReadErr> {
     let mut h = Xxh64::new(0);
     let header = read_header_hashed(f, file_len, &mut h)?;
     let layer_bytes = (header.n_tokens as u64)
@@ -589,7 +692,7 @@ fn read_entry(f: &mut File) -> std::result::Result<(EntryHeader, DocKv), ReadErr
         )));
     }
     let lb = layer_bytes as usize;
-    let mut read_layers = |f: &mut File| -> std::result::Result<Vec<Vec<u8>>, ReadErr> {
+    let mut read_layers = |f: &mut R| -> std::result::Result<Vec<Vec<u8>>, ReadErr> {
         let mut out = Vec::with_capacity(header.n_layers);
         for _ in 0..header.n_layers {
             let mut buf = vec![0u8; lb];
