@@ -14,7 +14,7 @@
 
 struct Params {
     T: u32, heads: u32, kv_heads: u32, cap: u32,
-    scale: f32, splits: u32, rows: u32, _pad: u32,
+    scale: f32, splits: u32, rows: u32, per: u32, // per: key tiles per split
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -109,12 +109,16 @@ fn flash_attention(@builtin(workgroup_id) wg: vec3<u32>,
                 hi = max(hi, rts[r]);
             }
         }
+        // Split z owns the absolute key tiles [z * per, (z + 1) * per): a row's result
+        // then depends on its own keys only, not on which rows share its workgroup
+        // (a document's cache is the same whether it was encoded alone or in a batch).
         let t0 = lo / BK;
-        let n = hi / BK + 1u - t0;
-        let per = (n + p.splits - 1u) / p.splits;
-        let a = min(t0 + z * per, t0 + n);
+        let t1 = hi / BK + 1u;
+        var a = max(t0, z * p.per);
+        var b = min(t1, (z + 1u) * p.per);
+        if (p.splits == 1u) { a = t0; b = t1; }
         span[0] = a;
-        span[1] = min(a + per, t0 + n);
+        span[1] = max(a, b);
     }
     let tile0 = workgroupUniformLoad(&span[0]);
     let tile1 = workgroupUniformLoad(&span[1]);

@@ -6,6 +6,10 @@
 struct Params {
     M: u32, N: u32, K: u32, x_off: u32,
     y_off: u32, ldy: u32, n0: u32, flags: u32, // flags: 1 = accumulate into Y, 2 = add bias
+    // Split-K (`matmul` only; few rows leave the GPU idle otherwise): workgroup z sums
+    // k in [z * kc, (z + 1) * kc) and, when split_stride > 0, writes its raw partial
+    // sums to Y[z * split_stride + m * N + n]; matmul_reduce.wgsl adds them up.
+    kc: u32, split_stride: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -34,7 +38,9 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>,
     var c2 = vec4<f32>(0.0);
     var c3 = vec4<f32>(0.0);
     let kw = p.K / 2u; // words per weight row (K is even)
-    for (var k0 = 0u; k0 < p.K; k0 += TK) {
+    let kb = wg.z * p.kc;
+    let ke = min(p.K, kb + p.kc);
+    for (var k0 = kb; k0 < ke; k0 += TK) {
         for (var i = 0u; i < 4u; i++) {
             let e = li + 256u * i;
             let r = e / TK;
@@ -42,7 +48,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>,
             let gm = m_base + r;
             let gk = k0 + kk;
             var v = 0.0;
-            if (gm < p.M && gk < p.K) { v = X[p.x_off + gm * p.K + gk]; }
+            if (gm < p.M && gk < ke) { v = X[p.x_off + gm * p.K + gk]; }
             xs[kk * TM + r] = v;
         }
         for (var i = 0u; i < 2u; i++) {
@@ -52,7 +58,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>,
             let gn = n_base + r;
             let gk = k0 + kp * 2u;
             var v = vec2<f32>(0.0, 0.0);
-            if (gn < p.N && gk < p.K) { v = unpack2x16float(W[gn * kw + gk / 2u]); }
+            if (gn < p.N && gk < ke) { v = unpack2x16float(W[gn * kw + gk / 2u]); }
             ws[(kp * 2u) * TN + r] = v.x;
             ws[(kp * 2u + 1u) * TN + r] = v.y;
         }
@@ -68,10 +74,26 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>,
         }
         workgroupBarrier();
     }
+    if (p.split_stride > 0u) {
+        store_part(wg.z, m_base + lid.y, n_base + lid.x, c0);
+        store_part(wg.z, m_base + lid.y + 16u, n_base + lid.x, c1);
+        store_part(wg.z, m_base + lid.y + 32u, n_base + lid.x, c2);
+        store_part(wg.z, m_base + lid.y + 48u, n_base + lid.x, c3);
+        return;
+    }
     store_row(m_base + lid.y, n_base + lid.x, c0);
     store_row(m_base + lid.y + 16u, n_base + lid.x, c1);
     store_row(m_base + lid.y + 32u, n_base + lid.x, c2);
     store_row(m_base + lid.y + 48u, n_base + lid.x, c3);
+}
+
+// Split-K partial sums of row gm (columns gn + 16j) of split z.
+fn store_part(z: u32, gm: u32, gn: u32, c: vec4<f32>) {
+    if (gm >= p.M) { return; }
+    for (var j = 0u; j < 4u; j++) {
+        let n = gn + 16u * j;
+        if (n < p.N) { Y[z * p.split_stride + gm * p.N + n] = c[j]; }
+    }
 }
 
 // Write one thread's 4 outputs of row gm (columns gn, gn + 16, gn + 32, gn + 48).

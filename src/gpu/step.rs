@@ -180,8 +180,13 @@ impl<'g> Step<'g> {
         self.params.resize(off, 0);
         self.params.extend_from_slice(bytemuck::cast_slice(params));
         self.params.resize(off + size, 0);
+        let name = if self.gpu.profiling() && detailed_profile() {
+            profile_key(k.name, params, groups)
+        } else {
+            k.name
+        };
         self.cmds.push(Cmd::Dispatch {
-            name: k.name,
+            name,
             pipeline: self.gpu.pipeline(k),
             param_offset: off as u64,
             param_size: size as u64,
@@ -453,4 +458,25 @@ pub fn grid_1d(groups: u32) -> [u32; 3] {
     } else {
         [MAX, groups.div_ceil(MAX), 1]
     }
+}
+
+/// `KVLINK_PROFILE=2`: profile per kernel, grid and first parameter words (shapes), not
+/// per kernel only.
+fn detailed_profile() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KVLINK_PROFILE").is_ok_and(|v| v == "2"))
+}
+
+/// An interned "kernel grid params" key (a few hundred distinct ones per model).
+fn profile_key(name: &'static str, params: &[u32], groups: [u32; 3]) -> &'static str {
+    static KEYS: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let n = params.len().min(3);
+    let key = format!("{name} {groups:?} {:?}", &params[..n]);
+    let mut keys = KEYS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(k) = keys.iter().find(|k| **k == key) {
+        return k;
+    }
+    let k: &'static str = Box::leak(key.into_boxed_str());
+    keys.push(k);
+    k
 }

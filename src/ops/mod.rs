@@ -33,6 +33,8 @@ pub mod kernels {
     kernel!(ADD, "elementwise.wgsl", "add");
     kernel!(SILU_MUL, "elementwise.wgsl", "silu_mul");
     kernel!(ARGMAX, "sample.wgsl", "argmax");
+    kernel!(MATMUL_REDUCE, "matmul_reduce.wgsl", "matmul_reduce");
+    kernel!(MATMUL_SKINNY, "matmul_skinny.wgsl", "matmul_skinny");
     kernel!(
         ATTENTION_COMBINE,
         "attention_combine.wgsl",
@@ -81,6 +83,8 @@ pub mod kernels {
         SILU_MUL,
         ARGMAX,
         ATTENTION_COMBINE,
+        MATMUL_REDUCE,
+        MATMUL_SKINNY,
         FLASH_D32,
         FLASH_D64,
         FLASH_D128,
@@ -223,16 +227,98 @@ pub fn matmul(
         } else if step.serial() {
             let blocks = pn.div_ceil(4) * m.div_ceil(4);
             let groups = grid_1d(u32_of(blocks.div_ceil(64), "matmul blocks")?);
-            step.dispatch(MATMUL_BLOCKS, &params, &[x, part, b, y], groups);
+            let mut p10 = [0u32; 10];
+            p10[..8].copy_from_slice(&params);
+            p10[8] = k as u32;
+            step.dispatch(MATMUL_BLOCKS, &p10, &[x, part, b, y], groups);
+        } else if skinny_ok(step, m, k, x_row0 * k) {
+            skinny_matmul(step, &params, [x, part, b, y])?;
         } else {
-            let gx = pn.div_ceil(64) as u32;
-            let gy = m.div_ceil(64) as u32;
-            need(gy <= 65535 && gx <= 65535, || {
-                format!("matmul too large: {m}x{pn}")
-            })?;
-            step.dispatch(MATMUL, &params, &[x, part, b, y], [gx, gy, 1]);
+            let splits = matmul_splits(m, pn, k);
+            tiled_matmul(step, &params, splits, [x, part, b, y])?;
         }
     }
+    Ok(())
+}
+
+/// Whether the skinny GEMM takes a product of `m` rows: GPU adapters with 32 KiB of
+/// workgroup memory, a few rows (up to 32: one block of X), K % 8 == 0, aligned X.
+fn skinny_ok(step: &Step, m: usize, k: usize, x_off: usize) -> bool {
+    !step.serial()
+        && m <= 32
+        && k.is_multiple_of(8)
+        && x_off.is_multiple_of(4)
+        && step.gpu().limits.max_compute_workgroup_storage_size >= 32 << 10
+}
+
+/// The skinny GEMM (matmul_skinny.wgsl) with matmul.wgsl's parameters; callers check
+/// [`skinny_ok`]. Public for the kernel tests.
+pub fn skinny_matmul(step: &mut Step, params: &[u32; 8], bufs: [&Tensor; 4]) -> Result<()> {
+    let (m, pn) = (params[0] as usize, params[1] as usize);
+    need(params[2] % 8 == 0 && params[3] % 4 == 0, || {
+        "matmul_skinny: K % 8 and x offset % 4 must be 0".into()
+    })?;
+    let gx = u32_of(pn.div_ceil(32), "matmul_skinny row groups")?;
+    need(gx <= 65535, || {
+        format!("matmul_skinny too large: {pn} rows")
+    })?;
+    let mut p10 = [0u32; 10];
+    p10[..8].copy_from_slice(params);
+    step.dispatch(MATMUL_SKINNY, &p10, &bufs, [gx, m.div_ceil(32) as u32, 1]);
+    Ok(())
+}
+
+/// Split-K factor for the tiled GEMM: a few rows (the KVLink seg-0 prefill, a short
+/// prompt) give too few 64x64 tiles to fill a large GPU, and each tile would walk all of
+/// K alone; splitting K over ~512 workgroups keeps every SM busy. Chunks of >= 256.
+fn matmul_splits(m: usize, n: usize, k: usize) -> usize {
+    let tiles = n.div_ceil(64) * m.div_ceil(64);
+    if tiles >= 256 {
+        return 1;
+    }
+    512usize.div_ceil(tiles).min(k / 256).clamp(1, 64)
+}
+
+/// The tiled GEMM over `splits` slices of K (> 1: partial sums in a scratch buffer, then
+/// matmul_reduce applies bias / accumulate). `params` are matmul.wgsl's first 8 words.
+pub fn tiled_matmul(
+    step: &mut Step,
+    params: &[u32; 8],
+    splits: usize,
+    bufs: [&Tensor; 4],
+) -> Result<()> {
+    let [m, pn, k] = [params[0] as usize, params[1] as usize, params[2] as usize];
+    let gx = pn.div_ceil(64) as u32;
+    let gy = m.div_ceil(64) as u32;
+    need(gy <= 65535 && gx <= 65535, || {
+        format!("matmul too large: {m}x{pn}")
+    })?;
+    let mut p10 = [0u32; 10];
+    p10[..8].copy_from_slice(params);
+    if splits <= 1 {
+        p10[8] = k as u32;
+        step.dispatch(MATMUL, &p10, &bufs, [gx, gy, 1]);
+        return Ok(());
+    }
+    let kc = k.div_ceil(splits).div_ceil(16) * 16;
+    let splits = k.div_ceil(kc);
+    let part = step.gpu().scratch("matmul split-K", splits * m * pn)?;
+    p10[8] = kc as u32;
+    p10[9] = u32_of(m * pn, "matmul split stride")?;
+    let [x, w, b, y] = bufs;
+    step.dispatch(MATMUL, &p10, &[x, w, b, &part], [gx, gy, splits as u32]);
+    let red = [
+        params[0],
+        params[1],
+        splits as u32,
+        params[4],
+        params[5],
+        params[6],
+        params[7],
+        0,
+    ];
+    let groups = grid_1d(u32_of((m * pn).div_ceil(256), "matmul reduce")?);
+    step.dispatch(MATMUL_REDUCE, &red, &[&part, b, y], groups);
     Ok(())
 }
 
@@ -652,11 +738,13 @@ pub fn attention(
     })?;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let cap = seg.numel() / 2;
-    if let Some((k, br)) = flash_kernel(head_dim) {
+    let flash = flash_kernel(head_dim)
+        .filter(|_| step.gpu().limits.max_compute_workgroup_storage_size >= 32 << 10);
+    if let Some((k, br)) = flash {
         let splits = if step.serial() {
             1
         } else {
-            attention_splits(t, heads, kv_heads, cap, head_dim, br)
+            attention_splits(t, heads, kv_heads, cap, head_dim, br).0
         };
         return flash_attention(
             step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, k, br, splits,
@@ -688,9 +776,10 @@ fn flash_kernel(head_dim: usize) -> Option<(Kernel, usize)> {
     }
 }
 
-/// Key splits for a GPU: enough workgroups to fill a large GPU (~256) when there are
-/// few queries, never more splits than key tiles (of 32) in the cache, and a bounded
-/// scratch buffer.
+/// Key splits for a GPU. Split z covers the key tiles [z * per, (z + 1) * per) of the
+/// cache, fixed by the cache size alone, so a row's result does not depend on the other
+/// queries of the batch. Splitting pays when the queries alone leave a large GPU idle
+/// (fewer than ~256 workgroups); at most 64 splits. Returns (splits, tiles per split).
 fn attention_splits(
     t: usize,
     heads: usize,
@@ -698,16 +787,18 @@ fn attention_splits(
     cap: usize,
     head_dim: usize,
     br: usize,
-) -> usize {
+) -> (usize, usize) {
     let base = (t * heads / kv_heads).div_ceil(br) * kv_heads;
     let tiles = cap.div_ceil(32).max(1);
-    let by_scratch = (16usize << 20) / (t * heads * (head_dim + 4)).max(1);
-    256usize
-        .div_ceil(base)
-        .min(tiles)
-        .min(64)
-        .min(by_scratch)
-        .max(1)
+    if base >= 256 || tiles < 4 {
+        return (1, tiles);
+    }
+    let mut per = tiles.div_ceil(64).max(2);
+    // Keep the partials (splits x rows x (head_dim + 4) floats) under 64 MiB.
+    while tiles.div_ceil(per) * t * heads * (head_dim + 4) * 4 > 64 << 20 {
+        per *= 2;
+    }
+    (tiles.div_ceil(per), per)
 }
 
 /// [`attention`] with its flash kernel and an explicit number of key splits (> 1 adds
@@ -733,6 +824,7 @@ pub fn flash_attention(
         format!("attention: {splits} key splits")
     })?;
     let cap = seg.numel() / 2;
+    let per = cap.div_ceil(32).div_ceil(splits).max(1);
     let scale = 1.0 / (head_dim as f32).sqrt();
     let rows = t * (heads / kv_heads);
     let params = [
@@ -743,7 +835,7 @@ pub fn flash_attention(
         scale.to_bits(),
         splits as u32,
         u32_of(rows, "attention rows")?,
-        0,
+        per as u32,
     ];
     let groups = [
         u32_of(rows.div_ceil(br), "attention row tiles")?,
