@@ -532,6 +532,49 @@ impl Engine {
         })
     }
 
+    /// Look documents up in the disk store: reading and checksumming hundreds of MB of
+    /// K/V is the slow part of a disk hit, so several documents are read on their own
+    /// threads (natively; one after another in the browser).
+    fn read_stored(
+        &self,
+        store: &DiskStore,
+        keys: &[DocKey],
+        docs: &[(usize, &[u32])],
+    ) -> Vec<Result<Lookup>> {
+        let get = |&(i, d): &(usize, &[u32])| {
+            store.get(&keys[i], &self.fingerprint, &self.tokenizer_fingerprint, d)
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        if docs.len() > 1 {
+            let threads = std::thread::available_parallelism()
+                .map_or(4, |n| n.get())
+                .min(16);
+            let per = docs.len().div_ceil(threads);
+            return std::thread::scope(|s| {
+                let handles: Vec<_> = docs
+                    .chunks(per)
+                    .map(|c| {
+                        (
+                            c.len(),
+                            s.spawn(move || c.iter().map(get).collect::<Vec<_>>()),
+                        )
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|(n, h)| {
+                        h.join().unwrap_or_else(|_| {
+                            (0..n)
+                                .map(|_| Err(Error::Gpu("document cache reader panicked".into())))
+                                .collect()
+                        })
+                    })
+                    .collect()
+            });
+        }
+        docs.iter().map(get).collect()
+    }
+
     /// Caches for documents: GPU-resident, else from the disk store, else encoded (all
     /// missing documents in one batch) and written to the store. Returns the caches and,
     /// per document, where each came from.
@@ -540,30 +583,41 @@ impl Engine {
         let store = self.store();
         let keys: Vec<DocKey> = docs.iter().map(|d| self.doc_key(d)).collect();
         let mut found: HashMap<&DocKey, (Arc<DocCache>, CacheSource)> = HashMap::new();
-        let mut missing: Vec<(usize, &[u32])> = Vec::new();
+        let mut candidates: Vec<(usize, &[u32])> = Vec::new();
         for (i, (d, k)) in docs.iter().zip(&keys).enumerate() {
-            if found.contains_key(k) || missing.iter().any(|(j, _)| keys[*j] == *k) {
+            if found.contains_key(k) || candidates.iter().any(|(j, _)| keys[*j] == *k) {
                 continue;
             }
             if let Some(dc) = lru.get(k) {
                 found.insert(k, (dc.clone(), CacheSource::Gpu));
                 continue;
             }
-            if let Some(store) = &store {
-                match store.get(k, &self.fingerprint, &self.tokenizer_fingerprint, d)? {
-                    Lookup::Hit(kv) => {
-                        let dc = Arc::new(self.upload_doc(d, &kv)?);
-                        lru.insert(k.clone(), dc.clone(), dc.bytes());
-                        found.insert(k, (dc, CacheSource::Disk));
-                        continue;
+            candidates.push((i, d));
+        }
+        let mut missing: Vec<(usize, &[u32])> = Vec::new();
+        match &store {
+            None => missing = candidates,
+            Some(store) => {
+                let lookups = self.read_stored(store, &keys, &candidates);
+                for ((i, d), lookup) in candidates.into_iter().zip(lookups) {
+                    let k = &keys[i];
+                    match lookup? {
+                        Lookup::Hit(kv) => {
+                            let dc = Arc::new(self.upload_doc(d, &kv)?);
+                            lru.insert(k.clone(), dc.clone(), dc.bytes());
+                            found.insert(k, (dc, CacheSource::Disk));
+                            continue;
+                        }
+                        Lookup::Corrupt(why) => {
+                            eprintln!(
+                                "kvlink: document cache {k} was corrupt ({why}); recomputing it"
+                            );
+                        }
+                        Lookup::Miss | Lookup::Mismatch(_) => {}
                     }
-                    Lookup::Corrupt(why) => {
-                        eprintln!("kvlink: document cache {k} was corrupt ({why}); recomputing it");
-                    }
-                    Lookup::Miss | Lookup::Mismatch(_) => {}
+                    missing.push((i, d));
                 }
             }
-            missing.push((i, d));
         }
         let batch: Vec<&[u32]> = missing.iter().map(|(_, d)| *d).collect();
         for ((i, d), dc) in

@@ -189,7 +189,11 @@ fn document_caches_persist_on_disk_and_corrupt_entries_are_recomputed() {
     e.clear_doc_caches();
     let (_, again, t3) = e.request_logits(&req).unwrap();
     assert_eq!((t3.disk_docs, t3.computed_docs), (1, 1));
-    assert!(diff(&again, &cold).0 < 1e-5);
+    // The recomputed document was encoded alone, the original together with the other
+    // one: on GPU kernels the GEMM's summation order depends on how many rows a batch
+    // has (skinny / split-K kernels), so its f16 K/V may differ in the last bit.
+    let d = diff(&again, &cold).0;
+    assert!(d < 2e-3, "recomputed cache changed the logits by {d}");
     e.set_store(None);
     let _ = std::fs::remove_dir_all(&dir);
 }
