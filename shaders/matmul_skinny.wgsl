@@ -1,11 +1,12 @@
 // GEMM for a few rows of X (the KVLink question, a short prompt): Y[m, n0 + n] (+)=
 // X[m, :] . W[n, :] (+ B[n0 + n]), the parameters and flags of matmul.wgsl.
 // The 64x64-tiled kernel leaves most of a large GPU idle here and each of its few tiles
-// walks all of K alone. In this one a thread owns one row of X (up to 32 per workgroup,
-// staged through workgroup memory in chunks of K) and RPW weight rows; the 32 threads of
-// a row group read the same weight words (one broadcast load), so every weight is read
-// once per 32 rows of X and no cross-thread reduction is needed.
-// Needs K % 8 == 0 and x_off % 4 == 0. Grid: x = ceil(N / 32), y = ceil(M / 32).
+// walks all of K alone. In this one a group of 32 threads takes RPW weight rows and
+// splits K between its threads (16-byte weight loads, each f16 unpacked once and used for
+// all MB rows of X); the MB rows of X are staged through workgroup memory in chunks of
+// 256 and shared by the 8 groups; the 32 partial sums of each output are added through
+// workgroup memory at the end (no subgroup operations).
+// Needs K % 8 == 0 and x_off % 4 == 0. Grid: x = ceil(N / 32), y = ceil(M / MB).
 
 struct Params {
     M: u32, N: u32, K: u32, x_off: u32,
@@ -19,67 +20,83 @@ struct Params {
 @group(0) @binding(3) var<storage, read> B: array<f32>;
 @group(0) @binding(4) var<storage, read_write> Y: array<f32>;
 
-const MB: u32 = 32u;        // rows of X per workgroup (one per thread of a group)
-const RPW: u32 = 4u;        // weight rows per group of 32 threads
-const RW: u32 = 32u;        // weight rows per workgroup (8 groups)
-const KC: u32 = 128u;       // K per chunk
-const XS: u32 = KC / 4u + 1u; // vec4 stride of a staged X row (padded: no bank conflicts)
+const MB: u32 = 16u;          // rows of X per workgroup
+const RPW: u32 = 4u;          // weight rows per group of 32 threads
+const RW: u32 = 32u;          // weight rows per workgroup (8 groups)
+const KC4: u32 = 64u;         // vec4 of K per chunk (256 values: 8 per thread)
+const LS: u32 = 33u;          // padded thread stride of the reduction
+// One buffer, two uses: the staged X chunk (MB x KC4 vec4), then the reduction
+// (8 groups x MB x LS floats = 1056 vec4).
+var<workgroup> sh: array<vec4<f32>, 1056>;
 
-var<workgroup> xs: array<vec4<f32>, MB * XS>;
+fn red_set(i: u32, v: f32) { sh[i / 4u][i % 4u] = v; }
+fn red_get(i: u32) -> f32 { return sh[i / 4u][i % 4u]; }
 
 @compute @workgroup_size(256)
 fn matmul_skinny(@builtin(workgroup_id) wg: vec3<u32>,
                  @builtin(local_invocation_index) li: u32) {
     let g = li / 32u;
-    let t = li % 32u;
+    let l = li % 32u;
     let m0 = wg.y * MB;
     let k8 = p.K / 8u;
     let k4 = p.K / 4u;
     let xb = p.x_off / 4u;
     let nb = wg.x * RW + g * RPW;
-    var w_row: array<u32, RPW>;
-    for (var r = 0u; r < RPW; r++) { w_row[r] = min(nb + r, p.N - 1u) * k8; }
-    var acc = vec4<f32>(0.0); // rows nb .. nb + 3 (RPW = 4)
-    for (var k0 = 0u; k0 < p.K; k0 += KC) {
+    let r0 = min(nb, p.N - 1u) * k8;
+    let r1 = min(nb + 1u, p.N - 1u) * k8;
+    let r2 = min(nb + 2u, p.N - 1u) * k8;
+    let r3 = min(nb + 3u, p.N - 1u) * k8;
+    var acc: array<vec4<f32>, MB>; // acc[t]: rows nb .. nb + 3 for row m0 + t of X
+    for (var t = 0u; t < MB; t++) { acc[t] = vec4<f32>(0.0); }
+    for (var c0 = 0u; c0 < k4; c0 += KC4) {
         workgroupBarrier();
-        for (var i = li; i < MB * (KC / 4u); i += 256u) {
-            let mm = i / (KC / 4u);
-            let c = i % (KC / 4u);
+        for (var i = li; i < MB * KC4; i += 256u) {
+            let mm = i / KC4;
+            let c = i % KC4;
             var v = vec4<f32>(0.0);
-            if (m0 + mm < p.M && k0 + 4u * c < p.K) { v = X[xb + (m0 + mm) * k4 + k0 / 4u + c]; }
-            xs[mm * XS + c] = v;
+            if (m0 + mm < p.M && c0 + c < k4) { v = X[xb + (m0 + mm) * k4 + c0 + c]; }
+            sh[i] = v;
         }
         workgroupBarrier();
-        let steps = min(KC, p.K - k0) / 8u;
-        let kw = k0 / 8u;
-        for (var j = 0u; j < steps; j++) {
-            let x0 = xs[t * XS + 2u * j];
-            let x1 = xs[t * XS + 2u * j + 1u];
-            let w0 = W[w_row[0] + kw + j];
-            let w1 = W[w_row[1] + kw + j];
-            let w2 = W[w_row[2] + kw + j];
-            let w3 = W[w_row[3] + kw + j];
-            acc += vec4<f32>(
-                dot(x0, vec4<f32>(unpack2x16float(w0.x), unpack2x16float(w0.y)))
-                    + dot(x1, vec4<f32>(unpack2x16float(w0.z), unpack2x16float(w0.w))),
-                dot(x0, vec4<f32>(unpack2x16float(w1.x), unpack2x16float(w1.y)))
-                    + dot(x1, vec4<f32>(unpack2x16float(w1.z), unpack2x16float(w1.w))),
-                dot(x0, vec4<f32>(unpack2x16float(w2.x), unpack2x16float(w2.y)))
-                    + dot(x1, vec4<f32>(unpack2x16float(w2.z), unpack2x16float(w2.w))),
-                dot(x0, vec4<f32>(unpack2x16float(w3.x), unpack2x16float(w3.y)))
-                    + dot(x1, vec4<f32>(unpack2x16float(w3.z), unpack2x16float(w3.w))));
+        let kv = c0 / 2u + l; // this thread's 8 weights of the chunk
+        if (kv < k8) {
+            let w0 = W[r0 + kv];
+            let w1 = W[r1 + kv];
+            let w2 = W[r2 + kv];
+            let w3 = W[r3 + kv];
+            let a0 = vec4<f32>(unpack2x16float(w0.x), unpack2x16float(w0.y));
+            let b0 = vec4<f32>(unpack2x16float(w0.z), unpack2x16float(w0.w));
+            let a1 = vec4<f32>(unpack2x16float(w1.x), unpack2x16float(w1.y));
+            let b1 = vec4<f32>(unpack2x16float(w1.z), unpack2x16float(w1.w));
+            let a2 = vec4<f32>(unpack2x16float(w2.x), unpack2x16float(w2.y));
+            let b2 = vec4<f32>(unpack2x16float(w2.z), unpack2x16float(w2.w));
+            let a3 = vec4<f32>(unpack2x16float(w3.x), unpack2x16float(w3.y));
+            let b3 = vec4<f32>(unpack2x16float(w3.z), unpack2x16float(w3.w));
+            for (var t = 0u; t < MB; t++) {
+                let x0 = sh[t * KC4 + 2u * l];
+                let x1 = sh[t * KC4 + 2u * l + 1u];
+                acc[t] += vec4<f32>(dot(x0, a0) + dot(x1, b0), dot(x0, a1) + dot(x1, b1),
+                                    dot(x0, a2) + dot(x1, b2), dot(x0, a3) + dot(x1, b3));
+            }
         }
     }
-    let m = m0 + t;
-    if (m >= p.M) { return; }
     for (var r = 0u; r < RPW; r++) {
-        let n = nb + r;
-        if (n < p.N) {
-            var v = acc[r];
-            if ((p.flags & 2u) != 0u) { v += B[p.n0 + n]; }
-            let idx = p.y_off + m * p.ldy + p.n0 + n;
-            if ((p.flags & 1u) != 0u) { v += Y[idx]; }
-            Y[idx] = v;
+        workgroupBarrier();
+        for (var t = 0u; t < MB; t++) { red_set((g * MB + t) * LS + l, acc[t][r]); }
+        workgroupBarrier();
+        if (li < 8u * MB) {
+            let gg = li / MB;
+            let t = li % MB;
+            var v = 0.0;
+            for (var j = 0u; j < 32u; j++) { v += red_get((gg * MB + t) * LS + j); }
+            let n = wg.x * RW + gg * RPW + r;
+            let m = m0 + t;
+            if (n < p.N && m < p.M) {
+                if ((p.flags & 2u) != 0u) { v += B[p.n0 + n]; }
+                let idx = p.y_off + m * p.ldy + p.n0 + n;
+                if ((p.flags & 1u) != 0u) { v += Y[idx]; }
+                Y[idx] = v;
+            }
         }
     }
 }

@@ -1095,56 +1095,63 @@ fn matmul_split_k_matches_cpu() {
             if splits == 0 && m > 32 {
                 continue;
             }
-            let (bias, acc) = (splits % 2 == 1, splits > 2);
-            let x0 = 1;
-            let x = rand_vec(&mut rng, (x0 + m) * k, 1.0);
-            let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
-                .into_iter()
-                .map(f16r)
-                .collect();
-            let b = rand_vec(&mut rng, n, 1.0);
-            let y_init = rand_vec(&mut rng, (x0 + m) * n, 1.0);
-            let xt = Tensor::from_f32(g, &[x0 + m, k], &x, "x").unwrap();
-            let wm = Matrix::upload_split(g, n, k, &w, split, "w").unwrap();
-            let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
-            let mut init = y_init.clone();
-            if !acc {
-                init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
-            }
-            let yt = Tensor::from_f32(g, &[x0 + m, n], &init, "y").unwrap();
-            run_variant(false, |s| {
-                for (r0, part) in &wm.parts {
-                    let params = [
-                        m as u32,
-                        part.shape[0] as u32,
-                        k as u32,
-                        (x0 * k) as u32,
-                        (x0 * n) as u32,
-                        n as u32,
-                        *r0 as u32,
-                        acc as u32 | if bias { 2 } else { 0 },
-                    ];
-                    if splits == 0 {
-                        ops::skinny_matmul(s, &params, [&xt, part, &bt, &yt]).unwrap();
-                    } else {
-                        ops::tiled_matmul(s, &params, splits, [&xt, part, &bt, &yt]).unwrap();
+            // the skinny kernel with bias and with accumulation; the others alternate
+            let flags = if splits == 0 {
+                vec![(true, false), (false, true)]
+            } else {
+                vec![(splits % 2 == 1, splits > 2)]
+            };
+            for (bias, acc) in flags {
+                let x0 = 1;
+                let x = rand_vec(&mut rng, (x0 + m) * k, 1.0);
+                let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
+                    .into_iter()
+                    .map(f16r)
+                    .collect();
+                let b = rand_vec(&mut rng, n, 1.0);
+                let y_init = rand_vec(&mut rng, (x0 + m) * n, 1.0);
+                let xt = Tensor::from_f32(g, &[x0 + m, k], &x, "x").unwrap();
+                let wm = Matrix::upload_split(g, n, k, &w, split, "w").unwrap();
+                let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
+                let mut init = y_init.clone();
+                if !acc {
+                    init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
+                }
+                let yt = Tensor::from_f32(g, &[x0 + m, n], &init, "y").unwrap();
+                run_variant(false, |s| {
+                    for (r0, part) in &wm.parts {
+                        let params = [
+                            m as u32,
+                            part.shape[0] as u32,
+                            k as u32,
+                            (x0 * k) as u32,
+                            (x0 * n) as u32,
+                            n as u32,
+                            *r0 as u32,
+                            acc as u32 | if bias { 2 } else { 0 },
+                        ];
+                        if splits == 0 {
+                            ops::skinny_matmul(s, &params, [&xt, part, &bt, &yt]).unwrap();
+                        } else {
+                            ops::tiled_matmul(s, &params, splits, [&xt, part, &bt, &yt]).unwrap();
+                        }
+                    }
+                });
+                let got = g.read_f32(&yt).unwrap();
+                let mut want = cpu_matmul(&x[x0 * k..], &w, m, n, k);
+                for i in 0..m {
+                    for j in 0..n {
+                        if bias {
+                            want[i * n + j] += b[j];
+                        }
+                        if acc {
+                            want[i * n + j] += y_init[(x0 + i) * n + j];
+                        }
                     }
                 }
-            });
-            let got = g.read_f32(&yt).unwrap();
-            let mut want = cpu_matmul(&x[x0 * k..], &w, m, n, k);
-            for i in 0..m {
-                for j in 0..n {
-                    if bias {
-                        want[i * n + j] += b[j];
-                    }
-                    if acc {
-                        want[i * n + j] += y_init[(x0 + i) * n + j];
-                    }
-                }
+                let what = format!("split-K matmul {m}x{n}x{k} splits={splits}");
+                assert_close(&got[x0 * n..], &want, 1e-3, 1e-3, &what);
             }
-            let what = format!("split-K matmul {m}x{n}x{k} splits={splits}");
-            assert_close(&got[x0 * n..], &want, 1e-3, 1e-3, &what);
         }
     }
 }

@@ -242,7 +242,7 @@ pub fn matmul(
 }
 
 /// Whether the skinny GEMM takes a product of `m` rows: GPU adapters with 32 KiB of
-/// workgroup memory, a few rows (up to 32: one block of X), K % 8 == 0, aligned X.
+/// workgroup memory, a few rows (up to 32: two blocks of 16), K % 8 == 0, aligned X.
 fn skinny_ok(step: &Step, m: usize, k: usize, x_off: usize) -> bool {
     !step.serial()
         && m <= 32
@@ -264,7 +264,7 @@ pub fn skinny_matmul(step: &mut Step, params: &[u32; 8], bufs: [&Tensor; 4]) -> 
     })?;
     let mut p10 = [0u32; 10];
     p10[..8].copy_from_slice(params);
-    step.dispatch(MATMUL_SKINNY, &p10, &bufs, [gx, m.div_ceil(32) as u32, 1]);
+    step.dispatch(MATMUL_SKINNY, &p10, &bufs, [gx, m.div_ceil(16) as u32, 1]);
     Ok(())
 }
 
