@@ -255,9 +255,10 @@ fn skinny_ok(step: &Step, m: usize, k: usize, x_off: usize) -> bool {
 /// [`skinny_ok`]. Public for the kernel tests.
 pub fn skinny_matmul(step: &mut Step, params: &[u32; 8], bufs: [&Tensor; 4]) -> Result<()> {
     let (m, pn) = (params[0] as usize, params[1] as usize);
-    need(params[2] % 8 == 0 && params[3] % 4 == 0, || {
-        "matmul_skinny: K % 8 and x offset % 4 must be 0".into()
-    })?;
+    need(
+        params[2].is_multiple_of(8) && params[3].is_multiple_of(4),
+        || "matmul_skinny: K % 8 and x offset % 4 must be 0".into(),
+    )?;
     let gx = u32_of(pn.div_ceil(32), "matmul_skinny row groups")?;
     need(gx <= 65535, || {
         format!("matmul_skinny too large: {pn} rows")

@@ -19,6 +19,9 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// One segment of a stacked TTFT bar: label, colour, milliseconds of a request.
+type TtftPart = (&'static str, Color32, fn(&AskStats) -> f64);
+
 /// What `kvlink view` was started with.
 pub struct Options {
     pub adapter: AdapterChoice,
@@ -797,7 +800,7 @@ impl ViewerApp {
             );
         }
         let names: Vec<String> = done.iter().map(|(_, s)| s.mode.to_string()).collect();
-        let parts: [(&str, Color32, fn(&AskStats) -> f64); 3] = [
+        let parts: [TtftPart; 3] = [
             ("lookup", Color32::from_rgb(120, 160, 255), |s| {
                 s.timings.lookup.as_secs_f64() * 1e3
             }),

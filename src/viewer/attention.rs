@@ -40,11 +40,7 @@ pub trait CaptureExt {
 impl CaptureExt for AttentionCapture {
     fn n_tokens(&self) -> usize {
         let per = self.layers * self.heads * self.groups.len();
-        if per == 0 {
-            0
-        } else {
-            self.mass.len() / per
-        }
+        self.mass.len().checked_div(per).unwrap_or(0)
     }
 
     fn groups_len(&self) -> usize {
