@@ -384,6 +384,63 @@ fn cpu_attention(
     out
 }
 
+/// A random attention problem over an f16 cache with the KVLink segment layout
+/// (prefix 0, documents 1..3, then 0 again, as in KVLINK.md §1) and its CPU answer.
+struct AttnCase {
+    t: usize,
+    q: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    qslot: Tensor,
+    seg: Tensor,
+    want: Vec<f32>,
+}
+
+impl AttnCase {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        rng: &mut Rng,
+        slots: usize,
+        heads: usize,
+        kvh: usize,
+        hd: usize,
+        segmented: bool,
+        qslot: &[u32],
+    ) -> AttnCase {
+        let g = gpu();
+        let kv_dim = kvh * hd;
+        let kc: Vec<f32> = rand_vec(rng, slots * kv_dim, 1.0)
+            .into_iter()
+            .map(f16r)
+            .collect();
+        let vc: Vec<f32> = rand_vec(rng, slots * kv_dim, 1.0)
+            .into_iter()
+            .map(f16r)
+            .collect();
+        let seg: Vec<u32> = (0..slots)
+            .map(|s| {
+                if !segmented || s < slots / 5 || s >= slots * 4 / 5 {
+                    0
+                } else {
+                    1 + (s * 3 / slots) as u32
+                }
+            })
+            .collect();
+        let t = qslot.len();
+        let q = rand_vec(rng, t * heads * hd, 1.0);
+        let words = ops::segment_words(&seg, slots);
+        AttnCase {
+            t,
+            q: Tensor::from_f32(g, &[t, heads, hd], &q, "q").unwrap(),
+            kc: Tensor::from_f32_as_f16(g, &[slots, kv_dim], &kc, "kc").unwrap(),
+            vc: Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vc, "vc").unwrap(),
+            qslot: Tensor::from_u32(g, &[t], qslot, "qslot").unwrap(),
+            seg: Tensor::from_u32(g, &[2 * slots], &words, "seg").unwrap(),
+            want: cpu_attention(&q, &kc, &vc, qslot, &seg, heads, kvh, hd),
+        }
+    }
+}
+
 #[test]
 fn attention_matches_cpu_with_segment_mask() {
     let g = gpu();
@@ -395,44 +452,22 @@ fn attention_matches_cpu_with_segment_mask() {
         (130, 9, 3, 64, true),
         (1300, 9, 3, 64, false),
     ] {
-        let kv_dim = kvh * hd;
-        let kc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0)
-            .into_iter()
-            .map(f16r)
-            .collect();
-        let vc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0)
-            .into_iter()
-            .map(f16r)
-            .collect();
-        // segments: prefix 0, docs 1..3, then 0 again (like KVLINK.md §1)
-        let seg: Vec<u32> = (0..slots)
-            .map(|s| {
-                if !segmented || s < slots / 5 || s >= slots * 4 / 5 {
-                    0
-                } else {
-                    1 + (s * 3 / slots) as u32
-                }
-            })
-            .collect();
         // queries: a few slots including the first, the last and doc-internal ones
         let mut qslot: Vec<u32> = vec![0, (slots - 1) as u32, (slots / 2) as u32];
         for _ in 0..4 {
             qslot.push(rng.below(slots as u32));
         }
-        let t = qslot.len();
-        let q = rand_vec(&mut rng, t * heads * hd, 1.0);
-        let qt = Tensor::from_f32(g, &[t, heads, hd], &q, "q").unwrap();
-        let kt = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &kc, "kc").unwrap();
-        let vt = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vc, "vc").unwrap();
-        let qs = Tensor::from_u32(g, &[t], &qslot, "qslot").unwrap();
-        let words = ops::segment_words(&seg, slots);
-        let sg = Tensor::from_u32(g, &[2 * slots], &words, "seg").unwrap();
-        let want = cpu_attention(&q, &kc, &vc, &qslot, &seg, heads, kvh, hd);
-        let out = nan_tensor(t * heads * hd);
-        run(|s| ops::attention(s, &qt, t, heads, kvh, hd, &kt, &vt, &qs, &sg, &out).unwrap());
+        let c = AttnCase::new(&mut rng, slots, heads, kvh, hd, segmented, &qslot);
+        let out = nan_tensor(c.t * heads * hd);
+        run(|s| {
+            ops::attention(
+                s, &c.q, c.t, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &out,
+            )
+            .unwrap()
+        });
         let got = g.read_f32(&out).unwrap();
         let what = format!("attention slots={slots} h={heads}/{kvh} hd={hd}");
-        assert_close(&got, &want, 1e-4, 1e-3, &what);
+        assert_close(&got, &c.want, 1e-4, 1e-3, &what);
     }
 }
 
@@ -1017,24 +1052,6 @@ fn flash_attention_splits_match_cpu() {
         (140, 4, 2, 128, 9, true),
         (70, 14, 2, 64, 70, true),
     ] {
-        let kv_dim = kvh * hd;
-        let kc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0)
-            .into_iter()
-            .map(f16r)
-            .collect();
-        let vc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0)
-            .into_iter()
-            .map(f16r)
-            .collect();
-        let seg: Vec<u32> = (0..slots)
-            .map(|s| {
-                if !segmented || s < slots / 5 || s >= slots * 4 / 5 {
-                    0
-                } else {
-                    1 + (s * 3 / slots) as u32
-                }
-            })
-            .collect();
         let qslot: Vec<u32> = if nq == slots {
             (0..slots as u32).collect()
         } else {
@@ -1045,15 +1062,8 @@ fn flash_attention_splits_match_cpu() {
             v.truncate(nq);
             v
         };
-        let t = qslot.len();
-        let q = rand_vec(&mut rng, t * heads * hd, 1.0);
-        let qt = Tensor::from_f32(g, &[t, heads, hd], &q, "q").unwrap();
-        let kt = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &kc, "kc").unwrap();
-        let vt = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vc, "vc").unwrap();
-        let qs = Tensor::from_u32(g, &[t], &qslot, "qslot").unwrap();
-        let words = ops::segment_words(&seg, slots);
-        let sg = Tensor::from_u32(g, &[2 * slots], &words, "seg").unwrap();
-        let want = cpu_attention(&q, &kc, &vc, &qslot, &seg, heads, kvh, hd);
+        let c = AttnCase::new(&mut rng, slots, heads, kvh, hd, segmented, &qslot);
+        let t = c.t;
         let (k, br) = match hd {
             32 => (ops::kernels::FLASH_D32, 32),
             64 => (ops::kernels::FLASH_D64, 32),
@@ -1063,13 +1073,13 @@ fn flash_attention_splits_match_cpu() {
             let out = nan_tensor(t * heads * hd);
             run(|s| {
                 ops::flash_attention(
-                    s, &qt, t, heads, kvh, hd, &kt, &vt, &qs, &sg, &out, k, br, splits,
+                    s, &c.q, t, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &out, k, br, splits,
                 )
                 .unwrap()
             });
             let got = g.read_f32(&out).unwrap();
             let what = format!("flash slots={slots} h={heads}/{kvh} hd={hd} t={t} splits={splits}");
-            assert_close(&got, &want, 1e-4, 1e-3, &what);
+            assert_close(&got, &c.want, 1e-4, 1e-3, &what);
         }
     }
 }
