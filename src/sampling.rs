@@ -137,6 +137,29 @@ pub fn log_softmax(x: &[f32]) -> Vec<f32> {
     x.iter().map(|&v| (v as f64 - lz) as f32).collect()
 }
 
+/// The `k` most likely tokens of a logits row as JSON objects `{id, token, logprob}`,
+/// most likely first (ties by id): the `top` list of `kvlink logits` and the browser's
+/// `logits()`.
+pub fn top_logprobs_json(
+    tokenizer: &crate::model::Tokenizer,
+    logits: &[f32],
+    k: usize,
+) -> Vec<serde_json::Value> {
+    let lp = log_softmax(logits);
+    let mut idx: Vec<usize> = (0..lp.len()).collect();
+    idx.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
+    idx.truncate(k.min(lp.len()));
+    idx.iter()
+        .map(|&i| {
+            serde_json::json!({
+                "id": i,
+                "token": tokenizer.token_piece(i as u32),
+                "logprob": lp[i],
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvlink::gpu::{AdapterChoice, Gpu};
 use kvlink::model::{open_model, WeightSource};
-use kvlink::sampling::{log_softmax, SamplingParams};
+use kvlink::sampling::SamplingParams;
 use kvlink::{Engine, GenerateParams};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -546,20 +546,7 @@ fn logits(
         let (plan, lg, _) = engine.request_logits(&req)?;
         (plan.tokens, plan.segments, plan.positions, lg)
     };
-    let lp = log_softmax(&lg);
-    let mut idx: Vec<usize> = (0..lp.len()).collect();
-    idx.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
-    idx.truncate(top.min(lp.len()));
-    let tops: Vec<_> = idx
-        .iter()
-        .map(|&i| {
-            serde_json::json!({
-                "id": i,
-                "token": engine.tokenizer.token_piece(i as u32),
-                "logprob": lp[i],
-            })
-        })
-        .collect();
+    let tops = kvlink::sampling::top_logprobs_json(&engine.tokenizer, &lg, top);
     if json {
         println!(
             "{}",

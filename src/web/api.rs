@@ -222,20 +222,7 @@ impl Kvlink {
             .last()
             .ok_or_else(|| js_err(Error::Gpu("no logits were read".into())))?;
         let lg = words_to_f32(words, DType::F32, vocab);
-        let lp = crate::sampling::log_softmax(&lg);
-        let mut idx: Vec<usize> = (0..lp.len()).collect();
-        idx.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
-        idx.truncate(top.min(lp.len()));
-        let tops: Vec<_> = idx
-            .iter()
-            .map(|&i| {
-                serde_json::json!({
-                    "id": i,
-                    "token": engine.tokenizer.token_piece(i as u32),
-                    "logprob": lp[i],
-                })
-            })
-            .collect();
+        let tops = crate::sampling::top_logprobs_json(&engine.tokenizer, &lg, top);
         Ok(to_js(&serde_json::json!({ "tokens": ids, "top": tops })))
     }
 }
