@@ -227,9 +227,7 @@ pub fn matmul(
         } else if step.serial() {
             let blocks = pn.div_ceil(4) * m.div_ceil(4);
             let groups = grid_1d(u32_of(blocks.div_ceil(64), "matmul blocks")?);
-            let mut p10 = [0u32; 10];
-            p10[..8].copy_from_slice(&params);
-            p10[8] = k as u32;
+            let p10 = gemm_words(&params, k, 0);
             step.dispatch(MATMUL_BLOCKS, &p10, &[x, part, b, y], groups);
         } else if skinny_ok(step, m, k, x_row0 * k) {
             skinny_matmul(step, &params, [x, part, b, y])?;
@@ -263,10 +261,19 @@ pub fn skinny_matmul(step: &mut Step, params: &[u32; 8], bufs: [&Tensor; 4]) -> 
     need(gx <= 65535, || {
         format!("matmul_skinny too large: {pn} rows")
     })?;
-    let mut p10 = [0u32; 10];
-    p10[..8].copy_from_slice(params);
+    let p10 = gemm_words(params, params[2] as usize, 0);
     step.dispatch(MATMUL_SKINNY, &p10, &bufs, [gx, m.div_ceil(16) as u32, 1]);
     Ok(())
+}
+
+/// matmul.wgsl's parameter words: the 8 of `params`, then the K chunk per workgroup z and
+/// the split-K partials' stride (0: write Y).
+fn gemm_words(params: &[u32; 8], kc: usize, split_stride: u32) -> [u32; 10] {
+    let mut w = [0u32; 10];
+    w[..8].copy_from_slice(params);
+    w[8] = kc as u32;
+    w[9] = split_stride;
+    w
 }
 
 /// Split-K factor for the tiled GEMM: a few rows (the KVLink seg-0 prefill, a short
@@ -294,18 +301,14 @@ pub fn tiled_matmul(
     need(gy <= 65535 && gx <= 65535, || {
         format!("matmul too large: {m}x{pn}")
     })?;
-    let mut p10 = [0u32; 10];
-    p10[..8].copy_from_slice(params);
     if splits <= 1 {
-        p10[8] = k as u32;
-        step.dispatch(MATMUL, &p10, &bufs, [gx, gy, 1]);
+        step.dispatch(MATMUL, &gemm_words(params, k, 0), &bufs, [gx, gy, 1]);
         return Ok(());
     }
     let kc = k.div_ceil(splits).div_ceil(16) * 16;
     let splits = k.div_ceil(kc);
     let part = step.gpu().scratch("matmul split-K", splits * m * pn)?;
-    p10[8] = kc as u32;
-    p10[9] = u32_of(m * pn, "matmul split stride")?;
+    let p10 = gemm_words(params, kc, u32_of(m * pn, "matmul split stride")?);
     let [x, w, b, y] = bufs;
     step.dispatch(MATMUL, &p10, &[x, w, b, &part], [gx, gy, splits as u32]);
     let red = [
@@ -745,7 +748,7 @@ pub fn attention(
         let splits = if step.serial() {
             1
         } else {
-            attention_splits(t, heads, kv_heads, cap, head_dim, br).0
+            attention_splits(t, heads, kv_heads, cap, head_dim, br)
         };
         return flash_attention(
             step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, k, br, splits,
@@ -780,7 +783,8 @@ fn flash_kernel(head_dim: usize) -> Option<(Kernel, usize)> {
 /// Key splits for a GPU. Split z covers the key tiles [z * per, (z + 1) * per) of the
 /// cache, fixed by the cache size alone, so a row's result does not depend on the other
 /// queries of the batch. Splitting pays when the queries alone leave a large GPU idle
-/// (fewer than ~256 workgroups); at most 64 splits. Returns (splits, tiles per split).
+/// (fewer than ~256 workgroups); at most 64 splits. [`flash_attention`] derives the tiles
+/// per split from the count.
 fn attention_splits(
     t: usize,
     heads: usize,
@@ -788,18 +792,18 @@ fn attention_splits(
     cap: usize,
     head_dim: usize,
     br: usize,
-) -> (usize, usize) {
+) -> usize {
     let base = (t * heads / kv_heads).div_ceil(br) * kv_heads;
     let tiles = cap.div_ceil(32).max(1);
     if base >= 256 || tiles < 4 {
-        return (1, tiles);
+        return 1;
     }
     let mut per = tiles.div_ceil(64).max(2);
     // Keep the partials (splits x rows x (head_dim + 4) floats) under 64 MiB.
     while tiles.div_ceil(per) * t * heads * (head_dim + 4) * 4 > 64 << 20 {
         per *= 2;
     }
-    (tiles.div_ceil(per), per)
+    tiles.div_ceil(per)
 }
 
 /// [`attention`] with its flash kernel and an explicit number of key splits (> 1 adds
