@@ -80,16 +80,24 @@ fn matmul_skinny(@builtin(workgroup_id) wg: vec3<u32>,
             }
         }
     }
+    finish(&acc, wg.x, m0, li);
+}
+
+// The 32 partial sums of each output, added through workgroup memory; bias, accumulate
+// and the store.
+fn finish(acc: ptr<function, array<vec4<f32>, MB>>, wx: u32, m0: u32, li: u32) {
+    let g = li / 32u;
+    let l = li % 32u;
     for (var r = 0u; r < RPW; r++) {
         workgroupBarrier();
-        for (var t = 0u; t < MB; t++) { red_set((g * MB + t) * LS + l, acc[t][r]); }
+        for (var t = 0u; t < MB; t++) { red_set((g * MB + t) * LS + l, (*acc)[t][r]); }
         workgroupBarrier();
         if (li < 8u * MB) {
             let gg = li / MB;
             let t = li % MB;
             var v = 0.0;
             for (var j = 0u; j < 32u; j++) { v += red_get((gg * MB + t) * LS + j); }
-            let n = wg.x * RW + gg * RPW + r;
+            let n = wx * RW + gg * RPW + r;
             let m = m0 + t;
             if (n < p.N && m < p.M) {
                 if ((p.flags & 2u) != 0u) { v += B[p.n0 + n]; }
@@ -99,4 +107,50 @@ fn matmul_skinny(@builtin(workgroup_id) wg: vec3<u32>,
             }
         }
     }
+}
+
+// The same product without staging X: each thread reads its 8 X values of each row
+// straight from memory (the 8 groups read the same X, which stays in cache), so no
+// barrier separates the K steps and a warp's weight loads for later steps can overlap
+// the arithmetic of earlier ones. Selected with KVLINK_SKINNY=direct (see ops).
+@compute @workgroup_size(256)
+fn matmul_skinny_direct(@builtin(workgroup_id) wg: vec3<u32>,
+                        @builtin(local_invocation_index) li: u32) {
+    let g = li / 32u;
+    let l = li % 32u;
+    let m0 = wg.y * MB;
+    let k8 = p.K / 8u;
+    let k4 = p.K / 4u;
+    let xb = p.x_off / 4u;
+    let nb = wg.x * RW + g * RPW;
+    let r0 = min(nb, p.N - 1u) * k8;
+    let r1 = min(nb + 1u, p.N - 1u) * k8;
+    let r2 = min(nb + 2u, p.N - 1u) * k8;
+    let r3 = min(nb + 3u, p.N - 1u) * k8;
+    // Rows of X past M read row M - 1; their sums are not stored.
+    var xr: array<u32, MB>;
+    for (var t = 0u; t < MB; t++) { xr[t] = xb + min(m0 + t, p.M - 1u) * k4; }
+    var acc: array<vec4<f32>, MB>;
+    for (var t = 0u; t < MB; t++) { acc[t] = vec4<f32>(0.0); }
+    for (var kv = l; kv < k8; kv += 32u) {
+        let w0 = W[r0 + kv];
+        let w1 = W[r1 + kv];
+        let w2 = W[r2 + kv];
+        let w3 = W[r3 + kv];
+        let a0 = vec4<f32>(unpack2x16float(w0.x), unpack2x16float(w0.y));
+        let b0 = vec4<f32>(unpack2x16float(w0.z), unpack2x16float(w0.w));
+        let a1 = vec4<f32>(unpack2x16float(w1.x), unpack2x16float(w1.y));
+        let b1 = vec4<f32>(unpack2x16float(w1.z), unpack2x16float(w1.w));
+        let a2 = vec4<f32>(unpack2x16float(w2.x), unpack2x16float(w2.y));
+        let b2 = vec4<f32>(unpack2x16float(w2.z), unpack2x16float(w2.w));
+        let a3 = vec4<f32>(unpack2x16float(w3.x), unpack2x16float(w3.y));
+        let b3 = vec4<f32>(unpack2x16float(w3.z), unpack2x16float(w3.w));
+        for (var t = 0u; t < MB; t++) {
+            let x0 = X[xr[t] + 2u * kv];
+            let x1 = X[xr[t] + 2u * kv + 1u];
+            acc[t] += vec4<f32>(dot(x0, a0) + dot(x1, b0), dot(x0, a1) + dot(x1, b1),
+                                dot(x0, a2) + dot(x1, b2), dot(x0, a3) + dot(x1, b3));
+        }
+    }
+    finish(&acc, wg.x, m0, li);
 }

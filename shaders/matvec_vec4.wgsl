@@ -3,7 +3,10 @@
 // (X / sqrt(mean(X^2) + eps) * NW, each workgroup reducing X itself), which saves the
 // norm's own dispatch before a projection. W is read as vec4<u32> (8 f16 per load,
 // 16 bytes per thread, 512 contiguous bytes per 32 threads), X as vec4<f32>.
-// 8 rows per workgroup of 256 threads, 32 threads per row; tree reduction over the 32.
+// 256 threads in 8 groups of 32 lanes; a group computes RPW output rows (the host
+// prepends `const RPW: u32`, 1, 2 or 4), so each X value a lane loads serves RPW rows
+// (2 RPW weight rows with SwiGLU pairs) and each lane has 2 RPW (4 RPW) independent
+// weight loads in flight per step. Tree reduction over the 32 lanes.
 
 struct Params {
     M: u32, N: u32, K: u32, x_off: u32,
@@ -18,10 +21,10 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(5) var<storage, read> NW: array<vec4<f32>>;
 
-const ROWS: u32 = 8u;
 const LANES: u32 = 32u;
-var<workgroup> part: array<f32, 256>;
-var<workgroup> part_up: array<f32, 256>;
+const ROWS: u32 = 8u * RPW;  // output rows per workgroup
+const NA: u32 = 2u * RPW;    // accumulators per lane: RPW rows, then their SwiGLU up rows
+var<workgroup> part: array<f32, 256u * NA>;
 
 fn dot8(w: vec4<u32>, x0: vec4<f32>, x1: vec4<f32>) -> f32 {
     let a = unpack2x16float(w.x);
@@ -38,33 +41,13 @@ fn xv(i: u32, inv: f32) -> vec4<f32> {
     return v;
 }
 
-fn dot_row(row: u32, lane: u32, inv: f32) -> f32 {
-    let k8 = p.K / 8u;
-    let base = row * k8;
-    var acc0 = 0.0;
-    var acc1 = 0.0;
-    var k = lane;
-    // Two loads in flight per thread.
-    for (; k + LANES < k8; k += 2u * LANES) {
-        let w0 = W[base + k];
-        let w1 = W[base + k + LANES];
-        acc0 += dot8(w0, xv(2u * k, inv), xv(2u * k + 1u, inv));
-        let k1 = k + LANES;
-        acc1 += dot8(w1, xv(2u * k1, inv), xv(2u * k1 + 1u, inv));
-    }
-    if (k < k8) {
-        acc0 += dot8(W[base + k], xv(2u * k, inv), xv(2u * k + 1u, inv));
-    }
-    return acc0 + acc1;
-}
-
 @compute @workgroup_size(256)
 fn matvec_vec4(@builtin(workgroup_id) wg: vec3<u32>,
                @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) li: u32) {
     let lane = li % LANES;
-    let r = li / LANES;
-    let row = (wg.x + wg.y * nwg.x) * ROWS + r;
+    let grp = li / LANES;
+    let row0 = (wg.x + wg.y * nwg.x) * ROWS + grp * RPW;
     let swiglu = (p.flags & 4u) != 0u;
     var inv = 1.0;
     if ((p.flags & 8u) != 0u) {
@@ -83,28 +66,60 @@ fn matvec_vec4(@builtin(workgroup_id) wg: vec3<u32>,
         inv = inverseSqrt(part[0] / f32(p.K) + p.eps);
         workgroupBarrier();
     }
-    var acc = 0.0;
-    var acc_up = 0.0;
-    if (row < p.N) {
-        acc = dot_row(row, lane, inv);
-        if (swiglu) { acc_up = dot_row(row + p.N, lane, inv); }
+    let k8 = p.K / 8u;
+    // Word offset of each weight row; rows past N read row N - 1 and are not written.
+    var base: array<u32, NA>;
+    for (var r = 0u; r < RPW; r++) {
+        let row = min(row0 + r, p.N - 1u);
+        base[r] = row * k8;
+        base[RPW + r] = (row + p.N) * k8;
     }
-    part[li] = acc;
-    part_up[li] = acc_up;
+    var acc: array<f32, NA>;
+    for (var a = 0u; a < NA; a++) { acc[a] = 0.0; }
+    var k = lane;
+    for (; k + LANES < k8; k += 2u * LANES) {
+        let k1 = k + LANES;
+        let x0 = xv(2u * k, inv);
+        let x1 = xv(2u * k + 1u, inv);
+        let x2 = xv(2u * k1, inv);
+        let x3 = xv(2u * k1 + 1u, inv);
+        for (var r = 0u; r < RPW; r++) {
+            let w0 = W[base[r] + k];
+            let w1 = W[base[r] + k1];
+            acc[r] += dot8(w0, x0, x1) + dot8(w1, x2, x3);
+        }
+        if (swiglu) {
+            for (var r = RPW; r < NA; r++) {
+                let w0 = W[base[r] + k];
+                let w1 = W[base[r] + k1];
+                acc[r] += dot8(w0, x0, x1) + dot8(w1, x2, x3);
+            }
+        }
+    }
+    if (k < k8) {
+        let x0 = xv(2u * k, inv);
+        let x1 = xv(2u * k + 1u, inv);
+        for (var r = 0u; r < RPW; r++) { acc[r] += dot8(W[base[r] + k], x0, x1); }
+        if (swiglu) {
+            for (var r = RPW; r < NA; r++) { acc[r] += dot8(W[base[r] + k], x0, x1); }
+        }
+    }
+    for (var a = 0u; a < NA; a++) { part[a * 256u + li] = acc[a]; }
     workgroupBarrier();
     for (var s = LANES / 2u; s > 0u; s >>= 1u) {
         if (lane < s) {
-            part[li] += part[li + s];
-            part_up[li] += part_up[li + s];
+            for (var a = 0u; a < NA; a++) { part[a * 256u + li] += part[a * 256u + li + s]; }
         }
         workgroupBarrier();
     }
-    if (lane == 0u && row < p.N) {
-        var v = part[li];
-        var u = part_up[li];
+    // Lane r of each group writes the group's row r.
+    let row = row0 + lane;
+    if (lane < RPW && row < p.N) {
+        var v = part[lane * 256u + grp * LANES];
+        var u = part[(RPW + lane) * 256u + grp * LANES];
         if ((p.flags & 2u) != 0u) {
             v += B[p.n0 + row];
-            if ((p.flags & 4u) != 0u) { u += B[p.n0 + p.N + row]; }
+            if (swiglu) { u += B[p.n0 + p.N + row]; }
         }
         if (swiglu) { v = v / (1.0 + exp(-v)) * u; }
         let idx = p.y_off + p.n0 + row;

@@ -47,6 +47,23 @@ fn run_variant(serial: bool, f: impl FnOnce(&mut Step)) {
     g.wait().unwrap();
 }
 
+/// [`run_variant`] with the vec4 GEMV's rows per group forced (GPU kernels only).
+fn run_gemv(serial: bool, rows: usize, f: impl FnOnce(&mut Step)) {
+    run_variant(serial, |s| {
+        s.set_gemv_rows(Some(rows));
+        f(s)
+    })
+}
+
+/// The vec4 GEMV variants to check: every rows-per-group count on the GPU kernels.
+fn gemv_rows_for(serial: bool) -> &'static [usize] {
+    if serial {
+        &[1]
+    } else {
+        &[1, 2, 4]
+    }
+}
+
 #[test]
 fn shaders_validate_with_naga() {
     for k in ops::kernels::ALL {
@@ -722,39 +739,41 @@ fn matvec_variants_match_cpu() {
             (true, false, true),
             (false, true, true),
         ] {
-            let x0 = 3;
-            let x = rand_vec(&mut rng, (x0 + 1) * k, 1.0);
-            let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
-                .into_iter()
-                .map(f16r)
-                .collect();
-            let b = rand_vec(&mut rng, n, 1.0);
-            let y_init = rand_vec(&mut rng, (x0 + 1) * n, 1.0);
-            let mut init = y_init.clone();
-            if !acc {
-                init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
+            for &rows in gemv_rows_for(serial) {
+                let x0 = 3;
+                let x = rand_vec(&mut rng, (x0 + 1) * k, 1.0);
+                let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
+                    .into_iter()
+                    .map(f16r)
+                    .collect();
+                let b = rand_vec(&mut rng, n, 1.0);
+                let y_init = rand_vec(&mut rng, (x0 + 1) * n, 1.0);
+                let mut init = y_init.clone();
+                if !acc {
+                    init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
+                }
+                let xt = Tensor::from_f32(g, &[x0 + 1, k], &x, "x").unwrap();
+                let wm = Matrix::upload_split(g, n, k, &w, split, "w").unwrap();
+                let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
+                let yt = Tensor::from_f32(g, &[x0 + 1, n], &init, "y").unwrap();
+                run_gemv(serial, rows, |s| {
+                    ops::matmul(s, &xt, x0, 1, &wm, bias.then_some(&bt), &yt, x0, acc).unwrap()
+                });
+                let got = g.read_f32(&yt).unwrap();
+                let mut want = cpu_matmul(&x[x0 * k..], &w, 1, n, k);
+                for j in 0..n {
+                    want[j] +=
+                        if bias { b[j] } else { 0.0 } + if acc { y_init[x0 * n + j] } else { 0.0 };
+                }
+                let what =
+                format!("matvec n={n} k={k} split={split} bias={bias} acc={acc} serial={serial} rows={rows}");
+                assert_close(&got[x0 * n..], &want, 2e-3, 1e-4, &what);
+                assert_eq!(
+                    &got[..x0 * n],
+                    &init[..x0 * n],
+                    "{what}: wrote outside its row"
+                );
             }
-            let xt = Tensor::from_f32(g, &[x0 + 1, k], &x, "x").unwrap();
-            let wm = Matrix::upload_split(g, n, k, &w, split, "w").unwrap();
-            let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
-            let yt = Tensor::from_f32(g, &[x0 + 1, n], &init, "y").unwrap();
-            run_variant(serial, |s| {
-                ops::matmul(s, &xt, x0, 1, &wm, bias.then_some(&bt), &yt, x0, acc).unwrap()
-            });
-            let got = g.read_f32(&yt).unwrap();
-            let mut want = cpu_matmul(&x[x0 * k..], &w, 1, n, k);
-            for j in 0..n {
-                want[j] +=
-                    if bias { b[j] } else { 0.0 } + if acc { y_init[x0 * n + j] } else { 0.0 };
-            }
-            let what =
-                format!("matvec n={n} k={k} split={split} bias={bias} acc={acc} serial={serial}");
-            assert_close(&got[x0 * n..], &want, 2e-3, 1e-4, &what);
-            assert_eq!(
-                &got[..x0 * n],
-                &init[..x0 * n],
-                "{what}: wrote outside its row"
-            );
         }
     }
 }
@@ -926,59 +945,62 @@ fn rms_norm_matvec_matches_cpu() {
             (true, false, true),
             (false, true, true),
         ] {
-            let x0 = 2;
-            let x = rand_vec(&mut rng, (x0 + 1) * k, 2.0);
-            let nw: Vec<f32> = rand_vec(&mut rng, k, 0.5).iter().map(|v| 1.0 + v).collect();
-            let w: Vec<f32> = rand_vec(&mut rng, 2 * n * k, 1.0)
-                .into_iter()
-                .map(f16r)
-                .collect();
-            let b = rand_vec(&mut rng, n, 1.0);
-            let y_init = rand_vec(&mut rng, (x0 + 1) * n, 1.0);
-            let mut init = y_init.clone();
-            if !acc {
-                init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
-            }
-            let xt = Tensor::from_f32(g, &[x0 + 1, k], &x, "x").unwrap();
-            let nwt = Tensor::from_f32(g, &[k], &nw, "nw").unwrap();
-            let wm = Matrix::upload_split(g, n, k, &w[..n * k], split, "w").unwrap();
-            let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
-            let yt = Tensor::from_f32(g, &[x0 + 1, n], &init, "y").unwrap();
-            let h = nan_tensor(k);
-            run_variant(serial, |s| {
-                let bias = bias.then_some(&bt);
-                ops::rms_norm_matvec(s, &xt, x0, &nwt, eps, &h, &wm, bias, &yt, x0, acc).unwrap()
-            });
-            let got = g.read_f32(&yt).unwrap();
-            let xn = cpu_rms_norm(&x[x0 * k..], &nw, eps);
-            let mut want = cpu_matmul(&xn, &w[..n * k], 1, n, k);
-            for j in 0..n {
-                want[j] +=
-                    if bias { b[j] } else { 0.0 } + if acc { y_init[x0 * n + j] } else { 0.0 };
-            }
-            let what = format!(
-                "rms_norm_matvec n={n} k={k} split={split} bias={bias} acc={acc} serial={serial}"
+            for &rows in gemv_rows_for(serial) {
+                let x0 = 2;
+                let x = rand_vec(&mut rng, (x0 + 1) * k, 2.0);
+                let nw: Vec<f32> = rand_vec(&mut rng, k, 0.5).iter().map(|v| 1.0 + v).collect();
+                let w: Vec<f32> = rand_vec(&mut rng, 2 * n * k, 1.0)
+                    .into_iter()
+                    .map(f16r)
+                    .collect();
+                let b = rand_vec(&mut rng, n, 1.0);
+                let y_init = rand_vec(&mut rng, (x0 + 1) * n, 1.0);
+                let mut init = y_init.clone();
+                if !acc {
+                    init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
+                }
+                let xt = Tensor::from_f32(g, &[x0 + 1, k], &x, "x").unwrap();
+                let nwt = Tensor::from_f32(g, &[k], &nw, "nw").unwrap();
+                let wm = Matrix::upload_split(g, n, k, &w[..n * k], split, "w").unwrap();
+                let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
+                let yt = Tensor::from_f32(g, &[x0 + 1, n], &init, "y").unwrap();
+                let h = nan_tensor(k);
+                run_gemv(serial, rows, |s| {
+                    let bias = bias.then_some(&bt);
+                    ops::rms_norm_matvec(s, &xt, x0, &nwt, eps, &h, &wm, bias, &yt, x0, acc)
+                        .unwrap()
+                });
+                let got = g.read_f32(&yt).unwrap();
+                let xn = cpu_rms_norm(&x[x0 * k..], &nw, eps);
+                let mut want = cpu_matmul(&xn, &w[..n * k], 1, n, k);
+                for j in 0..n {
+                    want[j] +=
+                        if bias { b[j] } else { 0.0 } + if acc { y_init[x0 * n + j] } else { 0.0 };
+                }
+                let what = format!(
+                "rms_norm_matvec n={n} k={k} split={split} bias={bias} acc={acc} serial={serial} rows={rows}"
             );
-            assert_close(&got[x0 * n..], &want, 3e-3, 1e-3, &what);
-            assert_eq!(
-                &got[..x0 * n],
-                &init[..x0 * n],
-                "{what}: wrote outside its row"
-            );
+                assert_close(&got[x0 * n..], &want, 3e-3, 1e-3, &what);
+                assert_eq!(
+                    &got[..x0 * n],
+                    &init[..x0 * n],
+                    "{what}: wrote outside its row"
+                );
 
-            // SwiGLU: W = [gate; up], 2n rows.
-            let wm = Matrix::upload_split(g, 2 * n, k, &w, split.max(2 * n), "w").unwrap();
-            let xt = Tensor::from_f32(g, &[k], &x[x0 * k..], "x").unwrap();
-            let gu = nan_tensor(2 * n);
-            let act = nan_tensor(n + 1);
-            run_variant(serial, |s| {
-                ops::rms_norm_matvec_swiglu(s, &xt, &nwt, eps, &h, &wm, &gu, &act).unwrap()
-            });
-            let got = g.read_f32(&act).unwrap();
-            let proj = cpu_matmul(&xn, &w, 1, 2 * n, k);
-            let want: Vec<f32> = (0..n).map(|j| silu(proj[j]) * proj[n + j]).collect();
-            assert_close(&got[..n], &want, 3e-3, 1e-3, &format!("{what} swiglu"));
-            assert!(got[n].is_nan(), "{what} swiglu: wrote past act");
+                // SwiGLU: W = [gate; up], 2n rows.
+                let wm = Matrix::upload_split(g, 2 * n, k, &w, split.max(2 * n), "w").unwrap();
+                let xt = Tensor::from_f32(g, &[k], &x[x0 * k..], "x").unwrap();
+                let gu = nan_tensor(2 * n);
+                let act = nan_tensor(n + 1);
+                run_gemv(serial, rows, |s| {
+                    ops::rms_norm_matvec_swiglu(s, &xt, &nwt, eps, &h, &wm, &gu, &act).unwrap()
+                });
+                let got = g.read_f32(&act).unwrap();
+                let proj = cpu_matmul(&xn, &w, 1, 2 * n, k);
+                let want: Vec<f32> = (0..n).map(|j| silu(proj[j]) * proj[n + j]).collect();
+                assert_close(&got[..n], &want, 3e-3, 1e-3, &format!("{what} swiglu"));
+                assert!(got[n].is_nan(), "{what} swiglu: wrote past act");
+            }
         }
     }
 }
@@ -1084,6 +1106,9 @@ fn flash_attention_splits_match_cpu() {
     }
 }
 
+/// Marks the skinny GEMM's direct-X variant in `matmul_split_k_matches_cpu`.
+const SKINNY_DIRECT: usize = 1000;
+
 /// The tiled GEMM with K split over workgroups (partial sums, then matmul_reduce with
 /// bias / accumulate / row offsets / a part of a split matrix) and the skinny GEMM for
 /// a few rows, against the CPU.
@@ -1092,7 +1117,8 @@ fn matmul_split_k_matches_cpu() {
     let g = gpu();
     let mut rng = Rng::new();
     // (m, n, k, max rows per part)
-    // splits = 0: the skinny kernel (m <= 32) instead of the tiled one
+    // splits = 0: the skinny kernel (m <= 32) instead of the tiled one; SKINNY_DIRECT:
+    // its variant that reads X directly
     for &(m, n, k, split) in &[
         (3, 70, 600, 1000),
         (48, 130, 1000, 50),
@@ -1101,12 +1127,13 @@ fn matmul_split_k_matches_cpu() {
         (17, 130, 1000, 50),
         (32, 9, 2056, 1000),
     ] {
-        for splits in [0, 1, 2, 5, 17] {
-            if splits == 0 && m > 32 {
+        for splits in [0, SKINNY_DIRECT, 1, 2, 5, 17] {
+            let skinny = splits == 0 || splits == SKINNY_DIRECT;
+            if skinny && m > 32 {
                 continue;
             }
             // the skinny kernel with bias and with accumulation; the others alternate
-            let flags = if splits == 0 {
+            let flags = if skinny {
                 vec![(true, false), (false, true)]
             } else {
                 vec![(splits % 2 == 1, splits > 2)]
@@ -1140,8 +1167,10 @@ fn matmul_split_k_matches_cpu() {
                             *r0 as u32,
                             acc as u32 | if bias { 2 } else { 0 },
                         ];
-                        if splits == 0 {
-                            ops::skinny_matmul(s, &params, [&xt, part, &bt, &yt]).unwrap();
+                        if skinny {
+                            let bufs = [&xt, part, &bt, &yt];
+                            let direct = splits == SKINNY_DIRECT;
+                            ops::skinny_matmul_variant(s, &params, bufs, direct).unwrap();
                         } else {
                             ops::tiled_matmul(s, &params, splits, [&xt, part, &bt, &yt]).unwrap();
                         }

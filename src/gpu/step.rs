@@ -131,6 +131,7 @@ enum Cmd {
 pub struct Step<'g> {
     gpu: &'g Gpu,
     serial: bool,
+    gemv_rows: Option<usize>,
     params: Vec<u8>,
     cmds: Vec<Cmd>,
 }
@@ -143,6 +144,7 @@ impl<'g> Step<'g> {
         Step {
             gpu,
             serial: gpu.prefers_serial_kernels(),
+            gemv_rows: env_gemv_rows(),
             params: Vec::new(),
             cmds: Vec::new(),
         }
@@ -160,6 +162,18 @@ impl<'g> Step<'g> {
     /// Override the kernel variant choice for this step (tests check both).
     pub fn set_serial(&mut self, serial: bool) {
         self.serial = serial;
+    }
+
+    /// Rows per 32-lane group of the vec4 GEMV forced for this step (1, 2 or 4), or
+    /// `None` to let the op choose by the matrix's size. Tests check every variant;
+    /// `KVLINK_GEMV_ROWS` sets it for a whole run (for benchmarking the variants).
+    pub fn gemv_rows(&self) -> Option<usize> {
+        self.gemv_rows
+    }
+
+    /// Force the vec4 GEMV's rows per group (see [`Step::gemv_rows`]).
+    pub fn set_gemv_rows(&mut self, rows: Option<usize>) {
+        self.gemv_rows = rows;
     }
 
     /// Dispatches recorded so far.
@@ -458,6 +472,17 @@ pub fn grid_1d(groups: u32) -> [u32; 3] {
     } else {
         [MAX, groups.div_ceil(MAX), 1]
     }
+}
+
+/// `KVLINK_GEMV_ROWS=1|2|4`: the vec4 GEMV variant for every step (unset: by size).
+fn env_gemv_rows() -> Option<usize> {
+    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("KVLINK_GEMV_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|r| [1, 2, 4].contains(r))
+    })
 }
 
 /// `KVLINK_PROFILE=2`: profile per kernel, grid and first parameter words (shapes), not

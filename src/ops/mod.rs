@@ -20,7 +20,6 @@ pub mod kernels {
     kernel!(MATMUL_BLOCKS, "matmul.wgsl", "matmul_blocks");
     kernel!(MATVEC, "matvec.wgsl", "matvec");
     kernel!(MATVEC_ROWS, "matvec.wgsl", "matvec_rows");
-    kernel!(MATVEC_VEC4, "matvec_vec4.wgsl", "matvec_vec4");
     kernel!(ROPE_KV, "rope_kv.wgsl", "rope_kv");
     kernel!(SILU_MUL_SPLIT, "elementwise.wgsl", "silu_mul_split");
     kernel!(RMS_NORM, "norm.wgsl", "rms_norm");
@@ -35,6 +34,11 @@ pub mod kernels {
     kernel!(ARGMAX, "sample.wgsl", "argmax");
     kernel!(MATMUL_REDUCE, "matmul_reduce.wgsl", "matmul_reduce");
     kernel!(MATMUL_SKINNY, "matmul_skinny.wgsl", "matmul_skinny");
+    kernel!(
+        MATMUL_SKINNY_DIRECT,
+        "matmul_skinny.wgsl",
+        "matmul_skinny_direct"
+    );
     kernel!(
         ATTENTION_COMBINE,
         "attention_combine.wgsl",
@@ -59,6 +63,25 @@ pub mod kernels {
             };
         };
     }
+    /// The vec4 GEMV with `RPW` output rows per 32-lane group.
+    macro_rules! gemv {
+        ($name:ident, $rows:literal) => {
+            pub const $name: Kernel = Kernel {
+                name: concat!("matvec_vec4.wgsl::matvec_vec4_r", $rows),
+                source: concat!(
+                    "const RPW: u32 = ",
+                    $rows,
+                    "u;\n",
+                    include_str!("../../shaders/matvec_vec4.wgsl")
+                ),
+                entry: "matvec_vec4",
+            };
+        };
+    }
+    gemv!(MATVEC_VEC4, 1);
+    gemv!(MATVEC_VEC4_R2, 2);
+    gemv!(MATVEC_VEC4_R4, 4);
+
     flash!(FLASH_D32, 32, 32);
     flash!(FLASH_D64, 64, 32);
     flash!(FLASH_D128, 128, 16);
@@ -70,6 +93,8 @@ pub mod kernels {
         MATVEC,
         MATVEC_ROWS,
         MATVEC_VEC4,
+        MATVEC_VEC4_R2,
+        MATVEC_VEC4_R4,
         ROPE_KV,
         SILU_MUL_SPLIT,
         RMS_NORM,
@@ -85,6 +110,7 @@ pub mod kernels {
         ATTENTION_COMBINE,
         MATMUL_REDUCE,
         MATMUL_SKINNY,
+        MATMUL_SKINNY_DIRECT,
         FLASH_D32,
         FLASH_D64,
         FLASH_D128,
@@ -250,8 +276,23 @@ fn skinny_ok(step: &Step, m: usize, k: usize, x_off: usize) -> bool {
 }
 
 /// The skinny GEMM (matmul_skinny.wgsl) with matmul.wgsl's parameters; callers check
-/// [`skinny_ok`]. Public for the kernel tests.
+/// [`skinny_ok`]. `KVLINK_SKINNY=direct` picks the variant that reads X from memory
+/// instead of staging it (for benchmarking the two).
 pub fn skinny_matmul(step: &mut Step, params: &[u32; 8], bufs: [&Tensor; 4]) -> Result<()> {
+    static DIRECT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let direct =
+        *DIRECT.get_or_init(|| std::env::var("KVLINK_SKINNY").is_ok_and(|v| v == "direct"));
+    skinny_matmul_variant(step, params, bufs, direct)
+}
+
+/// [`skinny_matmul`] with the variant chosen: X staged through workgroup memory, or
+/// read directly (`direct`). Public for the kernel tests.
+pub fn skinny_matmul_variant(
+    step: &mut Step,
+    params: &[u32; 8],
+    bufs: [&Tensor; 4],
+    direct: bool,
+) -> Result<()> {
     let (m, pn) = (params[0] as usize, params[1] as usize);
     need(
         params[2].is_multiple_of(8) && params[3].is_multiple_of(4),
@@ -262,7 +303,12 @@ pub fn skinny_matmul(step: &mut Step, params: &[u32; 8], bufs: [&Tensor; 4]) -> 
         format!("matmul_skinny too large: {pn} rows")
     })?;
     let p10 = gemm_words(params, params[2] as usize, 0);
-    step.dispatch(MATMUL_SKINNY, &p10, &bufs, [gx, m.div_ceil(16) as u32, 1]);
+    let kernel = if direct {
+        MATMUL_SKINNY_DIRECT
+    } else {
+        MATMUL_SKINNY
+    };
+    step.dispatch(kernel, &p10, &bufs, [gx, m.div_ceil(16) as u32, 1]);
     Ok(())
 }
 
@@ -331,6 +377,17 @@ fn vec4_gemv(step: &Step, k: usize, x_off: usize) -> bool {
     !step.serial() && k.is_multiple_of(8) && x_off.is_multiple_of(4)
 }
 
+/// Rows per 32-lane group of the vec4 GEMV: more rows share each X load (fewer loads
+/// per weight byte) but make fewer workgroups, so only matrices tall enough to keep
+/// ~256 workgroups of 256 threads (two per SM of a large GPU) take them.
+fn gemv_rows(outputs: usize) -> usize {
+    match outputs {
+        o if o >= 4 * 8 * 256 => 4,
+        o if o >= 2 * 8 * 256 => 2,
+        _ => 1,
+    }
+}
+
 /// One GEMV dispatch over `outputs` rows (matmul.wgsl's parameters): the barrier-free
 /// kernel on CPU adapters, else the vec4 kernel where K allows it. `norm` (RMSNorm
 /// weight, eps) normalizes X inside the vec4 kernel; callers check [`vec4_gemv`].
@@ -354,9 +411,15 @@ fn matvec(
             }
             None => &dummy,
         };
-        let groups = grid_1d(outputs.div_ceil(8) as u32);
+        let rows = step.gemv_rows().unwrap_or_else(|| gemv_rows(outputs));
+        let kernel = match rows {
+            4 => MATVEC_VEC4_R4,
+            2 => MATVEC_VEC4_R2,
+            _ => MATVEC_VEC4,
+        };
+        let groups = grid_1d(outputs.div_ceil(8 * rows) as u32);
         let [x, w, b, y] = bufs;
-        step.dispatch(MATVEC_VEC4, &p9, &[x, w, b, y, nw], groups);
+        step.dispatch(kernel, &p9, &[x, w, b, y, nw], groups);
         return;
     }
     debug_assert!(norm.is_none(), "fused RMSNorm needs the vec4 GEMV");
