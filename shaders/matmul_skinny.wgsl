@@ -111,8 +111,30 @@ fn finish(acc: ptr<function, array<vec4<f32>, MB>>, wx: u32, m0: u32, li: u32) {
 
 // The same product without staging X: each thread reads its 8 X values of each row
 // straight from memory (the 8 groups read the same X, which stays in cache), so no
-// barrier separates the K steps and a warp's weight loads for later steps can overlap
-// the arithmetic of earlier ones. Selected with KVLINK_SKINNY=direct (see ops).
+// barrier separates the K steps, and two steps are unrolled so each thread has 8 weight
+// loads in flight. Selected with KVLINK_SKINNY=direct (see ops).
+fn direct_step(acc: ptr<function, array<vec4<f32>, MB>>, xr: ptr<function, array<u32, MB>>,
+               rb: vec4<u32>, kv: u32) {
+    let w0 = W[rb.x + kv];
+    let w1 = W[rb.y + kv];
+    let w2 = W[rb.z + kv];
+    let w3 = W[rb.w + kv];
+    let a0 = vec4<f32>(unpack2x16float(w0.x), unpack2x16float(w0.y));
+    let b0 = vec4<f32>(unpack2x16float(w0.z), unpack2x16float(w0.w));
+    let a1 = vec4<f32>(unpack2x16float(w1.x), unpack2x16float(w1.y));
+    let b1 = vec4<f32>(unpack2x16float(w1.z), unpack2x16float(w1.w));
+    let a2 = vec4<f32>(unpack2x16float(w2.x), unpack2x16float(w2.y));
+    let b2 = vec4<f32>(unpack2x16float(w2.z), unpack2x16float(w2.w));
+    let a3 = vec4<f32>(unpack2x16float(w3.x), unpack2x16float(w3.y));
+    let b3 = vec4<f32>(unpack2x16float(w3.z), unpack2x16float(w3.w));
+    for (var t = 0u; t < MB; t++) {
+        let x0 = X[(*xr)[t] + 2u * kv];
+        let x1 = X[(*xr)[t] + 2u * kv + 1u];
+        (*acc)[t] += vec4<f32>(dot(x0, a0) + dot(x1, b0), dot(x0, a1) + dot(x1, b1),
+                               dot(x0, a2) + dot(x1, b2), dot(x0, a3) + dot(x1, b3));
+    }
+}
+
 @compute @workgroup_size(256)
 fn matmul_skinny_direct(@builtin(workgroup_id) wg: vec3<u32>,
                         @builtin(local_invocation_index) li: u32) {
@@ -123,34 +145,18 @@ fn matmul_skinny_direct(@builtin(workgroup_id) wg: vec3<u32>,
     let k4 = p.K / 4u;
     let xb = p.x_off / 4u;
     let nb = wg.x * RW + g * RPW;
-    let r0 = min(nb, p.N - 1u) * k8;
-    let r1 = min(nb + 1u, p.N - 1u) * k8;
-    let r2 = min(nb + 2u, p.N - 1u) * k8;
-    let r3 = min(nb + 3u, p.N - 1u) * k8;
+    let rb = vec4<u32>(min(nb, p.N - 1u), min(nb + 1u, p.N - 1u), min(nb + 2u, p.N - 1u),
+                       min(nb + 3u, p.N - 1u)) * k8;
     // Rows of X past M read row M - 1; their sums are not stored.
     var xr: array<u32, MB>;
     for (var t = 0u; t < MB; t++) { xr[t] = xb + min(m0 + t, p.M - 1u) * k4; }
     var acc: array<vec4<f32>, MB>;
     for (var t = 0u; t < MB; t++) { acc[t] = vec4<f32>(0.0); }
-    for (var kv = l; kv < k8; kv += 32u) {
-        let w0 = W[r0 + kv];
-        let w1 = W[r1 + kv];
-        let w2 = W[r2 + kv];
-        let w3 = W[r3 + kv];
-        let a0 = vec4<f32>(unpack2x16float(w0.x), unpack2x16float(w0.y));
-        let b0 = vec4<f32>(unpack2x16float(w0.z), unpack2x16float(w0.w));
-        let a1 = vec4<f32>(unpack2x16float(w1.x), unpack2x16float(w1.y));
-        let b1 = vec4<f32>(unpack2x16float(w1.z), unpack2x16float(w1.w));
-        let a2 = vec4<f32>(unpack2x16float(w2.x), unpack2x16float(w2.y));
-        let b2 = vec4<f32>(unpack2x16float(w2.z), unpack2x16float(w2.w));
-        let a3 = vec4<f32>(unpack2x16float(w3.x), unpack2x16float(w3.y));
-        let b3 = vec4<f32>(unpack2x16float(w3.z), unpack2x16float(w3.w));
-        for (var t = 0u; t < MB; t++) {
-            let x0 = X[xr[t] + 2u * kv];
-            let x1 = X[xr[t] + 2u * kv + 1u];
-            acc[t] += vec4<f32>(dot(x0, a0) + dot(x1, b0), dot(x0, a1) + dot(x1, b1),
-                                dot(x0, a2) + dot(x1, b2), dot(x0, a3) + dot(x1, b3));
-        }
+    var kv = l;
+    for (; kv + 32u < k8; kv += 64u) {
+        direct_step(&acc, &xr, rb, kv);
+        direct_step(&acc, &xr, rb, kv + 32u);
     }
+    if (kv < k8) { direct_step(&acc, &xr, rb, kv); }
     finish(&acc, wg.x, m0, li);
 }
