@@ -90,7 +90,12 @@ fn finish(acc: ptr<function, array<vec4<f32>, MB>>, wx: u32, m0: u32, li: u32) {
     let l = li % 32u;
     for (var r = 0u; r < RPW; r++) {
         workgroupBarrier();
-        for (var t = 0u; t < MB; t++) { red_set((g * MB + t) * LS + l, (*acc)[t][r]); }
+        // Component r by selects: a dynamic vector index in this loop (not unrolled,
+        // it has barriers) could push the accumulators out of registers.
+        for (var t = 0u; t < MB; t++) {
+            let a = (*acc)[t];
+            red_set((g * MB + t) * LS + l, select(select(select(a.x, a.y, r == 1u), a.z, r == 2u), a.w, r == 3u));
+        }
         workgroupBarrier();
         if (li < 8u * MB) {
             let gg = li / MB;

@@ -5,8 +5,8 @@
 // 16 bytes per thread, 512 contiguous bytes per 32 threads), X as vec4<f32>.
 // 256 threads in 8 groups of 32 lanes; a group computes RPW output rows (the host
 // prepends `const RPW: u32`, 1, 2 or 4), so each X value a lane loads serves RPW rows
-// (2 RPW weight rows with SwiGLU pairs) and each lane has 2 RPW (4 RPW) independent
-// weight loads in flight per step. Tree reduction over the 32 lanes.
+// (2 RPW weight rows with SwiGLU pairs); each lane keeps 8 (16) weight loads in flight.
+// Tree reduction over the 32 lanes.
 
 struct Params {
     M: u32, N: u32, K: u32, x_off: u32,
@@ -24,6 +24,7 @@ struct Params {
 const LANES: u32 = 32u;
 const ROWS: u32 = 8u * RPW;  // output rows per workgroup
 const NA: u32 = 2u * RPW;    // accumulators per lane: RPW rows, then their SwiGLU up rows
+const U: u32 = 8u / RPW;     // K steps per unrolled iteration
 var<workgroup> part: array<f32, 256u * NA>;
 
 fn dot8(w: vec4<u32>, x0: vec4<f32>, x1: vec4<f32>) -> f32 {
@@ -76,32 +77,37 @@ fn matvec_vec4(@builtin(workgroup_id) wg: vec3<u32>,
     }
     var acc: array<f32, NA>;
     for (var a = 0u; a < NA; a++) { acc[a] = 0.0; }
+    // U K steps per iteration, unrolled, so each lane has 8 (SwiGLU: 16) independent
+    // weight loads in flight: the short matrices of a layer are latency-bound otherwise.
+    // Two copies of the loop keep the SwiGLU test out of the unrolled body.
     var k = lane;
-    for (; k + LANES < k8; k += 2u * LANES) {
-        let k1 = k + LANES;
-        let x0 = xv(2u * k, inv);
-        let x1 = xv(2u * k + 1u, inv);
-        let x2 = xv(2u * k1, inv);
-        let x3 = xv(2u * k1 + 1u, inv);
-        for (var r = 0u; r < RPW; r++) {
-            let w0 = W[base[r] + k];
-            let w1 = W[base[r] + k1];
-            acc[r] += dot8(w0, x0, x1) + dot8(w1, x2, x3);
-        }
-        if (swiglu) {
-            for (var r = RPW; r < NA; r++) {
-                let w0 = W[base[r] + k];
-                let w1 = W[base[r] + k1];
-                acc[r] += dot8(w0, x0, x1) + dot8(w1, x2, x3);
+    if (swiglu) {
+        for (; k + (U - 1u) * LANES < k8; k += U * LANES) {
+            for (var u = 0u; u < U; u++) {
+                let kk = k + u * LANES;
+                let x0 = xv(2u * kk, inv);
+                let x1 = xv(2u * kk + 1u, inv);
+                for (var r = 0u; r < NA; r++) { acc[r] += dot8(W[base[r] + kk], x0, x1); }
             }
         }
-    }
-    if (k < k8) {
-        let x0 = xv(2u * k, inv);
-        let x1 = xv(2u * k + 1u, inv);
-        for (var r = 0u; r < RPW; r++) { acc[r] += dot8(W[base[r] + k], x0, x1); }
-        if (swiglu) {
-            for (var r = RPW; r < NA; r++) { acc[r] += dot8(W[base[r] + k], x0, x1); }
+        for (; k < k8; k += LANES) {
+            let x0 = xv(2u * k, inv);
+            let x1 = xv(2u * k + 1u, inv);
+            for (var r = 0u; r < NA; r++) { acc[r] += dot8(W[base[r] + k], x0, x1); }
+        }
+    } else {
+        for (; k + (U - 1u) * LANES < k8; k += U * LANES) {
+            for (var u = 0u; u < U; u++) {
+                let kk = k + u * LANES;
+                let x0 = xv(2u * kk, inv);
+                let x1 = xv(2u * kk + 1u, inv);
+                for (var r = 0u; r < RPW; r++) { acc[r] += dot8(W[base[r] + kk], x0, x1); }
+            }
+        }
+        for (; k < k8; k += LANES) {
+            let x0 = xv(2u * k, inv);
+            let x1 = xv(2u * k + 1u, inv);
+            for (var r = 0u; r < RPW; r++) { acc[r] += dot8(W[base[r] + k], x0, x1); }
         }
     }
     for (var a = 0u; a < NA; a++) { part[a * 256u + li] = acc[a]; }

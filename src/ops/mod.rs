@@ -268,7 +268,10 @@ pub fn matmul(
 /// Whether the skinny GEMM takes a product of `m` rows: GPU adapters with 32 KiB of
 /// workgroup memory, a few rows (up to 32: two blocks of 16), K % 8 == 0, aligned X.
 fn skinny_ok(step: &Step, m: usize, k: usize, x_off: usize) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("KVLINK_SKINNY").is_ok_and(|v| v == "off"));
     !step.serial()
+        && !off
         && m <= 32
         && k.is_multiple_of(8)
         && x_off.is_multiple_of(4)
@@ -277,7 +280,7 @@ fn skinny_ok(step: &Step, m: usize, k: usize, x_off: usize) -> bool {
 
 /// The skinny GEMM (matmul_skinny.wgsl) with matmul.wgsl's parameters; callers check
 /// [`skinny_ok`]. `KVLINK_SKINNY=direct` picks the variant that reads X from memory
-/// instead of staging it (for benchmarking the two).
+/// instead of staging it, `off` the split-K tiled GEMM instead (for benchmarking).
 pub fn skinny_matmul(step: &mut Step, params: &[u32; 8], bufs: [&Tensor; 4]) -> Result<()> {
     static DIRECT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let direct =
