@@ -1,5 +1,6 @@
-// Merge the key splits of flash_attention.wgsl: for each output row, the splits'
-// unnormalised outputs and (max, sum) pairs combine by the log-sum-exp rule.
+// Merge the key splits of flash_attention.wgsl and attention_decode.wgsl: for each output
+// row, the splits' unnormalised outputs and (max, sum) pairs combine by the log-sum-exp
+// rule.
 // part: [splits, R, D/4] vec4 outputs, then [splits, R] vec4 (max, sum, -, -).
 
 struct Params { R: u32, d4: u32, splits: u32, _pad: u32 }
@@ -22,9 +23,11 @@ fn attention_combine(@builtin(global_invocation_id) gid: vec3<u32>,
     var o = vec4<f32>(0.0);
     for (var z = 0u; z < p.splits; z++) {
         let s = part[ml + z * p.R + r];
-        let w = exp(s.x - m);
-        l += s.y * w;
-        o += part[(z * p.R + r) * p.d4 + c] * w;
+        if (s.y > 0.0) { // a split that saw no key of this row may leave its output unwritten
+            let w = exp(s.x - m);
+            l += s.y * w;
+            o += part[(z * p.R + r) * p.d4 + c] * w;
+        }
     }
     O[i] = o / l;
 }
