@@ -941,15 +941,18 @@ pub fn decode_attention(
         &[q, kc, vc, qslot, seg, out, &part],
         groups,
     );
-    let d4 = head_dim / 4;
-    let combine = [r as u32, d4 as u32, splits as u32, 0];
-    step.dispatch(
-        ATTENTION_COMBINE,
-        &combine,
-        &[&part, out],
-        grid_1d(u32_of((r * d4).div_ceil(64), "attention combine")?),
-    );
-    Ok(())
+    combine_splits(
+        step,
+        &part,
+        out,
+        qslot,
+        seg,
+        t,
+        heads,
+        head_dim,
+        splits,
+        DECODE_CHUNK * per,
+    )
 }
 
 /// [`attention`] with its flash kernel and an explicit number of key splits (> 1 adds
@@ -1013,12 +1016,48 @@ pub fn flash_attention(
         &[q, kc, vc, qslot, seg, out, &part],
         groups,
     );
-    let d4 = head_dim / 4;
-    let combine = [r as u32, d4 as u32, splits as u32, 0];
+    combine_splits(
+        step,
+        &part,
+        out,
+        qslot,
+        seg,
+        t,
+        heads,
+        head_dim,
+        splits,
+        32 * per,
+    )
+}
+
+/// attention_combine.wgsl: merge the key splits (each `span` cache slots) of the
+/// attention partials in `part` into `out`.
+#[allow(clippy::too_many_arguments)]
+fn combine_splits(
+    step: &mut Step,
+    part: &Tensor,
+    out: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    t: usize,
+    heads: usize,
+    head_dim: usize,
+    splits: usize,
+    span: usize,
+) -> Result<()> {
+    let (r, d4) = (t * heads, head_dim / 4);
+    let params = [
+        u32_of(r, "attention rows")?,
+        d4 as u32,
+        splits as u32,
+        u32_of(span, "attention split span")?,
+        heads as u32,
+        u32_of(seg.numel() / 2, "attention cache slots")?,
+    ];
     step.dispatch(
         ATTENTION_COMBINE,
-        &combine,
-        &[&part, out],
+        &params,
+        &[part, out, qslot, seg],
         grid_1d(u32_of((r * d4).div_ceil(64), "attention combine")?),
     );
     Ok(())
