@@ -78,8 +78,7 @@ fn attention_decode(@builtin(workgroup_id) wg: vec3<u32>,
         var hi = 0u;
         for (var t = 0u; t < p.T; t++) {
             let ts = qslot[t];
-            var first = 0u;
-            if (seg[ts] != 0u) { first = seg[p.cap + ts]; }
+            let first = select(0u, seg[p.cap + ts], seg[ts] != 0u); // both loads at once
             lo = min(lo, first);
             hi = max(hi, ts);
         }

@@ -841,10 +841,10 @@ fn attention_splits(
 
 /// Rows per KV head (queries x grouped heads) up to which [`attention`] takes the decode
 /// kernel: its limit (RMAX in attention_decode.wgsl). Flash tiles 32 rows (16 at D = 128),
-/// so at 16 rows or fewer its tile is at least half padding, and per key it does as much
-/// arithmetic per thread as the decode kernel at 16 rows (64 FMAs at D = 64, 128 at
-/// D = 128) or more, with 4 barriers and a serial softmax per 32 keys against the decode
-/// kernel's 3 barriers and 4-thread-per-row statistics per 64 keys.
+/// so below 16 rows its tile is over half padding; per key and thread flash does 64 FMAs
+/// whatever the rows, the decode kernel at 16 rows 32 (D = 64) or 64 (D = 128), fewer
+/// with fewer rows; and flash spends 4 barriers and a serial 32-key softmax per 32 keys
+/// against the decode kernel's 3 barriers and 4-threads-a-row statistics per 64 keys.
 pub const DECODE_ROWS: usize = 16;
 
 /// Keys per chunk of the decode kernel (one per thread).
