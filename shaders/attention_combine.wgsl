@@ -1,12 +1,19 @@
-// Merge the key splits of flash_attention.wgsl: for each output row, the splits'
-// unnormalised outputs and (max, sum) pairs combine by the log-sum-exp rule.
+// Merge the key splits of flash_attention.wgsl and attention_decode.wgsl: for each output
+// row, the splits' unnormalised outputs and (max, sum) pairs combine by the log-sum-exp
+// rule.
 // part: [splits, R, D/4] vec4 outputs, then [splits, R] vec4 (max, sum, -, -).
+// Split z covers the key slots [z * span, (z + 1) * span); a row reads only the splits
+// that meet its visible keys [first slot of its query's segment (0 for segment 0),
+// query slot] (the others hold no key of it), so a decode step over a long cache with
+// few keys used merges a few splits, not all of them.
 
-struct Params { R: u32, d4: u32, splits: u32, _pad: u32 }
+struct Params { R: u32, d4: u32, splits: u32, span: u32, heads: u32, cap: u32 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> part: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> O: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> qslot: array<u32>;
+@group(0) @binding(4) var<storage, read> seg: array<u32>;
 
 @compute @workgroup_size(64)
 fn attention_combine(@builtin(global_invocation_id) gid: vec3<u32>,
@@ -15,16 +22,22 @@ fn attention_combine(@builtin(global_invocation_id) gid: vec3<u32>,
     if (i >= p.R * p.d4) { return; }
     let r = i / p.d4;
     let c = i % p.d4;
+    let ts = qslot[r / p.heads];
+    let first = select(0u, seg[p.cap + ts], seg[ts] != 0u);
+    let z0 = first / p.span;
+    let z1 = min(ts / p.span + 1u, p.splits);
     let ml = p.splits * p.R * p.d4;
     var m = -3.4e38;
-    for (var z = 0u; z < p.splits; z++) { m = max(m, part[ml + z * p.R + r].x); }
+    for (var z = z0; z < z1; z++) { m = max(m, part[ml + z * p.R + r].x); }
     var l = 0.0;
     var o = vec4<f32>(0.0);
-    for (var z = 0u; z < p.splits; z++) {
+    for (var z = z0; z < z1; z++) {
         let s = part[ml + z * p.R + r];
-        let w = exp(s.x - m);
-        l += s.y * w;
-        o += part[(z * p.R + r) * p.d4 + c] * w;
+        if (s.y > 0.0) { // a split that saw no key of this row may leave its output unwritten
+            let w = exp(s.x - m);
+            l += s.y * w;
+            o += part[(z * p.R + r) * p.d4 + c] * w;
+        }
     }
     O[i] = o / l;
 }

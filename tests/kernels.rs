@@ -1194,3 +1194,87 @@ fn matmul_split_k_matches_cpu() {
         }
     }
 }
+
+/// The decode-attention kernel (few rows per KV head) against the CPU reference: grouped
+/// heads G = 1, 3, 4, 7, head sizes 32, 64, 128, one and two queries, causal and KVLink
+/// masks (a query inside a document whose keys start mid-cache, a query in segment 0
+/// after the documents), caches that are not a multiple of the 64-key chunk, queries
+/// that leave the tail of the cache unseen (idle splits), 1 to 16 key splits.
+#[test]
+fn decode_attention_matches_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    // (slots, heads, kv heads, head_dim, segmented, query slots as fractions of slots)
+    let doc = |n: usize| (n * 7 / 10) as u32; // inside document 3, which starts at 2n/3
+    for &(slots, heads, kvh, hd, segmented, ref qs) in &[
+        (100, 2, 2, 64, false, vec![99]),
+        (130, 2, 2, 32, false, vec![60, 129]),
+        (333, 9, 3, 64, true, vec![doc(333)]),
+        (333, 9, 3, 64, true, vec![332, doc(333)]),
+        (300, 8, 2, 128, true, vec![doc(300)]),
+        (300, 8, 2, 128, false, vec![150, 299]),
+        (200, 14, 2, 64, true, vec![199, doc(200)]),
+        (70, 14, 2, 128, false, vec![69]),
+        (129, 12, 3, 32, true, vec![128, doc(129)]),
+        (150, 7, 1, 32, true, vec![doc(150)]),
+        (1000, 4, 1, 64, true, vec![999, 640]),
+    ] {
+        let c = AttnCase::new(&mut rng, slots, heads, kvh, hd, segmented, qs);
+        let t = c.t;
+        for splits in [1, 2, 5, 16] {
+            let out = nan_tensor(t * heads * hd);
+            run(|s| {
+                ops::decode_attention(
+                    s, &c.q, t, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &out, splits,
+                )
+                .unwrap()
+            });
+            let got = g.read_f32(&out).unwrap();
+            let what =
+                format!("decode slots={slots} h={heads}/{kvh} hd={hd} q={qs:?} splits={splits}");
+            assert_close(&got, &c.want, 1e-4, 1e-3, &what);
+        }
+    }
+}
+
+/// A row's decode-attention result does not depend on the other queries of its batch:
+/// query slot 200 alone and next to query slot 299 give the same bits, at any split count.
+#[test]
+fn decode_attention_row_is_independent_of_batch() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    let (slots, heads, kvh, hd) = (300, 8, 2, 64);
+    let c = AttnCase::new(&mut rng, slots, heads, kvh, hd, true, &[200, 299]);
+    let q1 = Tensor::from_f32(
+        g,
+        &[1, heads, hd],
+        &g.read_f32(&c.q).unwrap()[..heads * hd],
+        "q1",
+    )
+    .unwrap();
+    let qslot1 = Tensor::from_u32(g, &[1], &[200], "qslot1").unwrap();
+    for splits in [1, 3] {
+        let two = nan_tensor(2 * heads * hd);
+        let one = nan_tensor(heads * hd);
+        run(|s| {
+            ops::decode_attention(
+                s, &c.q, 2, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &two, splits,
+            )
+            .unwrap();
+            ops::decode_attention(
+                s, &q1, 1, heads, kvh, hd, &c.kc, &c.vc, &qslot1, &c.seg, &one, splits,
+            )
+            .unwrap();
+        });
+        let two = g.read_f32(&two).unwrap();
+        let one = g.read_f32(&one).unwrap();
+        assert_eq!(
+            one.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            two[..heads * hd]
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>(),
+            "splits={splits}"
+        );
+    }
+}

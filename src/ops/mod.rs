@@ -86,6 +86,25 @@ pub mod kernels {
     flash!(FLASH_D64, 64, 32);
     flash!(FLASH_D128, 128, 16);
 
+    /// Decode attention (few rows per KV head) specialised for one head size.
+    macro_rules! decode {
+        ($name:ident, $d:literal) => {
+            pub const $name: Kernel = Kernel {
+                name: concat!("attention_decode.wgsl::attention_decode_d", $d),
+                source: concat!(
+                    "const D: u32 = ",
+                    $d,
+                    "u;\n",
+                    include_str!("../../shaders/attention_decode.wgsl")
+                ),
+                entry: "attention_decode",
+            };
+        };
+    }
+    decode!(DECODE_D32, 32);
+    decode!(DECODE_D64, 64);
+    decode!(DECODE_D128, 128);
+
     /// Every kernel, for validation tests.
     pub const ALL: &[Kernel] = &[
         MATMUL,
@@ -114,6 +133,9 @@ pub mod kernels {
         FLASH_D32,
         FLASH_D64,
         FLASH_D128,
+        DECODE_D32,
+        DECODE_D64,
+        DECODE_D128,
     ];
 }
 use kernels::*;
@@ -808,8 +830,19 @@ pub fn attention(
     })?;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let cap = seg.numel() / 2;
-    let flash = flash_kernel(head_dim)
-        .filter(|_| step.gpu().limits.max_compute_workgroup_storage_size >= 32 << 10);
+    let big_wg_memory = step.gpu().limits.max_compute_workgroup_storage_size >= 32 << 10;
+    let rows = t * (heads / kv_heads);
+    if big_wg_memory && rows <= DECODE_ROWS && decode_kernel(head_dim).is_some() {
+        let splits = if step.serial() {
+            1
+        } else {
+            decode_splits(t, heads, cap, head_dim)
+        };
+        return decode_attention(
+            step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, splits,
+        );
+    }
+    let flash = flash_kernel(head_dim).filter(|_| big_wg_memory);
     if let Some((k, br)) = flash {
         let splits = if step.serial() {
             1
@@ -870,6 +903,122 @@ fn attention_splits(
         per *= 2;
     }
     tiles.div_ceil(per)
+}
+
+/// Rows per KV head (queries x grouped heads) up to which [`attention`] takes the decode
+/// kernel: its limit (RMAX in attention_decode.wgsl). Flash tiles 32 rows (16 at D = 128),
+/// so below 16 rows its tile is over half padding; per key and thread flash does 64 FMAs
+/// whatever the rows, the decode kernel at 16 rows 32 (D = 64) or 64 (D = 128), fewer
+/// with fewer rows; and flash spends 4 barriers and a serial 32-key softmax per 32 keys
+/// against the decode kernel's 3 barriers and 4-threads-a-row statistics per 64 keys.
+pub const DECODE_ROWS: usize = 16;
+
+/// Keys per chunk of the decode kernel (one per thread).
+const DECODE_CHUNK: usize = 64;
+
+/// The decode-attention kernel for a head size.
+fn decode_kernel(head_dim: usize) -> Option<Kernel> {
+    match head_dim {
+        32 => Some(DECODE_D32),
+        64 => Some(DECODE_D64),
+        128 => Some(DECODE_D128),
+        _ => None,
+    }
+}
+
+/// Key splits of the decode kernel on a GPU: one per chunk of 64 cache slots, at most 64
+/// (past 4096 slots a split takes several chunks), fixed by the cache size so a row's
+/// result does not depend on the other rows of its batch; fewer where the partials
+/// (splits x rows x (head_dim + 4) floats) would pass 64 MiB.
+fn decode_splits(t: usize, heads: usize, cap: usize, head_dim: usize) -> usize {
+    let mut splits = cap.div_ceil(DECODE_CHUNK).clamp(1, 64);
+    while splits > 1 && splits * t * heads * (head_dim + 4) * 4 > 64 << 20 {
+        splits = splits.div_ceil(2);
+    }
+    splits
+}
+
+/// [`attention`] with the decode kernel (at most [`DECODE_ROWS`] rows per KV head; head
+/// sizes 32, 64, 128) and an explicit number of key splits (> 1 adds the combine pass).
+/// Public so tests can check every split count.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    step: &mut Step,
+    q: &Tensor,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    kc: &Tensor,
+    vc: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    out: &Tensor,
+    splits: usize,
+) -> Result<()> {
+    let kernel = decode_kernel(head_dim).ok_or_else(|| {
+        Error::Input(format!(
+            "decode attention: head_dim {head_dim} is not 32, 64 or 128"
+        ))
+    })?;
+    need(heads.is_multiple_of(kv_heads), || {
+        format!("decode attention: {heads} heads not a multiple of {kv_heads} kv heads")
+    })?;
+    let rows = t * (heads / kv_heads);
+    need(rows <= DECODE_ROWS, || {
+        format!("decode attention: {rows} rows per kv head, at most {DECODE_ROWS}")
+    })?;
+    need((1..=1024).contains(&splits), || {
+        format!("decode attention: {splits} key splits")
+    })?;
+    need_len(q, t * heads * head_dim, "attention q")?;
+    need_len(out, t * heads * head_dim, "attention out")?;
+    need_len(qslot, t, "attention qslot")?;
+    if t == 0 {
+        return Ok(());
+    }
+    let cap = seg.numel() / 2;
+    let per = cap.div_ceil(DECODE_CHUNK).div_ceil(splits).max(1);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let params = [
+        t as u32,
+        heads as u32,
+        kv_heads as u32,
+        u32_of(cap, "attention cache slots")?,
+        scale.to_bits(),
+        splits as u32,
+        rows as u32,
+        per as u32,
+    ];
+    let groups = [kv_heads as u32, splits as u32, 1];
+    if splits == 1 {
+        let dummy = step.gpu().dummy();
+        let bufs = [q, kc, vc, qslot, seg, out, &dummy];
+        step.dispatch(kernel, &params, &bufs, groups);
+        return Ok(());
+    }
+    let r = t * heads;
+    let part = step
+        .gpu()
+        .scratch("attention splits", splits * r * (head_dim + 4))?;
+    step.dispatch(
+        kernel,
+        &params,
+        &[q, kc, vc, qslot, seg, out, &part],
+        groups,
+    );
+    combine_splits(
+        step,
+        &part,
+        out,
+        qslot,
+        seg,
+        t,
+        heads,
+        head_dim,
+        splits,
+        DECODE_CHUNK * per,
+    )
 }
 
 /// [`attention`] with its flash kernel and an explicit number of key splits (> 1 adds
@@ -933,12 +1082,48 @@ pub fn flash_attention(
         &[q, kc, vc, qslot, seg, out, &part],
         groups,
     );
-    let d4 = head_dim / 4;
-    let combine = [r as u32, d4 as u32, splits as u32, 0];
+    combine_splits(
+        step,
+        &part,
+        out,
+        qslot,
+        seg,
+        t,
+        heads,
+        head_dim,
+        splits,
+        32 * per,
+    )
+}
+
+/// attention_combine.wgsl: merge the key splits (each `span` cache slots) of the
+/// attention partials in `part` into `out`.
+#[allow(clippy::too_many_arguments)]
+fn combine_splits(
+    step: &mut Step,
+    part: &Tensor,
+    out: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    t: usize,
+    heads: usize,
+    head_dim: usize,
+    splits: usize,
+    span: usize,
+) -> Result<()> {
+    let (r, d4) = (t * heads, head_dim / 4);
+    let params = [
+        u32_of(r, "attention rows")?,
+        d4 as u32,
+        splits as u32,
+        u32_of(span, "attention split span")?,
+        heads as u32,
+        u32_of(seg.numel() / 2, "attention cache slots")?,
+    ];
     step.dispatch(
         ATTENTION_COMBINE,
-        &combine,
-        &[&part, out],
+        &params,
+        &[part, out, qslot, seg],
         grid_1d(u32_of((r * d4).div_ceil(64), "attention combine")?),
     );
     Ok(())
