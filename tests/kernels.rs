@@ -1106,9 +1106,6 @@ fn flash_attention_splits_match_cpu() {
     }
 }
 
-/// Marks the skinny GEMM's direct-X variant in `matmul_split_k_matches_cpu`.
-const SKINNY_DIRECT: usize = 1000;
-
 /// The tiled GEMM with K split over workgroups (partial sums, then matmul_reduce with
 /// bias / accumulate / row offsets / a part of a split matrix) and the skinny GEMM for
 /// a few rows, against the CPU.
@@ -1117,8 +1114,7 @@ fn matmul_split_k_matches_cpu() {
     let g = gpu();
     let mut rng = Rng::new();
     // (m, n, k, max rows per part)
-    // splits = 0: the skinny kernel (m <= 32) instead of the tiled one; SKINNY_DIRECT:
-    // its variant that reads X directly
+    // splits = 0: the skinny kernel (m <= 32) instead of the tiled one
     for &(m, n, k, split) in &[
         (3, 70, 600, 1000),
         (48, 130, 1000, 50),
@@ -1127,8 +1123,8 @@ fn matmul_split_k_matches_cpu() {
         (17, 130, 1000, 50),
         (32, 9, 2056, 1000),
     ] {
-        for splits in [0, SKINNY_DIRECT, 1, 2, 5, 17] {
-            let skinny = splits == 0 || splits == SKINNY_DIRECT;
+        for splits in [0, 1, 2, 5, 17] {
+            let skinny = splits == 0;
             if skinny && m > 32 {
                 continue;
             }
@@ -1168,9 +1164,7 @@ fn matmul_split_k_matches_cpu() {
                             acc as u32 | if bias { 2 } else { 0 },
                         ];
                         if skinny {
-                            let bufs = [&xt, part, &bt, &yt];
-                            let direct = splits == SKINNY_DIRECT;
-                            ops::skinny_matmul_variant(s, &params, bufs, direct).unwrap();
+                            ops::skinny_matmul(s, &params, [&xt, part, &bt, &yt]).unwrap();
                         } else {
                             ops::tiled_matmul(s, &params, splits, [&xt, part, &bt, &yt]).unwrap();
                         }

@@ -35,11 +35,6 @@ pub mod kernels {
     kernel!(MATMUL_REDUCE, "matmul_reduce.wgsl", "matmul_reduce");
     kernel!(MATMUL_SKINNY, "matmul_skinny.wgsl", "matmul_skinny");
     kernel!(
-        MATMUL_SKINNY_DIRECT,
-        "matmul_skinny.wgsl",
-        "matmul_skinny_direct"
-    );
-    kernel!(
         ATTENTION_COMBINE,
         "attention_combine.wgsl",
         "attention_combine"
@@ -129,7 +124,6 @@ pub mod kernels {
         ATTENTION_COMBINE,
         MATMUL_REDUCE,
         MATMUL_SKINNY,
-        MATMUL_SKINNY_DIRECT,
         FLASH_D32,
         FLASH_D64,
         FLASH_D128,
@@ -301,23 +295,8 @@ fn skinny_ok(step: &Step, m: usize, k: usize, x_off: usize) -> bool {
 }
 
 /// The skinny GEMM (matmul_skinny.wgsl) with matmul.wgsl's parameters; callers check
-/// [`skinny_ok`]. `KVLINK_SKINNY=direct` picks the variant that reads X from memory
-/// instead of staging it, `off` the split-K tiled GEMM instead (for benchmarking).
+/// [`skinny_ok`]. Public for the kernel tests.
 pub fn skinny_matmul(step: &mut Step, params: &[u32; 8], bufs: [&Tensor; 4]) -> Result<()> {
-    static DIRECT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let direct =
-        *DIRECT.get_or_init(|| std::env::var("KVLINK_SKINNY").is_ok_and(|v| v == "direct"));
-    skinny_matmul_variant(step, params, bufs, direct)
-}
-
-/// [`skinny_matmul`] with the variant chosen: X staged through workgroup memory, or
-/// read directly (`direct`). Public for the kernel tests.
-pub fn skinny_matmul_variant(
-    step: &mut Step,
-    params: &[u32; 8],
-    bufs: [&Tensor; 4],
-    direct: bool,
-) -> Result<()> {
     let (m, pn) = (params[0] as usize, params[1] as usize);
     need(
         params[2].is_multiple_of(8) && params[3].is_multiple_of(4),
@@ -328,12 +307,7 @@ pub fn skinny_matmul_variant(
         format!("matmul_skinny too large: {pn} rows")
     })?;
     let p10 = gemm_words(params, params[2] as usize, 0);
-    let kernel = if direct {
-        MATMUL_SKINNY_DIRECT
-    } else {
-        MATMUL_SKINNY
-    };
-    step.dispatch(kernel, &p10, &bufs, [gx, m.div_ceil(16) as u32, 1]);
+    step.dispatch(MATMUL_SKINNY, &p10, &bufs, [gx, m.div_ceil(16) as u32, 1]);
     Ok(())
 }
 
