@@ -283,6 +283,7 @@ pub fn matmul(
 
 /// Whether the skinny GEMM takes a product of `m` rows: GPU adapters with 32 KiB of
 /// workgroup memory, a few rows (up to 32: two blocks of 16), K % 8 == 0, aligned X.
+/// `KVLINK_SKINNY=off` sends them to the split-K tiled GEMM instead (for benchmarking).
 fn skinny_ok(step: &Step, m: usize, k: usize, x_off: usize) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("KVLINK_SKINNY").is_ok_and(|v| v == "off"));
