@@ -6,7 +6,7 @@ mod step;
 mod tensor;
 
 pub use step::{grid_1d, Binding, Step, StepStats};
-pub use tensor::{DType, Tensor};
+pub use tensor::{DType, Tensor, TensorWriter};
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;
