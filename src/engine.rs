@@ -1,7 +1,7 @@
 //! The engine: a loaded model with its tokenizer on a GPU, and generation.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Tensor, TensorWriter};
+use crate::gpu::{Gpu, Tensor, TensorUpload};
 use crate::kv::store::{EntryHeader, PayloadSink};
 use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru};
 use crate::link::{self, DocCache, LinkConfig, Mode, PromptPlan, Timings};
@@ -514,16 +514,13 @@ impl Engine {
     }
 
     /// A sink that uploads a disk-store entry as it is read: file -> (L2-sized chunk) ->
-    /// wgpu staging memory -> GPU buffer, with no host copy of the whole cache.
+    /// pooled staging memory -> GPU buffers, with no host copy of the whole cache.
     fn upload_sink(&self, tokens: &[u32], h: &EntryHeader) -> Result<UploadSink> {
         self.check_doc_shape(tokens, h.n_tokens, h.n_layers, h.kv_dim)?;
-        let g = self.gpu();
-        let shape = [h.n_tokens, h.kv_dim];
-        let parts = (0..2 * h.n_layers)
-            .map(|_| Tensor::f16_writer(g, &shape, "doc kv"))
-            .collect::<Result<_>>()?;
+        let parts = self
+            .gpu()
+            .upload_f16(2 * h.n_layers, &[h.n_tokens, h.kv_dim], "doc kv")?;
         Ok(UploadSink {
-            gpu: g.clone(),
             tokens: tokens.to_vec(),
             parts,
         })
@@ -863,24 +860,22 @@ impl Engine {
 
 /// See [`Engine::upload_sink`].
 struct UploadSink {
-    gpu: Arc<Gpu>,
     tokens: Vec<u32>,
     /// K of every layer, then V of every layer (the store's part order).
-    parts: Vec<TensorWriter>,
+    parts: TensorUpload,
 }
 
 impl PayloadSink for UploadSink {
     type Output = DocCache;
 
     fn write(&mut self, part: usize, offset: usize, bytes: &[u8]) {
-        self.parts[part].write(offset, bytes);
+        self.parts.write(part, offset, bytes);
     }
 
     fn finish(self) -> Result<DocCache> {
-        let mut k: Vec<Tensor> = self.parts.into_iter().map(TensorWriter::finish).collect();
+        // Submits this document's copies now, while other threads still read theirs.
+        let mut k = self.parts.finish();
         let v = k.split_off(k.len() / 2);
-        // Start this document's copies now, while other threads still read theirs.
-        self.gpu.queue.submit([]);
         Ok(DocCache {
             tokens: self.tokens,
             k,

@@ -140,24 +140,6 @@ impl Tensor {
         Ok(())
     }
 
-    /// An f16 tensor filled from the host in pieces (e.g. as a file is read), written
-    /// straight into wgpu's staging memory: no host copy of the whole tensor first. The
-    /// copy to the GPU is queued by [`TensorWriter::finish`] and runs at the next submit.
-    pub fn f16_writer(gpu: &Gpu, shape: &[usize], label: &str) -> Result<TensorWriter> {
-        let tensor = Self::zeros(gpu, shape, DType::F16, label)?;
-        let bytes = tensor.numel() * DType::F16.size();
-        let size = wgpu::BufferSize::new(tensor.buf.size()).expect("buffers are never empty");
-        let view = gpu
-            .queue
-            .write_buffer_with(&tensor.buf, 0, size)
-            .ok_or_else(|| Error::Gpu(format!("{label}: no staging memory for the upload")))?;
-        Ok(TensorWriter {
-            tensor,
-            view,
-            bytes,
-        })
-    }
-
     /// Overwrite the contents from the host (queued; ordered before the next submit).
     pub fn write_u32(&self, gpu: &Gpu, data: &[u32]) {
         gpu.queue
@@ -166,37 +148,5 @@ impl Tensor {
     pub fn write_f32(&self, gpu: &Gpu, data: &[f32]) {
         gpu.queue
             .write_buffer(&self.buf, 0, bytemuck::cast_slice(data));
-    }
-}
-
-/// See [`Tensor::f16_writer`].
-pub struct TensorWriter {
-    tensor: Tensor,
-    view: wgpu::QueueWriteBufferView,
-    /// Bytes of the elements (the buffer may be up to 3 bytes longer).
-    bytes: usize,
-}
-
-impl TensorWriter {
-    /// The tensor's element bytes `offset..offset + bytes.len()` (little-endian f16).
-    /// Panics if that range is outside the tensor.
-    pub fn write(&mut self, offset: usize, bytes: &[u8]) {
-        assert!(offset + bytes.len() <= self.bytes, "write past the tensor");
-        self.view
-            .slice(offset..offset + bytes.len())
-            .copy_from_slice(bytes);
-    }
-
-    /// Queue the upload (zero padding to whole words) and return the tensor. Bytes never
-    /// written are undefined.
-    pub fn finish(mut self) -> Tensor {
-        let len = self.view.len();
-        if len > self.bytes {
-            self.view
-                .slice(self.bytes..)
-                .copy_from_slice(&[0u8; 4][..len - self.bytes]);
-        }
-        drop(self.view);
-        self.tensor
     }
 }
