@@ -15,6 +15,9 @@ use web_time::Instant;
 
 /// Default context window when the model allows more (KV memory grows with it).
 pub const DEFAULT_CONTEXT: usize = 4096;
+/// A disk hit's K/V goes to the GPU through staging buffers of at most this size (one
+/// per document unless the document's cache is larger).
+const UPLOAD_BYTES: u64 = 256 << 20;
 /// Prefill processes at most this many tokens per forward call (bounds activation memory).
 pub const PREFILL_CHUNK: usize = 512;
 
@@ -517,12 +520,23 @@ impl Engine {
     /// pooled staging memory -> GPU buffers, with no host copy of the whole cache.
     fn upload_sink(&self, tokens: &[u32], h: &EntryHeader) -> Result<UploadSink> {
         self.check_doc_shape(tokens, h.n_tokens, h.n_layers, h.kv_dim)?;
-        let parts = self
-            .gpu()
-            .upload_f16(2 * h.n_layers, &[h.n_tokens, h.kv_dim], "doc kv")?;
+        // One staging buffer per document, or per group of layers for a cache too big
+        // for one buffer.
+        let n = 2 * h.n_layers;
+        let part_bytes = (h.n_tokens * h.kv_dim * 2).max(4) as u64;
+        let max = UPLOAD_BYTES.min(self.gpu().limits.max_buffer_size);
+        let per = ((max / part_bytes) as usize).clamp(1, n.max(1));
+        let uploads = (0..n)
+            .step_by(per)
+            .map(|i| {
+                self.gpu()
+                    .upload_f16(per.min(n - i), &[h.n_tokens, h.kv_dim], "doc kv")
+            })
+            .collect::<Result<_>>()?;
         Ok(UploadSink {
             tokens: tokens.to_vec(),
-            parts,
+            uploads,
+            per,
         })
     }
 
@@ -861,20 +875,26 @@ impl Engine {
 /// See [`Engine::upload_sink`].
 struct UploadSink {
     tokens: Vec<u32>,
-    /// K of every layer, then V of every layer (the store's part order).
-    parts: TensorUpload,
+    /// K of every layer, then V of every layer (the store's part order), `per` parts in
+    /// each upload.
+    uploads: Vec<TensorUpload>,
+    per: usize,
 }
 
 impl PayloadSink for UploadSink {
     type Output = DocCache;
 
     fn write(&mut self, part: usize, offset: usize, bytes: &[u8]) {
-        self.parts.write(part, offset, bytes);
+        self.uploads[part / self.per].write(part % self.per, offset, bytes);
     }
 
     fn finish(self) -> Result<DocCache> {
         // Submits this document's copies now, while other threads still read theirs.
-        let mut k = self.parts.finish();
+        let mut k: Vec<Tensor> = self
+            .uploads
+            .into_iter()
+            .flat_map(TensorUpload::finish)
+            .collect();
         let v = k.split_off(k.len() / 2);
         Ok(DocCache {
             tokens: self.tokens,
