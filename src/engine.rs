@@ -1,7 +1,8 @@
 //! The engine: a loaded model with its tokenizer on a GPU, and generation.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{Gpu, Tensor, TensorUpload};
+use crate::kv::store::{EntryHeader, PayloadSink};
 use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru};
 use crate::link::{self, DocCache, LinkConfig, Mode, PromptPlan, Timings};
 use crate::model::llama::{Batch, KvCache, Llama, Logits};
@@ -14,6 +15,9 @@ use web_time::Instant;
 
 /// Default context window when the model allows more (KV memory grows with it).
 pub const DEFAULT_CONTEXT: usize = 4096;
+/// A disk hit's K/V goes to the GPU through staging buffers of at most this size (one
+/// per document unless the document's cache is larger).
+const UPLOAD_BYTES: u64 = 256 << 20;
 /// Prefill processes at most this many tokens per forward call (bounds activation memory).
 pub const PREFILL_CHUNK: usize = 512;
 
@@ -482,17 +486,26 @@ impl Engine {
         DocKey::new(&self.fingerprint, &self.tokenizer_fingerprint, tokens)
     }
 
-    /// Upload a document cache read from disk.
-    fn upload_doc(&self, tokens: &[u32], kv: &DocKv) -> Result<DocCache> {
+    /// The shape check of a document cache for this model.
+    fn check_doc_shape(
+        &self,
+        tokens: &[u32],
+        n_tokens: usize,
+        n_layers: usize,
+        kv_dim: usize,
+    ) -> Result<()> {
         let c = self.config();
-        if kv.n_layers != c.num_hidden_layers
-            || kv.kv_dim != c.kv_dim()
-            || kv.n_tokens != tokens.len()
-        {
+        if n_layers != c.num_hidden_layers || kv_dim != c.kv_dim() || n_tokens != tokens.len() {
             return Err(Error::Input(
                 "document cache does not match the model's shape".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Upload a document cache read from another store (the browser's).
+    fn upload_doc(&self, tokens: &[u32], kv: &DocKv) -> Result<DocCache> {
+        self.check_doc_shape(tokens, kv.n_tokens, kv.n_layers, kv.kv_dim)?;
         let g = self.gpu();
         let shape = [kv.n_tokens, kv.kv_dim];
         let up = |b: &Vec<u8>| Tensor::from_f16_bytes(g, &shape, b, "doc kv");
@@ -500,6 +513,30 @@ impl Engine {
             tokens: tokens.to_vec(),
             k: kv.k.iter().map(up).collect::<Result<_>>()?,
             v: kv.v.iter().map(up).collect::<Result<_>>()?,
+        })
+    }
+
+    /// A sink that uploads a disk-store entry as it is read: file -> (L2-sized chunk) ->
+    /// pooled staging memory -> GPU buffers, with no host copy of the whole cache.
+    fn upload_sink(&self, tokens: &[u32], h: &EntryHeader) -> Result<UploadSink> {
+        self.check_doc_shape(tokens, h.n_tokens, h.n_layers, h.kv_dim)?;
+        // One staging buffer per document, or per group of layers for a cache too big
+        // for one buffer.
+        let n = 2 * h.n_layers;
+        let part_bytes = (h.n_tokens * h.kv_dim * 2).max(4) as u64;
+        let max = UPLOAD_BYTES.min(self.gpu().limits.max_buffer_size);
+        let per = ((max / part_bytes) as usize).clamp(1, n.max(1));
+        let uploads = (0..n)
+            .step_by(per)
+            .map(|i| {
+                self.gpu()
+                    .upload_f16(per.min(n - i), &[h.n_tokens, h.kv_dim], "doc kv")
+            })
+            .collect::<Result<_>>()?;
+        Ok(UploadSink {
+            tokens: tokens.to_vec(),
+            uploads,
+            per,
         })
     }
 
@@ -532,17 +569,24 @@ impl Engine {
         })
     }
 
-    /// Look documents up in the disk store: reading and checksumming hundreds of MB of
-    /// K/V is the slow part of a disk hit, so several documents are read on their own
-    /// threads (natively; one after another in the browser).
+    /// Look documents up in the disk store and upload the hits. Reading, checksumming
+    /// and uploading hundreds of MB of K/V is the slow part of a disk hit, so each
+    /// document is read and copied into staging memory on its own thread (natively; one
+    /// after another in the browser), each starting its GPU copies as soon as it is done.
     fn read_stored(
         &self,
         store: &DiskStore,
         keys: &[DocKey],
         docs: &[(usize, &[u32])],
-    ) -> Vec<Result<Lookup>> {
+    ) -> Vec<Result<Lookup<DocCache>>> {
         let get = |&(i, d): &(usize, &[u32])| {
-            store.get(&keys[i], &self.fingerprint, &self.tokenizer_fingerprint, d)
+            store.get_with(
+                &keys[i],
+                &self.fingerprint,
+                &self.tokenizer_fingerprint,
+                d,
+                |h| self.upload_sink(d, h),
+            )
         };
         #[cfg(not(target_arch = "wasm32"))]
         if docs.len() > 1 {
@@ -602,8 +646,8 @@ impl Engine {
                 for ((i, d), lookup) in candidates.into_iter().zip(lookups) {
                     let k = &keys[i];
                     match lookup? {
-                        Lookup::Hit(kv) => {
-                            let dc = Arc::new(self.upload_doc(d, &kv)?);
+                        Lookup::Hit(dc) => {
+                            let dc = Arc::new(dc);
                             lru.insert(k.clone(), dc.clone(), dc.bytes());
                             found.insert(k, (dc, CacheSource::Disk));
                             continue;
@@ -824,6 +868,38 @@ impl Engine {
             mode: req.mode,
             timings: tm,
             generation: stats,
+        })
+    }
+}
+
+/// See [`Engine::upload_sink`].
+struct UploadSink {
+    tokens: Vec<u32>,
+    /// K of every layer, then V of every layer (the store's part order), `per` parts in
+    /// each upload.
+    uploads: Vec<TensorUpload>,
+    per: usize,
+}
+
+impl PayloadSink for UploadSink {
+    type Output = DocCache;
+
+    fn write(&mut self, part: usize, offset: usize, bytes: &[u8]) {
+        self.uploads[part / self.per].write(part % self.per, offset, bytes);
+    }
+
+    fn finish(self) -> Result<DocCache> {
+        // Submits this document's copies now, while other threads still read theirs.
+        let mut k: Vec<Tensor> = self
+            .uploads
+            .into_iter()
+            .flat_map(TensorUpload::finish)
+            .collect();
+        let v = k.split_off(k.len() / 2);
+        Ok(DocCache {
+            tokens: self.tokens,
+            k,
+            v,
         })
     }
 }

@@ -4,6 +4,7 @@ mod common;
 
 use common::tempdir::TempDir;
 
+use kvlink::kv::store::{EntryHeader, PayloadSink};
 use kvlink::kv::{
     checksum64, fnv1a64, xxh64, DiskStore, DocKey, DocKv, Lookup, Lru, Xxh64, CACHE_FORMAT_VERSION,
 };
@@ -773,4 +774,87 @@ fn lru_randomized_against_model() {
         assert_eq!(lru.used_bytes(), model.iter().map(|e| e.2).sum::<u64>());
         assert!(lru.used_bytes() <= budget);
     }
+}
+
+/// Records what `get_with` hands it: each part's bytes, checking they arrive in order.
+struct Recorder {
+    parts: Vec<Vec<u8>>,
+    finished: Arc<AtomicBool>,
+}
+
+impl PayloadSink for Recorder {
+    type Output = Vec<Vec<u8>>;
+    fn write(&mut self, part: usize, offset: usize, bytes: &[u8]) {
+        assert!(
+            self.parts[..part].iter().all(|p| !p.is_empty()),
+            "part {part} before an earlier one"
+        );
+        assert_eq!(self.parts[part].len(), offset, "part {part} out of order");
+        self.parts[part].extend_from_slice(bytes);
+    }
+    fn finish(self) -> kvlink::Result<Vec<Vec<u8>>> {
+        self.finished.store(true, Ordering::SeqCst);
+        Ok(self.parts)
+    }
+}
+
+#[test]
+fn get_with_streams_parts_in_order_and_finishes_only_verified_hits() {
+    let td = TempDir::new("getwith");
+    let store = DiskStore::open(td.path()).unwrap();
+    // Layers of 300 * 512 * 2 bytes: more than one read chunk each.
+    let t = tokens(21, 300);
+    let kv = random_kv(21, 300, 2, 512);
+    let key = DocKey::new(MODEL, TOK, &t);
+    store.put(&key, MODEL, TOK, &t, &kv).unwrap();
+    let finished = Arc::new(AtomicBool::new(false));
+    let get = |model: &str| {
+        let f = finished.clone();
+        store.get_with(&key, model, TOK, &t, |h: &EntryHeader| {
+            assert_eq!((h.n_tokens, h.n_layers, h.kv_dim), (300, 2, 512));
+            Ok(Recorder {
+                parts: vec![Vec::new(); 2 * h.n_layers],
+                finished: f,
+            })
+        })
+    };
+    match get(MODEL).unwrap() {
+        Lookup::Hit(parts) => {
+            let want: Vec<Vec<u8>> = kv.k.iter().chain(&kv.v).cloned().collect();
+            assert!(parts == want, "parts differ from what was stored");
+        }
+        other => panic!("expected Hit, got {other:?}"),
+    }
+    assert!(finished.swap(false, Ordering::SeqCst));
+
+    // Another model's entry under this key: no sink is made.
+    match get("other model").unwrap() {
+        Lookup::Mismatch(why) => assert!(why.contains("model"), "{why}"),
+        other => panic!("expected Mismatch, got {other:?}"),
+    }
+    assert!(!finished.load(Ordering::SeqCst));
+
+    // A corrupt payload: the sink saw the bytes but is dropped, never finished.
+    let p = store.path_for(&key);
+    let mut raw = fs::read(&p).unwrap();
+    let i = raw.len() - 8 - kv.bytes() / 3;
+    raw[i] ^= 0x01;
+    fs::write(&p, &raw).unwrap();
+    match get(MODEL).unwrap() {
+        Lookup::Corrupt(why) => assert!(why.contains("checksum"), "{why}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(!finished.load(Ordering::SeqCst));
+    assert!(matches!(get(MODEL).unwrap(), Lookup::Miss));
+
+    // A sink that cannot be made is an error, not a miss.
+    store.put(&key, MODEL, TOK, &t, &kv).unwrap();
+    let r = store.get_with(&key, MODEL, TOK, &t, |_: &EntryHeader| {
+        Err::<Recorder, _>(kvlink::Error::Input("no room".into()))
+    });
+    assert!(r.is_err());
+    assert!(
+        store.contains(&key),
+        "a sink failure is not the entry's fault"
+    );
 }

@@ -242,3 +242,37 @@ fn attention_mass_capture_matches_cpu_reference() {
         }
     }
 }
+
+/// Pooled staging uploads (the disk-hit path): written in pieces, padded to whole words,
+/// and the staging buffers reused across uploads without mixing up their contents; an
+/// upload dropped unfinished (a corrupt entry) leaves the pool usable.
+#[test]
+fn staged_uploads_round_trip_and_reuse_staging() {
+    let g = common::gpu();
+    let mut rng = Rng::new();
+    for round in 0..4 {
+        // [3, 3] f16: 18 bytes per tensor, padded to 20 on the GPU.
+        let (n, shape) = (5, [3usize, 3]);
+        let bytes = 18;
+        let want: Vec<Vec<u8>> = (0..n)
+            .map(|_| (0..bytes).map(|_| rng.next_u64() as u8).collect())
+            .collect();
+        if round == 1 {
+            let mut dropped = g.upload_f16(n, &shape, "test").unwrap();
+            dropped.write(0, 0, &want[0]);
+        }
+        let mut up = g.upload_f16(n, &shape, "test").unwrap();
+        for (i, w) in want.iter().enumerate().rev() {
+            up.write(i, 0, &w[..7]);
+            up.write(i, 7, &w[7..]);
+        }
+        let tensors = up.finish();
+        g.wait().unwrap();
+        for (t, w) in tensors.iter().zip(&want) {
+            let words = g.read_words(t).unwrap();
+            let got: &[u8] = bytemuck::cast_slice(&words);
+            assert_eq!(&got[..bytes], &w[..], "round {round}");
+            assert_eq!(&got[bytes..], &[0, 0], "round {round}: padding");
+        }
+    }
+}

@@ -4,9 +4,11 @@
 
 mod step;
 mod tensor;
+mod upload;
 
 pub use step::{grid_1d, Binding, Step, StepStats};
 pub use tensor::{DType, Tensor};
+pub use upload::TensorUpload;
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -128,6 +130,8 @@ pub struct Gpu {
     profiling: bool,
     /// Per-kernel (dispatch count, GPU nanoseconds) when profiling.
     pub(crate) profile: Mutex<HashMap<&'static str, (u64, f64)>>,
+    /// Idle staging buffers for [`Gpu::upload_f16`].
+    staging: Arc<Mutex<upload::StagingPool>>,
 }
 
 /// A compiled kernel with its bind group layout (fetched once, not per dispatch).
@@ -270,6 +274,7 @@ impl Gpu {
             profiling: std::env::var_os("KVLINK_PROFILE").is_some_and(|v| v != "0")
                 && features.contains(wgpu::Features::TIMESTAMP_QUERY),
             profile: Mutex::new(HashMap::new()),
+            staging: Arc::default(),
         }))
     }
 

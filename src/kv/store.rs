@@ -17,7 +17,7 @@ use super::{DocKey, DocKv, Xxh64, CACHE_FORMAT_VERSION, DTYPE_BYTES};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -51,11 +51,12 @@ pub struct EntryHeader {
     pub token_ids: Vec<u32>,
 }
 
-/// Result of [`DiskStore::get`].
+/// Result of [`DiskStore::get`] (a [`DocKv`]) and [`DiskStore::get_with`] (what the
+/// caller's [`PayloadSink`] made of the payload).
 #[derive(Debug)]
-pub enum Lookup {
+pub enum Lookup<T = DocKv> {
     /// A verified entry for exactly the requested model, tokenizer and tokens.
-    Hit(DocKv),
+    Hit(T),
     /// No entry under this key.
     Miss,
     /// An intact entry exists under this key but is not for this request (different
@@ -68,19 +69,91 @@ pub enum Lookup {
     Corrupt(String),
 }
 
-impl Lookup {
+impl<T> Lookup<T> {
     pub fn is_hit(&self) -> bool {
         matches!(self, Lookup::Hit(_))
     }
 
     /// The cache on a hit, `None` for every kind of miss.
-    pub fn into_hit(self) -> Option<DocKv> {
+    pub fn into_hit(self) -> Option<T> {
         match self {
             Lookup::Hit(kv) => Some(kv),
             _ => None,
         }
     }
 }
+
+/// Where [`DiskStore::get_with`] puts an entry's payload while it reads and checksums it,
+/// so that the bytes go from the file to their destination (e.g. GPU staging memory) in
+/// one pass, through a small buffer that stays in the CPU cache.
+pub trait PayloadSink {
+    type Output;
+    /// The next `bytes` of payload part `part` (K of layer `part` for `part < n_layers`,
+    /// then V of layer `part - n_layers`), `offset` bytes into the part. Parts arrive in
+    /// order, each from offset 0 to its end. The bytes are not verified yet: a sink must
+    /// not act on them before [`PayloadSink::finish`].
+    fn write(&mut self, part: usize, offset: usize, bytes: &[u8]);
+    /// Host memory (cached, readable) to read the next `len` bytes of `part` at `offset`
+    /// into directly, if the sink keeps the payload there; then `write` is not called for
+    /// them. The default, `None`, has them read into a small buffer and `write`n.
+    fn read_into(&mut self, _part: usize, _offset: usize, _len: usize) -> Option<&mut [u8]> {
+        None
+    }
+    /// Called once the whole entry verified; never for a corrupt or mismatched entry
+    /// (the sink is dropped instead).
+    fn finish(self) -> Result<Self::Output>;
+}
+
+/// The payload as a [`DocKv`] in host memory.
+struct DocKvSink(DocKv);
+
+impl DocKvSink {
+    fn part(&mut self, part: usize) -> &mut Vec<u8> {
+        let kv = &mut self.0;
+        if part < kv.n_layers {
+            &mut kv.k[part]
+        } else {
+            &mut kv.v[part - kv.n_layers]
+        }
+    }
+}
+
+impl PayloadSink for DocKvSink {
+    type Output = DocKv;
+    fn write(&mut self, part: usize, offset: usize, bytes: &[u8]) {
+        self.part(part)[offset..offset + bytes.len()].copy_from_slice(bytes);
+    }
+    fn read_into(&mut self, part: usize, offset: usize, len: usize) -> Option<&mut [u8]> {
+        Some(&mut self.part(part)[offset..offset + len])
+    }
+    fn finish(self) -> Result<DocKv> {
+        Ok(self.0)
+    }
+}
+
+fn doc_kv_sink(h: &EntryHeader) -> Result<DocKvSink> {
+    // The length check has passed: the file holds this many bytes.
+    let lb = h.n_tokens * h.kv_dim * DTYPE_BYTES;
+    let layers = || (0..h.n_layers).map(|_| vec![0u8; lb]).collect();
+    Ok(DocKvSink(DocKv {
+        n_tokens: h.n_tokens,
+        n_layers: h.n_layers,
+        kv_dim: h.kv_dim,
+        k: layers(),
+        v: layers(),
+    }))
+}
+
+/// What the caller asks an entry to be for.
+struct Want<'a> {
+    model_fingerprint: &'a str,
+    tokenizer_fingerprint: &'a str,
+    token_ids: &'a [u32],
+}
+
+/// Bytes read (and hashed, and handed to the sink) at a time: small enough to stay in
+/// L2 between the read, the hash and the sink's copy.
+const READ_CHUNK: usize = 256 << 10;
 
 /// One entry as listed by [`DiskStore::entries`].
 #[derive(Clone, Debug)]
@@ -120,6 +193,8 @@ enum ReadErr {
     Corrupt(String),
     Version(u32),
     Io(io::Error),
+    /// The payload sink failed (not the file's fault).
+    Sink(Error),
 }
 
 impl From<io::Error> for ReadErr {
@@ -290,37 +365,60 @@ impl DiskStore {
         tokenizer_fingerprint: &str,
         token_ids: &[u32],
     ) -> Result<Lookup> {
+        self.get_with(
+            key,
+            model_fingerprint,
+            tokenizer_fingerprint,
+            token_ids,
+            doc_kv_sink,
+        )
+    }
+
+    /// [`DiskStore::get`], but the payload goes to the sink that `make` builds for the
+    /// entry's (checked) header, in one pass with the checksum: no copy of the whole
+    /// entry in host memory. The same checks, in the same order, decide the result; the
+    /// sink is only finished (and its output returned) on a `Hit`. `Err` also when
+    /// `make` or the sink fails.
+    pub fn get_with<S: PayloadSink>(
+        &self,
+        key: &DocKey,
+        model_fingerprint: &str,
+        tokenizer_fingerprint: &str,
+        token_ids: &[u32],
+        make: impl FnOnce(&EntryHeader) -> Result<S>,
+    ) -> Result<Lookup<S::Output>> {
         let path = self.path_for(key);
         let mut file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Lookup::Miss),
             Err(e) => return Err(Error::io(path, e)),
         };
-        let (header, kv) = match read_entry(&mut file) {
-            Ok(x) => x,
-            Err(ReadErr::Io(e)) => return Err(Error::io(path, e)),
-            Err(ReadErr::Version(v)) => {
-                return Ok(Lookup::Mismatch(format!(
-                    "entry has cache format version {v}, this build uses {CACHE_FORMAT_VERSION}"
-                )))
-            }
-            Err(ReadErr::Corrupt(reason)) => {
-                move_aside(&path, &file);
-                return Ok(Lookup::Corrupt(reason));
-            }
-        };
-        let found = check_entry(
-            header,
-            kv,
+        let want = Want {
             model_fingerprint,
             tokenizer_fingerprint,
             token_ids,
-        );
-        if found.is_hit() {
-            // Best effort: a hit refreshes the mtime so prune() evicts least recently used.
-            let _ = file.set_modified(SystemTime::now());
+        };
+        let read = file
+            .metadata()
+            .map_err(ReadErr::from)
+            .and_then(|md| read_entry_into(&mut file, md.len(), &want, make));
+        match read {
+            Ok(found) => {
+                if found.is_hit() {
+                    // Best effort: a hit refreshes the mtime so prune() evicts least
+                    // recently used.
+                    let _ = file.set_modified(SystemTime::now());
+                }
+                Ok(found)
+            }
+            Err(ReadErr::Io(e)) => Err(Error::io(path, e)),
+            Err(ReadErr::Sink(e)) => Err(e),
+            Err(ReadErr::Version(v)) => Ok(Lookup::Mismatch(version_mismatch(v))),
+            Err(ReadErr::Corrupt(reason)) => {
+                move_aside(&path, &file);
+                Ok(Lookup::Corrupt(reason))
+            }
         }
-        Ok(found)
     }
 
     fn scan(&self) -> Result<Vec<FileRec>> {
@@ -543,51 +641,47 @@ pub fn decode_entry(
     tokenizer_fingerprint: &str,
     token_ids: &[u32],
 ) -> Lookup {
-    let mut c = io::Cursor::new(bytes);
-    match read_entry_from(&mut c, bytes.len() as u64) {
-        Ok((header, kv)) => check_entry(
-            header,
-            kv,
-            model_fingerprint,
-            tokenizer_fingerprint,
-            token_ids,
-        ),
-        Err(ReadErr::Version(v)) => Lookup::Mismatch(format!(
-            "entry has cache format version {v}, this build uses {CACHE_FORMAT_VERSION}"
-        )),
+    let want = Want {
+        model_fingerprint,
+        tokenizer_fingerprint,
+        token_ids,
+    };
+    let mut r = bytes;
+    match read_entry_into(&mut r, bytes.len() as u64, &want, doc_kv_sink) {
+        Ok(found) => found,
+        Err(ReadErr::Version(v)) => Lookup::Mismatch(version_mismatch(v)),
         Err(ReadErr::Corrupt(reason)) => Lookup::Corrupt(reason),
         Err(ReadErr::Io(e)) => Lookup::Corrupt(e.to_string()),
+        Err(ReadErr::Sink(e)) => Lookup::Corrupt(e.to_string()),
     }
 }
 
-/// Whether an intact entry is the one asked for.
-fn check_entry(
-    header: EntryHeader,
-    kv: DocKv,
-    model_fingerprint: &str,
-    tokenizer_fingerprint: &str,
-    token_ids: &[u32],
-) -> Lookup {
-    if header.model_fingerprint != model_fingerprint {
-        return Lookup::Mismatch(format!(
-            "entry is for model {:?}, asked for {model_fingerprint:?}",
-            header.model_fingerprint
+fn version_mismatch(v: u32) -> String {
+    format!("entry has cache format version {v}, this build uses {CACHE_FORMAT_VERSION}")
+}
+
+/// Why an intact entry is not the one asked for, if it is not.
+fn header_mismatch(header: &EntryHeader, want: &Want) -> Option<String> {
+    if header.model_fingerprint != want.model_fingerprint {
+        return Some(format!(
+            "entry is for model {:?}, asked for {:?}",
+            header.model_fingerprint, want.model_fingerprint
         ));
     }
-    if header.tokenizer_fingerprint != tokenizer_fingerprint {
-        return Lookup::Mismatch(format!(
-            "entry is for tokenizer {:?}, asked for {tokenizer_fingerprint:?}",
-            header.tokenizer_fingerprint
+    if header.tokenizer_fingerprint != want.tokenizer_fingerprint {
+        return Some(format!(
+            "entry is for tokenizer {:?}, asked for {:?}",
+            header.tokenizer_fingerprint, want.tokenizer_fingerprint
         ));
     }
-    if header.token_ids != token_ids {
-        return Lookup::Mismatch(format!(
+    if header.token_ids != want.token_ids {
+        return Some(format!(
             "entry holds different token ids ({} tokens, asked for {}): key collision or stale entry",
             header.token_ids.len(),
-            token_ids.len()
+            want.token_ids.len()
         ));
     }
-    Lookup::Hit(kv)
+    None
 }
 
 fn read_u32(r: &mut impl Read, h: &mut Xxh64) -> io::Result<u32> {
@@ -597,12 +691,13 @@ fn read_u32(r: &mut impl Read, h: &mut Xxh64) -> io::Result<u32> {
     Ok(u32::from_le_bytes(b))
 }
 
-/// Reads magic, version and header; leaves `f` at the start of the payload.
+/// Reads magic, version and header; leaves `f` at the start of the payload, whose file
+/// offset it returns with the header.
 fn read_header_hashed(
     f: &mut impl Read,
     file_len: u64,
     h: &mut Xxh64,
-) -> std::result::Result<EntryHeader, ReadErr> {
+) -> std::result::Result<(EntryHeader, u64), ReadErr> {
     if file_len < PREFIX_BYTES + CHECKSUM_BYTES {
         return Err(ReadErr::Corrupt(format!("truncated: {file_len} bytes")));
     }
@@ -652,24 +747,25 @@ fn read_header_hashed(
             header.n_layers, header.kv_dim
         )));
     }
-    Ok(header)
+    Ok((header, PREFIX_BYTES + hlen))
 }
 
 fn read_header(f: &mut File, file_len: u64) -> std::result::Result<EntryHeader, ReadErr> {
-    read_header_hashed(f, file_len, &mut Xxh64::new(0))
+    read_header_hashed(f, file_len, &mut Xxh64::new(0)).map(|(h, _)| h)
 }
 
-fn read_entry(f: &mut File) -> std::result::Result<(EntryHeader, DocKv), ReadErr> {
-    let file_len = f.metadata()?.len();
-    read_entry_from(f, file_len)
-}
-
-fn read_entry_from<R: Read + Seek>(
+/// Reads one entry: header checks, then the payload in [`READ_CHUNK`] pieces, each
+/// hashed and (if the header is the one asked for) handed to the sink, then the checksum.
+/// Corrupt beats mismatched, as it always has: a mismatch is reported only for an intact
+/// entry.
+fn read_entry_into<R: Read, S: PayloadSink>(
     f: &mut R,
     file_len: u64,
-) -> std::result::Result<(EntryHeader, DocKv), ReadErr> {
+    want: &Want,
+    make: impl FnOnce(&EntryHeader) -> Result<S>,
+) -> std::result::Result<Lookup<S::Output>, ReadErr> {
     let mut h = Xxh64::new(0);
-    let header = read_header_hashed(f, file_len, &mut h)?;
+    let (header, consumed) = read_header_hashed(f, file_len, &mut h)?;
     let layer_bytes = (header.n_tokens as u64)
         .checked_mul(header.kv_dim as u64)
         .and_then(|x| x.checked_mul(DTYPE_BYTES as u64));
@@ -677,9 +773,6 @@ fn read_entry_from<R: Read + Seek>(
     let Some(payload) = payload else {
         return Err(ReadErr::Corrupt("shape overflows".into()));
     };
-    let layer_bytes = layer_bytes.unwrap_or(0);
-    // Position after the header = bytes consumed so far.
-    let consumed = f.stream_position()?;
     let expected = consumed
         .checked_add(payload)
         .and_then(|x| x.checked_add(CHECKSUM_BYTES));
@@ -691,19 +784,35 @@ fn read_entry_from<R: Read + Seek>(
                 .unwrap_or_else(|| "overflow".into())
         )));
     }
-    let lb = layer_bytes as usize;
-    let mut read_layers = |f: &mut R| -> std::result::Result<Vec<Vec<u8>>, ReadErr> {
-        let mut out = Vec::with_capacity(header.n_layers);
-        for _ in 0..header.n_layers {
-            let mut buf = vec![0u8; lb];
-            f.read_exact(&mut buf)?;
-            h.update(&buf);
-            out.push(buf);
-        }
-        Ok(out)
+    // The payload fits the file, so each part fits in memory.
+    let lb = layer_bytes.unwrap_or(0) as usize;
+    // A sink only for the entry asked for; else why it is not (reported once intact).
+    let mut sink = match header_mismatch(&header, want) {
+        None => Ok(make(&header).map_err(ReadErr::Sink)?),
+        Some(why) => Err(why),
     };
-    let k = read_layers(f)?;
-    let v = read_layers(f)?;
+    let mut buf = vec![0u8; lb.min(READ_CHUNK)];
+    for part in 0..2 * header.n_layers {
+        let mut off = 0;
+        while off < lb {
+            let n = (lb - off).min(READ_CHUNK);
+            match sink.as_mut().ok().and_then(|s| s.read_into(part, off, n)) {
+                Some(dst) => {
+                    f.read_exact(dst)?;
+                    h.update(dst);
+                }
+                None => {
+                    let chunk = &mut buf[..n];
+                    f.read_exact(chunk)?;
+                    h.update(chunk);
+                    if let Ok(s) = &mut sink {
+                        s.write(part, off, chunk);
+                    }
+                }
+            }
+            off += n;
+        }
+    }
     let mut sum = [0u8; 8];
     f.read_exact(&mut sum)?;
     let stored = u64::from_le_bytes(sum);
@@ -713,14 +822,10 @@ fn read_entry_from<R: Read + Seek>(
             "checksum mismatch: stored {stored:016x}, computed {actual:016x}"
         )));
     }
-    let kv = DocKv {
-        n_tokens: header.n_tokens,
-        n_layers: header.n_layers,
-        kv_dim: header.kv_dim,
-        k,
-        v,
-    };
-    Ok((header, kv))
+    match sink {
+        Ok(s) => Ok(Lookup::Hit(s.finish().map_err(ReadErr::Sink)?)),
+        Err(why) => Ok(Lookup::Mismatch(why)),
+    }
 }
 
 /// Moves a corrupt entry out of the way (`.corrupt`, else delete), but only if the path
