@@ -966,33 +966,10 @@ pub fn decode_attention(
         per as u32,
     ];
     let groups = [kv_heads as u32, splits as u32, 1];
-    if splits == 1 {
-        let dummy = step.gpu().dummy();
-        let bufs = [q, kc, vc, qslot, seg, out, &dummy];
-        step.dispatch(kernel, &params, &bufs, groups);
-        return Ok(());
-    }
-    let r = t * heads;
-    let part = step
-        .gpu()
-        .scratch("attention splits", splits * r * (head_dim + 4))?;
-    step.dispatch(
-        kernel,
-        &params,
-        &[q, kc, vc, qslot, seg, out, &part],
-        groups,
-    );
-    combine_splits(
-        step,
-        &part,
-        out,
-        qslot,
-        seg,
-        t,
-        heads,
-        head_dim,
-        splits,
-        DECODE_CHUNK * per,
+    let bufs = [q, kc, vc, qslot, seg, out];
+    let span = DECODE_CHUNK * per;
+    split_attention(
+        step, kernel, &params, groups, bufs, t, heads, head_dim, splits, span,
     )
 }
 
@@ -1037,11 +1014,43 @@ pub fn flash_attention(
         kv_heads as u32,
         splits as u32,
     ];
+    let bufs = [q, kc, vc, qslot, seg, out];
+    split_attention(
+        step,
+        kernel,
+        &params,
+        groups,
+        bufs,
+        t,
+        heads,
+        head_dim,
+        splits,
+        32 * per,
+    )
+}
+
+/// Dispatch an attention kernel (flash or decode: bindings Q, K, V, query slots,
+/// segments, O, partials) over `splits` key splits of `span` cache slots each: with one
+/// split it writes O itself; with more it writes partials to a scratch buffer and
+/// attention_combine.wgsl merges them into O.
+#[allow(clippy::too_many_arguments)]
+fn split_attention(
+    step: &mut Step,
+    kernel: Kernel,
+    params: &[u32; 8],
+    groups: [u32; 3],
+    [q, kc, vc, qslot, seg, out]: [&Tensor; 6],
+    t: usize,
+    heads: usize,
+    head_dim: usize,
+    splits: usize,
+    span: usize,
+) -> Result<()> {
     if splits == 1 {
         let dummy = step.gpu().dummy();
         step.dispatch(
             kernel,
-            &params,
+            params,
             &[q, kc, vc, qslot, seg, out, &dummy],
             groups,
         );
@@ -1051,23 +1060,9 @@ pub fn flash_attention(
     let part = step
         .gpu()
         .scratch("attention splits", splits * r * (head_dim + 4))?;
-    step.dispatch(
-        kernel,
-        &params,
-        &[q, kc, vc, qslot, seg, out, &part],
-        groups,
-    );
+    step.dispatch(kernel, params, &[q, kc, vc, qslot, seg, out, &part], groups);
     combine_splits(
-        step,
-        &part,
-        out,
-        qslot,
-        seg,
-        t,
-        heads,
-        head_dim,
-        splits,
-        32 * per,
+        step, &part, out, qslot, seg, t, heads, head_dim, splits, span,
     )
 }
 
