@@ -84,6 +84,20 @@ fn shaders_validate_with_naga() {
     }
 }
 
+#[test]
+fn coop_shaders_validate_with_naga() {
+    for k in ops::coop::all_kernels() {
+        let module = naga::front::wgsl::parse_str(k.source)
+            .unwrap_or_else(|e| panic!("{}: {}", k.name, e.emit_to_string(k.source)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{}: {e:?}", k.name));
+    }
+}
+
 fn cpu_matmul(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut y = vec![0.0; m * n];
     for i in 0..m {
@@ -1270,5 +1284,91 @@ fn decode_attention_row_is_independent_of_batch() {
                 .collect::<Vec<_>>(),
             "splits={splits}"
         );
+    }
+}
+
+/// The tensor-core GEMM (matmul_coop.wgsl, both tile layouts) against the CPU, with X
+/// rounded to f16 as the kernel does: edge tiles in M, N and K (K not a multiple of the
+/// K step), row offsets, bias, accumulate, a part of a split matrix, split-K.
+/// Runs where the adapter has cooperative matrices (the H100; lavapipe from Mesa 26).
+#[test]
+fn coop_matmul_matches_cpu() {
+    use ops::coop::Layout;
+    let g = gpu();
+    let Some(shape) = g.coop else {
+        eprintln!("coop_matmul_matches_cpu: skipped, the adapter has no cooperative matrices");
+        return;
+    };
+    eprintln!("coop shape {shape:?}");
+    let mut rng = Rng::new();
+    // (m, n, k, max rows per part)
+    for &(m, n, k, split) in &[
+        (1, 70, 600, 1000),
+        (17, 130, 1000, 50),
+        (33, 129, 264, 1000),
+        (130, 200, 520, 1000),
+        (300, 64, 68, 1000),
+    ] {
+        for layout in [Layout::Skinny, Layout::Wide] {
+            for splits in [Some(1), Some(3), None] {
+                let (bias, acc) = match splits {
+                    Some(1) => (true, false),
+                    Some(_) => (false, true),
+                    None => (true, true),
+                };
+                let x0 = 1;
+                let x = rand_vec(&mut rng, (x0 + m) * k, 1.0);
+                let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
+                    .into_iter()
+                    .map(f16r)
+                    .collect();
+                let b = rand_vec(&mut rng, n, 1.0);
+                let y_init = rand_vec(&mut rng, (x0 + m) * n, 1.0);
+                let xt = Tensor::from_f32(g, &[x0 + m, k], &x, "x").unwrap();
+                let wm = Matrix::upload_split(g, n, k, &w, split, "w").unwrap();
+                let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
+                let mut init = y_init.clone();
+                if !acc {
+                    init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
+                }
+                let yt = Tensor::from_f32(g, &[x0 + m, n], &init, "y").unwrap();
+                run_variant(false, |s| {
+                    for (r0, part) in &wm.parts {
+                        let params = [
+                            m as u32,
+                            part.shape[0] as u32,
+                            k as u32,
+                            (x0 * k) as u32,
+                            (x0 * n) as u32,
+                            n as u32,
+                            *r0 as u32,
+                            acc as u32 | if bias { 2 } else { 0 },
+                        ];
+                        let bufs = [&xt, part, &bt, &yt];
+                        ops::coop::matmul(s, shape, layout, &params, splits, bufs).unwrap();
+                    }
+                });
+                let got = g.read_f32(&yt).unwrap();
+                let xh: Vec<f32> = x[x0 * k..].iter().map(|&v| f16r(v)).collect();
+                let mut want = cpu_matmul(&xh, &w, m, n, k);
+                for i in 0..m {
+                    for j in 0..n {
+                        if bias {
+                            want[i * n + j] += b[j];
+                        }
+                        if acc {
+                            want[i * n + j] += y_init[(x0 + i) * n + j];
+                        }
+                    }
+                }
+                let what = format!("coop matmul {m}x{n}x{k} {layout:?} splits={splits:?}");
+                assert_close(&got[x0 * n..], &want, 1e-3, 1e-3, &what);
+                assert_eq!(
+                    &got[..x0 * n],
+                    &init[..x0 * n],
+                    "{what}: wrote outside its rows"
+                );
+            }
+        }
     }
 }

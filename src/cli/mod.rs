@@ -252,7 +252,7 @@ fn devices(json: bool) -> Result<()> {
     for a in list {
         println!(
             "[{}] {} ({}, {}) driver: {}\n    shader-f16: {}  subgroups: {}  timestamps: {}  cooperative-matrix: {}\n    \
-             max storage binding: {} MiB  max buffer: {} MiB  workgroup memory: {} KiB",
+             max storage binding: {} MiB  max buffer: {} MiB  workgroup memory: {} KiB  subgroup size: {}-{}{}",
             a.index,
             a.name,
             a.backend,
@@ -264,7 +264,17 @@ fn devices(json: bool) -> Result<()> {
             a.cooperative_matrix,
             a.max_storage_buffer_binding_size >> 20,
             a.max_buffer_size >> 20,
-            a.max_compute_workgroup_storage_size >> 10
+            a.max_compute_workgroup_storage_size >> 10,
+            a.subgroup_min_size,
+            a.subgroup_max_size,
+            if a.cooperative_matrix_configs.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "\n    cooperative-matrix shapes: {}",
+                    a.cooperative_matrix_configs.join(", ")
+                )
+            }
         );
     }
     Ok(())

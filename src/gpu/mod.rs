@@ -56,6 +56,11 @@ pub struct AdapterReport {
     pub subgroups: bool,
     pub timestamps: bool,
     pub cooperative_matrix: bool,
+    /// The cooperative-matrix shapes the adapter runs, as "MxNxK AB->CR" (e.g.
+    /// "16x16x16 f16->f32"); empty without the feature.
+    pub cooperative_matrix_configs: Vec<String>,
+    pub subgroup_min_size: u32,
+    pub subgroup_max_size: u32,
     pub max_storage_buffer_binding_size: u64,
     pub max_buffer_size: u64,
     pub max_compute_workgroup_storage_size: u32,
@@ -81,6 +86,26 @@ fn report(index: usize, a: &wgpu::Adapter) -> AdapterReport {
         subgroups: f.contains(wgpu::Features::SUBGROUP),
         timestamps: f.contains(wgpu::Features::TIMESTAMP_QUERY),
         cooperative_matrix: f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+        cooperative_matrix_configs: if f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            a.cooperative_matrix_properties()
+                .iter()
+                .map(|p| {
+                    let t = |t: wgpu::CooperativeScalarType| format!("{t:?}").to_lowercase();
+                    format!(
+                        "{}x{}x{} {}->{}",
+                        p.m_size,
+                        p.n_size,
+                        p.k_size,
+                        t(p.ab_type),
+                        t(p.cr_type)
+                    )
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+        subgroup_min_size: info.subgroup_min_size,
+        subgroup_max_size: info.subgroup_max_size,
         max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
         max_buffer_size: l.max_buffer_size,
         max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
@@ -121,6 +146,8 @@ pub struct Gpu {
     pub queue: wgpu::Queue,
     pub report: AdapterReport,
     pub limits: wgpu::Limits,
+    /// The tensor-core GEMM's fragment shape when the device runs it (see [`CoopShape`]).
+    pub coop: Option<CoopShape>,
     pipelines: Mutex<HashMap<&'static str, Arc<Pipeline>>>,
     /// The steps' parameter buffer and bind group cache (see `step.rs`).
     steps: Mutex<step::StepState>,
@@ -132,6 +159,45 @@ pub struct Gpu {
     pub(crate) profile: Mutex<HashMap<&'static str, (u64, f64)>>,
     /// Idle staging buffers for [`Gpu::upload_f16`].
     staging: Arc<Mutex<upload::StagingPool>>,
+}
+
+/// How the cooperative-matrix (tensor core) GEMM runs on this device: square `t` x `t` x
+/// `t` f16 products into f32 (16 on NVIDIA, 8 on lavapipe) on subgroups of exactly
+/// `subgroup` invocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopShape {
+    pub t: u32,
+    pub subgroup: u32,
+}
+
+/// The cooperative-matrix shape the engine uses on `adapter`, if any: it needs shader-f16,
+/// subgroups of one fixed size (the kernel lays its tiles out by subgroup) and square
+/// 16x16x16 (preferred) or 8x8x8 f16 -> f32 products. `KVLINK_COOPMAT=off` disables it.
+fn coop_shape(adapter: &wgpu::Adapter, rep: &AdapterReport) -> Option<CoopShape> {
+    if std::env::var("KVLINK_COOPMAT").is_ok_and(|v| v == "off") {
+        return None;
+    }
+    let need = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+        | wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP;
+    if !adapter.features().contains(need) || rep.subgroup_min_size != rep.subgroup_max_size {
+        return None;
+    }
+    let props = adapter.cooperative_matrix_properties();
+    let has = |t: u32| {
+        props.iter().any(|p| {
+            p.m_size == t
+                && p.n_size == t
+                && p.k_size == t
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        })
+    };
+    let t = [16, 8].into_iter().find(|&t| has(t))?;
+    Some(CoopShape {
+        t,
+        subgroup: rep.subgroup_min_size,
+    })
 }
 
 /// A compiled kernel with its bind group layout (fetched once, not per dispatch).
@@ -248,12 +314,23 @@ impl Gpu {
                 features |= f;
             }
         }
+        let coop = coop_shape(adapter, &rep);
+        let mut experimental = wgpu::ExperimentalFeatures::disabled();
+        if coop.is_some() {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+                | wgpu::Features::SHADER_F16
+                | wgpu::Features::SUBGROUP;
+            // SAFETY: the only experimental feature requested is cooperative matrices, used
+            // by one kernel (matmul_coop.wgsl) that is tested against the CPU reference on
+            // the adapters that take it; KVLINK_COOPMAT=off leaves it out.
+            experimental = unsafe { wgpu::ExperimentalFeatures::enabled() };
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("kvlink"),
                 required_features: features,
                 required_limits: limits.clone(),
-                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                experimental_features: experimental,
                 memory_hints: wgpu::MemoryHints::Performance,
                 trace: wgpu::Trace::Off,
             })
@@ -267,6 +344,7 @@ impl Gpu {
             queue,
             report: rep,
             limits,
+            coop,
             pipelines: Mutex::new(HashMap::new()),
             steps: Mutex::new(step::StepState::default()),
             dummy: std::sync::OnceLock::new(),

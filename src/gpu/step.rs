@@ -131,6 +131,7 @@ enum Cmd {
 pub struct Step<'g> {
     gpu: &'g Gpu,
     serial: bool,
+    coop: bool,
     gemv_rows: Option<usize>,
     params: Vec<u8>,
     cmds: Vec<Cmd>,
@@ -144,6 +145,7 @@ impl<'g> Step<'g> {
         Step {
             gpu,
             serial: gpu.prefers_serial_kernels(),
+            coop: true,
             gemv_rows: env_gemv_rows(),
             params: Vec::new(),
             cmds: Vec::new(),
@@ -162,6 +164,16 @@ impl<'g> Step<'g> {
     /// Override the kernel variant choice for this step (tests check both).
     pub fn set_serial(&mut self, serial: bool) {
         self.serial = serial;
+    }
+
+    /// Whether GEMMs may take the tensor-core kernel where the device has one (on by
+    /// default; tests turn it off to check the portable kernels on such a device).
+    pub fn coop(&self) -> bool {
+        self.coop && !self.serial
+    }
+
+    pub fn set_coop(&mut self, on: bool) {
+        self.coop = on;
     }
 
     /// Rows per 32-lane group of the vec4 GEMV forced for this step (1, 2 or 4), or

@@ -4,6 +4,8 @@
 use crate::error::{Error, Result};
 use crate::gpu::{grid_1d, DType, Gpu, Kernel, Step, Tensor};
 
+pub mod coop;
+
 macro_rules! kernel {
     ($name:ident, $file:literal, $entry:literal) => {
         pub const $name: Kernel = Kernel {
@@ -271,6 +273,9 @@ pub fn matmul(
             let groups = grid_1d(u32_of(blocks.div_ceil(64), "matmul blocks")?);
             let p10 = gemm_words(&params, k, 0);
             step.dispatch(MATMUL_BLOCKS, &p10, &[x, part, b, y], groups);
+        } else if let Some(shape) = coop::usable(step, k, x_row0 * k) {
+            let layout = coop::Layout::for_rows(m, shape.t);
+            coop::matmul(step, shape, layout, &params, None, [x, part, b, y])?;
         } else if skinny_ok(step, m, k, x_row0 * k) {
             skinny_matmul(step, &params, [x, part, b, y])?;
         } else {
@@ -353,10 +358,26 @@ pub fn tiled_matmul(
     }
     let kc = k.div_ceil(splits).div_ceil(16) * 16;
     let splits = k.div_ceil(kc);
+    split_k(step, MATMUL, params, kc, splits, [gx, gy], bufs)
+}
+
+/// A GEMM kernel with matmul.wgsl's parameters over `splits` chunks of `kc` of K (grid z):
+/// partial sums into a scratch buffer, then matmul_reduce adds them up and applies bias
+/// and accumulate.
+fn split_k(
+    step: &mut Step,
+    kernel: Kernel,
+    params: &[u32; 8],
+    kc: usize,
+    splits: usize,
+    [gx, gy]: [u32; 2],
+    bufs: [&Tensor; 4],
+) -> Result<()> {
+    let (m, pn) = (params[0] as usize, params[1] as usize);
     let part = step.gpu().scratch("matmul split-K", splits * m * pn)?;
     let p10 = gemm_words(params, kc, u32_of(m * pn, "matmul split stride")?);
     let [x, w, b, y] = bufs;
-    step.dispatch(MATMUL, &p10, &[x, w, b, &part], [gx, gy, splits as u32]);
+    step.dispatch(kernel, &p10, &[x, w, b, &part], [gx, gy, splits as u32]);
     let red = [
         params[0],
         params[1],
