@@ -1293,7 +1293,7 @@ fn decode_attention_row_is_independent_of_batch() {
 /// Runs where the adapter has cooperative matrices (the H100; lavapipe from Mesa 26).
 #[test]
 fn coop_matmul_matches_cpu() {
-    use ops::coop::Layout;
+    use ops::coop::Tile;
     let g = gpu();
     let Some(shape) = g.coop else {
         eprintln!("coop_matmul_matches_cpu: skipped, the adapter has no cooperative matrices");
@@ -1309,7 +1309,7 @@ fn coop_matmul_matches_cpu() {
         (130, 200, 520, 1000),
         (300, 64, 68, 1000),
     ] {
-        for layout in [Layout::Skinny, Layout::Wide] {
+        for tile in [Tile::skinny(), Tile::wide(), "1,2,1,3".parse().unwrap()] {
             for splits in [Some(1), Some(3), None] {
                 let (bias, acc) = match splits {
                     Some(1) => (true, false),
@@ -1345,7 +1345,7 @@ fn coop_matmul_matches_cpu() {
                             acc as u32 | if bias { 2 } else { 0 },
                         ];
                         let bufs = [&xt, part, &bt, &yt];
-                        ops::coop::matmul(s, shape, layout, &params, splits, bufs).unwrap();
+                        ops::coop::matmul(s, shape, tile, &params, splits, bufs).unwrap();
                     }
                 });
                 let got = g.read_f32(&yt).unwrap();
@@ -1361,7 +1361,7 @@ fn coop_matmul_matches_cpu() {
                         }
                     }
                 }
-                let what = format!("coop matmul {m}x{n}x{k} {layout:?} splits={splits:?}");
+                let what = format!("coop matmul {m}x{n}x{k} tile {tile} splits={splits:?}");
                 assert_close(&got[x0 * n..], &want, 1e-3, 1e-3, &what);
                 assert_eq!(
                     &got[..x0 * n],

@@ -1,5 +1,6 @@
 //! Subcommands. Each parses its flags (clap), calls the library and prints.
 
+mod bench_kernels;
 mod eval;
 mod rag;
 #[cfg(feature = "viewer")]

@@ -309,6 +309,9 @@ pub enum BenchCmd {
     Ttft(TtftArgs),
     /// Prefill and decode throughput.
     Speed(SpeedArgs),
+    /// The model's GEMM/GEMV shapes under each kernel variant (portable, tensor cores
+    /// with several tiles), checked against the CPU, then timed: for tuning on a new GPU.
+    Kernels(super::bench_kernels::KernelArgs),
 }
 
 #[derive(Args, Clone)]
@@ -425,6 +428,7 @@ pub fn bench(adapter: &AdapterChoice, cmd: &BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Ttft(a) => bench_ttft(adapter, a),
         BenchCmd::Speed(a) => bench_speed(adapter, a),
+        BenchCmd::Kernels(a) => super::bench_kernels::run(adapter, a),
     }
 }
 

@@ -274,8 +274,8 @@ pub fn matmul(
             let p10 = gemm_words(&params, k, 0);
             step.dispatch(MATMUL_BLOCKS, &p10, &[x, part, b, y], groups);
         } else if let Some(shape) = coop::usable(step, k, x_row0 * k) {
-            let layout = coop::Layout::for_rows(m, shape.t);
-            coop::matmul(step, shape, layout, &params, None, [x, part, b, y])?;
+            let tile = coop::Tile::for_rows(m, shape.t);
+            coop::matmul(step, shape, tile, &params, None, [x, part, b, y])?;
         } else if skinny_ok(step, m, k, x_row0 * k) {
             skinny_matmul(step, &params, [x, part, b, y])?;
         } else {
