@@ -47,6 +47,34 @@ fn run_variant(serial: bool, f: impl FnOnce(&mut Step)) {
     g.wait().unwrap();
 }
 
+/// The GEMM variants to check: the GPU-style kernels with the tensor cores on (where the
+/// adapter has them) and off, and the CPU-adapter serial kernels. (serial, coop)
+fn gemm_variants() -> Vec<(bool, bool)> {
+    let mut v = vec![(false, true), (true, false)];
+    if gpu().coop.is_some() {
+        v.push((false, false));
+    }
+    v
+}
+
+/// X as the GEMM computes with it: rounded to f16 where the tensor-core kernel takes an
+/// `m x k` product (GPU kernels, coop on, more than one row, K % 8 == 0), else as is.
+fn x_as_used(x: &[f32], serial: bool, coop: bool, m: usize, k: usize) -> Vec<f32> {
+    if !serial && coop && gpu().coop.is_some() && m > 1 && k.is_multiple_of(8) {
+        x.iter().map(|&v| f16r(v)).collect()
+    } else {
+        x.to_vec()
+    }
+}
+
+/// Run `f` with the serial kernels on or off and the tensor cores allowed or not.
+fn run_gemm(serial: bool, coop: bool, f: impl FnOnce(&mut Step)) {
+    run_variant(serial, |s| {
+        s.set_coop(coop);
+        f(s)
+    })
+}
+
 /// [`run_variant`] with the vec4 GEMV's rows per group forced (GPU kernels only).
 fn run_gemv(serial: bool, rows: usize, f: impl FnOnce(&mut Step)) {
     run_variant(serial, |s| {
@@ -126,14 +154,12 @@ fn matmul_and_matvec_match_cpu() {
         (129, 64, 96, 1000),
         (1300, 70, 576, 1000),
     ] {
-        for &(bias, acc, serial) in &[
-            (false, false, false),
-            (true, false, true),
-            (false, true, false),
-            (true, true, true),
-            (true, true, false),
-            (false, false, true),
-        ] {
+        for (case, &(bias, acc)) in [(false, false), (true, false), (false, true), (true, true)]
+            .iter()
+            .enumerate()
+        {
+            let variants = gemm_variants();
+            let (serial, coop) = variants[case % variants.len()];
             let x0 = 2; // row offset into x and y
             let x = rand_vec(&mut rng, (x0 + m) * k, 1.0);
             let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
@@ -151,11 +177,12 @@ fn matmul_and_matvec_match_cpu() {
                 init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
             }
             let yt = Tensor::from_f32(g, &[x0 + m, n], &init, "y").unwrap();
-            run_variant(serial, |s| {
+            run_gemm(serial, coop, |s| {
                 ops::matmul(s, &xt, x0, m, &wm, bias.then_some(&bt), &yt, x0, acc).unwrap()
             });
             let got = g.read_f32(&yt).unwrap();
-            let mut want = cpu_matmul(&x[x0 * k..], &w, m, n, k);
+            let xu = x_as_used(&x[x0 * k..], serial, coop, m, k);
+            let mut want = cpu_matmul(&xu, &w, m, n, k);
             for i in 0..m {
                 for j in 0..n {
                     if bias {
@@ -166,7 +193,9 @@ fn matmul_and_matvec_match_cpu() {
                     }
                 }
             }
-            let what = format!("matmul m={m} n={n} k={k} bias={bias} acc={acc} serial={serial}");
+            let what = format!(
+                "matmul m={m} n={n} k={k} bias={bias} acc={acc} serial={serial} coop={coop}"
+            );
             assert_close(&got[x0 * n..], &want, 1e-3, 1e-4, &what);
             // rows before the offset are untouched
             assert_eq!(
@@ -813,7 +842,7 @@ fn matmul_swiglu_matches_cpu() {
         (67, 45, 38, 1000),
         (3, 21, 40, 16),
     ] {
-        for serial in [false, true] {
+        for (serial, coop) in gemm_variants() {
             let x = rand_vec(&mut rng, m * k, 1.0);
             let w: Vec<f32> = rand_vec(&mut rng, 2 * ff * k, 1.0)
                 .into_iter()
@@ -823,18 +852,19 @@ fn matmul_swiglu_matches_cpu() {
             let wm = Matrix::upload_split(g, 2 * ff, k, &w, split, "w").unwrap();
             let gu = nan_tensor(m * 2 * ff);
             let act = nan_tensor(m * ff + 3);
-            run_variant(serial, |s| {
+            run_gemm(serial, coop, |s| {
                 ops::matmul_swiglu(s, &xt, m, &wm, &gu, &act).unwrap()
             });
             let got = g.read_f32(&act).unwrap();
-            let proj = cpu_matmul(&x, &w, m, 2 * ff, k);
+            let proj = cpu_matmul(&x_as_used(&x, serial, coop, m, k), &w, m, 2 * ff, k);
             let want: Vec<f32> = (0..m * ff)
                 .map(|i| {
                     let (r, j) = (i / ff, i % ff);
                     silu(proj[r * 2 * ff + j]) * proj[r * 2 * ff + ff + j]
                 })
                 .collect();
-            let what = format!("swiglu m={m} ff={ff} k={k} split={split} serial={serial}");
+            let what =
+                format!("swiglu m={m} ff={ff} k={k} split={split} serial={serial} coop={coop}");
             assert_close(&got[..m * ff], &want, 2e-3, 1e-3, &what);
             assert!(
                 got[m * ff..].iter().all(|v| v.is_nan()),
@@ -1307,9 +1337,18 @@ fn coop_matmul_matches_cpu() {
         (17, 130, 1000, 50),
         (33, 129, 264, 1000),
         (130, 200, 520, 1000),
-        (300, 64, 68, 1000),
+        (300, 64, 72, 1000),
+        (40, 128, 256, 1000), // whole tiles in N and K: the direct-B variants take it
+        (70, 96, 192, 64),
     ] {
-        for tile in [Tile::skinny(), Tile::wide(), "1,2,1,3".parse().unwrap()] {
+        for tile in [
+            Tile::skinny(),
+            Tile::wide(),
+            "1,2,1,3".parse().unwrap(),
+            "2,2,2,2d".parse().unwrap(),
+            "1,2,2,1dv".parse().unwrap(),
+            "2,1,1,2v".parse().unwrap(),
+        ] {
             for splits in [Some(1), Some(3), None] {
                 let (bias, acc) = match splits {
                     Some(1) => (true, false),

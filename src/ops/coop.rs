@@ -20,19 +20,36 @@ pub struct Tile {
     pub sgn: u32,
     pub fm: u32,
     pub fn_: u32,
+    /// B fragments straight from W in device memory instead of staged in workgroup
+    /// memory (only where the tile lies inside N and K % BK == 0).
+    pub b_direct: bool,
+    /// Workgroup tiles of vec4<f16> (vector stores and loads) instead of f16.
+    pub vec_tiles: bool,
 }
 
 impl std::fmt::Display for Tile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}x{}x{}", self.sgm, self.sgn, self.fm, self.fn_)
+        write!(f, "{}x{}x{}x{}", self.sgm, self.sgn, self.fm, self.fn_)?;
+        if self.b_direct {
+            write!(f, "d")?;
+        }
+        if self.vec_tiles {
+            write!(f, "v")?;
+        }
+        Ok(())
     }
 }
 
 impl std::str::FromStr for Tile {
     type Err = String;
-    /// "SGM,SGN,FM,FN" (or with x between them).
+    /// "SGM,SGN,FM,FN" (or with x between them), then "d" for direct B loads and/or "v"
+    /// for vector tiles.
     fn from_str(s: &str) -> std::result::Result<Tile, String> {
-        let v: Vec<u32> = s
+        let s = s.trim();
+        let nums = s.trim_end_matches(['d', 'v']);
+        let flags = &s[nums.len()..];
+        let (b_direct, vec_tiles) = (flags.contains('d'), flags.contains('v'));
+        let v: Vec<u32> = nums
             .split([',', 'x'])
             .map(|x| x.trim().parse::<u32>())
             .collect::<std::result::Result<_, _>>()
@@ -41,7 +58,14 @@ impl std::str::FromStr for Tile {
             [sgm, sgn, fm, fn_]
                 if (1..=16).contains(&(sgm * sgn)) && (1..=16).contains(&(fm * fn_)) =>
             {
-                Ok(Tile { sgm, sgn, fm, fn_ })
+                Ok(Tile {
+                    sgm,
+                    sgn,
+                    fm,
+                    fn_,
+                    b_direct,
+                    vec_tiles,
+                })
             }
             _ => Err(format!(
                 "tile {s:?}: expected SGM,SGN,FM,FN with 1..=16 subgroups and 1..=16 fragments each"
@@ -56,12 +80,16 @@ impl Tile {
         sgn: 4,
         fm: 4,
         fn_: 2,
+        b_direct: false,
+        vec_tiles: false,
     };
     const SKINNY: Tile = Tile {
         sgm: 1,
         sgn: 8,
         fm: 2,
         fn_: 1,
+        b_direct: false,
+        vec_tiles: false,
     };
 
     /// For many rows: 2 x 4 subgroups of 4 x 2 fragments (128 x 128 outputs at T = 16).
@@ -106,8 +134,12 @@ impl Tile {
     pub fn fits(self, gpu: &Gpu, shape: CoopShape) -> bool {
         let t = shape.t;
         let bkp = 2 * t + 8;
-        let bytes = (self.sgm * self.fm + self.sgn * self.fn_) * t * bkp * 2
-            + self.sgm * self.sgn * t * t * 4;
+        let b_rows = if self.b_direct {
+            0
+        } else {
+            self.sgn * self.fn_
+        };
+        let bytes = (self.sgm * self.fm + b_rows) * t * bkp * 2 + self.sgm * self.sgn * t * t * 4;
         bytes <= gpu.limits.max_compute_workgroup_storage_size
             && self.sgm * self.sgn * shape.subgroup
                 <= gpu.limits.max_compute_invocations_per_workgroup
@@ -131,33 +163,190 @@ pub fn kernel(shape: CoopShape, tile: Tile) -> Kernel {
     if let Some((_, k)) = ks.iter().find(|(key, _)| *key == (shape, tile)) {
         return *k;
     }
-    let Tile { sgm, sgn, fm, fn_ } = tile;
-    let t = shape.t;
-    let head = format!(
-        "const T: u32 = {t}u;\nconst SG: u32 = {}u;\nconst SGM: u32 = {sgm}u;\n\
-         const SGN: u32 = {sgn}u;\nconst FM: u32 = {fm}u;\nconst FN: u32 = {fn_}u;\n",
-        shape.subgroup
-    );
-    // WGSL names the fragment types by size (coop_mat16x16), so the size is spliced in;
-    // the enable directives must stay ahead of the constants.
-    let body = include_str!("../../shaders/matmul_coop.wgsl").replace("{T}", &t.to_string());
-    let (enables, rest): (Vec<&str>, Vec<&str>) =
-        body.lines().partition(|l| l.starts_with("enable "));
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     let k = Kernel {
         name: leak(format!(
-            "matmul_coop.wgsl::matmul_coop t{t} sg{} {tile}",
-            shape.subgroup
+            "matmul_coop.wgsl::matmul_coop t{} sg{} {tile}",
+            shape.t, shape.subgroup
         )),
-        source: leak(format!(
-            "{}\n{head}{}\n",
-            enables.join("\n"),
-            rest.join("\n")
-        )),
+        source: leak(source(shape, tile)),
         entry: "matmul_coop",
     };
     ks.push(((shape, tile), k));
     k
+}
+
+/// matmul_coop.wgsl with its constants and its `//@` lines expanded (see the shader).
+fn source(shape: CoopShape, tile: Tile) -> String {
+    let Tile {
+        sgm,
+        sgn,
+        fm,
+        fn_,
+        b_direct,
+        vec_tiles,
+    } = tile;
+    let (t, sg) = (shape.t, shape.subgroup);
+    // KVLINK_COOP_DIAG (diagnostics, wrong results): "compute" stages only the first K
+    // step's tiles (times the tensor-core loop alone), "load" skips the products.
+    let diag = std::env::var("KVLINK_COOP_DIAG").unwrap_or_default();
+    let wg = sgm * sgn * sg;
+    let bk = 2 * t;
+    // vec4 loads per invocation per K step (the last may be partly idle).
+    let nxv = (sgm * fm * t * bk / 4).div_ceil(wg);
+    let nwv = if b_direct {
+        0
+    } else {
+        (sgn * fn_ * t * bk / 8).div_ceil(wg)
+    };
+    let mut skip = false;
+    let mat = format!("coop_mat{t}x{t}");
+    let frags = || (0..fm).flat_map(move |i| (0..fn_).map(move |j| (i, j)));
+    let mut out = String::new();
+    let mut head = format!(
+        "const T: u32 = {t}u;\nconst SG: u32 = {sg}u;\nconst SGM: u32 = {sgm}u;\n\
+         const SGN: u32 = {sgn}u;\nconst FM: u32 = {fm}u;\nconst FN: u32 = {fn_}u;\n"
+    );
+    for line in include_str!("../../shaders/matmul_coop.wgsl").lines() {
+        let line = line.replace("{T}", &t.to_string());
+        match line.trim() {
+            "//@ begin w staging" => skip = b_direct,
+            "//@ end w staging" => skip = false,
+            _ => {}
+        }
+        if skip {
+            continue;
+        }
+        let code = match line.trim() {
+            "//@ begin w staging" | "//@ end w staging" => String::new(),
+            "//@ w binding" if b_direct => "@group(0) @binding(2) var<storage, read> W: array<f16>;\n".into(),
+            "//@ w binding" => "@group(0) @binding(2) var<storage, read> W: array<vec4<u32>>;\n".into(),
+            "//@ tiles" => tiles_decl(b_direct, vec_tiles),
+            "//@ acc" => frags()
+                .map(|(i, j)| format!("    var c{i}{j} = {mat}<f32, C>();\n"))
+                .collect(),
+            "//@ load_next" if diag == "compute" => String::new(),
+            "//@ load_init" | "//@ load_next" => {
+                let (decl, k0) = if line.trim() == "//@ load_init" {
+                    ("var ", "kb")
+                } else {
+                    ("", "k0 + BK")
+                };
+                let mut c = String::new();
+                for i in 0..nxv {
+                    c += &format!("    {decl}xv{i} = load_x(li + {}u, m_base, {k0}, ke);\n", i * wg);
+                }
+                for i in 0..nwv {
+                    c += &format!("    {decl}wv{i} = load_w(li + {}u, n_base, {k0}, ke);\n", i * wg);
+                }
+                c
+            }
+            "//@ store" => {
+                let mut c = String::new();
+                if diag == "compute" {
+                    c += "        if (k0 == kb) {\n";
+                }
+                for i in 0..nxv {
+                    c += &format!("        store_x(li + {}u, xv{i});\n", i * wg);
+                }
+                for i in 0..nwv {
+                    c += &format!("        store_w(li + {}u, wv{i});\n", i * wg);
+                }
+                if diag == "compute" {
+                    c += "        }\n";
+                }
+                c
+            }
+            "//@ compute" if diag == "load" => String::new(),
+            "//@ compute" => {
+                let mut c = String::new();
+                for kk in [0, t] {
+                    c += "        {\n";
+                    for j in 0..fn_ {
+                        c += &if b_direct {
+                            format!(
+                                "            let b{j} = coopLoad<{mat}<f16, B>>(&W[wbg + {}u * p.K + k0 + {kk}u], p.K);\n",
+                                j * t
+                            )
+                        } else {
+                            let (o, st) = smem(vec_tiles, "wb", j * t * (bk + 8) + kk);
+                            format!("            let b{j} = coopLoad<{mat}<f16, B>>(&ws[{o}], {st});\n")
+                        };
+                    }
+                    for i in 0..fm {
+                        let (o, st) = smem(vec_tiles, "xa", i * t * (bk + 8) + kk);
+                        c += &format!("            let a{i} = coopLoadT<{mat}<f16, A>>(&xs[{o}], {st});\n");
+                        for j in 0..fn_ {
+                            c += &format!("            c{i}{j} = coopMultiplyAdd(a{i}, b{j}, c{i}{j});\n");
+                        }
+                    }
+                    c += "        }\n";
+                }
+                c
+            }
+            "//@ epilogue" => frags()
+                .map(|(i, j)| {
+                    format!(
+                        "    coopStoreT(c{i}{j}, &cs[pat], T);\n    workgroupBarrier();\n    \
+                         store_patch(pat, lane, r0 + {}u, c0 + {}u, wg.z);\n    workgroupBarrier();\n",
+                        i * t,
+                        j * t
+                    )
+                })
+                .collect(),
+            l if l.starts_with("//@") => panic!("matmul_coop.wgsl: unknown directive {l}"),
+            _ => format!("{line}\n"),
+        };
+        // The enable directives must stay ahead of the constants.
+        if line.starts_with("enable ") {
+            out += &code;
+        } else {
+            head += &code;
+        }
+    }
+    out + &head
+}
+
+/// The workgroup tiles and their store helpers (see matmul_coop.wgsl).
+fn tiles_decl(b_direct: bool, vec_tiles: bool) -> String {
+    let mut c = String::new();
+    if vec_tiles {
+        c += "var<workgroup> xs: array<vec4<f16>, BM * BKP / 4u>;\n";
+        c += "fn put_x4(o: u32, h: vec4<f16>) { xs[o / 4u] = h; }\n";
+        if !b_direct {
+            c += "var<workgroup> ws: array<vec4<f16>, BN * BKP / 4u>;\n";
+            c += "fn put_w8(o: u32, a: vec4<f16>, b: vec4<f16>) { ws[o / 4u] = a; ws[o / 4u + 1u] = b; }\n";
+        }
+    } else {
+        c += "var<workgroup> xs: array<f16, BM * BKP>;\n";
+        c += "fn put_x4(o: u32, h: vec4<f16>) {\n";
+        for (i, f) in ["x", "y", "z", "w"].iter().enumerate() {
+            c += &format!("    xs[o + {i}u] = h.{f};\n");
+        }
+        c += "}\n";
+        if !b_direct {
+            c += "var<workgroup> ws: array<f16, BN * BKP>;\n";
+            c += "fn put_w8(o: u32, a: vec4<f16>, b: vec4<f16>) {\n";
+            for (i, f) in ["x", "y", "z", "w"].iter().enumerate() {
+                c += &format!(
+                    "    ws[o + {i}u] = a.{f};\n    ws[o + {}u] = b.{f};\n",
+                    i + 4
+                );
+            }
+            c += "}\n";
+        }
+    }
+    c
+}
+
+/// A fragment's address in a workgroup tile, base variable `var` plus `off` halves, and
+/// the row stride: in halves, or in vec4s for vector tiles.
+fn smem(vec_tiles: bool, var: &str, off: u32) -> (String, &'static str) {
+    if vec_tiles {
+        (format!("({var} + {off}u) / 4u"), "BKP / 4u")
+    } else {
+        (format!("{var} + {off}u"), "BKP")
+    }
 }
 
 /// The default kernels for every adapter shape the engine knows (for validation tests).
@@ -173,13 +362,13 @@ pub fn all_kernels() -> Vec<Kernel> {
 
 /// Whether the tensor-core GEMM takes a product: a device with a cooperative-matrix
 /// shape (`KVLINK_COOPMAT=off` leaves it out at device creation), the step allowing it,
-/// K % 4 == 0 and X rows at a multiple of 4 (vec4 reads), and both tiles fitting the
-/// device (an override of their dims may not).
+/// K % 8 == 0 (W read 8 halves at a time) and X rows at a multiple of 4 (vec4 reads), and
+/// both tiles fitting the device (an override of their dims may not).
 pub fn usable(step: &Step, k: usize, x_off: usize) -> Option<CoopShape> {
     let gpu = step.gpu();
     gpu.coop.filter(|&shape| {
         step.coop()
-            && k.is_multiple_of(4)
+            && k.is_multiple_of(8)
             && x_off.is_multiple_of(4)
             && Tile::wide().fits(gpu, shape)
             && Tile::skinny().fits(gpu, shape)
@@ -206,16 +395,21 @@ pub fn matmul(
     bufs: [&Tensor; 4],
 ) -> Result<()> {
     let [m, pn, k] = [params[0] as usize, params[1] as usize, params[2] as usize];
-    need(k.is_multiple_of(4) && params[3].is_multiple_of(4), || {
-        "matmul_coop: K % 4 and x offset % 4 must be 0".into()
+    need(k.is_multiple_of(8) && params[3].is_multiple_of(4), || {
+        "matmul_coop: K % 8 and x offset % 4 must be 0".into()
     })?;
     let (bm, bn) = tile.outputs(shape.t);
+    let bk = 2 * shape.t as usize;
+    // Direct B loads read whole fragments of W: every tile inside N, whole K steps.
+    let tile = Tile {
+        b_direct: tile.b_direct && pn.is_multiple_of(bn) && k.is_multiple_of(bk),
+        ..tile
+    };
     let gx = u32_of(pn.div_ceil(bn), "matmul_coop column tiles")?;
     let gy = u32_of(m.div_ceil(bm), "matmul_coop row tiles")?;
     need(gx <= 65535 && gy <= 65535, || {
         format!("matmul_coop too large: {m}x{pn}")
     })?;
-    let bk = 2 * shape.t as usize;
     let s = splits_override.unwrap_or_else(|| splits(gx as usize * gy as usize, k));
     let kern = kernel(shape, tile);
     if s <= 1 {
