@@ -518,16 +518,23 @@ fn attention_matches_cpu_with_segment_mask() {
             qslot.push(rng.below(slots as u32));
         }
         let c = AttnCase::new(&mut rng, slots, heads, kvh, hd, segmented, &qslot);
-        let out = nan_tensor(c.t * heads * hd);
-        run(|s| {
-            ops::attention(
-                s, &c.q, c.t, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &out,
-            )
-            .unwrap()
-        });
-        let got = g.read_f32(&out).unwrap();
-        let what = format!("attention slots={slots} h={heads}/{kvh} hd={hd}");
-        assert_close(&got, &c.want, 1e-4, 1e-3, &what);
+        // With the tensor cores (where the adapter has them) Q and P are rounded to f16.
+        for coop in [false, true] {
+            if coop && g.coop.is_none() {
+                continue;
+            }
+            let out = nan_tensor(c.t * heads * hd);
+            run_gemm(g.prefers_serial_kernels() && !coop, coop, |s| {
+                ops::attention(
+                    s, &c.q, c.t, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &out,
+                )
+                .unwrap()
+            });
+            let got = g.read_f32(&out).unwrap();
+            let what = format!("attention slots={slots} h={heads}/{kvh} hd={hd} coop={coop}");
+            let atol = if coop { 4e-3 } else { 1e-4 };
+            assert_close(&got, &c.want, atol, 1e-3, &what);
+        }
     }
 }
 
@@ -1146,6 +1153,52 @@ fn flash_attention_splits_match_cpu() {
             let got = g.read_f32(&out).unwrap();
             let what = format!("flash slots={slots} h={heads}/{kvh} hd={hd} t={t} splits={splits}");
             assert_close(&got, &c.want, 1e-4, 1e-3, &what);
+        }
+    }
+}
+
+/// The tensor-core flash attention (flash_coop.wgsl) against the CPU: head sizes 32, 64,
+/// 128, grouped heads, causal and KVLink masks, many queries (several row tiles) and
+/// few, caches not a multiple of the key tile, 1 to 16 key splits. Q and P are rounded
+/// to f16, so the tolerance is f16's. Runs where the adapter has cooperative matrices.
+#[test]
+fn coop_flash_attention_matches_cpu() {
+    let g = gpu();
+    let Some(shape) = g.coop else {
+        eprintln!("coop_flash_attention_matches_cpu: skipped, no cooperative matrices");
+        return;
+    };
+    let mut rng = Rng::new();
+    for &(slots, heads, kvh, hd, nq, segmented) in &[
+        (300, 4, 1, 64, 1, false),
+        (333, 9, 3, 64, 5, true),
+        (97, 2, 2, 32, 97, false),
+        (140, 4, 2, 128, 9, true),
+        (70, 14, 2, 64, 70, true),
+        (200, 8, 2, 64, 50, true),
+    ] {
+        let qslot: Vec<u32> = if nq == slots {
+            (0..slots as u32).collect()
+        } else {
+            let mut v = vec![(slots - 1) as u32, (slots / 2) as u32];
+            while v.len() < nq {
+                v.push(rng.below(slots as u32));
+            }
+            v.truncate(nq);
+            v
+        };
+        let c = AttnCase::new(&mut rng, slots, heads, kvh, hd, segmented, &qslot);
+        let t = c.t;
+        for splits in [1, 3, 16] {
+            let out = nan_tensor(t * heads * hd);
+            run_gemm(false, true, |s| {
+                let bufs = [&c.q, &c.kc, &c.vc, &c.qslot, &c.seg, &out];
+                ops::coop::flash(s, shape, t, heads, kvh, hd, bufs, splits).unwrap()
+            });
+            let got = g.read_f32(&out).unwrap();
+            let what =
+                format!("coop flash slots={slots} h={heads}/{kvh} hd={hd} t={t} splits={splits}");
+            assert_close(&got, &c.want, 4e-3, 1e-3, &what);
         }
     }
 }

@@ -353,9 +353,11 @@ fn smem(vec_tiles: bool, var: &str, off: u32) -> (String, &'static str) {
 pub fn all_kernels() -> Vec<Kernel> {
     let mut v = Vec::new();
     for (t, subgroup) in [(16, 32), (8, 8)] {
+        let shape = CoopShape { t, subgroup };
         for tile in [Tile::WIDE, Tile::SKINNY] {
-            v.push(kernel(CoopShape { t, subgroup }, tile));
+            v.push(kernel(shape, tile));
         }
+        v.extend([32, 64, 128].iter().filter_map(|&d| flash_kernel(shape, d)));
     }
     v
 }
@@ -419,4 +421,248 @@ pub fn matmul(
     let kc = k.div_ceil(s).div_ceil(bk) * bk;
     let s = k.div_ceil(kc);
     super::split_k(step, kern, params, kc, s, [gx, gy], bufs)
+}
+
+/// The tensor-core flash attention's layout for a head size: (subgroups, keys per tile
+/// in fragments). Each subgroup owns T rows; D = 128 takes 2 subgroups and 2-fragment
+/// key tiles so its tiles fit 48 KiB (and lavapipe's 32 KiB at T = 8).
+fn flash_layout(d: usize) -> Option<(u32, u32)> {
+    match d {
+        32 | 64 => Some((4, 4)),
+        128 => Some((2, 2)),
+        _ => None,
+    }
+}
+
+/// Rows per workgroup and keys per tile of the tensor-core flash attention, if it runs
+/// head size `d` on this device.
+pub fn flash_usable(step: &Step, d: usize) -> Option<(CoopShape, usize, usize)> {
+    let gpu = step.gpu();
+    let shape = gpu.coop.filter(|_| step.coop())?;
+    let (nsg, bcf) = flash_layout(d)?;
+    let (t, d32) = (shape.t, d as u32);
+    if d32 % t != 0 || shape.subgroup % t != 0 || shape.subgroup / t > 4 {
+        return None;
+    }
+    let (br, bc) = (nsg * t, bcf * t);
+    let dp = d32 + 8;
+    let bytes = br.max(bc) * dp * 2
+        + bc * dp * 2
+        + nsg * t * bc.max(d32) * 4
+        + nsg * t * (bc + 8) * 2
+        + bc * 4
+        + br * 8
+        + 8;
+    let fits = bytes <= gpu.limits.max_compute_workgroup_storage_size
+        && nsg * shape.subgroup <= gpu.limits.max_compute_invocations_per_workgroup;
+    fits.then_some((shape, br as usize, bc as usize))
+}
+
+/// The tensor-core flash-attention kernel for a shape and head size.
+pub fn flash_kernel(shape: CoopShape, d: usize) -> Option<Kernel> {
+    static KERNELS: Mutex<Vec<((CoopShape, usize), Kernel)>> = Mutex::new(Vec::new());
+    let (nsg, bcf) = flash_layout(d)?;
+    let mut ks = KERNELS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, k)) = ks.iter().find(|(key, _)| *key == (shape, d)) {
+        return Some(*k);
+    }
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let k = Kernel {
+        name: leak(format!(
+            "flash_coop.wgsl::flash_coop t{} sg{} d{d}",
+            shape.t, shape.subgroup
+        )),
+        source: leak(flash_source(shape, d as u32, nsg, bcf * shape.t)),
+        entry: "flash_coop",
+    };
+    ks.push(((shape, d), k));
+    Some(k)
+}
+
+/// flash_coop.wgsl with its constants and `//@` lines expanded (see the shader).
+fn flash_source(shape: CoopShape, d: u32, nsg: u32, bc: u32) -> String {
+    let (t, sg) = (shape.t, shape.subgroup);
+    let wg = nsg * sg;
+    let lpr = sg / t;
+    let mat = format!("coop_mat{t}x{t}");
+    let nkv = (bc * d / 8).div_ceil(wg); // vec4<u32> of K (and of V) per invocation
+    let dl4 = d / lpr / 4; // vec4 of output per lane
+    let mut head = format!(
+        "const T: u32 = {t}u;\nconst SG: u32 = {sg}u;\nconst NSG: u32 = {nsg}u;\n\
+         const D: u32 = {d}u;\nconst BC: u32 = {bc}u;\n"
+    );
+    let mut enables = String::new();
+    // Combine a row's LPR lanes (adjacent lanes): `max` or `+`.
+    let shuffle = |var: &str, max: bool| -> String {
+        let mut c = String::new();
+        let mut off = 1;
+        while off < lpr {
+            let other = format!("subgroupShuffleXor({var}, {off}u)");
+            c += &if max {
+                format!("        {var} = max({var}, {other});\n")
+            } else {
+                format!("        {var} += {other};\n")
+            };
+            off *= 2;
+        }
+        c
+    };
+    for line in include_str!("../../shaders/flash_coop.wgsl").lines() {
+        let code: String = match line.trim() {
+            "//@ qfrags" => (0..d / t)
+                .map(|i| {
+                    format!(
+                        "    let q{i} = coopLoadT<{mat}<f16, A>>(&ks[(qa + {}u) / 4u], DP / 4u);\n",
+                        i * t
+                    )
+                })
+                .collect(),
+            "//@ oacc" => (0..dl4)
+                .map(|i| format!("    var oa{i} = vec4<f32>(0.0);\n"))
+                .collect(),
+            "//@ prefetch_init" | "//@ prefetch_next" => {
+                let (decl, tile) = if line.trim() == "//@ prefetch_init" {
+                    ("var ", "tile0")
+                } else {
+                    ("", "tile + 1u")
+                };
+                (0..nkv)
+                    .map(|i| {
+                        format!(
+                            "    {decl}kr{i} = load_kv(0u, li + {o}u, {tile}, kvh);\n    \
+                             {decl}vr{i} = load_kv(1u, li + {o}u, {tile}, kvh);\n",
+                            o = i * wg
+                        )
+                    })
+                    .collect()
+            }
+            "//@ store" => (0..nkv)
+                .map(|i| {
+                    format!(
+                        "        store_kv(0u, li + {o}u, kr{i});\n        store_kv(1u, li + {o}u, vr{i});\n",
+                        o = i * wg
+                    )
+                })
+                .collect(),
+            "//@ scores" => {
+                let mut c = String::new();
+                for j in 0..bc / t {
+                    c += &format!("        var s{j} = {mat}<f32, C>();\n");
+                    for i in 0..d / t {
+                        c += &format!(
+                            "        s{j} = coopMultiplyAdd(q{i}, coopLoad<{mat}<f16, B>>(&ks[{}u], DP / 4u), s{j});\n",
+                            (j * t * (d + 8) + i * t) / 4
+                        );
+                    }
+                    c += &format!("        coopStoreT(s{j}, &ss[sp + {}u], SP);\n", j * t);
+                }
+                c
+            }
+            "//@ rowmax" => shuffle("mx", true),
+            "//@ rowsum" => shuffle("sum", false),
+            "//@ pv" => {
+                let mut c = String::new();
+                for j in 0..d / t {
+                    c += &format!("        var o{j} = {mat}<f32, C>();\n");
+                    for k in 0..bc / t {
+                        c += &format!(
+                            "        o{j} = coopMultiplyAdd(coopLoadT<{mat}<f16, A>>(&ps[pp + {}u], BCP), \
+                             coopLoadT<{mat}<f16, B>>(&vs[{}u], DP / 4u), o{j});\n",
+                            k * t,
+                            (k * t * (d + 8) + j * t) / 4
+                        );
+                    }
+                    c += &format!("        coopStoreT(o{j}, &ss[sp + {}u], SP);\n", j * t);
+                }
+                c
+            }
+            "//@ fold" => (0..dl4)
+                .map(|i| {
+                    let b = format!("rs + hl * DL + {}u", 4 * i);
+                    format!(
+                        "        oa{i} = oa{i} * alpha + vec4<f32>(ss[{b}], ss[{b} + 1u], ss[{b} + 2u], ss[{b} + 3u]);\n"
+                    )
+                })
+                .collect(),
+            "//@ out_o" => (0..dl4)
+                .map(|i| format!("            O[ob + {i}u] = oa{i} * inv;\n"))
+                .collect(),
+            "//@ out_part" => (0..dl4)
+                .map(|i| format!("            part[pb + {i}u] = oa{i};\n"))
+                .collect(),
+            l if l.starts_with("//@") => panic!("flash_coop.wgsl: unknown directive {l}"),
+            _ => format!("{line}\n"),
+        };
+        if line.starts_with("enable ") {
+            enables += &code;
+        } else {
+            head += &code;
+        }
+    }
+    enables + &head
+}
+
+/// [`super::attention`] on the tensor-core flash kernel (callers check [`flash_usable`])
+/// with an explicit number of key splits (> 1 adds the combine pass). Bindings as
+/// flash_attention.wgsl: Q, K cache, V cache, query slots, segments, O.
+#[allow(clippy::too_many_arguments)]
+pub fn flash(
+    step: &mut Step,
+    shape: CoopShape,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    bufs: [&Tensor; 6],
+    splits: usize,
+) -> Result<()> {
+    let (_, br, bc) = flash_usable(step, head_dim).ok_or_else(|| {
+        crate::Error::Input(format!(
+            "tensor-core attention cannot take head_dim {head_dim}"
+        ))
+    })?;
+    let kern = flash_kernel(shape, head_dim).expect("flash_usable checked the head size");
+    need((1..=1024).contains(&splits), || {
+        format!("attention: {splits} key splits")
+    })?;
+    need(heads.is_multiple_of(kv_heads), || {
+        format!("attention: {heads} heads not a multiple of {kv_heads} kv heads")
+    })?;
+    let [q, _, _, qslot, seg, out] = bufs;
+    super::need_len(q, t * heads * head_dim, "attention q")?;
+    super::need_len(out, t * heads * head_dim, "attention out")?;
+    super::need_len(qslot, t, "attention qslot")?;
+    if t == 0 {
+        return Ok(());
+    }
+    let cap = seg.numel() / 2;
+    let per = cap.div_ceil(bc).div_ceil(splits).max(1);
+    let rows = t * (heads / kv_heads);
+    let params = [
+        t as u32,
+        heads as u32,
+        kv_heads as u32,
+        u32_of(cap, "attention cache slots")?,
+        (1.0 / (head_dim as f32).sqrt()).to_bits(),
+        splits as u32,
+        u32_of(rows, "attention rows")?,
+        per as u32,
+    ];
+    let groups = [
+        u32_of(rows.div_ceil(br), "attention row tiles")?,
+        kv_heads as u32,
+        splits as u32,
+    ];
+    super::split_attention(
+        step,
+        kern,
+        &params,
+        groups,
+        bufs,
+        t,
+        heads,
+        head_dim,
+        splits,
+        bc * per,
+    )
 }

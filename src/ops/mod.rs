@@ -838,12 +838,17 @@ pub fn attention(
             step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, splits,
         );
     }
+    if let Some((shape, br, bc)) = coop::flash_usable(step, head_dim) {
+        let splits = attention_splits(t, heads, kv_heads, cap, head_dim, br, bc);
+        let bufs = [q, kc, vc, qslot, seg, out];
+        return coop::flash(step, shape, t, heads, kv_heads, head_dim, bufs, splits);
+    }
     let flash = flash_kernel(head_dim).filter(|_| big_wg_memory);
     if let Some((k, br)) = flash {
         let splits = if step.serial() {
             1
         } else {
-            attention_splits(t, heads, kv_heads, cap, head_dim, br)
+            attention_splits(t, heads, kv_heads, cap, head_dim, br, 32)
         };
         return flash_attention(
             step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, k, br, splits,
@@ -880,6 +885,7 @@ fn flash_kernel(head_dim: usize) -> Option<(Kernel, usize)> {
 /// queries of the batch. Splitting pays when the queries alone leave a large GPU idle
 /// (fewer than ~256 workgroups); at most 64 splits. [`flash_attention`] derives the tiles
 /// per split from the count.
+#[allow(clippy::too_many_arguments)]
 fn attention_splits(
     t: usize,
     heads: usize,
@@ -887,9 +893,10 @@ fn attention_splits(
     cap: usize,
     head_dim: usize,
     br: usize,
+    bc: usize,
 ) -> usize {
     let base = (t * heads / kv_heads).div_ceil(br) * kv_heads;
-    let tiles = cap.div_ceil(32).max(1);
+    let tiles = cap.div_ceil(bc).max(1);
     if base >= 256 || tiles < 4 {
         return 1;
     }
