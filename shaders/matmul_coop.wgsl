@@ -8,9 +8,9 @@
 //             lavapipe), spliced into the type names `coop_mat{T}x{T}`;
 //   SG        the subgroup size; the workgroup is SGM x SGN subgroups;
 //   FM, FN    fragments per subgroup along M and N;
-//   NXV, NWV  vec4 loads of X and of W per invocation per K step.
+//   KF        fragments of K per staged step.
 // A workgroup computes BM x BN outputs (BM = SGM FM T, BN = SGN FN T), walking K in steps
-// of BK = 2T. Each step's X tile (f32, rounded to f16) and W tile (f16) are staged in
+// of BK = KF T (KF = 2, or 4). Each step's X tile (f32, rounded to f16) and W tile (f16) are staged in
 // workgroup memory, row-major with BKP = BK + 8 halves per row (a 16-byte pad against
 // bank conflicts); the next step's tiles are fetched into registers while the tensor
 // cores work on this one. X is read as vec4<f32> (K % 4 == 0, x_off % 4 == 0), W as
@@ -40,7 +40,7 @@ struct Params {
 const WG: u32 = SG * SGM * SGN;
 const BM: u32 = SGM * FM * T;
 const BN: u32 = SGN * FN * T;
-const BK: u32 = 2u * T;
+const BK: u32 = KF * T;
 const BKP: u32 = BK + 8u;
 const XV: u32 = BM * BK / 4u; // vec4 of X per K step
 const WV: u32 = BN * BK / 8u; // vec4<u32> of W per K step

@@ -324,6 +324,9 @@ impl Engine {
     ) -> Result<()> {
         let greedy = sampler.params().is_greedy();
         let t1 = Instant::now();
+        if greedy && !self.model.capturing() && !cfg!(target_arch = "wasm32") {
+            return self.decode_pipelined(cache, pos, first, params, stats, on_token, t1);
+        }
         let mut next = first;
         loop {
             stats.generated_tokens += 1;
@@ -359,6 +362,77 @@ impl Engine {
                 None => sampler.sample(&out.logits)?,
             };
             pos += 1;
+        }
+        stats.decode = t1.elapsed();
+        Ok(())
+    }
+
+    /// [`Engine::decode_loop`] for greedy decoding: each step takes the previous step's
+    /// token on the GPU ([`Llama::decode_async`]), so step n + 1 is queued before token n
+    /// is read back and the host's recording and readback overlap the GPU's work. The
+    /// same tokens and stop rules as the plain loop; at most one step past a stop runs.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_pipelined(
+        &self,
+        mut cache: KvCache,
+        pos0: usize,
+        first: u32,
+        params: &GenerateParams,
+        stats: &mut GenerateStats,
+        on_token: &mut dyn FnMut(u32) -> bool,
+        t1: Instant,
+    ) -> Result<()> {
+        let vocab = self.config().vocab_size;
+        let mut pipe = self.model.decode_pipe()?;
+        // Step j (j >= 1) reads token j - 1 at slot pos0 + j - 1 and yields token j; it
+        // is needed only while j < max_tokens and its slot fits the cache.
+        let cap = cache.capacity;
+        let needed = |j: usize| j < params.max_tokens && pos0 + j - 1 < cap;
+        let mut inflight = std::collections::VecDeque::new();
+        if needed(1) {
+            inflight.push_back(self.model.decode_async(
+                &mut pipe,
+                &mut cache,
+                pos0,
+                Some(first),
+            )?);
+        }
+        let mut next = first;
+        let mut j = 0;
+        loop {
+            stats.generated_tokens += 1;
+            let stop = params.stop_at_eos && self.tokenizer.is_stop(next);
+            // Queue the step after the one in flight before handing `next` out.
+            if !stop && needed(j + 2) && inflight.len() == 1 {
+                let p = self
+                    .model
+                    .decode_async(&mut pipe, &mut cache, pos0 + j + 1, None)?;
+                inflight.push_back(p);
+            }
+            if !on_token(next) {
+                stats.stop = "callback";
+                break;
+            }
+            if stop {
+                stats.stop = "eos";
+                break;
+            }
+            if stats.generated_tokens >= params.max_tokens {
+                break;
+            }
+            let Some(pending) = inflight.pop_front() else {
+                stats.stop = "context";
+                break;
+            };
+            next = pending.wait(self.model.gpu())?;
+            if next as usize >= vocab {
+                return Err(Error::Gpu(
+                    "the model produced non-finite logits (NaN); the weights or the adapter's \
+                     arithmetic are broken"
+                        .into(),
+                ));
+            }
+            j += 1;
         }
         stats.decode = t1.elapsed();
         Ok(())

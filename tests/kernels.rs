@@ -75,21 +75,27 @@ fn run_gemm(serial: bool, coop: bool, f: impl FnOnce(&mut Step)) {
     })
 }
 
-/// [`run_variant`] with the vec4 GEMV's rows per group forced (GPU kernels only).
-fn run_gemv(serial: bool, rows: usize, f: impl FnOnce(&mut Step)) {
+/// [`run_variant`] with the GEMV variant forced: the vec4 GEMV's rows per group, and the
+/// subgroup GEMV (`sub`) or the workgroup-reduction one.
+fn run_gemv(serial: bool, rows: usize, sub: bool, f: impl FnOnce(&mut Step)) {
     run_variant(serial, |s| {
         s.set_gemv_rows(Some(rows));
+        s.set_subgroup_gemv(sub);
         f(s)
     })
 }
 
-/// The vec4 GEMV variants to check: every rows-per-group count on the GPU kernels.
-fn gemv_rows_for(serial: bool) -> &'static [usize] {
+/// The GEMV variants to check: every rows-per-group count on the GPU kernels, with the
+/// subgroup GEMV where the adapter has fixed-size subgroups and without.
+fn gemv_rows_for(serial: bool) -> Vec<(usize, bool)> {
     if serial {
-        &[1]
-    } else {
-        &[1, 2, 4]
+        return vec![(1, false)];
     }
+    let mut v: Vec<(usize, bool)> = [1, 2, 4].iter().map(|&r| (r, false)).collect();
+    if gpu().subgroup_size().is_some() {
+        v.extend([1, 2, 4].iter().map(|&r| (r, true)));
+    }
+    v
 }
 
 #[test]
@@ -114,7 +120,10 @@ fn shaders_validate_with_naga() {
 
 #[test]
 fn coop_shaders_validate_with_naga() {
-    for k in ops::coop::all_kernels() {
+    for k in ops::coop::all_kernels()
+        .into_iter()
+        .chain(ops::subgroup_gemv_kernels())
+    {
         let module = naga::front::wgsl::parse_str(k.source)
             .unwrap_or_else(|e| panic!("{}: {}", k.name, e.emit_to_string(k.source)));
         naga::valid::Validator::new(
@@ -789,7 +798,7 @@ fn matvec_variants_match_cpu() {
             (true, false, true),
             (false, true, true),
         ] {
-            for &rows in gemv_rows_for(serial) {
+            for (rows, sub) in gemv_rows_for(serial) {
                 let x0 = 3;
                 let x = rand_vec(&mut rng, (x0 + 1) * k, 1.0);
                 let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
@@ -806,7 +815,7 @@ fn matvec_variants_match_cpu() {
                 let wm = Matrix::upload_split(g, n, k, &w, split, "w").unwrap();
                 let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
                 let yt = Tensor::from_f32(g, &[x0 + 1, n], &init, "y").unwrap();
-                run_gemv(serial, rows, |s| {
+                run_gemv(serial, rows, sub, |s| {
                     ops::matmul(s, &xt, x0, 1, &wm, bias.then_some(&bt), &yt, x0, acc).unwrap()
                 });
                 let got = g.read_f32(&yt).unwrap();
@@ -816,7 +825,7 @@ fn matvec_variants_match_cpu() {
                         if bias { b[j] } else { 0.0 } + if acc { y_init[x0 * n + j] } else { 0.0 };
                 }
                 let what =
-                format!("matvec n={n} k={k} split={split} bias={bias} acc={acc} serial={serial} rows={rows}");
+                format!("matvec n={n} k={k} split={split} bias={bias} acc={acc} serial={serial} rows={rows} sub={sub}");
                 assert_close(&got[x0 * n..], &want, 2e-3, 1e-4, &what);
                 assert_eq!(
                     &got[..x0 * n],
@@ -996,7 +1005,7 @@ fn rms_norm_matvec_matches_cpu() {
             (true, false, true),
             (false, true, true),
         ] {
-            for &rows in gemv_rows_for(serial) {
+            for (rows, sub) in gemv_rows_for(serial) {
                 let x0 = 2;
                 let x = rand_vec(&mut rng, (x0 + 1) * k, 2.0);
                 let nw: Vec<f32> = rand_vec(&mut rng, k, 0.5).iter().map(|v| 1.0 + v).collect();
@@ -1016,7 +1025,7 @@ fn rms_norm_matvec_matches_cpu() {
                 let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
                 let yt = Tensor::from_f32(g, &[x0 + 1, n], &init, "y").unwrap();
                 let h = nan_tensor(k);
-                run_gemv(serial, rows, |s| {
+                run_gemv(serial, rows, sub, |s| {
                     let bias = bias.then_some(&bt);
                     ops::rms_norm_matvec(s, &xt, x0, &nwt, eps, &h, &wm, bias, &yt, x0, acc)
                         .unwrap()
@@ -1029,7 +1038,7 @@ fn rms_norm_matvec_matches_cpu() {
                         if bias { b[j] } else { 0.0 } + if acc { y_init[x0 * n + j] } else { 0.0 };
                 }
                 let what = format!(
-                "rms_norm_matvec n={n} k={k} split={split} bias={bias} acc={acc} serial={serial} rows={rows}"
+                "rms_norm_matvec n={n} k={k} split={split} bias={bias} acc={acc} serial={serial} rows={rows} sub={sub}"
             );
                 assert_close(&got[x0 * n..], &want, 3e-3, 1e-3, &what);
                 assert_eq!(
@@ -1043,7 +1052,7 @@ fn rms_norm_matvec_matches_cpu() {
                 let xt = Tensor::from_f32(g, &[k], &x[x0 * k..], "x").unwrap();
                 let gu = nan_tensor(2 * n);
                 let act = nan_tensor(n + 1);
-                run_gemv(serial, rows, |s| {
+                run_gemv(serial, rows, sub, |s| {
                     ops::rms_norm_matvec_swiglu(s, &xt, &nwt, eps, &h, &wm, &gu, &act).unwrap()
                 });
                 let got = g.read_f32(&act).unwrap();
@@ -1401,6 +1410,8 @@ fn coop_matmul_matches_cpu() {
             "2,2,2,2d".parse().unwrap(),
             "1,2,2,1dv".parse().unwrap(),
             "2,1,1,2v".parse().unwrap(),
+            "2,2,2,2vw".parse().unwrap(),
+            "1,2,2,1dw".parse().unwrap(),
         ] {
             for splits in [Some(1), Some(3), None] {
                 let (bias, acc) = match splits {

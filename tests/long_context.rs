@@ -59,9 +59,17 @@ fn chunked_prefill_equals_one_call() {
         );
     }
     eprintln!("chunk 512 vs 2048: {d}");
+    // The tensor-core kernels round activations to f16: the chunked and one-call batches
+    // split their sums differently (split-K, attention splits), which can flip an f16
+    // rounding and shifts logprobs at the 1e-2 level; f32 kernels stay under 1e-3.
+    let tol = if e.model.gpu().coop.is_some() {
+        2e-2
+    } else {
+        1e-3
+    };
     assert!(
-        same && d < 1e-3,
-        "chunked and one-call prefill differ by {d}"
+        same && d < tol,
+        "chunked and one-call prefill differ by {d} (tolerance {tol})"
     );
     let lp = log_softmax(&out[0]);
     assert!(

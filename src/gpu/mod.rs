@@ -315,6 +315,13 @@ impl Gpu {
             }
         }
         let coop = coop_shape(adapter, &rep);
+        // Subgroup operations where the adapter has them (the subgroup GEMV needs one
+        // fixed size; `KVLINK_SUBGROUPS=off` leaves them out).
+        let subgroups = adapter.features().contains(wgpu::Features::SUBGROUP)
+            && std::env::var("KVLINK_SUBGROUPS").map_or(true, |v| v != "off");
+        if subgroups {
+            features |= wgpu::Features::SUBGROUP;
+        }
         let mut experimental = wgpu::ExperimentalFeatures::disabled();
         if coop.is_some() {
             features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
@@ -373,6 +380,16 @@ impl Gpu {
             Ok("cpu") => true,
             _ => self.report.device_type == "Cpu",
         }
+    }
+
+    /// The subgroup size when the device runs subgroup operations and its subgroups have
+    /// one fixed size (kernels that lay work out by subgroup need it).
+    pub fn subgroup_size(&self) -> Option<u32> {
+        let r = &self.report;
+        (self.device.features().contains(wgpu::Features::SUBGROUP)
+            && r.subgroup_min_size == r.subgroup_max_size
+            && r.subgroup_min_size >= 4)
+            .then_some(r.subgroup_min_size)
     }
 
     /// Whether GPU timestamps are taken per dispatch (`KVLINK_PROFILE=1`).

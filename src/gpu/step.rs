@@ -132,6 +132,7 @@ pub struct Step<'g> {
     gpu: &'g Gpu,
     serial: bool,
     coop: bool,
+    subgroup_gemv: bool,
     gemv_rows: Option<usize>,
     params: Vec<u8>,
     cmds: Vec<Cmd>,
@@ -146,6 +147,7 @@ impl<'g> Step<'g> {
             gpu,
             serial: gpu.prefers_serial_kernels(),
             coop: true,
+            subgroup_gemv: true,
             gemv_rows: env_gemv_rows(),
             params: Vec::new(),
             cmds: Vec::new(),
@@ -174,6 +176,16 @@ impl<'g> Step<'g> {
 
     pub fn set_coop(&mut self, on: bool) {
         self.coop = on;
+    }
+
+    /// Whether GEMVs may take the subgroup kernel where the device has fixed-size
+    /// subgroups (on by default; tests check both).
+    pub fn subgroup_gemv(&self) -> bool {
+        self.subgroup_gemv && !self.serial
+    }
+
+    pub fn set_subgroup_gemv(&mut self, on: bool) {
+        self.subgroup_gemv = on;
     }
 
     /// Rows per 32-lane group of the vec4 GEMV forced for this step (1, 2 or 4), or
@@ -239,14 +251,26 @@ impl<'g> Step<'g> {
         });
     }
 
+    /// Record a copy into a buffer that is not a tensor (e.g. a mappable readback buffer).
+    pub fn copy_to_buffer(&mut self, src: &Tensor, dst: &Binding, size: u64) {
+        self.cmds.push(Cmd::Copy {
+            src: src.buf.clone(),
+            src_offset: 0,
+            dst: dst.clone(),
+            dst_offset: 0,
+            size,
+        });
+    }
+
     pub fn is_empty(&self) -> bool {
         self.cmds.is_empty()
     }
 
-    /// Encode everything into one command buffer and submit it.
-    pub fn submit(self) {
+    /// Encode everything into one command buffer and submit it; the submission's index
+    /// (None when there was nothing to submit).
+    pub fn submit(self) -> Option<wgpu::SubmissionIndex> {
         if self.cmds.is_empty() {
-            return;
+            return None;
         }
         let dev = &self.gpu.device;
         // Held from the parameter write to the submit (see the module docs).
@@ -277,8 +301,7 @@ impl<'g> Step<'g> {
             label: Some("step"),
         });
         if self.gpu.profiling() {
-            self.submit_profiled(enc, &groups);
-            return;
+            return self.submit_profiled(enc, &groups);
         }
         let mut i = 0;
         while i < self.cmds.len() {
@@ -313,8 +336,9 @@ impl<'g> Step<'g> {
                 i += 1;
             }
         }
-        self.gpu.queue.submit([enc.finish()]);
+        let index = self.gpu.queue.submit([enc.finish()]);
         drop(state);
+        Some(index)
     }
 }
 
@@ -387,7 +411,11 @@ impl StepState {
 impl Step<'_> {
     /// Profiling (KVLINK_PROFILE=1): every dispatch in its own pass between two GPU
     /// timestamps; the durations are added to the device's per-kernel totals.
-    fn submit_profiled(&self, mut enc: wgpu::CommandEncoder, groups: &[Option<wgpu::BindGroup>]) {
+    fn submit_profiled(
+        &self,
+        mut enc: wgpu::CommandEncoder,
+        groups: &[Option<wgpu::BindGroup>],
+    ) -> Option<wgpu::SubmissionIndex> {
         let dev = &self.gpu.device;
         let n = self
             .cmds
@@ -452,16 +480,16 @@ impl Step<'_> {
             enc.resolve_query_set(&qs, 0..2 * names.len() as u32, &resolve, 0);
             enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
         }
-        self.gpu.queue.submit([enc.finish()]);
+        let index = self.gpu.queue.submit([enc.finish()]);
         if names.is_empty() {
-            return;
+            return Some(index);
         }
         read.map_async(wgpu::MapMode::Read, .., |_| {});
         if self.gpu.wait().is_err() {
-            return;
+            return Some(index);
         }
         let Ok(view) = read.get_mapped_range(..) else {
-            return;
+            return Some(index);
         };
         let ticks: &[u64] = bytemuck::cast_slice(&view);
         let period = self.gpu.queue.get_timestamp_period() as f64;
@@ -472,6 +500,7 @@ impl Step<'_> {
             e.0 += 1;
             e.1 += ns;
         }
+        Some(index)
     }
 }
 

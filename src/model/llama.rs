@@ -371,6 +371,14 @@ impl Llama {
         b
     }
 
+    /// Whether attention-mass capture is on (it reads back after every step).
+    pub fn capturing(&self) -> bool {
+        self.capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// Start (Some) or stop (None) attention-mass capture; see [`MassCapture`].
     pub fn set_capture(&self, c: Option<Arc<MassCapture>>) {
         *self.capture.lock().unwrap_or_else(|e| e.into_inner()) = c;
@@ -473,8 +481,6 @@ impl Llama {
         idx.extend(batch.positions.iter().map(|&p| p as u32));
         s.idx.write_u32(g, &idx);
 
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let eps = c.rms_norm_eps;
         let capture = self
             .capture
             .lock()
@@ -482,98 +488,17 @@ impl Llama {
             .clone();
         let capture = capture.filter(|_| logit_rows > 0 || greedy);
         let mut st = Step::new(g);
-        ops::embed(&mut st, &s.tokens, t, &self.embed, &s.x)?;
-        for (i, l) in self.layers.iter().enumerate() {
-            let bqkv = l.bqkv.as_ref();
-            if t == 1 {
-                let (x, h, nw) = (&s.x, &s.h, &l.attn_norm);
-                ops::rms_norm_matvec(&mut st, x, 0, nw, eps, h, &l.wqkv, bqkv, &s.qkv, 0, false)?;
-            } else {
-                ops::rms_norm(&mut st, &s.x, 0, t, &l.attn_norm, &s.h, 0, eps)?;
-                ops::matmul(&mut st, &s.h, 0, t, &l.wqkv, bqkv, &s.qkv, 0, false)?;
-            }
-            ops::rope_kv(
-                &mut st,
-                &s.qkv,
-                t,
-                nh,
-                nkv,
-                hd,
-                &s.idx,
-                &self.inv_freq,
-                false,
-                &s.q,
-                &cache.k[i],
-                &cache.v[i],
-            )?;
-            ops::attention(
-                &mut st,
-                &s.q,
-                t,
-                nh,
-                nkv,
-                hd,
-                &cache.k[i],
-                &cache.v[i],
-                &s.idx,
-                &cache.seg,
-                &s.att,
-            )?;
-            if let Some(cap) = &capture {
-                let n = cap.n_groups;
-                ops::attention_mass(
-                    &mut st,
-                    &s.q,
-                    t - 1,
-                    nh,
-                    nkv,
-                    hd,
-                    &cache.k[i],
-                    &s.idx,
-                    &cache.seg,
-                    &cap.group,
-                    n,
-                    &cap.out,
-                    i * nh * n,
-                )?;
-            }
-            ops::matmul(&mut st, &s.att, 0, t, &l.wo, None, &s.x, 0, true)?;
-            if t == 1 {
-                let (x, h, nw) = (&s.x, &s.h, &l.ffn_norm);
-                ops::rms_norm_matvec_swiglu(&mut st, x, nw, eps, h, &l.w_gate_up, &s.gu, &s.act)?;
-            } else {
-                ops::rms_norm(&mut st, &s.x, 0, t, &l.ffn_norm, &s.h, 0, eps)?;
-                ops::matmul_swiglu(&mut st, &s.h, t, &l.w_gate_up, &s.gu, &s.act)?;
-            }
-            ops::matmul(&mut st, &s.act, 0, t, &l.w_down, None, &s.x, 0, true)?;
-        }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        if logit_rows > 0 || greedy {
-            let (row0, rows) = if logits == Logits::All {
-                (0, t)
-            } else {
-                (t - 1, 1)
-            };
-            if rows == 1 {
-                let (x, nw, last) = (&s.x, &self.final_norm, &s.last);
-                ops::rms_norm_matvec(
-                    &mut st, x, row0, nw, eps, last, head, None, &s.logits, 0, false,
-                )?;
-            } else {
-                ops::rms_norm(&mut st, &s.x, row0, rows, &self.final_norm, &s.last, 0, eps)?;
-                ops::matmul(&mut st, &s.last, 0, rows, head, None, &s.logits, 0, false)?;
-            }
-            if greedy {
-                ops::argmax(
-                    &mut st,
-                    &s.logits,
-                    (rows - 1) * c.vocab_size,
-                    c.vocab_size,
-                    &s.token_out,
-                )?;
-            }
-        }
-        st.submit();
+        let rec = Record {
+            t,
+            tokens: &s.tokens,
+            logits,
+            logit_rows,
+            greedy,
+            capture: capture.as_deref(),
+            token_out: &s.token_out,
+        };
+        self.record(&mut st, s, cache, &rec)?;
+        let _ = st.submit();
         let end = batch
             .slots
             .iter()
@@ -609,6 +534,231 @@ impl Llama {
         // after this one on the queue.
         Ok(out)
     }
+
+    /// A [`DecodePipe`] for [`Llama::decode_async`].
+    pub fn decode_pipe(&self) -> Result<DecodePipe> {
+        let g = &*self.gpu;
+        let ring = (0..3)
+            .map(|i| {
+                Arc::new(g.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(&format!("decode token {i}")),
+                    size: 16,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }))
+            })
+            .collect();
+        Ok(DecodePipe {
+            token: Tensor::zeros(g, &[4], DType::U32, "decode token")?,
+            ring,
+            next: 0,
+        })
+    }
+
+    /// One greedy decode step, submitted without waiting: the token at `pos` (cache slot
+    /// and position) is `token`, or with None the argmax of the pipe's previous step,
+    /// which stays on the GPU. So the next step can be recorded and queued while this one
+    /// runs, and the host reads each token while the GPU computes the one after it (the
+    /// caller may run one step past a stop; its cache slot is simply overwritten later).
+    pub fn decode_async(
+        &self,
+        pipe: &mut DecodePipe,
+        cache: &mut KvCache,
+        pos: usize,
+        token: Option<u32>,
+    ) -> Result<PendingToken> {
+        let c = &self.cfg;
+        if pos >= cache.capacity {
+            return Err(Error::Input(format!(
+                "cache slot {pos} is beyond the cache capacity {}",
+                cache.capacity
+            )));
+        }
+        let g = &*self.gpu;
+        if let Some(tok) = token {
+            if tok as usize >= c.vocab_size {
+                return Err(Error::Input(format!(
+                    "token id {tok} is outside the model's vocabulary ({})",
+                    c.vocab_size
+                )));
+            }
+            pipe.token.write_u32(g, &[tok]);
+        }
+        let guard = self.scratch(1, 1)?;
+        let s = guard.as_ref().expect("scratch allocated");
+        s.idx.write_u32(g, &[pos as u32, pos as u32]);
+        let mut st = Step::new(g);
+        let rec = Record {
+            t: 1,
+            tokens: &pipe.token,
+            logits: Logits::None,
+            logit_rows: 0,
+            greedy: true,
+            capture: None,
+            token_out: &pipe.token,
+        };
+        self.record(&mut st, s, cache, &rec)?;
+        let buf = pipe.ring[pipe.next].clone();
+        pipe.next = (pipe.next + 1) % pipe.ring.len();
+        st.copy_to_buffer(&pipe.token, &buf, 4);
+        let index = st
+            .submit()
+            .ok_or_else(|| Error::Gpu("decode step recorded nothing".into()))?;
+        cache.len = cache.len.max(pos + 1);
+        Ok(PendingToken { buf, index })
+    }
+
+    /// Record one forward call's dispatches into `st` (see [`Llama::forward`]).
+    fn record(&self, st: &mut Step, s: &Scratch, cache: &KvCache, r: &Record) -> Result<()> {
+        let c = &self.cfg;
+        let (t, logits, logit_rows, greedy) = (r.t, r.logits, r.logit_rows, r.greedy);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let eps = c.rms_norm_eps;
+        ops::embed(st, r.tokens, t, &self.embed, &s.x)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let bqkv = l.bqkv.as_ref();
+            if t == 1 {
+                let (x, h, nw) = (&s.x, &s.h, &l.attn_norm);
+                ops::rms_norm_matvec(st, x, 0, nw, eps, h, &l.wqkv, bqkv, &s.qkv, 0, false)?;
+            } else {
+                ops::rms_norm(st, &s.x, 0, t, &l.attn_norm, &s.h, 0, eps)?;
+                ops::matmul(st, &s.h, 0, t, &l.wqkv, bqkv, &s.qkv, 0, false)?;
+            }
+            ops::rope_kv(
+                st,
+                &s.qkv,
+                t,
+                nh,
+                nkv,
+                hd,
+                &s.idx,
+                &self.inv_freq,
+                false,
+                &s.q,
+                &cache.k[i],
+                &cache.v[i],
+            )?;
+            ops::attention(
+                st,
+                &s.q,
+                t,
+                nh,
+                nkv,
+                hd,
+                &cache.k[i],
+                &cache.v[i],
+                &s.idx,
+                &cache.seg,
+                &s.att,
+            )?;
+            if let Some(cap) = r.capture {
+                let n = cap.n_groups;
+                ops::attention_mass(
+                    st,
+                    &s.q,
+                    t - 1,
+                    nh,
+                    nkv,
+                    hd,
+                    &cache.k[i],
+                    &s.idx,
+                    &cache.seg,
+                    &cap.group,
+                    n,
+                    &cap.out,
+                    i * nh * n,
+                )?;
+            }
+            ops::matmul(st, &s.att, 0, t, &l.wo, None, &s.x, 0, true)?;
+            if t == 1 {
+                let (x, h, nw) = (&s.x, &s.h, &l.ffn_norm);
+                ops::rms_norm_matvec_swiglu(st, x, nw, eps, h, &l.w_gate_up, &s.gu, &s.act)?;
+            } else {
+                ops::rms_norm(st, &s.x, 0, t, &l.ffn_norm, &s.h, 0, eps)?;
+                ops::matmul_swiglu(st, &s.h, t, &l.w_gate_up, &s.gu, &s.act)?;
+            }
+            ops::matmul(st, &s.act, 0, t, &l.w_down, None, &s.x, 0, true)?;
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        if logit_rows > 0 || greedy {
+            let (row0, rows) = if logits == Logits::All {
+                (0, t)
+            } else {
+                (t - 1, 1)
+            };
+            if rows == 1 {
+                let (x, nw, last) = (&s.x, &self.final_norm, &s.last);
+                ops::rms_norm_matvec(st, x, row0, nw, eps, last, head, None, &s.logits, 0, false)?;
+            } else {
+                ops::rms_norm(st, &s.x, row0, rows, &self.final_norm, &s.last, 0, eps)?;
+                ops::matmul(st, &s.last, 0, rows, head, None, &s.logits, 0, false)?;
+            }
+            if greedy {
+                ops::argmax(
+                    st,
+                    &s.logits,
+                    (rows - 1) * c.vocab_size,
+                    c.vocab_size,
+                    r.token_out,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The state of a pipelined greedy decode ([`Llama::decode_async`]): the token buffer
+/// the steps pass on the GPU, and small mappable buffers the host reads tokens from.
+pub struct DecodePipe {
+    token: Tensor,
+    ring: Vec<Arc<wgpu::Buffer>>,
+    next: usize,
+}
+
+/// A decode step in flight: its argmax lands in `buf` when submission `index` is done.
+pub struct PendingToken {
+    buf: Arc<wgpu::Buffer>,
+    index: wgpu::SubmissionIndex,
+}
+
+impl PendingToken {
+    /// Wait for this step only (later submissions keep running) and read its token.
+    pub fn wait(self, gpu: &Gpu) -> Result<u32> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.buf.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        gpu.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(self.index),
+                timeout: None,
+            })
+            .map_err(|e| Error::Gpu(format!("waiting for a decode step failed: {e}")))?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("decode readback callback never ran".into()))?
+            .map_err(|e| Error::Gpu(format!("decode readback failed: {e}")))?;
+        let id = {
+            let view = self
+                .buf
+                .get_mapped_range(..)
+                .map_err(|e| Error::Gpu(format!("decode readback map failed: {e}")))?;
+            bytemuck::cast_slice::<u8, u32>(&view[..4])[0]
+        };
+        self.buf.unmap();
+        Ok(id)
+    }
+}
+
+/// What [`Llama::record`] records: `t` tokens read from `tokens`, logits of the rows
+/// `logits` names, the greedy argmax of the last row into `token_out`.
+struct Record<'a> {
+    t: usize,
+    tokens: &'a Tensor,
+    logits: Logits,
+    logit_rows: usize,
+    greedy: bool,
+    capture: Option<&'a MassCapture>,
+    token_out: &'a Tensor,
 }
 
 #[derive(Default, Debug)]

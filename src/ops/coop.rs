@@ -25,6 +25,8 @@ pub struct Tile {
     pub b_direct: bool,
     /// Workgroup tiles of vec4<f16> (vector stores and loads) instead of f16.
     pub vec_tiles: bool,
+    /// K fragments per staged step (BK = kf T): 2, or 4 for half the barriers per FLOP.
+    pub kf: u32,
 }
 
 impl std::fmt::Display for Tile {
@@ -36,19 +38,23 @@ impl std::fmt::Display for Tile {
         if self.vec_tiles {
             write!(f, "v")?;
         }
+        if self.kf == 4 {
+            write!(f, "w")?;
+        }
         Ok(())
     }
 }
 
 impl std::str::FromStr for Tile {
     type Err = String;
-    /// "SGM,SGN,FM,FN" (or with x between them), then "d" for direct B loads and/or "v"
-    /// for vector tiles.
+    /// "SGM,SGN,FM,FN" (or with x between them), then any of "d" (direct B loads), "v"
+    /// (vector tiles), "w" (K steps of 4 fragments).
     fn from_str(s: &str) -> std::result::Result<Tile, String> {
         let s = s.trim();
-        let nums = s.trim_end_matches(['d', 'v']);
+        let nums = s.trim_end_matches(['d', 'v', 'w']);
         let flags = &s[nums.len()..];
         let (b_direct, vec_tiles) = (flags.contains('d'), flags.contains('v'));
+        let kf = if flags.contains('w') { 4 } else { 2 };
         let v: Vec<u32> = nums
             .split([',', 'x'])
             .map(|x| x.trim().parse::<u32>())
@@ -65,6 +71,7 @@ impl std::str::FromStr for Tile {
                     fn_,
                     b_direct,
                     vec_tiles,
+                    kf,
                 })
             }
             _ => Err(format!(
@@ -82,6 +89,7 @@ impl Tile {
         fn_: 2,
         b_direct: false,
         vec_tiles: false,
+        kf: 2,
     };
     const SKINNY: Tile = Tile {
         sgm: 1,
@@ -90,6 +98,7 @@ impl Tile {
         fn_: 1,
         b_direct: false,
         vec_tiles: false,
+        kf: 2,
     };
 
     /// For many rows: 2 x 4 subgroups of 4 x 2 fragments (128 x 128 outputs at T = 16).
@@ -133,7 +142,7 @@ impl Tile {
     /// their row pad, plus a T x T f32 patch per subgroup) and invocations.
     pub fn fits(self, gpu: &Gpu, shape: CoopShape) -> bool {
         let t = shape.t;
-        let bkp = 2 * t + 8;
+        let bkp = self.kf * t + 8;
         let b_rows = if self.b_direct {
             0
         } else {
@@ -185,13 +194,14 @@ fn source(shape: CoopShape, tile: Tile) -> String {
         fn_,
         b_direct,
         vec_tiles,
+        kf,
     } = tile;
     let (t, sg) = (shape.t, shape.subgroup);
     // KVLINK_COOP_DIAG (diagnostics, wrong results): "compute" stages only the first K
     // step's tiles (times the tensor-core loop alone), "load" skips the products.
     let diag = std::env::var("KVLINK_COOP_DIAG").unwrap_or_default();
     let wg = sgm * sgn * sg;
-    let bk = 2 * t;
+    let bk = kf * t;
     // vec4 loads per invocation per K step (the last may be partly idle).
     let nxv = (sgm * fm * t * bk / 4).div_ceil(wg);
     let nwv = if b_direct {
@@ -205,7 +215,8 @@ fn source(shape: CoopShape, tile: Tile) -> String {
     let mut out = String::new();
     let mut head = format!(
         "const T: u32 = {t}u;\nconst SG: u32 = {sg}u;\nconst SGM: u32 = {sgm}u;\n\
-         const SGN: u32 = {sgn}u;\nconst FM: u32 = {fm}u;\nconst FN: u32 = {fn_}u;\n"
+         const SGN: u32 = {sgn}u;\nconst FM: u32 = {fm}u;\nconst FN: u32 = {fn_}u;\n\
+         const KF: u32 = {kf}u;\n"
     );
     for line in include_str!("../../shaders/matmul_coop.wgsl").lines() {
         let line = line.replace("{T}", &t.to_string());
@@ -260,7 +271,7 @@ fn source(shape: CoopShape, tile: Tile) -> String {
             "//@ compute" if diag == "load" => String::new(),
             "//@ compute" => {
                 let mut c = String::new();
-                for kk in [0, t] {
+                for kk in (0..kf).map(|f| f * t) {
                     c += "        {\n";
                     for j in 0..fn_ {
                         c += &if b_direct {
@@ -401,7 +412,7 @@ pub fn matmul(
         "matmul_coop: K % 8 and x offset % 4 must be 0".into()
     })?;
     let (bm, bn) = tile.outputs(shape.t);
-    let bk = 2 * shape.t as usize;
+    let bk = (tile.kf * shape.t) as usize;
     // Direct B loads read whole fragments of W: every tile inside N, whole K steps.
     let tile = Tile {
         b_direct: tile.b_direct && pn.is_multiple_of(bn) && k.is_multiple_of(bk),

@@ -398,15 +398,51 @@ fn vec4_gemv(step: &Step, k: usize, x_off: usize) -> bool {
     !step.serial() && k.is_multiple_of(8) && x_off.is_multiple_of(4)
 }
 
-/// Rows per 32-lane group of the vec4 GEMV: more rows share each X load (fewer loads
-/// per weight byte) but make fewer workgroups, so only matrices tall enough to keep
-/// ~256 workgroups of 256 threads (two per SM of a large GPU) take them.
-fn gemv_rows(outputs: usize) -> usize {
+/// Rows per lane group of the GEMV (`groups` lane groups per workgroup): more rows share
+/// each X load (fewer loads per weight byte) but make fewer workgroups, so only matrices
+/// tall enough to keep ~256 workgroups of 256 threads (two per SM of a large GPU) take
+/// them.
+fn gemv_rows(outputs: usize, groups: usize) -> usize {
     match outputs {
-        o if o >= 4 * 8 * 256 => 4,
-        o if o >= 2 * 8 * 256 => 2,
+        o if o >= 4 * groups * 256 => 4,
+        o if o >= 2 * groups * 256 => 2,
         _ => 1,
     }
+}
+
+/// matvec_subgroup.wgsl for `rows` rows per subgroup of `sgs` invocations.
+fn subgroup_gemv_kernel(rows: u32, sgs: u32) -> Kernel {
+    static KERNELS: std::sync::Mutex<Vec<((u32, u32), Kernel)>> = std::sync::Mutex::new(Vec::new());
+    let mut ks = KERNELS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, k)) = ks.iter().find(|(key, _)| *key == (rows, sgs)) {
+        return *k;
+    }
+    let src = include_str!("../../shaders/matvec_subgroup.wgsl");
+    let (enables, rest): (Vec<&str>, Vec<&str>) =
+        src.lines().partition(|l| l.starts_with("enable "));
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let k = Kernel {
+        name: leak(format!(
+            "matvec_subgroup.wgsl::matvec_subgroup r{rows} sg{sgs}"
+        )),
+        source: leak(format!(
+            "{}\nconst RPW: u32 = {rows}u;\nconst SGS: u32 = {sgs}u;\n{}\n",
+            enables.join("\n"),
+            rest.join("\n")
+        )),
+        entry: "matvec_subgroup",
+    };
+    ks.push(((rows, sgs), k));
+    k
+}
+
+/// The subgroup GEMV's variants for validation tests (rows 1, 2, 4 at subgroup sizes
+/// 8 and 32).
+pub fn subgroup_gemv_kernels() -> Vec<Kernel> {
+    [8, 32]
+        .iter()
+        .flat_map(|&s| [1, 2, 4].map(|r| subgroup_gemv_kernel(r, s)))
+        .collect()
 }
 
 /// One GEMV dispatch over `outputs` rows (matmul.wgsl's parameters): the barrier-free
@@ -432,13 +468,20 @@ fn matvec(
             }
             None => &dummy,
         };
-        let rows = step.gemv_rows().unwrap_or_else(|| gemv_rows(outputs));
-        let kernel = match rows {
-            4 => MATVEC_VEC4_R4,
-            2 => MATVEC_VEC4_R2,
-            _ => MATVEC_VEC4,
+        let sgs = step.gpu().subgroup_size().filter(|_| step.subgroup_gemv());
+        let per_wg = sgs.map_or(8, |s| 256 / s as usize);
+        let rows = step
+            .gemv_rows()
+            .unwrap_or_else(|| gemv_rows(outputs, per_wg));
+        let kernel = match sgs {
+            Some(s) => subgroup_gemv_kernel(rows as u32, s),
+            None => match rows {
+                4 => MATVEC_VEC4_R4,
+                2 => MATVEC_VEC4_R2,
+                _ => MATVEC_VEC4,
+            },
         };
-        let groups = grid_1d(outputs.div_ceil(8 * rows) as u32);
+        let groups = grid_1d(outputs.div_ceil(per_wg * rows) as u32);
         let [x, w, b, y] = bufs;
         step.dispatch(kernel, &p9, &[x, w, b, y, nw], groups);
         return;
