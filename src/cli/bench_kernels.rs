@@ -259,12 +259,12 @@ fn attention_cases(
     );
     let kv_dim = kvh * hd;
     let mut bad = 0;
-    if !a.json && !a.attention.is_empty() {
+    if !a.json && a.attention.iter().any(|c| !c.trim().is_empty()) {
         println!();
         println!("| queries | keys | variant | us | TFLOP/s | max err |");
         println!("|---:|---:|---|---:|---:|---:|");
     }
-    for case in &a.attention {
+    for case in a.attention.iter().filter(|c| !c.trim().is_empty()) {
         let (t, cap) = case
             .split_once('x')
             .and_then(|(q, k)| Some((q.parse::<usize>().ok()?, k.parse::<usize>().ok()?)))
