@@ -47,11 +47,14 @@ const QR: u32 = max(BR, BC); // rows of ks (it stages Q first)
 const NEG: f32 = -3.4e38;
 const NONE: u32 = 0xffffffffu;
 
-var<workgroup> ks: array<vec4<f16>, QR * DP / 4u>; // K tile [BC][DP] (Q [BR][DP] at start)
-var<workgroup> vs: array<vec4<f16>, BC * DP / 4u>; // V tile [BC][DP]
+// ks: K tile [BC][DP] (Q [BR][DP] at start); vs: V tile [BC][DP]; put_k4 / put_v4 store
+// 4 halves at half offset o (o % 4 == 0).
+//@ kv tiles
 var<workgroup> ss: array<f32, NSG * T * SP>;        // per subgroup: S [T][BC], then PV [T][D]
 var<workgroup> ps: array<f16, NSG * T * BCP>;       // per subgroup: P [T][BCP]
 var<workgroup> sk: array<u32, BC>;                  // segment id of each key of the tile
+var<workgroup> redm: array<f32, BR * LPR>;          // a row's lanes' maxima (no shuffles)
+var<workgroup> reds: array<f32, BR * LPR>;          // and sums
 var<workgroup> rts: array<u32, BR>;                 // each row's query slot
 var<workgroup> rsg: array<u32, BR>;                 // each row's segment (NONE: padding)
 var<workgroup> span: array<u32, 2>;                 // this split's key tiles [span0, span1)
@@ -76,14 +79,14 @@ fn halves(w: vec4<u32>) -> array<vec4<f16>, 2> {
 
 fn store_kv(src: u32, e: u32, w: vec4<u32>) {
     if (e >= KVV) { return; }
-    let o = ((e / D8) * DP + (e % D8) * 8u) / 4u;
+    let o = (e / D8) * DP + (e % D8) * 8u;
     let h = halves(w);
     if (src == 0u) {
-        ks[o] = h[0];
-        ks[o + 1u] = h[1];
+        put_k4(o, h[0]);
+        put_k4(o + 4u, h[1]);
     } else {
-        vs[o] = h[0];
-        vs[o + 1u] = h[1];
+        put_v4(o, h[0]);
+        put_v4(o + 4u, h[1]);
     }
 }
 
@@ -104,7 +107,7 @@ fn flash_coop(@builtin(workgroup_id) wg: vec3<u32>,
             let h = kvh * G + row % G;
             v = Q[((row / G) * p.heads + h) * (D / 4u) + e % (D / 4u)] * p.scale;
         }
-        ks[((e / (D / 4u)) * DP + (e % (D / 4u)) * 4u) / 4u] = vec4<f16>(v);
+        put_k4((e / (D / 4u)) * DP + (e % (D / 4u)) * 4u, vec4<f16>(v));
     }
     // This lane's row and its share of the keys and of the output.
     let r = sgid * T + lane / LPR;   // row within the workgroup
@@ -123,6 +126,7 @@ fn flash_coop(@builtin(workgroup_id) wg: vec3<u32>,
     workgroupBarrier();
     let qa = sgid * T * DP; // this subgroup's first Q row in ks (halves)
 //@ qfrags
+    let zc = coop_mat{T}x{T}<f32, C>();
     if (li == 0u) {
         var lo = NONE;
         var hi = 0u;

@@ -412,10 +412,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Time `f` (returns ms): `warmup` untimed runs, then the median of `repeats`.
+/// Time `f` (returns ms): `warmup` untimed runs (with a warm-up at all, repeated until
+/// 0.3 s have passed, at most 50 runs, so an idle GPU's clocks are up), then the median
+/// of `repeats`.
 fn timed(warmup: usize, repeats: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
-    for _ in 0..warmup {
+    let t0 = Instant::now();
+    let mut runs = 0;
+    while runs < warmup || (warmup > 0 && runs < 50 && t0.elapsed().as_secs_f64() < 0.3) {
         f()?;
+        runs += 1;
     }
     let mut v = Vec::with_capacity(repeats);
     for _ in 0..repeats.max(1) {

@@ -82,13 +82,17 @@ impl std::str::FromStr for Tile {
 }
 
 impl Tile {
+    // Defaults from `kvlink bench kernels` on the H200 (Llama-3.2-1B shapes): 2 x 2
+    // subgroups of 4 x 4 fragments with vector tiles led at 512 and 2048 rows (100-133
+    // TFLOP/s on gate_up and down); for 32 rows, 1 x 8 of 2 x 1 with vector tiles and
+    // 4-fragment K steps.
     const WIDE: Tile = Tile {
         sgm: 2,
-        sgn: 4,
+        sgn: 2,
         fm: 4,
-        fn_: 2,
+        fn_: 4,
         b_direct: false,
-        vec_tiles: false,
+        vec_tiles: true,
         kf: 2,
     };
     const SKINNY: Tile = Tile {
@@ -97,11 +101,11 @@ impl Tile {
         fm: 2,
         fn_: 1,
         b_direct: false,
-        vec_tiles: false,
-        kf: 2,
+        vec_tiles: true,
+        kf: 4,
     };
 
-    /// For many rows: 2 x 4 subgroups of 4 x 2 fragments (128 x 128 outputs at T = 16).
+    /// For many rows: 2 x 2 subgroups of 4 x 4 fragments (128 x 128 outputs at T = 16).
     /// `KVLINK_COOP_WIDE=SGM,SGN,FM,FN` overrides it (tuning on a new GPU).
     pub fn wide() -> Tile {
         Self::from_env("KVLINK_COOP_WIDE", Self::WIDE)
@@ -463,6 +467,7 @@ pub fn flash_usable(step: &Step, d: usize) -> Option<(CoopShape, usize, usize)> 
         + nsg * t * (bc + 8) * 2
         + bc * 4
         + br * 8
+        + 2 * br * (shape.subgroup / t) * 4
         + 8;
     let fits = bytes <= gpu.limits.max_compute_workgroup_storage_size
         && nsg * shape.subgroup <= gpu.limits.max_compute_invocations_per_workgroup;
@@ -491,40 +496,108 @@ pub fn flash_kernel(shape: CoopShape, d: usize) -> Option<Kernel> {
 }
 
 /// flash_coop.wgsl with its constants and `//@` lines expanded (see the shader).
+/// `KVLINK_FLASH_VARIANT` (diagnostics on a new driver) may hold: `s` combine a row's
+/// lanes with subgroup shuffles instead of workgroup memory, `z` zero the score and PV
+/// fragments by assignment inside the key loop, `b` scalar f16 K/V tiles instead of
+/// vec4<f16>.
 fn flash_source(shape: CoopShape, d: u32, nsg: u32, bc: u32) -> String {
+    let variant = std::env::var("KVLINK_FLASH_VARIANT").unwrap_or_default();
+    let (shuffles, zero_in_loop, vec_tiles) = (
+        variant.contains('s'),
+        variant.contains('z'),
+        !variant.contains('b'),
+    );
     let (t, sg) = (shape.t, shape.subgroup);
     let wg = nsg * sg;
     let lpr = sg / t;
     let mat = format!("coop_mat{t}x{t}");
     let nkv = (bc * d / 8).div_ceil(wg); // vec4<u32> of K (and of V) per invocation
     let dl4 = d / lpr / 4; // vec4 of output per lane
+    let dp = d + 8;
+    // A fragment in a K/V/Q tile: (pointer, stride) for the element at half offset `off`.
+    let kv = |tile: &str, off: String| -> String {
+        if vec_tiles {
+            format!("&{tile}[({off}) / 4u], DP / 4u")
+        } else {
+            format!("&{tile}[{off}], DP")
+        }
+    };
     let mut head = format!(
         "const T: u32 = {t}u;\nconst SG: u32 = {sg}u;\nconst NSG: u32 = {nsg}u;\n\
          const D: u32 = {d}u;\nconst BC: u32 = {bc}u;\n"
     );
     let mut enables = String::new();
     // Combine a row's LPR lanes (adjacent lanes): `max` or `+`.
-    let shuffle = |var: &str, max: bool| -> String {
-        let mut c = String::new();
-        let mut off = 1;
-        while off < lpr {
-            let other = format!("subgroupShuffleXor({var}, {off}u)");
-            c += &if max {
-                format!("        {var} = max({var}, {other});\n")
+    let combine = |var: &str, max: bool| -> String {
+        if lpr == 1 {
+            return String::new();
+        }
+        let op = |a: &str, b: &str| {
+            if max {
+                format!("max({a}, {b})")
             } else {
-                format!("        {var} += {other};\n")
+                format!("{a} + {b}")
+            }
+        };
+        if shuffles {
+            let mut c = String::new();
+            let mut off = 1;
+            while off < lpr {
+                let e = op(var, &format!("subgroupShuffleXor({var}, {off}u)"));
+                c += &format!("        {var} = {e};\n");
+                off *= 2;
+            }
+            return c;
+        }
+        let red = if max { "redm" } else { "reds" };
+        let mut c = format!(
+            "        {red}[r * LPR + hl] = {var};\n        workgroupBarrier();\n        {var} = {red}[r * LPR];\n"
+        );
+        for i in 1..lpr {
+            let e = op(var, &format!("{red}[r * LPR + {i}u]"));
+            c += &format!("        {var} = {e};\n");
+        }
+        c
+    };
+    // `var name` = a sum of products, the first product started from zero.
+    let mma_sum = |name: &str, prods: Vec<(String, String)>| -> String {
+        let mut c = String::new();
+        for (i, (a, b)) in prods.iter().enumerate() {
+            c += &if i == 0 && zero_in_loop {
+                format!("        var {name} = {mat}<f32, C>();\n        {name} = coopMultiplyAdd({a}, {b}, {name});\n")
+            } else if i == 0 {
+                format!("        var {name} = coopMultiplyAdd({a}, {b}, zc);\n")
+            } else {
+                format!("        {name} = coopMultiplyAdd({a}, {b}, {name});\n")
             };
-            off *= 2;
         }
         c
     };
     for line in include_str!("../../shaders/flash_coop.wgsl").lines() {
+        let line = line.replace("{T}", &t.to_string());
         let code: String = match line.trim() {
+            "//@ kv tiles" => {
+                let mut c = String::new();
+                for (tile, rows) in [("ks", "QR"), ("vs", "BC")] {
+                    let put = if tile == "ks" { "put_k4" } else { "put_v4" };
+                    if vec_tiles {
+                        c += &format!("var<workgroup> {tile}: array<vec4<f16>, {rows} * DP / 4u>;\n");
+                        c += &format!("fn {put}(o: u32, h: vec4<f16>) {{ {tile}[o / 4u] = h; }}\n");
+                    } else {
+                        c += &format!("var<workgroup> {tile}: array<f16, {rows} * DP>;\n");
+                        c += &format!(
+                            "fn {put}(o: u32, h: vec4<f16>) {{ {tile}[o] = h.x; {tile}[o + 1u] = h.y; \
+                             {tile}[o + 2u] = h.z; {tile}[o + 3u] = h.w; }}\n"
+                        );
+                    }
+                }
+                c
+            }
             "//@ qfrags" => (0..d / t)
                 .map(|i| {
                     format!(
-                        "    let q{i} = coopLoadT<{mat}<f16, A>>(&ks[(qa + {}u) / 4u], DP / 4u);\n",
-                        i * t
+                        "    let q{i} = coopLoadT<{mat}<f16, A>>({});\n",
+                        kv("ks", format!("qa + {}u", i * t))
                     )
                 })
                 .collect(),
@@ -558,31 +631,30 @@ fn flash_source(shape: CoopShape, d: u32, nsg: u32, bc: u32) -> String {
             "//@ scores" => {
                 let mut c = String::new();
                 for j in 0..bc / t {
-                    c += &format!("        var s{j} = {mat}<f32, C>();\n");
-                    for i in 0..d / t {
-                        c += &format!(
-                            "        s{j} = coopMultiplyAdd(q{i}, coopLoad<{mat}<f16, B>>(&ks[{}u], DP / 4u), s{j});\n",
-                            (j * t * (d + 8) + i * t) / 4
-                        );
-                    }
+                    let prods = (0..d / t)
+                        .map(|i| {
+                            let b = format!("coopLoad<{mat}<f16, B>>({})", kv("ks", format!("{}u", j * t * dp + i * t)));
+                            (format!("q{i}"), b)
+                        })
+                        .collect();
+                    c += &mma_sum(&format!("s{j}"), prods);
                     c += &format!("        coopStoreT(s{j}, &ss[sp + {}u], SP);\n", j * t);
                 }
                 c
             }
-            "//@ rowmax" => shuffle("mx", true),
-            "//@ rowsum" => shuffle("sum", false),
+            "//@ rowmax" => combine("mx", true),
+            "//@ rowsum" => combine("sum", false),
             "//@ pv" => {
                 let mut c = String::new();
                 for j in 0..d / t {
-                    c += &format!("        var o{j} = {mat}<f32, C>();\n");
-                    for k in 0..bc / t {
-                        c += &format!(
-                            "        o{j} = coopMultiplyAdd(coopLoadT<{mat}<f16, A>>(&ps[pp + {}u], BCP), \
-                             coopLoadT<{mat}<f16, B>>(&vs[{}u], DP / 4u), o{j});\n",
-                            k * t,
-                            (k * t * (d + 8) + j * t) / 4
-                        );
-                    }
+                    let prods = (0..bc / t)
+                        .map(|k| {
+                            let a = format!("coopLoadT<{mat}<f16, A>>(&ps[pp + {}u], BCP)", k * t);
+                            let b = format!("coopLoadT<{mat}<f16, B>>({})", kv("vs", format!("{}u", k * t * dp + j * t)));
+                            (a, b)
+                        })
+                        .collect();
+                    c += &mma_sum(&format!("o{j}"), prods);
                     c += &format!("        coopStoreT(o{j}, &ss[sp + {}u], SP);\n", j * t);
                 }
                 c
