@@ -451,7 +451,12 @@ fn flash_layout(d: usize) -> Option<(u32, u32)> {
 
 /// Rows per workgroup and keys per tile of the tensor-core flash attention, if it runs
 /// head size `d` on this device.
+/// `KVLINK_COOP_FLASH=off` keeps attention on the portable kernels.
 pub fn flash_usable(step: &Step, d: usize) -> Option<(CoopShape, usize, usize)> {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var("KVLINK_COOP_FLASH").is_ok_and(|v| v == "off")) {
+        return None;
+    }
     let gpu = step.gpu();
     let shape = gpu.coop.filter(|_| step.coop())?;
     let (nsg, bcf) = flash_layout(d)?;
