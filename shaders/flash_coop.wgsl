@@ -11,8 +11,8 @@
 // K and V (f16) are staged in workgroup memory (the next tile fetched into registers
 // meanwhile); each subgroup computes its T x BC scores from its Q fragments (loaded once,
 // pre-scaled, f16) and stores them to its patch of `ss`; each row's LPR lanes apply the
-// mask and the online softmax, write P (f16) to `ps` and keep the row's running max and
-// sum; the subgroup computes P V into fresh fragments, stores them to its patch, and each
+// mask and the online softmax (combining the row's lanes by subgroup shuffles), write P
+// (f16) to `ps` and keep the row's running max and sum; the subgroup computes P V into fresh fragments, stores them to its patch, and each
 // lane folds its D / LPR output values into registers (rescaled by exp(m_old - m_new)).
 // The sum divides by the same f16-rounded P that multiplies V.
 
@@ -52,12 +52,6 @@ const NONE: u32 = 0xffffffffu;
 //@ kv tiles
 var<workgroup> ss: array<f32, NSG * T * SP>;        // per subgroup: S [T][BC], then PV [T][D]
 var<workgroup> ps: array<f16, NSG * T * BCP>;       // per subgroup: P [T][BCP]
-var<workgroup> sk: array<u32, BC>;                  // segment id of each key of the tile
-var<workgroup> redm: array<f32, BR * LPR>;          // a row's lanes' maxima (no shuffles)
-var<workgroup> reds: array<f32, BR * LPR>;          // and sums
-var<workgroup> rts: array<u32, BR>;                 // each row's query slot
-var<workgroup> rsg: array<u32, BR>;                 // each row's segment (NONE: padding)
-var<workgroup> span: array<u32, 2>;                 // this split's key tiles [span0, span1)
 
 fn load_kv(src: u32, e: u32, tile: u32, kvh: u32) -> vec4<u32> {
     let s = tile * BC + e / D8;
@@ -119,38 +113,38 @@ fn flash_coop(@builtin(workgroup_id) wg: vec3<u32>,
         ts = qslot[row / G];
         sg = seg[ts];
     }
-    if (hl == 0u) {
-        rts[r] = ts;
-        rsg[r] = sg;
-    }
     workgroupBarrier();
     let qa = sgid * T * DP; // this subgroup's first Q row in ks (halves)
 //@ qfrags
     let zc = coop_mat{T}x{T}<f32, C>();
-    if (li == 0u) {
-        var lo = NONE;
-        var hi = 0u;
-        for (var i = 0u; i < BR; i++) {
-            if (rsg[i] != NONE) {
-                var first = 0u;
-                if (rsg[i] != 0u) { first = seg[p.cap + rts[i]]; }
-                lo = min(lo, first);
-                hi = max(hi, rts[i]);
-            }
+    // The key tiles any row of the workgroup sees, computed by every invocation from the
+    // (read-only) inputs: values passed between invocations through workgroup memory by
+    // plain loads and stores are not ordered by barriers in SPIR-V under the Vulkan
+    // memory model (which cooperative matrices bring), so only the tiles go through it.
+    var lo = NONE;
+    var hi = 0u;
+    for (var i = 0u; i < BR; i++) {
+        let rw = rt * BR + i;
+        if (rw < p.rows) {
+            let qs = qslot[rw / G];
+            var first = 0u;
+            if (seg[qs] != 0u) { first = seg[p.cap + qs]; }
+            lo = min(lo, first);
+            hi = max(hi, qs);
         }
-        // Split z owns the absolute key tiles [z * per, (z + 1) * per), so a row's result
-        // depends on its own keys only (see flash_attention.wgsl).
-        let t0 = lo / BC;
-        let t1 = hi / BC + 1u;
-        var a = max(t0, z * p.per);
-        var b = min(t1, (z + 1u) * p.per);
-        if (p.splits == 1u) { a = t0; b = t1; }
-        if (lo == NONE) { a = 0u; b = 0u; }
-        span[0] = a;
-        span[1] = max(a, b);
     }
-    let tile0 = workgroupUniformLoad(&span[0]);
-    let tile1 = workgroupUniformLoad(&span[1]);
+    // Split z owns the absolute key tiles [z * per, (z + 1) * per), so a row's result
+    // depends on its own keys only (see flash_attention.wgsl).
+    var tile0 = 0u;
+    var tile1 = 0u;
+    if (lo != NONE) {
+        tile0 = lo / BC;
+        tile1 = hi / BC + 1u;
+        if (p.splits > 1u) {
+            tile0 = max(tile0, z * p.per);
+            tile1 = max(tile0, min(tile1, (z + 1u) * p.per));
+        }
+    }
     var m = NEG;
     var l = 0.0;
 //@ oacc
@@ -162,10 +156,6 @@ fn flash_coop(@builtin(workgroup_id) wg: vec3<u32>,
     for (var tile = tile0; tile < tile1; tile++) {
         workgroupBarrier(); // the previous tile (and the Q staging) is no longer read
 //@ store
-        if (li < BC) {
-            let s = tile * BC + li;
-            sk[li] = select(NONE, seg[s], s < p.cap);
-        }
         workgroupBarrier();
         if (tile + 1u < tile1) {
 //@ prefetch_next
@@ -177,7 +167,7 @@ fn flash_coop(@builtin(workgroup_id) wg: vec3<u32>,
         var mx = NEG;
         for (var j = 0u; j < KL; j++) {
             let s = tile * BC + k0 + j;
-            let vis = sg != NONE && s <= ts && (sg == 0u || sk[k0 + j] == sg);
+            let vis = sg != NONE && s <= ts && (sg == 0u || seg[s] == sg);
             let v = select(NEG, ss[rs + k0 + j], vis);
             ss[rs + k0 + j] = v;
             mx = max(mx, v);

@@ -466,14 +466,8 @@ pub fn flash_usable(step: &Step, d: usize) -> Option<(CoopShape, usize, usize)> 
     }
     let (br, bc) = (nsg * t, bcf * t);
     let dp = d32 + 8;
-    let bytes = br.max(bc) * dp * 2
-        + bc * dp * 2
-        + nsg * t * bc.max(d32) * 4
-        + nsg * t * (bc + 8) * 2
-        + bc * 4
-        + br * 8
-        + 2 * br * (shape.subgroup / t) * 4
-        + 8;
+    let bytes =
+        br.max(bc) * dp * 2 + bc * dp * 2 + nsg * t * bc.max(d32) * 4 + nsg * t * (bc + 8) * 2;
     let fits = bytes <= gpu.limits.max_compute_workgroup_storage_size
         && nsg * shape.subgroup <= gpu.limits.max_compute_invocations_per_workgroup;
     fits.then_some((shape, br as usize, bc as usize))
@@ -501,17 +495,10 @@ pub fn flash_kernel(shape: CoopShape, d: usize) -> Option<Kernel> {
 }
 
 /// flash_coop.wgsl with its constants and `//@` lines expanded (see the shader).
-/// `KVLINK_FLASH_VARIANT` (diagnostics on a new driver) may hold: `s` combine a row's
-/// lanes with subgroup shuffles instead of workgroup memory, `z` zero the score and PV
-/// fragments by assignment inside the key loop, `b` scalar f16 K/V tiles instead of
-/// vec4<f16>.
+/// `KVLINK_FLASH_VARIANT=b` (diagnostics on a new driver) stages K/V in scalar f16 tiles
+/// instead of vec4<f16>.
 fn flash_source(shape: CoopShape, d: u32, nsg: u32, bc: u32) -> String {
-    let variant = std::env::var("KVLINK_FLASH_VARIANT").unwrap_or_default();
-    let (shuffles, zero_in_loop, vec_tiles) = (
-        variant.contains('s'),
-        variant.contains('z'),
-        !variant.contains('b'),
-    );
+    let vec_tiles = !std::env::var("KVLINK_FLASH_VARIANT").is_ok_and(|v| v.contains('b'));
     let (t, sg) = (shape.t, shape.subgroup);
     let wg = nsg * sg;
     let lpr = sg / t;
@@ -532,45 +519,26 @@ fn flash_source(shape: CoopShape, d: u32, nsg: u32, bc: u32) -> String {
          const D: u32 = {d}u;\nconst BC: u32 = {bc}u;\n"
     );
     let mut enables = String::new();
-    // Combine a row's LPR lanes (adjacent lanes): `max` or `+`.
+    // Combine a row's LPR lanes (adjacent lanes) by subgroup shuffles: `max` or `+`.
     let combine = |var: &str, max: bool| -> String {
-        if lpr == 1 {
-            return String::new();
-        }
-        let op = |a: &str, b: &str| {
-            if max {
-                format!("max({a}, {b})")
+        let mut c = String::new();
+        let mut off = 1;
+        while off < lpr {
+            let other = format!("subgroupShuffleXor({var}, {off}u)");
+            c += &if max {
+                format!("        {var} = max({var}, {other});\n")
             } else {
-                format!("{a} + {b}")
-            }
-        };
-        if shuffles {
-            let mut c = String::new();
-            let mut off = 1;
-            while off < lpr {
-                let e = op(var, &format!("subgroupShuffleXor({var}, {off}u)"));
-                c += &format!("        {var} = {e};\n");
-                off *= 2;
-            }
-            return c;
-        }
-        let red = if max { "redm" } else { "reds" };
-        let mut c = format!(
-            "        {red}[r * LPR + hl] = {var};\n        workgroupBarrier();\n        {var} = {red}[r * LPR];\n"
-        );
-        for i in 1..lpr {
-            let e = op(var, &format!("{red}[r * LPR + {i}u]"));
-            c += &format!("        {var} = {e};\n");
+                format!("        {var} += {other};\n")
+            };
+            off *= 2;
         }
         c
     };
-    // `var name` = a sum of products, the first product started from zero.
+    // `var name` = a sum of products, the first one added to the zero fragment `zc`.
     let mma_sum = |name: &str, prods: Vec<(String, String)>| -> String {
         let mut c = String::new();
         for (i, (a, b)) in prods.iter().enumerate() {
-            c += &if i == 0 && zero_in_loop {
-                format!("        var {name} = {mat}<f32, C>();\n        {name} = coopMultiplyAdd({a}, {b}, {name});\n")
-            } else if i == 0 {
+            c += &if i == 0 {
                 format!("        var {name} = coopMultiplyAdd({a}, {b}, zc);\n")
             } else {
                 format!("        {name} = coopMultiplyAdd({a}, {b}, {name});\n")

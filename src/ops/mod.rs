@@ -976,8 +976,18 @@ fn decode_kernel(head_dim: usize) -> Option<Kernel> {
 /// (past 4096 slots a split takes several chunks), fixed by the cache size so a row's
 /// result does not depend on the other rows of its batch; fewer where the partials
 /// (splits x rows x (head_dim + 4) floats) would pass 64 MiB.
+/// `KVLINK_DECODE_SPLITS=N` caps the count (fewer splits: fewer workgroups, and with one
+/// split no combine dispatch; for tuning).
 fn decode_splits(t: usize, heads: usize, cap: usize, head_dim: usize) -> usize {
-    let mut splits = cap.div_ceil(DECODE_CHUNK).clamp(1, 64);
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let max = *MAX.get_or_init(|| {
+        std::env::var("KVLINK_DECODE_SPLITS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n >= 1)
+            .unwrap_or(64)
+    });
+    let mut splits = cap.div_ceil(DECODE_CHUNK).clamp(1, max.min(64));
     while splits > 1 && splits * t * heads * (head_dim + 4) * 4 > 64 << 20 {
         splits = splits.div_ceil(2);
     }
