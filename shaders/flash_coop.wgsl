@@ -121,17 +121,16 @@ fn flash_coop(@builtin(workgroup_id) wg: vec3<u32>,
     // (read-only) inputs: values passed between invocations through workgroup memory by
     // plain loads and stores are not ordered by barriers in SPIR-V under the Vulkan
     // memory model (which cooperative matrices bring), so only the tiles go through it.
+    // Over the workgroup's queries (rows r0..r1 hold queries r0 / G ..= (r1 - 1) / G).
     var lo = NONE;
     var hi = 0u;
-    for (var i = 0u; i < BR; i++) {
-        let rw = rt * BR + i;
-        if (rw < p.rows) {
-            let qs = qslot[rw / G];
-            var first = 0u;
-            if (seg[qs] != 0u) { first = seg[p.cap + qs]; }
-            lo = min(lo, first);
-            hi = max(hi, qs);
-        }
+    let r1 = min(rt * BR + BR, p.rows);
+    for (var qi = (rt * BR) / G; qi * G < r1; qi++) {
+        let qs = qslot[qi];
+        var first = 0u;
+        if (seg[qs] != 0u) { first = seg[p.cap + qs]; }
+        lo = min(lo, first);
+        hi = max(hi, qs);
     }
     // Split z owns the absolute key tiles [z * per, (z + 1) * per), so a row's result
     // depends on its own keys only (see flash_attention.wgsl).
@@ -162,27 +161,13 @@ fn flash_coop(@builtin(workgroup_id) wg: vec3<u32>,
         }
 //@ scores
         workgroupBarrier();
-        // Softmax of this lane's KL keys of row r, the row's max and sum over its lanes.
+        // Softmax of this lane's KL keys of row r (straight-line: the scores stay in
+        // registers), the row's max and sum over its lanes.
         let k0 = hl * KL;
-        var mx = NEG;
-        for (var j = 0u; j < KL; j++) {
-            let s = tile * BC + k0 + j;
-            let vis = sg != NONE && s <= ts && (sg == 0u || seg[s] == sg);
-            let v = select(NEG, ss[rs + k0 + j], vis);
-            ss[rs + k0 + j] = v;
-            mx = max(mx, v);
-        }
-//@ rowmax
-        let m_new = max(m, mx);
-        var sum = 0.0;
-        for (var j = 0u; j < KL; j++) {
-            let v = ss[rs + k0 + j];
-            var e = f16(0.0);
-            if (v > -1.0e38) { e = f16(exp(v - m_new)); }
-            ps[rp + k0 + j] = e;
-            sum += f32(e);
-        }
-//@ rowsum
+        let key0 = tile * BC + k0;
+        // Every key of this lane's chunk is visible: a segment-0 row past the chunk.
+        let all_vis = sg == 0u && key0 + KL - 1u <= ts;
+//@ softmax
         let alpha = exp(m - m_new); // 1 while nothing was seen, 0 after the first key
         l = l * alpha + sum;
         m = m_new;

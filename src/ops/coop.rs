@@ -441,12 +441,44 @@ pub fn matmul(
 /// The tensor-core flash attention's layout for a head size: (subgroups, keys per tile
 /// in fragments). Each subgroup owns T rows; D = 128 takes 2 subgroups and 2-fragment
 /// key tiles so its tiles fit 48 KiB (and lavapipe's 32 KiB at T = 8).
+/// `KVLINK_FLASH_LAYOUT=NSG,BCF` overrides it (tuning; checked against the limits).
 fn flash_layout(d: usize) -> Option<(u32, u32)> {
+    static ENV: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    let env = *ENV.get_or_init(|| {
+        let v: Vec<u32> = std::env::var("KVLINK_FLASH_LAYOUT")
+            .ok()?
+            .split(',')
+            .filter_map(|x| x.trim().parse().ok())
+            .collect();
+        match v[..] {
+            [nsg, bcf] if (1..=8).contains(&nsg) && (1..=8).contains(&bcf) => Some((nsg, bcf)),
+            _ => None,
+        }
+    });
     match d {
-        32 | 64 => Some((4, 4)),
-        128 => Some((2, 2)),
+        32 | 64 => Some(env.unwrap_or((4, 4))),
+        128 => Some(env.unwrap_or((2, 2))),
         _ => None,
     }
+}
+
+/// Key splits of the tensor-core flash attention: a workgroup's fixed work (staging Q,
+/// finding its keys) wants several key tiles per split, the GPU ~512 workgroups in all;
+/// so splits give at least 4 tiles each and stop once the grid reaches ~512 workgroups.
+/// Fixed by the cache size and the row tiles, not by which rows share a workgroup.
+/// `KVLINK_FLASH_SPLITS=N` forces N (tuning).
+pub fn flash_splits(row_tiles: usize, kv_heads: usize, cap: usize, bc: usize) -> usize {
+    static ENV: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *ENV.get_or_init(|| {
+        std::env::var("KVLINK_FLASH_SPLITS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| (1..=256).contains(&n))
+    });
+    let tiles = cap.div_ceil(bc).max(1);
+    let base = (row_tiles * kv_heads).max(1);
+    let splits = forced.unwrap_or_else(|| 512usize.div_ceil(base).min(tiles / 4).clamp(1, 64));
+    splits.min(tiles)
 }
 
 /// Rows per workgroup and keys per tile of the tensor-core flash attention, if it runs
@@ -615,8 +647,47 @@ fn flash_source(shape: CoopShape, d: u32, nsg: u32, bc: u32) -> String {
                 }
                 c
             }
-            "//@ rowmax" => combine("mx", true),
-            "//@ rowsum" => combine("sum", false),
+            "//@ softmax" => {
+                let kl = bc / lpr;
+                let mut c = String::new();
+                for j in 0..kl {
+                    c += &format!("        var v{j} = ss[rs + k0 + {j}u];\n");
+                }
+                c += "        if (!all_vis) {\n";
+                for j in 0..kl {
+                    c += &format!(
+                        "            v{j} = select(NEG, v{j}, sg != NONE && key0 + {j}u <= ts && (sg == 0u || seg[key0 + {j}u] == sg));\n"
+                    );
+                }
+                c += "        }\n";
+                // Max as a tree over the registers.
+                let mut level: Vec<String> = (0..kl).map(|j| format!("v{j}")).collect();
+                let mut n = 0;
+                while level.len() > 1 {
+                    let mut next = Vec::new();
+                    for pair in level.chunks(2) {
+                        if let [a, b] = pair {
+                            c += &format!("        let mx{n} = max({a}, {b});\n");
+                            next.push(format!("mx{n}"));
+                            n += 1;
+                        } else {
+                            next.push(pair[0].clone());
+                        }
+                    }
+                    level = next;
+                }
+                c += &format!("        var mx = {};\n", level[0]);
+                c += &combine("mx", true);
+                c += "        let m_new = max(m, mx);\n        var sum = 0.0;\n";
+                for j in 0..kl {
+                    c += &format!(
+                        "        let e{j} = select(f16(0.0), f16(exp(v{j} - m_new)), v{j} > -1.0e38);\n        \
+                         ps[rp + k0 + {j}u] = e{j};\n        sum += f32(e{j});\n"
+                    );
+                }
+                c += &combine("sum", false);
+                c
+            }
             "//@ pv" => {
                 let mut c = String::new();
                 for j in 0..d / t {

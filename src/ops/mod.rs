@@ -882,7 +882,12 @@ pub fn attention(
         );
     }
     if let Some((shape, br, bc)) = coop::flash_usable(step, head_dim) {
-        let splits = attention_splits(t, heads, kv_heads, cap, head_dim, br, bc);
+        let row_tiles = (t * heads / kv_heads).div_ceil(br);
+        let mut splits = coop::flash_splits(row_tiles, kv_heads, cap, bc);
+        // Keep the partials (splits x rows x (head_dim + 4) floats) under 64 MiB.
+        while splits > 1 && splits * t * heads * (head_dim + 4) * 4 > 64 << 20 {
+            splits = splits.div_ceil(2);
+        }
         let bufs = [q, kc, vc, qslot, seg, out];
         return coop::flash(step, shape, t, heads, kv_heads, head_dim, bufs, splits);
     }
