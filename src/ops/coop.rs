@@ -463,8 +463,10 @@ fn flash_layout(d: usize) -> Option<(u32, u32)> {
 }
 
 /// Key splits of the tensor-core flash attention: a workgroup's fixed work (staging Q,
-/// finding its keys) wants several key tiles per split, the GPU ~512 workgroups in all;
-/// so splits give at least 4 tiles each and stop once the grid reaches ~512 workgroups.
+/// finding its keys) wants several key tiles per split, the GPU ~256 workgroups in all
+/// (2 per SM of a 132-SM H200: 16 splits of a 32 x 10240 KVLink question took 101 us
+/// against 160 us with 64 splits); so splits give at least 8 tiles each and stop once
+/// the grid reaches ~256 workgroups.
 /// Fixed by the cache size and the row tiles, not by which rows share a workgroup.
 /// `KVLINK_FLASH_SPLITS=N` forces N (tuning).
 pub fn flash_splits(row_tiles: usize, kv_heads: usize, cap: usize, bc: usize) -> usize {
@@ -477,7 +479,7 @@ pub fn flash_splits(row_tiles: usize, kv_heads: usize, cap: usize, bc: usize) ->
     });
     let tiles = cap.div_ceil(bc).max(1);
     let base = (row_tiles * kv_heads).max(1);
-    let splits = forced.unwrap_or_else(|| 512usize.div_ceil(base).min(tiles / 4).clamp(1, 64));
+    let splits = forced.unwrap_or_else(|| 256usize.div_ceil(base).min(tiles / 8).clamp(1, 64));
     splits.min(tiles)
 }
 
