@@ -1475,3 +1475,113 @@ fn coop_matmul_matches_cpu() {
         }
     }
 }
+
+/// The fused decode QKV GEMV (matvec_qkv_rope.wgsl: RMSNorm, projection + bias, NEOX
+/// RoPE at a position, Q stored, K/V written into one cache row) against the CPU, with
+/// every other cache row left as it was (poisoned). Where the adapter has fixed-size
+/// subgroups; the op must then take the product (it returns whether it did).
+#[test]
+fn qkv_rope_matvec_matches_cpu() {
+    let g = gpu();
+    if g.subgroup_size().is_none() {
+        eprintln!("qkv_rope_matvec_matches_cpu: skipped, no fixed-size subgroups");
+        return;
+    }
+    let mut rng = Rng::new();
+    for &(nh, nkv, hd, k, bias) in &[
+        (9, 3, 64, 576, false),
+        (4, 2, 32, 136, true),
+        (2, 1, 128, 256, true),
+    ] {
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let n = qd + 2 * kvd;
+        let slots = 7;
+        let (slot, pos) = (1 + rng.below(slots as u32 - 1), rng.below(9000) as i32);
+        let x = rand_vec(&mut rng, k, 1.0);
+        let nw: Vec<f32> = rand_vec(&mut rng, k, 0.5).iter().map(|v| 1.0 + v).collect();
+        let w: Vec<f32> = rand_vec(&mut rng, n * k, 0.1)
+            .into_iter()
+            .map(f16r)
+            .collect();
+        let b = rand_vec(&mut rng, n, 1.0);
+        let inv = inv_freq(hd, 10000.0);
+        let eps = 1e-5;
+        let xt = Tensor::from_f32(g, &[1, k], &x, "x").unwrap();
+        let nwt = Tensor::from_f32(g, &[k], &nw, "nw").unwrap();
+        let wm = Matrix::upload(g, n, k, &w, "w").unwrap();
+        let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
+        let inv_t = Tensor::from_f32(g, &[hd / 2], &inv, "inv").unwrap();
+        let q = nan_tensor(qd);
+        let nan16 = vec![f32::NAN; slots * kvd];
+        let kc = Tensor::from_f32_as_f16(g, &[slots, kvd], &nan16, "kc").unwrap();
+        let vc = Tensor::from_f32_as_f16(g, &[slots, kvd], &nan16, "vc").unwrap();
+        let mut took = false;
+        run_variant(false, |s| {
+            took = ops::qkv_rope_matvec(
+                s,
+                &xt,
+                &nwt,
+                eps,
+                &wm,
+                bias.then_some(&bt),
+                [nh, nkv, hd],
+                &inv_t,
+                (slot, pos),
+                [&q, &kc, &vc],
+            )
+            .unwrap();
+        });
+        assert!(
+            took,
+            "the fused QKV GEMV did not take a product it supports"
+        );
+        // CPU: normalize, project, rotate.
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / k as f32;
+        let inv_rms = 1.0 / (ms + eps).sqrt();
+        let h: Vec<f32> = x.iter().zip(&nw).map(|(v, w)| v * inv_rms * w).collect();
+        let mut y = cpu_matmul(&h, &w, 1, n, k);
+        if bias {
+            y.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
+        }
+        let mut want_q = vec![0.0; qd];
+        let mut want_k = vec![f32::NAN; slots * kvd];
+        let mut want_v = vec![f32::NAN; slots * kvd];
+        let sl = slot as usize;
+        for hh in 0..nh {
+            let mut v = y[hh * hd..(hh + 1) * hd].to_vec();
+            cpu_rope(&mut v, pos as f32, &inv, false);
+            want_q[hh * hd..][..hd].copy_from_slice(&v);
+        }
+        for hh in 0..nkv {
+            let mut v = y[qd + hh * hd..qd + (hh + 1) * hd].to_vec();
+            cpu_rope(&mut v, pos as f32, &inv, false);
+            for (d, e) in v.iter().enumerate() {
+                want_k[sl * kvd + hh * hd + d] = f16r(*e);
+            }
+        }
+        for d in 0..kvd {
+            want_v[sl * kvd + d] = f16r(y[qd + kvd + d]);
+        }
+        let what = format!("qkv_rope nh={nh} nkv={nkv} hd={hd} k={k} bias={bias}");
+        assert_close(
+            &g.read_f32(&q).unwrap(),
+            &want_q,
+            2e-3,
+            1e-3,
+            &format!("{what} q"),
+        );
+        for (name, t, want) in [("k", &kc, &want_k), ("v", &vc, &want_v)] {
+            let got = g.read_f32(t).unwrap();
+            for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+                if b.is_nan() {
+                    assert!(a.is_nan(), "{what} {name}: element {i} written ({a})");
+                } else {
+                    assert!(
+                        (a - b).abs() <= 4e-3 + 2e-3 * b.abs(),
+                        "{what} {name}: element {i}: got {a}, want {b}"
+                    );
+                }
+            }
+        }
+    }
+}

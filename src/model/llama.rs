@@ -490,6 +490,7 @@ impl Llama {
         let mut st = Step::new(g);
         let rec = Record {
             t,
+            decode_at: (t == 1).then(|| (batch.slots[0], batch.positions[0])),
             tokens: &s.tokens,
             logits,
             logit_rows,
@@ -590,6 +591,7 @@ impl Llama {
         let mut st = Step::new(g);
         let rec = Record {
             t: 1,
+            decode_at: Some((pos as u32, pos as i32)),
             tokens: &pipe.token,
             logits: Logits::None,
             logit_rows: 0,
@@ -617,27 +619,47 @@ impl Llama {
         ops::embed(st, r.tokens, t, &self.embed, &s.x)?;
         for (i, l) in self.layers.iter().enumerate() {
             let bqkv = l.bqkv.as_ref();
-            if t == 1 {
+            let (kc, vc) = (&cache.k[i], &cache.v[i]);
+            let fused = match r.decode_at {
+                Some(at) => ops::qkv_rope_matvec(
+                    st,
+                    &s.x,
+                    &l.attn_norm,
+                    eps,
+                    &l.wqkv,
+                    bqkv,
+                    [nh, nkv, hd],
+                    &self.inv_freq,
+                    at,
+                    [&s.q, kc, vc],
+                )?,
+                None => false,
+            };
+            if fused {
+                // Q rotated into s.q, K and V stored: straight to attention.
+            } else if t == 1 {
                 let (x, h, nw) = (&s.x, &s.h, &l.attn_norm);
                 ops::rms_norm_matvec(st, x, 0, nw, eps, h, &l.wqkv, bqkv, &s.qkv, 0, false)?;
             } else {
                 ops::rms_norm(st, &s.x, 0, t, &l.attn_norm, &s.h, 0, eps)?;
                 ops::matmul(st, &s.h, 0, t, &l.wqkv, bqkv, &s.qkv, 0, false)?;
             }
-            ops::rope_kv(
-                st,
-                &s.qkv,
-                t,
-                nh,
-                nkv,
-                hd,
-                &s.idx,
-                &self.inv_freq,
-                false,
-                &s.q,
-                &cache.k[i],
-                &cache.v[i],
-            )?;
+            if !fused {
+                ops::rope_kv(
+                    st,
+                    &s.qkv,
+                    t,
+                    nh,
+                    nkv,
+                    hd,
+                    &s.idx,
+                    &self.inv_freq,
+                    false,
+                    &s.q,
+                    kc,
+                    vc,
+                )?;
+            }
             ops::attention(
                 st,
                 &s.q,
@@ -753,6 +775,8 @@ impl PendingToken {
 /// `logits` names, the greedy argmax of the last row into `token_out`.
 struct Record<'a> {
     t: usize,
+    /// One token's cache slot and RoPE position (decode), for the fused QKV + RoPE GEMV.
+    decode_at: Option<(u32, i32)>,
     tokens: &'a Tensor,
     logits: Logits,
     logit_rows: usize,

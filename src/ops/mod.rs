@@ -436,12 +436,111 @@ fn subgroup_gemv_kernel(rows: u32, sgs: u32) -> Kernel {
     k
 }
 
+/// matvec_qkv_rope.wgsl for subgroups of `sgs` invocations.
+fn qkv_rope_kernel(sgs: u32) -> Kernel {
+    static KERNELS: std::sync::Mutex<Vec<(u32, Kernel)>> = std::sync::Mutex::new(Vec::new());
+    let mut ks = KERNELS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, k)) = ks.iter().find(|(key, _)| *key == sgs) {
+        return *k;
+    }
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let k = Kernel {
+        name: leak(format!("matvec_qkv_rope.wgsl::matvec_qkv_rope sg{sgs}")),
+        source: leak(format!(
+            "const SGS: u32 = {sgs}u;\n{}",
+            include_str!("../../shaders/matvec_qkv_rope.wgsl")
+        )),
+        entry: "matvec_qkv_rope",
+    };
+    ks.push((sgs, k));
+    k
+}
+
+/// Decode (one token, in row 0 of `x`): RMSNorm, the stacked QKV projection `w` (+
+/// bias), RoPE at `pos` (NEOX pairing) and the K/V write into cache row `slot`, in one
+/// dispatch: what [`rms_norm_matvec`] then [`rope_kv`] do. Takes it where the subgroup
+/// GEMV runs (fixed-size subgroups), K % 8 == 0, head_dim % 4 == 0, `w` in one part and
+/// 8 storage buffers per stage; returns false otherwise (the caller runs the two ops).
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_matvec(
+    step: &mut Step,
+    x: &Tensor,
+    nw: &Tensor,
+    eps: f32,
+    w: &Matrix,
+    bias: Option<&Tensor>,
+    [heads, kv_heads, head_dim]: [usize; 3],
+    inv_freq: &Tensor,
+    (slot, pos): (u32, i32),
+    [q, kc, vc]: [&Tensor; 3],
+) -> Result<bool> {
+    let k = w.cols;
+    let n = (heads + 2 * kv_heads) * head_dim;
+    let Some(sgs) = step.gpu().subgroup_size().filter(|_| step.subgroup_gemv()) else {
+        return Ok(false);
+    };
+    if !vec4_gemv(step, k, 0)
+        || !head_dim.is_multiple_of(4)
+        || w.parts.len() != 1
+        || w.rows != n
+        || step.gpu().limits.max_storage_buffers_per_shader_stage < 8
+    {
+        return Ok(false);
+    }
+    need(nw.numel() == k, || {
+        format!(
+            "qkv_rope_matvec: norm weight {:?} for {k} columns",
+            nw.shape
+        )
+    })?;
+    need_len(x, k, "qkv_rope_matvec x")?;
+    need_len(q, heads * head_dim, "qkv_rope_matvec q")?;
+    need_len(inv_freq, head_dim / 2, "qkv_rope_matvec inv_freq")?;
+    let kvd = kv_heads * head_dim;
+    need(
+        kc.numel() == vc.numel() && kc.numel() >= (slot as usize + 1) * kvd,
+        || format!("qkv_rope_matvec: slot {slot} outside the K/V caches"),
+    )?;
+    if let Some(b) = bias {
+        need_len(b, n, "qkv_rope_matvec bias")?;
+    }
+    let dummy = step.gpu().dummy();
+    let params = [
+        n as u32,
+        k as u32,
+        8 | if bias.is_some() { 2 } else { 0 },
+        eps.to_bits(),
+        heads as u32,
+        kv_heads as u32,
+        head_dim as u32,
+        slot,
+        (pos as f32).to_bits(),
+    ];
+    let groups = grid_1d(u32_of(
+        (n / 4).div_ceil(256 / sgs as usize),
+        "qkv_rope_matvec",
+    )?);
+    let bufs = [
+        x,
+        &w.parts[0].1,
+        bias.unwrap_or(&dummy),
+        nw,
+        inv_freq,
+        q,
+        kc,
+        vc,
+    ];
+    step.dispatch(qkv_rope_kernel(sgs), &params, &bufs, groups);
+    Ok(true)
+}
+
 /// The subgroup GEMV's variants for validation tests (rows 1, 2, 4 at subgroup sizes
 /// 8 and 32).
 pub fn subgroup_gemv_kernels() -> Vec<Kernel> {
     [8, 32]
         .iter()
         .flat_map(|&s| [1, 2, 4].map(|r| subgroup_gemv_kernel(r, s)))
+        .chain([8, 32].map(qkv_rope_kernel))
         .collect()
 }
 
