@@ -54,7 +54,7 @@ shift || true
 if [ "$mode" = --test ]; then
   [ $# -gt 0 ] || { echo "usage: $0 --test NAME... | -- COMMAND..."; exit 2; }
   cargo build --locked --bin kvlink
-  run target/debug/kvlink devices | grep -q "cooperative-matrix: true" ||
+  run "${CARGO_TARGET_DIR:-target}/debug/kvlink" devices | grep -q "cooperative-matrix: true" ||
     skip "this lavapipe has no cooperative matrices"
   out=$(cargo test --locked --no-run "${@/#/--test=}" 2>&1) || { echo "$out"; exit 1; }
   status=0
