@@ -6,13 +6,13 @@
 //   f16 words into the cache row `slot`), which is what rope_kv.wgsl does after a plain
 //   projection;
 //   V heads: dims 4j .. 4j+3, stored unrotated (two f16 words).
-// One dispatch instead of two per layer in decode. The host prepends `const SGS: u32`
-// (the subgroup size); a workgroup is 256 invocations = 256 / SGS subgroups.
+// One dispatch instead of two per layer in decode. The host prepends gemv_subgroup.wgsl
+// (with RPW = 4 and SGS, the subgroup size); a workgroup is 256 / SGS subgroups.
 
 struct Params {
     N: u32, K: u32, flags: u32, eps: f32,
     heads: u32, kv_heads: u32, head_dim: u32, slot: u32,
-    pos: f32,
+    pos: f32, x_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -26,25 +26,6 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> Vc: array<u32>;
 
 const SUBGROUPS: u32 = 256u / SGS;
-
-fn dot8(w: vec4<u32>, x0: vec4<f32>, x1: vec4<f32>) -> f32 {
-    let a = unpack2x16float(w.x);
-    let b = unpack2x16float(w.y);
-    let c = unpack2x16float(w.z);
-    let d = unpack2x16float(w.w);
-    return dot(vec4<f32>(a, b), x0) + dot(vec4<f32>(c, d), x1);
-}
-
-fn step4(r: vec4<u32>, k: u32, x0: vec4<f32>, x1: vec4<f32>) -> vec4<f32> {
-    return vec4<f32>(dot8(W[r.x + k], x0, x1), dot8(W[r.y + k], x0, x1),
-                     dot8(W[r.z + k], x0, x1), dot8(W[r.w + k], x0, x1));
-}
-
-fn xv(i: u32, inv: f32) -> vec4<f32> {
-    let v = X[i];
-    if ((p.flags & 8u) != 0u) { return v * inv * NW[i]; }
-    return v;
-}
 
 fn turn(x0: f32, x1: f32, a: f32) -> vec2<f32> {
     let c = cos(a);
@@ -67,35 +48,10 @@ fn matvec_qkv_rope(@builtin(workgroup_id) wg: vec3<u32>,
     var dims = vec4<u32>(4u * j, 4u * j + 1u, 4u * j + 2u, 4u * j + 3u);
     if (rotated) { dims = vec4<u32>(2u * j, 2u * j + 1u, 2u * j + half, 2u * j + 1u + half); }
     let rows = vec4<u32>(h * hd) + dims;
-    var inv = 1.0;
-    if ((p.flags & 8u) != 0u) {
-        var ss = 0.0;
-        for (var i = lane; i < p.K / 4u; i += SGS) {
-            let v = X[i];
-            ss += dot(v, v);
-        }
-        inv = inverseSqrt(subgroupAdd(ss) / f32(p.K) + p.eps);
-    }
-    let k8 = p.K / 8u;
-    let g = rows * k8;
-    var acc = vec4<f32>(0.0);
-    var k = lane;
-    for (; k + 3u * SGS < k8; k += 4u * SGS) {
-        let xa = xv(2u * k, inv);
-        let xb = xv(2u * k + 1u, inv);
-        let xc = xv(2u * (k + SGS), inv);
-        let xd = xv(2u * (k + SGS) + 1u, inv);
-        let xe = xv(2u * (k + 2u * SGS), inv);
-        let xf = xv(2u * (k + 2u * SGS) + 1u, inv);
-        let xg = xv(2u * (k + 3u * SGS), inv);
-        let xh = xv(2u * (k + 3u * SGS) + 1u, inv);
-        acc += step4(g, k, xa, xb) + step4(g, k + SGS, xc, xd)
-             + step4(g, k + 2u * SGS, xe, xf) + step4(g, k + 3u * SGS, xg, xh);
-    }
-    for (; k < k8; k += SGS) {
-        acc += step4(g, k, xv(2u * k, inv), xv(2u * k + 1u, inv));
-    }
-    var y = subgroupAdd(acc);
+    let inv = x_inv_rms(lane, p.eps);
+    let g = rows * (p.K / 8u);
+    let sums = gemv_rows(g, g, false, lane, inv);
+    var y = sums[0];
     if (lane != 0u) { return; }
     if ((p.flags & 2u) != 0u) {
         y += vec4<f32>(B[rows.x], B[rows.y], B[rows.z], B[rows.w]);

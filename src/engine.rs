@@ -329,17 +329,8 @@ impl Engine {
         }
         let mut next = first;
         loop {
-            stats.generated_tokens += 1;
-            let stop = params.stop_at_eos && self.tokenizer.is_stop(next);
-            if !on_token(next) {
-                stats.stop = "callback";
-                break;
-            }
-            if stop {
-                stats.stop = "eos";
-                break;
-            }
-            if stats.generated_tokens >= params.max_tokens {
+            if let Some(reason) = self.emit(next, params, stats, on_token) {
+                stats.stop = reason;
                 break;
             }
             if pos >= cache.capacity {
@@ -367,6 +358,26 @@ impl Engine {
         Ok(())
     }
 
+    /// Count `next` and hand it to `on_token`; the reason to stop after it, if a rule that
+    /// does not depend on the cache says so ("callback", "eos", "max_tokens").
+    fn emit(
+        &self,
+        next: u32,
+        params: &GenerateParams,
+        stats: &mut GenerateStats,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Option<&'static str> {
+        stats.generated_tokens += 1;
+        let eos = params.stop_at_eos && self.tokenizer.is_stop(next);
+        if !on_token(next) {
+            return Some("callback");
+        }
+        if eos {
+            return Some("eos");
+        }
+        (stats.generated_tokens >= params.max_tokens).then_some("max_tokens")
+    }
+
     /// [`Engine::decode_loop`] for greedy decoding: each step takes the previous step's
     /// token on the GPU ([`Llama::decode_async`]), so step n + 1 is queued before token n
     /// is read back and the host's recording and readback overlap the GPU's work. The
@@ -382,7 +393,6 @@ impl Engine {
         on_token: &mut dyn FnMut(u32) -> bool,
         t1: Instant,
     ) -> Result<()> {
-        let vocab = self.config().vocab_size;
         let mut pipe = self.model.decode_pipe()?;
         // Step j (j >= 1) reads token j - 1 at slot pos0 + j - 1 and yields token j; it
         // is needed only while j < max_tokens and its slot fits the cache.
@@ -400,38 +410,23 @@ impl Engine {
         let mut next = first;
         let mut j = 0;
         loop {
-            stats.generated_tokens += 1;
-            let stop = params.stop_at_eos && self.tokenizer.is_stop(next);
             // Queue the step after the one in flight before handing `next` out.
-            if !stop && needed(j + 2) && inflight.len() == 1 {
+            let eos = params.stop_at_eos && self.tokenizer.is_stop(next);
+            if !eos && needed(j + 2) && inflight.len() == 1 {
                 let p = self
                     .model
                     .decode_async(&mut pipe, &mut cache, pos0 + j + 1, None)?;
                 inflight.push_back(p);
             }
-            if !on_token(next) {
-                stats.stop = "callback";
-                break;
-            }
-            if stop {
-                stats.stop = "eos";
-                break;
-            }
-            if stats.generated_tokens >= params.max_tokens {
+            if let Some(reason) = self.emit(next, params, stats, on_token) {
+                stats.stop = reason;
                 break;
             }
             let Some(pending) = inflight.pop_front() else {
                 stats.stop = "context";
                 break;
             };
-            next = pending.wait(self.model.gpu())?;
-            if next as usize >= vocab {
-                return Err(Error::Gpu(
-                    "the model produced non-finite logits (NaN); the weights or the adapter's \
-                     arithmetic are broken"
-                        .into(),
-                ));
-            }
+            next = self.model.read_token(pending)?;
             j += 1;
         }
         stats.decode = t1.elapsed();

@@ -1212,12 +1212,113 @@ fn coop_flash_attention_matches_cpu() {
     }
 }
 
+/// A random GEMM problem for the kernels that take matmul.wgsl's parameters directly:
+/// `m` rows of X after one offset row, W (`n x k`, f16 values) split in parts of at most
+/// `split` rows, a bias, and Y poisoned in its rows unless `acc` (accumulate into it).
+struct GemmCase {
+    m: usize,
+    n: usize,
+    k: usize,
+    bias: bool,
+    acc: bool,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    y_init: Vec<f32>,
+    xt: Tensor,
+    wm: Matrix,
+    bt: Tensor,
+    yt: Tensor,
+}
+
+/// The offset rows of X and Y in a [`GemmCase`].
+const X0: usize = 1;
+
+impl GemmCase {
+    fn new(
+        rng: &mut Rng,
+        (m, n, k): (usize, usize, usize),
+        split: usize,
+        bias: bool,
+        acc: bool,
+    ) -> GemmCase {
+        let g = gpu();
+        let x = rand_vec(rng, (X0 + m) * k, 1.0);
+        let w: Vec<f32> = rand_vec(rng, n * k, 1.0).into_iter().map(f16r).collect();
+        let b = rand_vec(rng, n, 1.0);
+        let y_init = rand_vec(rng, (X0 + m) * n, 1.0);
+        let mut init = y_init.clone();
+        if !acc {
+            init[X0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
+        }
+        GemmCase {
+            m,
+            n,
+            k,
+            bias,
+            acc,
+            xt: Tensor::from_f32(g, &[X0 + m, k], &x, "x").unwrap(),
+            wm: Matrix::upload_split(g, n, k, &w, split, "w").unwrap(),
+            bt: Tensor::from_f32(g, &[n], &b, "b").unwrap(),
+            yt: Tensor::from_f32(g, &[X0 + m, n], &init, "y").unwrap(),
+            x,
+            w,
+            b,
+            y_init,
+        }
+    }
+
+    /// Run `f` (matmul.wgsl's 8 parameter words for a part of W, and the bindings X, W's
+    /// part, bias, Y) on every part in one step, then compare Y with the CPU, X rounded to
+    /// f16 first where the kernel does that (`x_f16`), and check the offset row is intact.
+    fn check(&self, x_f16: bool, what: &str, f: impl Fn(&mut Step, &[u32; 8], [&Tensor; 4])) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        run_variant(false, |s| {
+            for (r0, part) in &self.wm.parts {
+                let flags = self.acc as u32 | if self.bias { 2 } else { 0 };
+                let params = [
+                    m as u32,
+                    part.shape[0] as u32,
+                    k as u32,
+                    (X0 * k) as u32,
+                    (X0 * n) as u32,
+                    n as u32,
+                    *r0 as u32,
+                    flags,
+                ];
+                f(s, &params, [&self.xt, part, &self.bt, &self.yt]);
+            }
+        });
+        let got = gpu().read_f32(&self.yt).unwrap();
+        let xs: Vec<f32> = self.x[X0 * k..]
+            .iter()
+            .map(|&v| if x_f16 { f16r(v) } else { v })
+            .collect();
+        let mut want = cpu_matmul(&xs, &self.w, m, n, k);
+        for i in 0..m {
+            for j in 0..n {
+                if self.bias {
+                    want[i * n + j] += self.b[j];
+                }
+                if self.acc {
+                    want[i * n + j] += self.y_init[(X0 + i) * n + j];
+                }
+            }
+        }
+        assert_close(&got[X0 * n..], &want, 1e-3, 1e-3, what);
+        assert_eq!(
+            &got[..X0 * n],
+            &self.y_init[..X0 * n],
+            "{what}: wrote outside its rows"
+        );
+    }
+}
+
 /// The tiled GEMM with K split over workgroups (partial sums, then matmul_reduce with
 /// bias / accumulate / row offsets / a part of a split matrix) and the skinny GEMM for
 /// a few rows, against the CPU.
 #[test]
 fn matmul_split_k_matches_cpu() {
-    let g = gpu();
     let mut rng = Rng::new();
     // (m, n, k, max rows per part)
     // splits = 0: the skinny kernel (m <= 32) instead of the tiled one
@@ -1241,55 +1342,15 @@ fn matmul_split_k_matches_cpu() {
                 vec![(splits % 2 == 1, splits > 2)]
             };
             for (bias, acc) in flags {
-                let x0 = 1;
-                let x = rand_vec(&mut rng, (x0 + m) * k, 1.0);
-                let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
-                    .into_iter()
-                    .map(f16r)
-                    .collect();
-                let b = rand_vec(&mut rng, n, 1.0);
-                let y_init = rand_vec(&mut rng, (x0 + m) * n, 1.0);
-                let xt = Tensor::from_f32(g, &[x0 + m, k], &x, "x").unwrap();
-                let wm = Matrix::upload_split(g, n, k, &w, split, "w").unwrap();
-                let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
-                let mut init = y_init.clone();
-                if !acc {
-                    init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
-                }
-                let yt = Tensor::from_f32(g, &[x0 + m, n], &init, "y").unwrap();
-                run_variant(false, |s| {
-                    for (r0, part) in &wm.parts {
-                        let params = [
-                            m as u32,
-                            part.shape[0] as u32,
-                            k as u32,
-                            (x0 * k) as u32,
-                            (x0 * n) as u32,
-                            n as u32,
-                            *r0 as u32,
-                            acc as u32 | if bias { 2 } else { 0 },
-                        ];
-                        if skinny {
-                            ops::skinny_matmul(s, &params, [&xt, part, &bt, &yt]).unwrap();
-                        } else {
-                            ops::tiled_matmul(s, &params, splits, [&xt, part, &bt, &yt]).unwrap();
-                        }
+                let c = GemmCase::new(&mut rng, (m, n, k), split, bias, acc);
+                let what = format!("split-K matmul {m}x{n}x{k} splits={splits}");
+                c.check(false, &what, |s, params, bufs| {
+                    if skinny {
+                        ops::skinny_matmul(s, params, bufs).unwrap();
+                    } else {
+                        ops::tiled_matmul(s, params, splits, bufs).unwrap();
                     }
                 });
-                let got = g.read_f32(&yt).unwrap();
-                let mut want = cpu_matmul(&x[x0 * k..], &w, m, n, k);
-                for i in 0..m {
-                    for j in 0..n {
-                        if bias {
-                            want[i * n + j] += b[j];
-                        }
-                        if acc {
-                            want[i * n + j] += y_init[(x0 + i) * n + j];
-                        }
-                    }
-                }
-                let what = format!("split-K matmul {m}x{n}x{k} splits={splits}");
-                assert_close(&got[x0 * n..], &want, 1e-3, 1e-3, &what);
             }
         }
     }
@@ -1419,58 +1480,11 @@ fn coop_matmul_matches_cpu() {
                     Some(_) => (false, true),
                     None => (true, true),
                 };
-                let x0 = 1;
-                let x = rand_vec(&mut rng, (x0 + m) * k, 1.0);
-                let w: Vec<f32> = rand_vec(&mut rng, n * k, 1.0)
-                    .into_iter()
-                    .map(f16r)
-                    .collect();
-                let b = rand_vec(&mut rng, n, 1.0);
-                let y_init = rand_vec(&mut rng, (x0 + m) * n, 1.0);
-                let xt = Tensor::from_f32(g, &[x0 + m, k], &x, "x").unwrap();
-                let wm = Matrix::upload_split(g, n, k, &w, split, "w").unwrap();
-                let bt = Tensor::from_f32(g, &[n], &b, "b").unwrap();
-                let mut init = y_init.clone();
-                if !acc {
-                    init[x0 * n..].iter_mut().for_each(|v| *v = f32::NAN);
-                }
-                let yt = Tensor::from_f32(g, &[x0 + m, n], &init, "y").unwrap();
-                run_variant(false, |s| {
-                    for (r0, part) in &wm.parts {
-                        let params = [
-                            m as u32,
-                            part.shape[0] as u32,
-                            k as u32,
-                            (x0 * k) as u32,
-                            (x0 * n) as u32,
-                            n as u32,
-                            *r0 as u32,
-                            acc as u32 | if bias { 2 } else { 0 },
-                        ];
-                        let bufs = [&xt, part, &bt, &yt];
-                        ops::coop::matmul(s, shape, tile, &params, splits, bufs).unwrap();
-                    }
-                });
-                let got = g.read_f32(&yt).unwrap();
-                let xh: Vec<f32> = x[x0 * k..].iter().map(|&v| f16r(v)).collect();
-                let mut want = cpu_matmul(&xh, &w, m, n, k);
-                for i in 0..m {
-                    for j in 0..n {
-                        if bias {
-                            want[i * n + j] += b[j];
-                        }
-                        if acc {
-                            want[i * n + j] += y_init[(x0 + i) * n + j];
-                        }
-                    }
-                }
+                let c = GemmCase::new(&mut rng, (m, n, k), split, bias, acc);
                 let what = format!("coop matmul {m}x{n}x{k} tile {tile} splits={splits:?}");
-                assert_close(&got[x0 * n..], &want, 1e-3, 1e-3, &what);
-                assert_eq!(
-                    &got[..x0 * n],
-                    &init[..x0 * n],
-                    "{what}: wrote outside its rows"
-                );
+                c.check(true, &what, |s, params, bufs| {
+                    ops::coop::matmul(s, shape, tile, params, splits, bufs).unwrap()
+                });
             }
         }
     }

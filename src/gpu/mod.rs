@@ -233,6 +233,32 @@ pub struct Kernel {
     pub entry: &'static str,
 }
 
+impl Kernel {
+    /// A kernel whose source is generated at run time (a template given its host
+    /// constants), built once per process and `key`: `make` returns its name and source,
+    /// which live for the rest of the process (a handful per adapter).
+    pub fn generated<K: PartialEq>(
+        cache: &Mutex<Vec<(K, Kernel)>>,
+        key: K,
+        entry: &'static str,
+        make: impl FnOnce() -> (String, String),
+    ) -> Kernel {
+        let mut ks = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, k)) = ks.iter().find(|(k, _)| *k == key) {
+            return *k;
+        }
+        let (name, source) = make();
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        let k = Kernel {
+            name: leak(name),
+            source: leak(source),
+            entry,
+        };
+        ks.push((key, k));
+        k
+    }
+}
+
 impl Gpu {
     /// Open the chosen adapter with the features and limits the engine uses.
     pub fn new(choice: &AdapterChoice) -> Result<Arc<Gpu>> {

@@ -516,15 +516,7 @@ impl Llama {
                 .push(rec);
         }
         if greedy {
-            let id = g.read_u32(&s.token_out)?[0];
-            if id as usize >= c.vocab_size {
-                return Err(Error::Gpu(
-                    "the model produced non-finite logits (NaN); the weights or the adapter's \
-                     arithmetic are broken"
-                        .into(),
-                ));
-            }
-            out.token = Some(id);
+            out.token = Some(self.checked_token(g.read_u32(&s.token_out)?[0])?);
         }
         if logit_rows > 0 {
             let all = g.read_f32(&s.logits)?;
@@ -608,6 +600,23 @@ impl Llama {
             .ok_or_else(|| Error::Gpu("decode step recorded nothing".into()))?;
         cache.len = cache.len.max(pos + 1);
         Ok(PendingToken { buf, index })
+    }
+
+    /// Wait for a step of [`Llama::decode_async`] and read its token.
+    pub fn read_token(&self, p: PendingToken) -> Result<u32> {
+        self.checked_token(p.wait(&self.gpu)?)
+    }
+
+    /// A GPU argmax: the kernel returns an id past the vocabulary when every logit is NaN.
+    fn checked_token(&self, id: u32) -> Result<u32> {
+        if id as usize >= self.cfg.vocab_size {
+            return Err(Error::Gpu(
+                "the model produced non-finite logits (NaN); the weights or the adapter's \
+                 arithmetic are broken"
+                    .into(),
+            ));
+        }
+        Ok(id)
     }
 
     /// Record one forward call's dispatches into `st` (see [`Llama::forward`]).
@@ -744,8 +753,9 @@ pub struct PendingToken {
 }
 
 impl PendingToken {
-    /// Wait for this step only (later submissions keep running) and read its token.
-    pub fn wait(self, gpu: &Gpu) -> Result<u32> {
+    /// Wait for this step only (later submissions keep running) and read its token
+    /// (unchecked: [`Llama::read_token`] checks it).
+    fn wait(self, gpu: &Gpu) -> Result<u32> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.buf.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);

@@ -172,21 +172,13 @@ impl Tile {
 /// The kernel for `shape` and `tile` (source generated once per process).
 pub fn kernel(shape: CoopShape, tile: Tile) -> Kernel {
     static KERNELS: Mutex<Vec<((CoopShape, Tile), Kernel)>> = Mutex::new(Vec::new());
-    let mut ks = KERNELS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, k)) = ks.iter().find(|(key, _)| *key == (shape, tile)) {
-        return *k;
-    }
-    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-    let k = Kernel {
-        name: leak(format!(
+    Kernel::generated(&KERNELS, (shape, tile), "matmul_coop", || {
+        let name = format!(
             "matmul_coop.wgsl::matmul_coop t{} sg{} {tile}",
             shape.t, shape.subgroup
-        )),
-        source: leak(source(shape, tile)),
-        entry: "matmul_coop",
-    };
-    ks.push(((shape, tile), k));
-    k
+        );
+        (name, source(shape, tile))
+    })
 }
 
 /// matmul_coop.wgsl with its constants and its `//@` lines expanded (see the shader).
@@ -511,21 +503,18 @@ pub fn flash_usable(step: &Step, d: usize) -> Option<(CoopShape, usize, usize)> 
 pub fn flash_kernel(shape: CoopShape, d: usize) -> Option<Kernel> {
     static KERNELS: Mutex<Vec<((CoopShape, usize), Kernel)>> = Mutex::new(Vec::new());
     let (nsg, bcf) = flash_layout(d)?;
-    let mut ks = KERNELS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, k)) = ks.iter().find(|(key, _)| *key == (shape, d)) {
-        return Some(*k);
-    }
-    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-    let k = Kernel {
-        name: leak(format!(
-            "flash_coop.wgsl::flash_coop t{} sg{} d{d}",
-            shape.t, shape.subgroup
-        )),
-        source: leak(flash_source(shape, d as u32, nsg, bcf * shape.t)),
-        entry: "flash_coop",
-    };
-    ks.push(((shape, d), k));
-    Some(k)
+    Some(Kernel::generated(
+        &KERNELS,
+        (shape, d),
+        "flash_coop",
+        || {
+            let name = format!(
+                "flash_coop.wgsl::flash_coop t{} sg{} d{d}",
+                shape.t, shape.subgroup
+            );
+            (name, flash_source(shape, d as u32, nsg, bcf * shape.t))
+        },
+    ))
 }
 
 /// flash_coop.wgsl with its constants and `//@` lines expanded (see the shader).

@@ -413,47 +413,29 @@ fn gemv_rows(outputs: usize, groups: usize) -> usize {
 /// matvec_subgroup.wgsl for `rows` rows per subgroup of `sgs` invocations.
 fn subgroup_gemv_kernel(rows: u32, sgs: u32) -> Kernel {
     static KERNELS: std::sync::Mutex<Vec<((u32, u32), Kernel)>> = std::sync::Mutex::new(Vec::new());
-    let mut ks = KERNELS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, k)) = ks.iter().find(|(key, _)| *key == (rows, sgs)) {
-        return *k;
-    }
-    let src = include_str!("../../shaders/matvec_subgroup.wgsl");
-    let (enables, rest): (Vec<&str>, Vec<&str>) =
-        src.lines().partition(|l| l.starts_with("enable "));
-    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-    let k = Kernel {
-        name: leak(format!(
-            "matvec_subgroup.wgsl::matvec_subgroup r{rows} sg{sgs}"
-        )),
-        source: leak(format!(
-            "{}\nconst RPW: u32 = {rows}u;\nconst SGS: u32 = {sgs}u;\n{}\n",
-            enables.join("\n"),
-            rest.join("\n")
-        )),
-        entry: "matvec_subgroup",
-    };
-    ks.push(((rows, sgs), k));
-    k
+    Kernel::generated(&KERNELS, (rows, sgs), "matvec_subgroup", || {
+        let name = format!("matvec_subgroup.wgsl::matvec_subgroup r{rows} sg{sgs}");
+        let src = format!(
+            "const RPW: u32 = {rows}u;\nconst SGS: u32 = {sgs}u;\n{}\n{}",
+            include_str!("../../shaders/gemv_subgroup.wgsl"),
+            include_str!("../../shaders/matvec_subgroup.wgsl")
+        );
+        (name, src)
+    })
 }
 
 /// matvec_qkv_rope.wgsl for subgroups of `sgs` invocations.
 fn qkv_rope_kernel(sgs: u32) -> Kernel {
     static KERNELS: std::sync::Mutex<Vec<(u32, Kernel)>> = std::sync::Mutex::new(Vec::new());
-    let mut ks = KERNELS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, k)) = ks.iter().find(|(key, _)| *key == sgs) {
-        return *k;
-    }
-    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-    let k = Kernel {
-        name: leak(format!("matvec_qkv_rope.wgsl::matvec_qkv_rope sg{sgs}")),
-        source: leak(format!(
-            "const SGS: u32 = {sgs}u;\n{}",
+    Kernel::generated(&KERNELS, sgs, "matvec_qkv_rope", || {
+        let name = format!("matvec_qkv_rope.wgsl::matvec_qkv_rope sg{sgs}");
+        let src = format!(
+            "const RPW: u32 = 4u;\nconst SGS: u32 = {sgs}u;\n{}\n{}",
+            include_str!("../../shaders/gemv_subgroup.wgsl"),
             include_str!("../../shaders/matvec_qkv_rope.wgsl")
-        )),
-        entry: "matvec_qkv_rope",
-    };
-    ks.push((sgs, k));
-    k
+        );
+        (name, src)
+    })
 }
 
 /// Decode (one token, in row 0 of `x`): RMSNorm, the stacked QKV projection `w` (+
