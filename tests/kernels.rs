@@ -453,6 +453,20 @@ fn cpu_attention(
     out
 }
 
+/// `nq` query slots of a cache of `slots`: every slot when `nq == slots` (prefill), else
+/// the last and the middle one, then random ones.
+fn query_slots(rng: &mut Rng, slots: usize, nq: usize) -> Vec<u32> {
+    if nq == slots {
+        return (0..slots as u32).collect();
+    }
+    let mut v = vec![(slots - 1) as u32, (slots / 2) as u32];
+    while v.len() < nq {
+        v.push(rng.below(slots as u32));
+    }
+    v.truncate(nq);
+    v
+}
+
 /// A random attention problem over an f16 cache with the KVLink segment layout
 /// (prefix 0, documents 1..3, then 0 again, as in KVLINK.md §1) and its CPU answer.
 struct AttnCase {
@@ -1134,16 +1148,7 @@ fn flash_attention_splits_match_cpu() {
         (140, 4, 2, 128, 9, true),
         (70, 14, 2, 64, 70, true),
     ] {
-        let qslot: Vec<u32> = if nq == slots {
-            (0..slots as u32).collect()
-        } else {
-            let mut v = vec![(slots - 1) as u32, (slots / 2) as u32];
-            while v.len() < nq {
-                v.push(rng.below(slots as u32));
-            }
-            v.truncate(nq);
-            v
-        };
+        let qslot = query_slots(&mut rng, slots, nq);
         let c = AttnCase::new(&mut rng, slots, heads, kvh, hd, segmented, &qslot);
         let t = c.t;
         let (k, br) = match hd {
@@ -1186,16 +1191,7 @@ fn coop_flash_attention_matches_cpu() {
         (70, 14, 2, 64, 70, true),
         (200, 8, 2, 64, 50, true),
     ] {
-        let qslot: Vec<u32> = if nq == slots {
-            (0..slots as u32).collect()
-        } else {
-            let mut v = vec![(slots - 1) as u32, (slots / 2) as u32];
-            while v.len() < nq {
-                v.push(rng.below(slots as u32));
-            }
-            v.truncate(nq);
-            v
-        };
+        let qslot = query_slots(&mut rng, slots, nq);
         let c = AttnCase::new(&mut rng, slots, heads, kvh, hd, segmented, &qslot);
         let t = c.t;
         for splits in [1, 3, 16] {

@@ -208,23 +208,22 @@ fn source(shape: CoopShape, tile: Tile) -> String {
     let mut skip = false;
     let mat = format!("coop_mat{t}x{t}");
     let frags = || (0..fm).flat_map(move |i| (0..fn_).map(move |j| (i, j)));
-    let mut out = String::new();
-    let mut head = format!(
+    let head = format!(
         "const T: u32 = {t}u;\nconst SG: u32 = {sg}u;\nconst SGM: u32 = {sgm}u;\n\
          const SGN: u32 = {sgn}u;\nconst FM: u32 = {fm}u;\nconst FN: u32 = {fn_}u;\n\
          const KF: u32 = {kf}u;\n"
     );
-    for line in include_str!("../../shaders/matmul_coop.wgsl").lines() {
-        let line = line.replace("{T}", &t.to_string());
+    let template = include_str!("../../shaders/matmul_coop.wgsl");
+    expand(template, t, head, |line| {
         match line.trim() {
             "//@ begin w staging" => skip = b_direct,
             "//@ end w staging" => skip = false,
             _ => {}
         }
         if skip {
-            continue;
+            return String::new();
         }
-        let code = match line.trim() {
+        match line.trim() {
             "//@ begin w staging" | "//@ end w staging" => String::new(),
             "//@ w binding" if b_direct => "@group(0) @binding(2) var<storage, read> W: array<f16>;\n".into(),
             "//@ w binding" => "@group(0) @binding(2) var<storage, read> W: array<vec4<u32>>;\n".into(),
@@ -303,15 +302,8 @@ fn source(shape: CoopShape, tile: Tile) -> String {
                 .collect(),
             l if l.starts_with("//@") => panic!("matmul_coop.wgsl: unknown directive {l}"),
             _ => format!("{line}\n"),
-        };
-        // The enable directives must stay ahead of the constants.
-        if line.starts_with("enable ") {
-            out += &code;
-        } else {
-            head += &code;
         }
-    }
-    out + &head
+    })
 }
 
 /// The workgroup tiles and their store helpers (see matmul_coop.wgsl).
@@ -537,11 +529,10 @@ fn flash_source(shape: CoopShape, d: u32, nsg: u32, bc: u32) -> String {
             format!("&{tile}[{off}], DP")
         }
     };
-    let mut head = format!(
+    let head = format!(
         "const T: u32 = {t}u;\nconst SG: u32 = {sg}u;\nconst NSG: u32 = {nsg}u;\n\
          const D: u32 = {d}u;\nconst BC: u32 = {bc}u;\n"
     );
-    let mut enables = String::new();
     // Combine a row's LPR lanes (adjacent lanes) by subgroup shuffles: `max` or `+`.
     let combine = |var: &str, max: bool| -> String {
         let mut c = String::new();
@@ -569,9 +560,9 @@ fn flash_source(shape: CoopShape, d: u32, nsg: u32, bc: u32) -> String {
         }
         c
     };
-    for line in include_str!("../../shaders/flash_coop.wgsl").lines() {
-        let line = line.replace("{T}", &t.to_string());
-        let code: String = match line.trim() {
+    let template = include_str!("../../shaders/flash_coop.wgsl");
+    expand(template, t, head, |line| {
+        match line.trim() {
             "//@ kv tiles" => {
                 let mut c = String::new();
                 for (tile, rows) in [("ks", "QR"), ("vs", "BC")] {
@@ -710,14 +701,30 @@ fn flash_source(shape: CoopShape, d: u32, nsg: u32, bc: u32) -> String {
                 .collect(),
             l if l.starts_with("//@") => panic!("flash_coop.wgsl: unknown directive {l}"),
             _ => format!("{line}\n"),
-        };
+        }
+    })
+}
+
+/// Expand a kernel template: each line (with `{T}` replaced by the fragment size `t`)
+/// becomes what `line_code` makes of it (the `//@` directives become code), the `enable`
+/// directives first, then `head` (the host's constants), then the rest.
+fn expand(
+    template: &str,
+    t: u32,
+    head: String,
+    mut line_code: impl FnMut(&str) -> String,
+) -> String {
+    let (mut enables, mut body) = (String::new(), head);
+    for line in template.lines() {
+        let line = line.replace("{T}", &t.to_string());
+        let code = line_code(&line);
         if line.starts_with("enable ") {
             enables += &code;
         } else {
-            head += &code;
+            body += &code;
         }
     }
-    enables + &head
+    enables + &body
 }
 
 /// [`super::attention`] on the tensor-core flash kernel (callers check [`flash_usable`])
