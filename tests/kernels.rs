@@ -453,6 +453,19 @@ fn cpu_attention(
     out
 }
 
+/// The flash-attention kernels' cases (slots, heads, kv heads, head size, queries,
+/// segmented): decode-like (one query), KVLink-like (a few queries over a long segmented
+/// cache), prefill-like (every slot a query, several row tiles) and many queries over a
+/// partly visible cache.
+const FLASH_CASES: &[(usize, usize, usize, usize, usize, bool)] = &[
+    (300, 4, 1, 64, 1, false),
+    (333, 9, 3, 64, 5, true),
+    (97, 2, 2, 32, 97, false),
+    (140, 4, 2, 128, 9, true),
+    (70, 14, 2, 64, 70, true),
+    (200, 8, 2, 64, 50, true),
+];
+
 /// `nq` query slots of a cache of `slots`: every slot when `nq == slots` (prefill), else
 /// the last and the middle one, then random ones.
 fn query_slots(rng: &mut Rng, slots: usize, nq: usize) -> Vec<u32> {
@@ -1141,13 +1154,7 @@ fn fused_forward_with_qkv_biases_matches_cpu_reference() {
 fn flash_attention_splits_match_cpu() {
     let g = gpu();
     let mut rng = Rng::new();
-    for &(slots, heads, kvh, hd, nq, segmented) in &[
-        (300, 4, 1, 64, 1, false),
-        (333, 9, 3, 64, 5, true),
-        (97, 2, 2, 32, 97, false),
-        (140, 4, 2, 128, 9, true),
-        (70, 14, 2, 64, 70, true),
-    ] {
+    for &(slots, heads, kvh, hd, nq, segmented) in FLASH_CASES {
         let qslot = query_slots(&mut rng, slots, nq);
         let c = AttnCase::new(&mut rng, slots, heads, kvh, hd, segmented, &qslot);
         let t = c.t;
@@ -1183,14 +1190,7 @@ fn coop_flash_attention_matches_cpu() {
         return;
     };
     let mut rng = Rng::new();
-    for &(slots, heads, kvh, hd, nq, segmented) in &[
-        (300, 4, 1, 64, 1, false),
-        (333, 9, 3, 64, 5, true),
-        (97, 2, 2, 32, 97, false),
-        (140, 4, 2, 128, 9, true),
-        (70, 14, 2, 64, 70, true),
-        (200, 8, 2, 64, 50, true),
-    ] {
+    for &(slots, heads, kvh, hd, nq, segmented) in FLASH_CASES {
         let qslot = query_slots(&mut rng, slots, nq);
         let c = AttnCase::new(&mut rng, slots, heads, kvh, hd, segmented, &qslot);
         let t = c.t;
