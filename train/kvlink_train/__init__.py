@@ -1,0 +1,1 @@
+"""KVLink LoRA trainer: fine-tunes a llama GGUF with the KVLink attention mask and link tokens."""

@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import KVLINK_JSON, TINY, make_samples
+from kvlink_train import logits as logits_cli
+from kvlink_train.base import load_base
+from kvlink_train.data import collate, epoch_batches, load_samples, to_control
+from kvlink_train.export import EXTRA_KEY, export_run
+from kvlink_train.model import KVLinkLlama
+from kvlink_train.train import Trainer, lr_at, main, parse_args
+
+
+def args(tiny, run, *extra: str) -> list[str]:
+    return ["--model", tiny["gguf"], "--samples", tiny["samples"], "--run", str(run), "--device", "cpu",
+            "--lora-r", "4", "--lora-alpha", "8", "--batch-tokens", "256", "--warmup", "2", "--quiet", *extra]
+
+
+def read_log(run) -> list[dict]:
+    return [json.loads(l) for l in open(os.path.join(run, "log.jsonl"))]
+
+
+def steps_of(run) -> list[dict]:
+    return [r for r in read_log(run) if "loss" in r]
+
+
+def test_lr_schedule():
+    assert lr_at(0, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_at(10, 1.0, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_at(55, 1.0, 10, 100, 0.1) == pytest.approx(0.55)
+
+
+def test_batches_respect_budget_and_cover_epoch(tiny):
+    s = load_samples(tiny["samples"])
+    bs = epoch_batches(s, 0, 0, 96)
+    assert sorted(i for b in bs for i in b) == list(range(len(s)))
+    for b in bs:
+        L = -(-max(int(s.lengths()[i]) for i in b) // 8) * 8
+        assert len(b) == 1 or len(b) * L <= 96
+    assert epoch_batches(s, 0, 0, 96) == bs and epoch_batches(s, 1, 0, 96) != bs
+
+
+def test_training_lowers_loss(tiny, tmp_path):
+    run = tmp_path / "run"
+    # one micro-batch holds every sample: the same batch each step
+    main(args(tiny, run, "--steps", "25", "--lr", "1e-2", "--batch-tokens", "100000", "--save-every", "0"))
+    ls = [r["loss"] for r in steps_of(run)]
+    assert len(ls) == 25
+    assert ls[-1] < 0.7 * ls[0], ls
+    first = steps_of(run)[0]
+    assert first["labelled"] == int(load_samples(tiny["samples"]).loss.sum())
+    assert set(first["comp_loss"]) == {"qa_mem", "qa"}
+    assert os.path.exists(run / "DONE") and os.path.exists(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_resume_is_exact(tiny, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--steps", "8", "--grad-accum", "2", "--lr", "5e-3", "--save-every", "3", "--batch-tokens", "128"]
+    assert main(args(tiny, a, *common)) == "done"
+    assert main(args(tiny, b, *common, "--stop-at-step", "5")) == "stopped"
+    with pytest.raises(SystemExit):  # existing run without --resume
+        main(args(tiny, b, *common))
+    with pytest.raises(SystemExit):  # changed arguments
+        main(args(tiny, b, "--steps", "9", *common[2:], "--resume"))
+    assert main(args(tiny, b, *common, "--resume")) == "done"
+    la, lb = steps_of(a), steps_of(b)
+    assert [r["step"] for r in lb] == list(range(1, 9))
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    assert [r["epoch"] for r in la] == [r["epoch"] for r in lb] and la[-1]["epoch"] >= 1  # crossed an epoch
+    ca = torch.load(a / "ckpt.pt", weights_only=False)
+    cb = torch.load(b / "ckpt.pt", weights_only=False)
+    for k, v in ca["trainable"].items():
+        assert torch.equal(v, cb["trainable"][k]), k
+    assert (ca["epoch"], ca["cursor"]) == (cb["epoch"], cb["cursor"])
+
+
+def test_export_roundtrip(tiny, tmp_path):
+    run = tmp_path / "run"
+    main(args(tiny, run, "--steps", "3", "--lr", "1e-2", "--lora-alpha", "12"))
+    ck = torch.load(run / "ckpt.pt", weights_only=False)
+    out = export_run(str(run), str(tmp_path / "adapter"))
+    ac = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert ac["r"] == 4 and ac["lora_alpha"] == 12 and ac["peft_type"] == "LORA"
+    assert ac["base_model_name_or_path"] == "tiny-test"
+    kv = json.load(open(os.path.join(out, "kvlink.json")))
+    src = json.loads(KVLINK_JSON)
+    assert all(kv[k] == v for k, v in src.items())
+    assert kv["extra_tokens"] == 10 and kv["base_vocab"] == 300
+    assert kv["base_model"] == {"name": "tiny-test", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300}
+    from safetensors import safe_open
+    with safe_open(os.path.join(out, "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor(EXTRA_KEY).dtype == torch.float16
+        assert torch.equal(f.get_tensor(EXTRA_KEY), ck["trainable"]["model.extra_embeddings"].half())
+        a = f.get_tensor("base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight")
+        b = f.get_tensor("base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight")
+        assert a.shape == (4, 64) and b.shape == (32, 4)
+    assert len(keys) == 2 * 7 * 2 + 1
+    # in-memory LoRA model with the same (f16-rounded) parameters vs. the merged reload from disk
+    cfg, base = load_base(tiny["gguf"])
+    m = KVLinkLlama(cfg, 10, lora_r=4, lora_alpha=12)
+    m.load_base(base)
+    with torch.no_grad():
+        p = dict(m.named_parameters())
+        for n, t in ck["trainable"].items():
+            p[n].copy_(t.half().float())
+    assert any(t.abs().max() > 0 for n, t in ck["trainable"].items() if n.endswith("lora_B"))
+    merged = logits_cli.load_merged(tiny["gguf"], out)
+    s = load_samples(tiny["samples"])
+    bt = collate(s, list(range(4)))
+    with torch.no_grad():
+        x = m(bt["ids"], bt["seg"], bt["pos"])
+        y = merged(bt["ids"], bt["seg"], bt["pos"])
+        z = KVLinkLlama(cfg, 10, lora_r=0)
+        z.load_base(base)
+        z.model.extra_embeddings.copy_(p["model.extra_embeddings"])
+        assert (z(bt["ids"], bt["seg"], bt["pos"]) - x).abs().max() > 1e-3  # the adapter matters
+    valid = bt["seg"] >= 0
+    assert torch.allclose(x[valid], y[valid], atol=2e-5, rtol=1e-5), (x - y)[valid].abs().max()
+
+
+def test_logits_cli(tiny, tmp_path, capsys):
+    out = logits_cli.main(["--model", tiny["gguf"], "--tokens", "1,2,3,4", "--segments", "0,1,1,0", "--top", "5"])
+    assert len(out["logits_last"]) == 5
+    lp = [t["logprob"] for t in out["logits_last"]]
+    assert lp == sorted(lp, reverse=True) and lp[0] <= 0
+    assert json.loads(capsys.readouterr().out.strip())["logits_last"] == out["logits_last"]
+    eng = tmp_path / "engine.json"
+    eng.write_text(json.dumps({"tokens": [1, 2, 3, 4], "segments": [0, 1, 1, 0], "positions": [0, 1, 2, 3],
+                               "top": out["logits_last"]}))
+    cmp = logits_cli.main(["--model", tiny["gguf"], "--engine-json", str(eng)])
+    assert cmp["max_abs_logprob_diff"] < 1e-6 and cmp["top1_agree"]
+
+
+def test_control(tiny, tmp_path):
+    s = load_samples(tiny["samples"])
+    c = to_control(s)
+    assert len(c) == len(s)
+    assert (c.tokens < 300).all() and (c.segments == 0).all()
+    assert c.loss.sum() == s.loss.sum()
+    for i in range(len(s)):
+        t, g, p, lo = s.sample(i)
+        keep = t < 300
+        ct, cg, cp, cl = c.sample(i)
+        assert np.array_equal(ct, t[keep]) and np.array_equal(cl, lo[keep])
+        assert np.array_equal(cp, np.arange(len(ct)))
+    kv = json.loads(c.kvlink_json)
+    assert kv["k"] == 0 and "link_base" not in kv and "kv_start" not in kv
+    run = tmp_path / "ctl"
+    main(args(tiny, run, "--steps", "2", "--control"))
+    ck = torch.load(run / "ckpt.pt", weights_only=False)
+    assert "model.extra_embeddings" not in ck["trainable"]
+    kj = json.load(open(run / "adapter" / "kvlink.json"))
+    assert kj["k"] == 0 and kj["extra_tokens"] == 0 and "link_base" not in kj
+    from safetensors import safe_open
+    with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert EXTRA_KEY not in f.keys()
+
+
+def test_samples_file_layout(tmp_path):
+    p = make_samples(str(tmp_path / "s.safetensors"), n=5, seed=3)
+    from safetensors import safe_open
+    with safe_open(p, "np") as f:
+        meta = f.metadata()
+        dt = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert meta["format"] == "kvlink-train-samples/1" and meta["base_vocab"] == "300"
+    assert dt == {"tokens": np.uint32, "segments": np.uint8, "positions": np.int32, "loss": np.uint8,
+                  "offsets": np.int64, "component": np.uint8}
+    s = load_samples(p)
+    assert s.n_extra() == 10 and s.components == ["qa_mem", "qa"] and len(s) == 5
