@@ -449,47 +449,53 @@ pub type TokenizedRequest = (Vec<u32>, Vec<Vec<u32>>, Vec<u32>);
 /// Marks where the documents go when the chat template is rendered.
 const DOCS_SENTINEL: &str = "\u{1}KVLINK-DOCUMENTS\u{1}";
 
-impl Engine {
-    /// Tokenize a request into (prefix, documents, tail). The prefix and tail come from
-    /// the chat template rendered around the user turn "<documents><question>"; each
-    /// document is tokenized on its own (no special tokens added).
-    pub fn tokenize_request(&self, req: &Request) -> Result<TokenizedRequest> {
-        if req.question.trim().is_empty() {
-            return Err(Error::Input("the question is empty".into()));
-        }
-        let docs = req
-            .documents
-            .iter()
-            .enumerate()
-            .map(|(j, d)| {
-                if d.trim().is_empty() {
-                    return Err(Error::Input(format!("document {} is empty", j + 1)));
-                }
-                self.tokenizer.encode(d, false)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let (prefix, tail) = if req.raw {
-            let prefix = self.tokenizer.encode("", true)?;
-            (prefix, self.tokenizer.encode(&req.question, false)?)
-        } else {
-            let mut msgs = Vec::new();
-            if let Some(s) = &req.system {
-                msgs.push(crate::model::ChatMessage::new("system", s.as_str()));
+/// Tokenize a request into (prefix, documents, tail). The prefix and tail come from
+/// the chat template rendered around the user turn "<documents><question>"; each
+/// document is tokenized on its own (no special tokens added). Inference and
+/// `kvlink train-data` both lay prompts out through this function.
+pub fn tokenize_request(tokenizer: &Tokenizer, req: &Request) -> Result<TokenizedRequest> {
+    if req.question.trim().is_empty() {
+        return Err(Error::Input("the question is empty".into()));
+    }
+    let docs = req
+        .documents
+        .iter()
+        .enumerate()
+        .map(|(j, d)| {
+            if d.trim().is_empty() {
+                return Err(Error::Input(format!("document {} is empty", j + 1)));
             }
-            msgs.push(crate::model::ChatMessage::new(
-                "user",
-                format!("{DOCS_SENTINEL}{}", req.question),
-            ));
-            let text = self.tokenizer.apply_chat_template(&msgs, true)?;
-            let (head, rest) = text.split_once(DOCS_SENTINEL).ok_or_else(|| {
-                Error::Template("the chat template dropped the user message".into())
-            })?;
-            (
-                self.tokenizer.encode(head, false)?,
-                self.tokenizer.encode(rest, false)?,
-            )
-        };
-        Ok((prefix, docs, tail))
+            tokenizer.encode(d, false)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (prefix, tail) = if req.raw {
+        let prefix = tokenizer.encode("", true)?;
+        (prefix, tokenizer.encode(&req.question, false)?)
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = &req.system {
+            msgs.push(crate::model::ChatMessage::new("system", s.as_str()));
+        }
+        msgs.push(crate::model::ChatMessage::new(
+            "user",
+            format!("{DOCS_SENTINEL}{}", req.question),
+        ));
+        let text = tokenizer.apply_chat_template(&msgs, true)?;
+        let (head, rest) = text
+            .split_once(DOCS_SENTINEL)
+            .ok_or_else(|| Error::Template("the chat template dropped the user message".into()))?;
+        (
+            tokenizer.encode(head, false)?,
+            tokenizer.encode(rest, false)?,
+        )
+    };
+    Ok((prefix, docs, tail))
+}
+
+impl Engine {
+    /// Tokenize a request into (prefix, documents, tail): see [`tokenize_request`].
+    pub fn tokenize_request(&self, req: &Request) -> Result<TokenizedRequest> {
+        tokenize_request(&self.tokenizer, req)
     }
 
     /// The prompt plan of a request (KVLINK.md §1), checked against the context.

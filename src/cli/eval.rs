@@ -4,7 +4,9 @@ use super::{load_engine_from, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use kvlink::eval::{self, hotpotqa, perplexity, QaOptions, QaRecord, ResultsFile};
+use kvlink::eval::{
+    self, hotpotqa, perplexity, squad, HotpotRecord, QaOptions, QaRecord, ResultsFile,
+};
 use kvlink::gpu::AdapterChoice;
 use kvlink::link::Mode;
 use std::collections::HashSet;
@@ -15,14 +17,19 @@ pub enum EvalCmd {
     /// HotpotQA (dev, distractor): best subspan EM per mode, fidelity vs full (first-token
     /// KL and agreement, identical answers), TTFT. Data: scripts/fetch-eval-data.sh.
     Hotpotqa(HotpotArgs),
+    /// SQuAD v2 dev, held-out articles: each answerable question with its gold paragraph
+    /// and nine other paragraphs of its article as ten documents (EVAL.md); same modes,
+    /// metrics and options as `hotpotqa`. Data: scripts/fetch-train-data.sh.
+    Squad(HotpotArgs),
 }
 
 #[derive(Args)]
 pub struct HotpotArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// HotpotQA file in the official hotpot_dev_distractor format. Default:
-    /// <cache dir>/data/hotpotqa.json (scripts/fetch-eval-data.sh).
+    /// Data file. hotpotqa: the official hotpot_dev_distractor format, default
+    /// <cache dir>/data/hotpotqa.json (scripts/fetch-eval-data.sh); squad: SQuAD v2 dev
+    /// JSON, default <cache dir>/data/squad-v2-dev.json (scripts/fetch-train-data.sh).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Modes to run on every question (comma-separated): full, kvlink, naive, masked.
@@ -52,23 +59,42 @@ pub struct HotpotArgs {
 
 pub fn eval(adapter: &AdapterChoice, cmd: &EvalCmd) -> Result<()> {
     match cmd {
-        EvalCmd::Hotpotqa(a) => hotpot(adapter, a),
+        EvalCmd::Hotpotqa(a) => {
+            let path = data_path(a, hotpotqa::default_path(), "fetch-eval-data.sh")?;
+            let all = hotpotqa::load(&path)?;
+            qa(adapter, a, "HotpotQA", &path, &all)
+        }
+        EvalCmd::Squad(a) => {
+            let path = data_path(a, squad::default_path(), "fetch-train-data.sh")?;
+            let all = squad::records(&squad::load(&path)?, squad::Part::Test);
+            qa(adapter, a, "SQuAD held-out", &path, &all)
+        }
     }
 }
 
-fn hotpot(adapter: &AdapterChoice, a: &HotpotArgs) -> Result<()> {
+fn data_path(a: &HotpotArgs, default: PathBuf, script: &str) -> Result<PathBuf> {
+    let path = a.data.clone().unwrap_or(default);
+    if !path.exists() {
+        bail!(
+            "data not found at {}: run scripts/{script} (or pass --data)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Run the QA evaluation over `all` (the selected slice of it) and print the summary.
+fn qa(
+    adapter: &AdapterChoice,
+    a: &HotpotArgs,
+    task: &str,
+    path: &std::path::Path,
+    all: &[HotpotRecord],
+) -> Result<()> {
     let modes = eval::parse_modes(&a.modes)?;
     if a.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let path = a.data.clone().unwrap_or_else(hotpotqa::default_path);
-    if !path.exists() {
-        bail!(
-            "HotpotQA data not found at {}: run scripts/fetch-eval-data.sh (or pass --data)",
-            path.display()
-        );
-    }
-    let all = hotpotqa::load(&path)?;
     if a.offset >= all.len() {
         bail!(
             "--offset {} is past the end of {} ({} questions)",
@@ -166,6 +192,7 @@ fn hotpot(adapter: &AdapterChoice, a: &HotpotArgs) -> Result<()> {
     let adapter_name = engine.gpu().report.name.clone();
     if a.json {
         let v = serde_json::json!({
+            "task": task,
             "dataset": path.display().to_string(),
             "model": engine.description,
             "adapter": adapter_name,
@@ -179,7 +206,7 @@ fn hotpot(adapter: &AdapterChoice, a: &HotpotArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "HotpotQA {} questions [{}..{}) of {} | {} | {} | max {} new tokens{}",
+            "{task} {} questions [{}..{}) of {} | {} | {} | max {} new tokens{}",
             slice.len(),
             a.offset,
             end,

@@ -3,6 +3,7 @@
 mod bench_kernels;
 mod eval;
 mod rag;
+mod train_data;
 #[cfg(feature = "viewer")]
 mod view;
 #[path = "../viewer/mod.rs"]
@@ -126,6 +127,9 @@ enum Cmd {
     },
     /// Perplexity over a text, plain and with KVLink-chunked context (--chunks).
     Perplexity(eval::PerplexityArgs),
+    /// Write tokenized KVLink training samples (the engine's own prompt layout) for the
+    /// trainer in train/. Data: scripts/fetch-train-data.sh.
+    TrainData(train_data::TrainDataArgs),
     /// Desktop app: documents, question, TTFT bars and attention heatmaps.
     #[cfg(feature = "viewer")]
     View(view::ViewArgs),
@@ -227,6 +231,7 @@ pub fn run() -> Result<()> {
         Cmd::Bench { cmd } => rag::bench(&adapter, &cmd),
         Cmd::Eval { cmd } => eval::eval(&adapter, &cmd),
         Cmd::Perplexity(a) => eval::perplexity(&adapter, &a),
+        Cmd::TrainData(a) => train_data::train_data(&a),
         #[cfg(feature = "viewer")]
         Cmd::View(a) => view::view(&adapter, &a),
         Cmd::Convert { model, out } => convert(&model, &out),

@@ -29,6 +29,9 @@ pub struct HotpotRecord {
     pub answer: String,
     /// `[title, sentences]` per paragraph.
     pub context: Vec<(String, Vec<String>)>,
+    /// Further accepted answers besides `answer` (SQuAD lists several; HotpotQA none).
+    #[serde(default)]
+    pub other_answers: Vec<String>,
 }
 
 /// The text of document `j` (1-based) as the reference formats it.
@@ -43,6 +46,13 @@ impl HotpotRecord {
             .iter()
             .enumerate()
             .map(|(i, (t, s))| format_document(i + 1, t, s))
+            .collect()
+    }
+
+    /// Every accepted answer: `answer`, then `other_answers`.
+    pub fn golds(&self) -> Vec<&str> {
+        std::iter::once(self.answer.as_str())
+            .chain(self.other_answers.iter().map(String::as_str))
             .collect()
     }
 

@@ -10,6 +10,7 @@
 pub mod hotpotqa;
 pub mod perplexity;
 pub mod score;
+pub mod squad;
 
 use crate::error::{Error, Result};
 use crate::link::{Mode, Timings};
@@ -237,7 +238,7 @@ pub fn run_question(
             id: rec.id.clone(),
             index,
             mode: mode.to_string(),
-            score: score::best_subspan_em(&a.text, &[rec.answer.as_str()]),
+            score: score::best_subspan_em(&a.text, &rec.golds()),
             prediction: a.text.clone(),
             gold: rec.answer.clone(),
             ttft_ms: a.timings.ttft.as_secs_f64() * 1e3,
