@@ -165,6 +165,7 @@ class KVLinkLlama(nn.Module):
             inv = inv / torch.tensor(c.rope_freq_factors, dtype=torch.float64)
         self.register_buffer("inv_freq", inv.float(), persistent=False)
         self.grad_checkpointing = False
+        self.ce_chunk = 4096  # labelled rows per lm_head chunk in training
 
     # --- setup -----------------------------------------------------------------------------
     def load_base(self, state: dict[str, torch.Tensor]) -> None:
@@ -237,8 +238,16 @@ class KVLinkLlama(nn.Module):
         Returns (sum, per-row-index of each labelled row [N], per-token loss [N]); the lm_head is
         computed only at those rows."""
         h = self.hidden(ids, seg, pos)
-        sel = targets >= 0
-        rows = sel.nonzero(as_tuple=True)
-        logits = self.lm_logits(h[rows])
-        tok = F.cross_entropy(logits, targets[rows], reduction="none")
+        rows = (targets >= 0).nonzero(as_tuple=True)
+        hs, ts = h[rows], targets[rows]
+        if self.training and torch.is_grad_enabled() and hs.shape[0] > self.ce_chunk:
+            # fp32 logits of every labelled row at once can take many GiB: compute them in
+            # chunks and again in backward
+            tok = torch.cat([checkpoint(self._ce, hs[i:i + self.ce_chunk], ts[i:i + self.ce_chunk], use_reentrant=False)
+                             for i in range(0, hs.shape[0], self.ce_chunk)])
+        else:
+            tok = self._ce(hs, ts)
         return tok.sum(), rows[0], tok
+
+    def _ce(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.lm_logits(h), t, reduction="none")

@@ -51,6 +51,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue RUN/ckpt.pt if it exists")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--grad-ckpt", action="store_true", help="recompute layer activations in backward")
+    p.add_argument("--bf16", action="store_true", help="bf16 base weights + autocast also on CPU (always on CUDA)")
     p.add_argument("--export", default=None, help="adapter folder written at the end (default RUN/adapter)")
     p.add_argument("--quiet", action="store_true", help="log to RUN/log.jsonl only")
     return p.parse_args(argv)
@@ -79,6 +80,7 @@ class Trainer:
             dev = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(dev)
         self.cuda = self.device.type == "cuda"
+        self.amp = self.cuda or args.bf16
         if self.cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -105,7 +107,7 @@ class Trainer:
         model.load_base(base)
         del base
         model.init_extra(torch.Generator().manual_seed(args.seed + 1))
-        if self.cuda:
+        if self.amp:
             model.freeze_base_to(torch.bfloat16)
         model.grad_checkpointing = args.grad_ckpt
         self.model = model.to(self.device).train()
@@ -185,7 +187,7 @@ class Trainer:
         loss_total = torch.zeros((), device=self.device)
         tokens = padded = 0
         for b in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 s, row, tok = self.model.loss_sums(b["ids"], b["seg"], b["pos"], b["targets"])
             (s / max(1, n_lab)).backward()
             loss_total += s.detach()

@@ -175,3 +175,37 @@ def test_samples_file_layout(tmp_path):
                   "offsets": np.int64, "component": np.uint8}
     s = load_samples(p)
     assert s.n_extra() == 10 and s.components == ["qa_mem", "qa"] and len(s) == 5
+
+
+def test_chunked_ce_matches(tiny):
+    cfg, base = load_base(tiny["gguf"])
+    s = load_samples(tiny["samples"])
+    bt = collate(s, list(range(len(s))))
+    grads = []
+    losses = []
+    for chunk in (10**9, 7):
+        torch.manual_seed(0)
+        m = KVLinkLlama(cfg, 10, lora_r=4, lora_alpha=8)
+        m.load_base(base)
+        m.init_extra(torch.Generator().manual_seed(1))
+        m.train()
+        m.ce_chunk = chunk
+        loss, _, tok = m.loss_sums(bt["ids"], bt["seg"], bt["pos"], bt["targets"])
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad]))
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bf16_path_and_max_minutes(tiny, tmp_path):
+    # the CUDA code path (bf16 frozen weights + autocast), here on CPU; --max-minutes stops after
+    # the first step with a checkpoint
+    run = tmp_path / "bf"
+    assert main(args(tiny, run, "--steps", "5", "--bf16", "--max-minutes", "0.01")) == "stopped"
+    ls = steps_of(run)
+    assert len(ls) == 1 and np.isfinite(ls[0]["loss"])
+    ck = torch.load(run / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 1 and all(t.dtype == torch.float32 for t in ck["trainable"].values())
+    assert main(args(tiny, run, "--steps", "5", "--bf16", "--resume")) == "done"
+    assert [r["step"] for r in steps_of(run)] == [1, 2, 3, 4, 5]
