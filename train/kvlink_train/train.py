@@ -209,7 +209,8 @@ class Trainer:
         return {"step": self.step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(float(gn), 4),
                 "tokens": tokens, "padded_tokens": padded, "labelled": n_lab, "tok_s": round(tokens / dt, 1),
                 "step_s": round(dt, 3), "elapsed": round(self.elapsed_before + time.time() - self.t_train, 1),
-                "epoch": self.epoch, "comp_loss": comps}
+                "epoch": self.epoch, "comp_loss": comps,
+                **({"mem_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)} if self.cuda else {})}
 
     def run(self) -> str:
         a = self.args

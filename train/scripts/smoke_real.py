@@ -22,7 +22,8 @@ from kvlink_train.train import main as train_main  # noqa: E402
 DEFAULT = os.path.expanduser("~/.cache/kvlink/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def synthetic(path: str, n: int, length: int, base_vocab: int = 49152, k: int = 5, slots: int = 40) -> None:
+def synthetic(path: str, n: int, length: int, base_vocab: int = 49152, k: int = 5, slots: int = 40,
+              all_loss: bool = False) -> None:
     rng = np.random.default_rng(0)
     kv = {"k": k, "link_base": base_vocab, "kv_start": base_vocab + k * slots, "kv_end": base_vocab + k * slots + 1,
           "max_slots": slots}
@@ -39,6 +40,8 @@ def synthetic(path: str, n: int, length: int, base_vocab: int = 49152, k: int = 
         rest = length - len(toks)
         toks += list(rng.integers(100, base_vocab, rest)); segs += [0] * rest
         loss += [0] * (rest // 2) + [1] * (rest - rest // 2)
+        if all_loss:
+            loss = [1] * len(toks)
         ss.append({"tokens": toks, "segments": segs, "positions": list(range(len(toks))), "loss": loss,
                    "component": 0})
     write_samples(path, ss, ["qa_mem", "qa"], base_vocab, json.dumps(kv))
