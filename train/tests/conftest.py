@@ -42,7 +42,8 @@ def tiny_hf_state(seed: int = 0) -> dict[str, np.ndarray]:
     return sd
 
 
-def write_tiny_gguf(path: str, sd: dict[str, np.ndarray]) -> None:
+def write_tiny_gguf(path: str, sd: dict[str, np.ndarray], output: np.ndarray | None = None,
+                    rope_freqs: np.ndarray | None = None) -> None:
     import gguf
 
     c = TINY
@@ -63,6 +64,10 @@ def write_tiny_gguf(path: str, sd: dict[str, np.ndarray]) -> None:
              "mlp.down_proj": "ffn_down"}
     wr.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     wr.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if output is not None:
+        wr.add_tensor("output.weight", output)
+    if rope_freqs is not None:
+        wr.add_tensor("rope_freqs.weight", rope_freqs)
     for i in range(c["layers"]):
         for h, g in names.items():
             a = sd[f"model.layers.{i}.{h}.weight"]

@@ -215,3 +215,21 @@ def test_lm_head_excludes_extra_rows(tiny):
     e = m.embed(ids)
     assert torch.equal(e[0, 1], m.model.extra_embeddings[KV_START - 300])
     assert torch.equal(e[0, 0], m.model.embed_tokens.weight[1])
+
+
+def test_untied_head_and_rope_freqs(tmp_path, tiny):
+    from conftest import write_tiny_gguf
+    rng = np.random.default_rng(5)
+    out = (rng.standard_normal((300, 64)) * 0.1).astype(np.float32)
+    ff = np.linspace(1.0, 8.0, 8).astype(np.float32)  # head_dim 16 -> 8 frequencies
+    p = str(tmp_path / "untied.gguf")
+    write_tiny_gguf(p, tiny["hf"], output=out, rope_freqs=ff)
+    cfg, sd = load_base(p)
+    assert not cfg.tie_word_embeddings and np.array_equal(sd["lm_head.weight"].numpy(), out)
+    assert cfg.rope_freq_factors == [float(x) for x in ff]
+    m = KVLinkLlama(cfg, 0, lora_r=0)
+    m.load_base(sd)
+    inv = 1.0 / (TINY["theta"] ** (np.arange(0, 16, 2) / 16)) / ff
+    assert np.allclose(m.inv_freq.numpy(), inv, rtol=1e-6)
+    h = torch.randn(3, 64)
+    assert torch.allclose(m.lm_logits(h), h @ torch.from_numpy(out).T, atol=1e-5)
