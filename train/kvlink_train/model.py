@@ -212,6 +212,15 @@ class KVLinkLlama(nn.Module):
         """Final-normed hidden states [B,L,H] (fp32) under the KVLink mask of `seg`."""
         if mask is None:
             mask = kvlink_mask(seg)
+        if mask.dtype == torch.bool:
+            # one additive mask shared by every layer (SDPA would convert a bool mask per call,
+            # and the memory-efficient kernel keeps each copy for backward)
+            dev = ids.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+            # (last dim allocated to a multiple of 16 so SDPA finds it aligned and pads nothing)
+            L = mask.shape[-1]
+            full = torch.zeros(*mask.shape[:-1], (L + 15) // 16 * 16, dtype=dt, device=mask.device)
+            mask = full[..., :L].masked_fill_(~mask, float("-inf"))
         ang = pos.float()[..., None] * self.inv_freq  # [B,L,hd/2]
         ang = torch.cat((ang, ang), dim=-1)[:, None]  # [B,1,L,hd]
         cos, sin = ang.cos(), ang.sin()
