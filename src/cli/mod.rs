@@ -140,6 +140,11 @@ pub(crate) struct ModelArgs {
     /// Context length in tokens (KV cache size). Default: min(model maximum, 4096).
     #[arg(long, default_value_t = 0)]
     pub ctx: usize,
+    /// A LoRA adapter folder (PEFT: adapter_config.json + adapter_model.safetensors,
+    /// optional kvlink.json), merged into the model's weights at load. Also read from
+    /// KVLINK_LORA.
+    #[arg(long, env = "KVLINK_LORA")]
+    pub lora: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -281,8 +286,17 @@ fn devices(json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Resolve `--model` (or the default model, fetched if missing) and open it.
+/// Resolve `--model` (or the default model, fetched if missing) and open it, with the
+/// `--lora` adapter merged in if one is given.
 pub(crate) fn open_source(m: &ModelArgs) -> Result<Box<dyn WeightSource>> {
+    let src = open_base(m)?;
+    match &m.lora {
+        Some(dir) => Ok(kvlink::model::lora::with_lora(src, dir)?),
+        None => Ok(src),
+    }
+}
+
+fn open_base(m: &ModelArgs) -> Result<Box<dyn WeightSource>> {
     let path = match &m.model {
         Some(p) => p.clone(),
         None => {

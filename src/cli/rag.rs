@@ -52,11 +52,16 @@ impl DocArgs {
             .collect()
     }
 
-    /// Apply link-token configuration (kvlink.json next to the model, then flags) and
-    /// the disk store to a loaded engine.
+    /// Apply link-token configuration (a `--lora` adapter's kvlink.json, which the
+    /// engine took at load, else kvlink.json next to the model; then flags) and the disk
+    /// store to a loaded engine.
     pub fn configure(&self, engine: &mut Engine, model: &ModelArgs) -> Result<()> {
-        let mut link = LinkConfig::default();
-        if let Some(m) = &model.model {
+        let mut link = if model.lora.is_some() {
+            engine.link.clone()
+        } else {
+            LinkConfig::default()
+        };
+        if let (None, Some(m)) = (&model.lora, &model.model) {
             let dir = if m.is_dir() {
                 m.clone()
             } else {
@@ -78,7 +83,7 @@ impl DocArgs {
         if self.kv_end.is_some() {
             link.kv_end = self.kv_end;
         }
-        link.validate(engine.config().vocab_size, 1)?;
+        link.validate(engine.config().input_vocab(), 1)?;
         engine.link = link;
         if !self.no_store {
             let store = match &self.store {

@@ -27,6 +27,8 @@ pub struct Options {
     pub adapter: AdapterChoice,
     pub model: Option<PathBuf>,
     pub ctx: usize,
+    /// A LoRA adapter folder merged into every model the app loads (`--lora`).
+    pub lora: Option<PathBuf>,
     pub store: Option<PathBuf>,
     pub no_store: bool,
 }
@@ -199,6 +201,7 @@ struct ScriptState {
 pub struct ViewerApp {
     adapter: AdapterChoice,
     ctx_len: usize,
+    lora: Option<PathBuf>,
     store_dir: Option<PathBuf>,
     no_store: bool,
     model_field: String,
@@ -244,6 +247,7 @@ impl ViewerApp {
         let mut app = ViewerApp {
             adapter: opts.adapter,
             ctx_len: opts.ctx,
+            lora: opts.lora,
             store_dir: opts.store,
             no_store: opts.no_store,
             model_field: model.map(|p| p.display().to_string()).unwrap_or_default(),
@@ -329,6 +333,7 @@ impl ViewerApp {
         let args = ModelArgs {
             model: (!m.is_empty()).then(|| PathBuf::from(m)),
             ctx: self.ctx_len,
+            lora: self.lora.clone(),
         };
         let adapter = self.adapter.clone();
         let docs = crate::cli::rag::DocArgs {
