@@ -497,7 +497,8 @@ impl Engine {
     /// The prompt plan of a request (KVLINK.md §1), checked against the context.
     pub fn plan(&self, req: &Request) -> Result<PromptPlan> {
         let (prefix, docs, tail) = self.tokenize_request(req)?;
-        self.link.validate(self.config().input_vocab(), docs.len())?;
+        self.link
+            .validate(self.config().input_vocab(), docs.len())?;
         for (j, d) in docs.iter().enumerate() {
             if d.len() >= self.context {
                 return Err(Error::Input(format!(

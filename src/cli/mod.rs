@@ -370,7 +370,12 @@ fn info(m: &ModelArgs, json: bool) -> Result<()> {
     let src = open_source(m)?;
     let c = src.config();
     let tok = src.tokenizer()?;
-    let params: usize = c.vocab_size * c.hidden_size * if c.tie_word_embeddings { 1 } else { 2 }
+    let params: usize = c.input_vocab() * c.hidden_size
+        + if c.tie_word_embeddings {
+            0
+        } else {
+            c.vocab_size * c.hidden_size
+        }
         + c.num_hidden_layers
             * (c.hidden_size * (c.q_dim() + 2 * c.kv_dim())
                 + c.q_dim() * c.hidden_size
@@ -417,6 +422,14 @@ fn info(m: &ModelArgs, json: bool) -> Result<()> {
         )),
         c.tie_word_embeddings
     );
+    if c.extra_vocab > 0 {
+        println!(
+            "extra input tokens: {} (ids {}..{}, input only)",
+            c.extra_vocab,
+            c.vocab_size,
+            c.input_vocab()
+        );
+    }
     println!(
         "tokenizer:    {} tokens, bos {:?}, eos {:?}, stop ids {:?}",
         tok.vocab_size(),

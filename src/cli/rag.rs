@@ -377,7 +377,13 @@ pub struct SpeedArgs {
 fn bench_engine(adapter: &AdapterChoice, b: &BenchModel, ctx: usize) -> Result<Engine> {
     let mut m = b.model.clone();
     let src: Box<dyn kvlink::model::WeightSource> = match &b.random_model {
-        Some(shape) => Box::new(kvlink::model::random::RandomModel::new(shape, 1)?),
+        Some(shape) => {
+            let r = Box::new(kvlink::model::random::RandomModel::new(shape, 1)?);
+            match &m.lora {
+                Some(dir) => kvlink::model::lora::with_lora(r, dir)?,
+                None => r,
+            }
+        }
         None => super::open_source(&m)?,
     };
     if m.ctx == 0 {

@@ -393,7 +393,12 @@ impl Llama {
 
     /// Bytes of weights on the GPU.
     pub fn weight_bytes(&self) -> u64 {
-        let mut b = self.embed.bytes() + if self.lm_head_tied { 0 } else { self.lm_head.bytes() };
+        let mut b = self.embed.bytes()
+            + if self.lm_head_tied {
+                0
+            } else {
+                self.lm_head.bytes()
+            };
         for l in &self.layers {
             for m in [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down] {
                 b += m.bytes();
@@ -486,7 +491,11 @@ impl Llama {
                 "forward: tokens, positions and slots differ in length".into(),
             ));
         }
-        if let Some(&bad) = batch.tokens.iter().find(|&&x| x as usize >= c.input_vocab()) {
+        if let Some(&bad) = batch
+            .tokens
+            .iter()
+            .find(|&&x| x as usize >= c.input_vocab())
+        {
             return Err(Error::Input(format!(
                 "token id {bad} is outside the model's vocabulary ({})",
                 c.input_vocab()

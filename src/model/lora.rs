@@ -133,8 +133,8 @@ impl LoraAdapter {
                 Err(e) => Err(lora_err(dir, format!("cannot read {name}: {e}"))),
             }
         };
-        let config = read(CONFIG_FILE)?
-            .ok_or_else(|| lora_err(dir, format!("{CONFIG_FILE} is missing")))?;
+        let config =
+            read(CONFIG_FILE)?.ok_or_else(|| lora_err(dir, format!("{CONFIG_FILE} is missing")))?;
         let weights = read(WEIGHTS_FILE)?.ok_or_else(|| {
             let also = if dir.join("adapter_model.bin").exists() {
                 " (adapter_model.bin is there: only safetensors adapters are supported)"
@@ -155,8 +155,8 @@ impl LoraAdapter {
         link: Option<&[u8]>,
     ) -> Result<LoraAdapter> {
         let e = |msg: String| lora_err(path, msg);
-        let raw: RawConfig = serde_json::from_slice(config)
-            .map_err(|x| e(format!("invalid {CONFIG_FILE}: {x}")))?;
+        let raw: RawConfig =
+            serde_json::from_slice(config).map_err(|x| e(format!("invalid {CONFIG_FILE}: {x}")))?;
         let cfg = check_config(&raw).map_err(|m| e(format!("{CONFIG_FILE}: {m}")))?;
         let link_bytes = link;
         let link: Option<AdapterLinkFile> = link
@@ -328,9 +328,7 @@ fn check_config(c: &RawConfig) -> std::result::Result<CheckedConfig, String> {
     }
     if let Some(t) = c.task_type.as_deref() {
         if t != "CAUSAL_LM" {
-            return Err(format!(
-                "task_type {t:?} is not supported (only CAUSAL_LM)"
-            ));
+            return Err(format!("task_type {t:?} is not supported (only CAUSAL_LM)"));
         }
     }
     if c.use_dora == Some(true) {
@@ -467,7 +465,11 @@ impl LoraModel {
         if let Some(bm) = &lf.base_model {
             let mismatch = [
                 ("hidden_size", bm.hidden_size, bc.hidden_size),
-                ("num_hidden_layers", bm.num_hidden_layers, bc.num_hidden_layers),
+                (
+                    "num_hidden_layers",
+                    bm.num_hidden_layers,
+                    bc.num_hidden_layers,
+                ),
                 ("vocab_size", bm.vocab_size, bc.vocab_size),
             ]
             .iter()
@@ -698,7 +700,11 @@ impl WeightSource for LoraModel {
     }
 
     fn fingerprint(&self) -> String {
-        format!("{}+lora-{:016x}", self.base.fingerprint(), self.adapter.hash)
+        format!(
+            "{}+lora-{:016x}",
+            self.base.fingerprint(),
+            self.adapter.hash
+        )
     }
 
     fn link_config(&self) -> Option<LinkConfig> {
@@ -724,7 +730,10 @@ mod tests {
         assert_eq!(n("1.self_attn.q_proj.lora_C.weight"), None);
         assert_eq!(n("+1.self_attn.q_proj.lora_A.weight"), None);
         assert_eq!(n("1.self_attn.q_proj.lora_A.default.weight"), None);
-        assert_eq!(parse_name("model.layers.1.self_attn.q_proj.lora_A.weight"), None);
+        assert_eq!(
+            parse_name("model.layers.1.self_attn.q_proj.lora_A.weight"),
+            None
+        );
     }
 
     #[test]
