@@ -1040,6 +1040,11 @@ fn cli_lora_flag() {
     let t = ids(&cli_ok(&qa, None));
     assert!(t.contains(&512) && !t.contains(&513), "{t:?}");
 
+    // An adapter without a kvlink.json leaves the model's in charge.
+    std::fs::remove_file(adapter.join("kvlink.json")).unwrap();
+    let t = ids(&cli_ok(&qa[..qa.len() - 2], None));
+    assert!(t.contains(&300) && !t.contains(&512), "{t:?}");
+
     let missing = tmp.path().join("no-such-adapter");
     let o = kvlink_cli(
         &["info", "--model", m, "--lora", missing.to_str().unwrap()],

@@ -56,12 +56,16 @@ impl DocArgs {
     /// engine took at load, else kvlink.json next to the model; then flags) and the disk
     /// store to a loaded engine.
     pub fn configure(&self, engine: &mut Engine, model: &ModelArgs) -> Result<()> {
-        let mut link = if model.lora.is_some() {
+        let adapter_link = model
+            .lora
+            .as_ref()
+            .is_some_and(|d| d.join(kvlink::model::lora::LINK_FILE).is_file());
+        let mut link = if adapter_link {
             engine.link.clone()
         } else {
             LinkConfig::default()
         };
-        if let (None, Some(m)) = (&model.lora, &model.model) {
+        if let (false, Some(m)) = (adapter_link, &model.model) {
             let dir = if m.is_dir() {
                 m.clone()
             } else {
