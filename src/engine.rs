@@ -169,13 +169,15 @@ impl Engine {
         for k in crate::ops::kernels::ALL {
             gpu.pipeline(*k);
         }
+        let link = src.link_config().unwrap_or_default();
+        link.validate(cfg.input_vocab(), 1)?;
         let model = Llama::load(gpu, src, progress)?;
         Ok(Engine {
             model,
             context,
             description: src.describe(),
             fingerprint: src.fingerprint(),
-            link: LinkConfig::default(),
+            link,
             tokenizer_fingerprint: format!(
                 "{:016x}",
                 crate::kv::fnv1a64(tokenizer.to_hf_json()?.as_bytes())
@@ -501,7 +503,8 @@ impl Engine {
     /// The prompt plan of a request (KVLINK.md §1), checked against the context.
     pub fn plan(&self, req: &Request) -> Result<PromptPlan> {
         let (prefix, docs, tail) = self.tokenize_request(req)?;
-        self.link.validate(self.config().vocab_size, docs.len())?;
+        self.link
+            .validate(self.config().input_vocab(), docs.len())?;
         for (j, d) in docs.iter().enumerate() {
             if d.len() >= self.context {
                 return Err(Error::Input(format!(

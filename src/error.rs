@@ -18,6 +18,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A LoRA adapter folder is missing, corrupt, unsupported or does not fit the model.
+    #[error("LoRA adapter {path}: {msg}")]
+    Lora { path: PathBuf, msg: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]

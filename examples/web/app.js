@@ -18,12 +18,16 @@ function enable(on) {
 async function loadModel(source) {
   enable(false);
   status('loading model…', 'loading');
+  // A picked adapter folder, else ?lora=<folder URL>.
+  const lora = $('lora').files.length ? $('lora').files : (params.get('lora') || undefined);
   const info = await kv.loadModel(source, {
     context: 2048,
+    lora,
     onProgress: (n, total) => status(`downloading model: ${(n / 1e6).toFixed(1)}${total ? ' / ' + (total / 1e6).toFixed(1) : ''} MB`),
   });
   $('model').textContent = `${info.description}: ${info.layers} layers, vocab ${info.vocab}, ` +
-    `${(info.weight_bytes / 1e6).toFixed(0)} MB of f16 weights on the GPU, loaded in ${(info.load_ms / 1e3).toFixed(1)} s`;
+    `${(info.weight_bytes / 1e6).toFixed(0)} MB of f16 weights on the GPU, loaded in ${(info.load_ms / 1e3).toFixed(1)} s` +
+    (info.extra_vocab ? `; ${info.extra_vocab} extra input tokens, ${info.link.k} link tokens per document` : '');
   $('docs').innerHTML = '';
   enable(true);
   status('model ready: add documents and ask', 'ready');

@@ -42,6 +42,51 @@ async function toBytes(source, onProgress) {
   return bytes;
 }
 
+async function toText(source) {
+  if (typeof source === 'string' && source.trimStart().startsWith('{')) return source;  // JSON itself
+  return new TextDecoder().decode(await toBytes(source));
+}
+
+/**
+ * A LoRA adapter's three files: a folder URL ('adapters/kvlink5/': its
+ * adapter_config.json, adapter_model.safetensors and, if present, kvlink.json), the
+ * Files of a picked folder (FileList or array, matched by name), or
+ * {config, weights, link?} with each a URL, File/Blob or bytes (config/link also JSON text).
+ */
+async function loraFiles(lora) {
+  if (typeof lora === 'string') {
+    const base = lora.endsWith('/') ? lora : lora + '/';
+    const link = await fetch(base + 'kvlink.json');
+    return {
+      name: base,
+      config: await toText(base + 'adapter_config.json'),
+      weights: await toBytes(base + 'adapter_model.safetensors'),
+      link: link.ok ? await link.text() : undefined,
+    };
+  }
+  if (Array.isArray(lora) || (typeof FileList !== 'undefined' && lora instanceof FileList)) {
+    const files = Array.from(lora);
+    const pick = (n) => files.find((f) => f.name === n);
+    for (const n of ['adapter_config.json', 'adapter_model.safetensors']) {
+      if (!pick(n)) throw new Error(`LoRA adapter: ${n} is missing from the chosen files`);
+    }
+    const dir = (files[0].webkitRelativePath || '').split('/')[0] || 'adapter';
+    return {
+      name: dir,
+      config: await toText(pick('adapter_config.json')),
+      weights: await toBytes(pick('adapter_model.safetensors')),
+      link: pick('kvlink.json') ? await toText(pick('kvlink.json')) : undefined,
+    };
+  }
+  if (!lora.config || !lora.weights) throw new Error('LoRA adapter: give {config, weights, link?}');
+  return {
+    name: lora.name || (typeof lora.weights === 'string' ? lora.weights : 'adapter'),
+    config: await toText(lora.config),
+    weights: await toBytes(lora.weights),
+    link: lora.link ? await toText(lora.link) : undefined,
+  };
+}
+
 export class KvlinkEngine {
   constructor(inner) { this.inner = inner; this.model = null; }
 
@@ -50,15 +95,22 @@ export class KvlinkEngine {
 
   /**
    * Load a GGUF model from a same-origin URL, a File/Blob (file picker) or bytes.
-   * options: { context (0 = default), onProgress(bytesDone, bytesTotal) }.
-   * Resolves to {description, layers, vocab, context, load_ms, ...}.
+   * options: { context (0 = default), onProgress(bytesDone, bytesTotal), lora }, where
+   * lora is a LoRA adapter merged into the weights (see loraFiles: a folder URL, the
+   * Files of a picked folder, or {config, weights, link?}); its kvlink.json sets the
+   * link tokens. Resolves to {description, layers, vocab, extra_vocab, link, context,
+   * load_ms, ...}.
    */
   async loadModel(source, options = {}) {
     const bytes = await toBytes(source, options.onProgress);
     const name = typeof source === 'string' ? source : (source.name || 'model.gguf');
+    const lora = options.lora ? await loraFiles(options.lora) : null;
     // Let the page repaint before the (synchronous) weight upload.
     await new Promise((r) => setTimeout(r, 0));
-    this.model = this.inner.loadModel(bytes, name, options.context || 0);
+    const ctx = options.context || 0;
+    this.model = lora
+      ? this.inner.loadModelWithLora(bytes, name, ctx, lora.name, lora.config, lora.weights, lora.link)
+      : this.inner.loadModel(bytes, name, ctx);
     return this.model;
   }
 

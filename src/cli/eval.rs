@@ -256,6 +256,9 @@ pub struct PerplexityArgs {
     /// Model: a .gguf file or an HF folder. Default: SmolLM2-135M-Instruct from the cache.
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
+    /// A LoRA adapter folder merged into the model (see `kvlink generate --help`).
+    #[arg(long, env = "KVLINK_LORA")]
+    pub lora: Option<PathBuf>,
     /// Text file (WikiExtractor <doc ...> lines are dropped). Default:
     /// <cache dir>/data/wiki.utf8 (scripts/fetch-eval-data.sh).
     #[arg(long)]
@@ -299,6 +302,7 @@ pub fn perplexity(adapter: &AdapterChoice, a: &PerplexityArgs) -> Result<()> {
     let margs = ModelArgs {
         model: a.model.clone(),
         ctx: 0,
+        lora: a.lora.clone(),
     };
     let engine = load_engine_from(adapter, &margs)?;
     let max_pos = engine.config().max_position_embeddings;

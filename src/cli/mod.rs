@@ -144,6 +144,11 @@ pub(crate) struct ModelArgs {
     /// Context length in tokens (KV cache size). Default: min(model maximum, 4096).
     #[arg(long, default_value_t = 0)]
     pub ctx: usize,
+    /// A LoRA adapter folder (PEFT: adapter_config.json + adapter_model.safetensors,
+    /// optional kvlink.json), merged into the model's weights at load. Also read from
+    /// KVLINK_LORA.
+    #[arg(long, env = "KVLINK_LORA")]
+    pub lora: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -286,8 +291,17 @@ fn devices(json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Resolve `--model` (or the default model, fetched if missing) and open it.
+/// Resolve `--model` (or the default model, fetched if missing) and open it, with the
+/// `--lora` adapter merged in if one is given.
 pub(crate) fn open_source(m: &ModelArgs) -> Result<Box<dyn WeightSource>> {
+    let src = open_base(m)?;
+    match &m.lora {
+        Some(dir) => Ok(kvlink::model::lora::with_lora(src, dir)?),
+        None => Ok(src),
+    }
+}
+
+fn open_base(m: &ModelArgs) -> Result<Box<dyn WeightSource>> {
     let path = match &m.model {
         Some(p) => p.clone(),
         None => {
@@ -361,7 +375,12 @@ fn info(m: &ModelArgs, json: bool) -> Result<()> {
     let src = open_source(m)?;
     let c = src.config();
     let tok = src.tokenizer()?;
-    let params: usize = c.vocab_size * c.hidden_size * if c.tie_word_embeddings { 1 } else { 2 }
+    let params: usize = c.input_vocab() * c.hidden_size
+        + if c.tie_word_embeddings {
+            0
+        } else {
+            c.vocab_size * c.hidden_size
+        }
         + c.num_hidden_layers
             * (c.hidden_size * (c.q_dim() + 2 * c.kv_dim())
                 + c.q_dim() * c.hidden_size
@@ -408,6 +427,14 @@ fn info(m: &ModelArgs, json: bool) -> Result<()> {
         )),
         c.tie_word_embeddings
     );
+    if c.extra_vocab > 0 {
+        println!(
+            "extra input tokens: {} (ids {}..{}, input only)",
+            c.extra_vocab,
+            c.vocab_size,
+            c.input_vocab()
+        );
+    }
     println!(
         "tokenizer:    {} tokens, bos {:?}, eos {:?}, stop ids {:?}",
         tok.vocab_size(),

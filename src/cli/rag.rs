@@ -52,11 +52,20 @@ impl DocArgs {
             .collect()
     }
 
-    /// Apply link-token configuration (kvlink.json next to the model, then flags) and
-    /// the disk store to a loaded engine.
+    /// Apply link-token configuration (a `--lora` adapter's kvlink.json, which the
+    /// engine took at load, else kvlink.json next to the model; then flags) and the disk
+    /// store to a loaded engine.
     pub fn configure(&self, engine: &mut Engine, model: &ModelArgs) -> Result<()> {
-        let mut link = LinkConfig::default();
-        if let Some(m) = &model.model {
+        let adapter_link = model
+            .lora
+            .as_ref()
+            .is_some_and(|d| d.join(kvlink::model::lora::LINK_FILE).is_file());
+        let mut link = if adapter_link {
+            engine.link.clone()
+        } else {
+            LinkConfig::default()
+        };
+        if let (false, Some(m)) = (adapter_link, &model.model) {
             let dir = if m.is_dir() {
                 m.clone()
             } else {
@@ -78,7 +87,7 @@ impl DocArgs {
         if self.kv_end.is_some() {
             link.kv_end = self.kv_end;
         }
-        link.validate(engine.config().vocab_size, 1)?;
+        link.validate(engine.config().input_vocab(), 1)?;
         engine.link = link;
         if !self.no_store {
             let store = match &self.store {
@@ -372,7 +381,13 @@ pub struct SpeedArgs {
 fn bench_engine(adapter: &AdapterChoice, b: &BenchModel, ctx: usize) -> Result<Engine> {
     let mut m = b.model.clone();
     let src: Box<dyn kvlink::model::WeightSource> = match &b.random_model {
-        Some(shape) => Box::new(kvlink::model::random::RandomModel::new(shape, 1)?),
+        Some(shape) => {
+            let r = Box::new(kvlink::model::random::RandomModel::new(shape, 1)?);
+            match &m.lora {
+                Some(dir) => kvlink::model::lora::with_lora(r, dir)?,
+                None => r,
+            }
+        }
         None => super::open_source(&m)?,
     };
     if m.ctx == 0 {

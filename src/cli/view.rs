@@ -23,6 +23,7 @@ pub fn view(adapter: &AdapterChoice, a: &ViewArgs) -> Result<()> {
         adapter: adapter.clone(),
         model: a.model.model.clone(),
         ctx: a.model.ctx,
+        lora: a.model.lora.clone(),
         store: a.store.clone(),
         no_store: a.no_store,
     })

@@ -36,6 +36,11 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Q/K/V projections carry a bias (Qwen2).
     pub attention_bias: bool,
+    /// Input-only embedding rows after the output vocabulary (a LoRA adapter's
+    /// `kvlink.extra_embeddings`): ids `vocab_size..input_vocab()` can be fed to the
+    /// model but are never produced (the lm_head keeps `vocab_size` rows).
+    #[serde(default)]
+    pub extra_vocab: usize,
 }
 
 impl ModelConfig {
@@ -44,6 +49,11 @@ impl ModelConfig {
     }
     pub fn kv_dim(&self) -> usize {
         self.num_key_value_heads * self.head_dim
+    }
+    /// Rows of the token embedding: the ids the model accepts as input (>= the
+    /// `vocab_size` logits it produces).
+    pub fn input_vocab(&self) -> usize {
+        self.vocab_size + self.extra_vocab
     }
 
     /// Check the numbers are consistent; `what` names the source for the error message.

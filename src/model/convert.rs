@@ -150,6 +150,14 @@ pub fn write_hf_folder(
     out: &Path,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<()> {
+    if src.config().extra_vocab > 0 {
+        return Err(Error::Unsupported(format!(
+            "{} has {} input-only embedding rows (a LoRA adapter's extra tokens), which an HF \
+             folder cannot hold; load the adapter with --lora instead of converting",
+            src.describe(),
+            src.config().extra_vocab
+        )));
+    }
     if out.exists() {
         let empty_dir = out.is_dir()
             && std::fs::read_dir(out)

@@ -1235,6 +1235,7 @@ impl GgufModel {
             max_position_embeddings: ctx,
             tie_word_embeddings: file.tensor("output.weight").is_none(),
             attention_bias: file.tensor("blk.0.attn_q.bias").is_some(),
+            extra_vocab: 0,
         };
         config
             .validate()

@@ -222,6 +222,7 @@ pub fn parse_config(text: &str, path: &Path) -> Result<HfConfig> {
         max_position_embeddings,
         tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
         attention_bias: arch == Arch::Qwen2 || raw.attention_bias.unwrap_or(false),
+        extra_vocab: 0,
     };
     config
         .validate()
@@ -245,7 +246,7 @@ struct Shard {
     meta: Metadata,
 }
 
-fn map_st_err(e: SafeTensorError) -> String {
+pub(crate) fn map_st_err(e: SafeTensorError) -> String {
     match e {
         SafeTensorError::MetadataIncompleteBuffer => {
             "file size does not match its header (truncated or corrupt safetensors)".into()

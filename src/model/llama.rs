@@ -43,11 +43,15 @@ struct Layer {
 pub struct Llama {
     pub cfg: ModelConfig,
     gpu: Arc<Gpu>,
+    /// `[input_vocab, hidden]`: the base vocabulary's rows, then (in parts of their own)
+    /// any input-only extra rows.
     embed: Matrix,
     layers: Vec<Layer>,
     final_norm: Tensor,
-    /// None when tied to the embedding.
-    lm_head: Option<Matrix>,
+    /// `[vocab, hidden]`. When tied, a view of the embedding's base rows: the same GPU
+    /// buffers (the extra rows sit in parts of their own, which the view leaves out).
+    lm_head: Matrix,
+    lm_head_tied: bool,
     inv_freq: Tensor,
     scratch: Mutex<Option<Scratch>>,
     capture: Mutex<Option<Arc<MassCapture>>>,
@@ -267,6 +271,22 @@ fn load_host_matrix(
     Ok(t.data)
 }
 
+/// The token embedding `[input_vocab, hidden]`: the base rows uploaded as usual, the
+/// extra rows (if any) uploaded separately and appended as parts of their own, so the
+/// base rows' parts alone form the tied lm_head.
+fn load_embedding(src: &dyn WeightSource, gpu: &Gpu, cfg: &ModelConfig) -> Result<Matrix> {
+    let (vocab, d) = (cfg.vocab_size, cfg.hidden_size);
+    let data = load_host_matrix(src, n::EMBED, cfg.input_vocab(), d)?;
+    let mut m = Matrix::upload(gpu, vocab, d, &data[..vocab * d], n::EMBED)?;
+    if cfg.extra_vocab > 0 {
+        let extra = Matrix::upload(gpu, cfg.extra_vocab, d, &data[vocab * d..], "extra rows")?;
+        m.parts
+            .extend(extra.parts.into_iter().map(|(r0, t)| (vocab + r0, t)));
+        m.rows += cfg.extra_vocab;
+    }
+    Ok(m)
+}
+
 impl Llama {
     /// Upload all weights. `progress(done, total)` is called after each tensor.
     pub fn load(
@@ -292,7 +312,7 @@ impl Llama {
             done += k;
             p(done, total);
         };
-        let embed = load_matrix(src, g, n::EMBED, cfg.vocab_size, d)?;
+        let embed = load_embedding(src, g, &cfg)?;
         tick(progress, 1);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -331,10 +351,20 @@ impl Llama {
             tick(progress, 9);
         }
         let final_norm = load_vec(src, g, n::FINAL_NORM, d)?;
-        let lm_head = if !cfg.tie_word_embeddings && src.has(n::LM_HEAD) {
-            Some(load_matrix(src, g, n::LM_HEAD, cfg.vocab_size, d)?)
+        let lm_head_tied = cfg.tie_word_embeddings || !src.has(n::LM_HEAD);
+        let lm_head = if lm_head_tied {
+            Matrix {
+                rows: cfg.vocab_size,
+                cols: d,
+                parts: embed
+                    .parts
+                    .iter()
+                    .filter(|(r0, _)| *r0 < cfg.vocab_size)
+                    .cloned()
+                    .collect(),
+            }
         } else {
-            None
+            load_matrix(src, g, n::LM_HEAD, cfg.vocab_size, d)?
         };
         tick(progress, 2);
         let inv = cfg.rope_inv_freq();
@@ -346,6 +376,7 @@ impl Llama {
             layers,
             final_norm,
             lm_head,
+            lm_head_tied,
             inv_freq,
             scratch: Mutex::new(None),
             capture: Mutex::new(None),
@@ -362,7 +393,12 @@ impl Llama {
 
     /// Bytes of weights on the GPU.
     pub fn weight_bytes(&self) -> u64 {
-        let mut b = self.embed.bytes() + self.lm_head.as_ref().map_or(0, |m| m.bytes());
+        let mut b = self.embed.bytes()
+            + if self.lm_head_tied {
+                0
+            } else {
+                self.lm_head.bytes()
+            };
         for l in &self.layers {
             for m in [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down] {
                 b += m.bytes();
@@ -455,10 +491,14 @@ impl Llama {
                 "forward: tokens, positions and slots differ in length".into(),
             ));
         }
-        if let Some(&bad) = batch.tokens.iter().find(|&&x| x as usize >= c.vocab_size) {
+        if let Some(&bad) = batch
+            .tokens
+            .iter()
+            .find(|&&x| x as usize >= c.input_vocab())
+        {
             return Err(Error::Input(format!(
                 "token id {bad} is outside the model's vocabulary ({})",
-                c.vocab_size
+                c.input_vocab()
             )));
         }
         if let Some(&s) = batch.slots.iter().find(|&&s| s as usize >= cache.capacity) {
@@ -569,10 +609,10 @@ impl Llama {
         }
         let g = &*self.gpu;
         if let Some(tok) = token {
-            if tok as usize >= c.vocab_size {
+            if tok as usize >= c.input_vocab() {
                 return Err(Error::Input(format!(
                     "token id {tok} is outside the model's vocabulary ({})",
-                    c.vocab_size
+                    c.input_vocab()
                 )));
             }
             pipe.token.write_u32(g, &[tok]);
@@ -710,7 +750,7 @@ impl Llama {
             }
             ops::matmul(st, &s.act, 0, t, &l.w_down, None, &s.x, 0, true)?;
         }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let head = &self.lm_head;
         if logit_rows > 0 || greedy {
             let (row0, rows) = if logits == Logits::All {
                 (0, t)

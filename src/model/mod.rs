@@ -9,6 +9,7 @@ pub mod hf;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod hub;
 pub mod llama;
+pub mod lora;
 pub mod open;
 pub mod paths;
 pub mod random;
@@ -17,6 +18,7 @@ pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use gguf::GgufModel;
+pub use lora::{LoraAdapter, LoraModel};
 pub use open::open_model;
 pub use paths::default_model_path;
 pub use source::{HostTensor, WeightSource};

@@ -43,6 +43,7 @@ pub fn random_config(shape: &str) -> Result<ModelConfig> {
         max_position_embeddings: 2048,
         tie_word_embeddings: false,
         attention_bias: false,
+        extra_vocab: 0,
     };
     Ok(match shape {
         "tiny" => tiny,

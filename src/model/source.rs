@@ -56,4 +56,9 @@ pub trait WeightSource: Send + Sync {
     fn tokenizer(&self) -> Result<Tokenizer>;
     /// A stable fingerprint of the weights (used as part of KV cache keys).
     fn fingerprint(&self) -> String;
+    /// Link-token configuration that comes with the weights (a LoRA adapter's
+    /// `kvlink.json`), if any.
+    fn link_config(&self) -> Option<crate::link::LinkConfig> {
+        None
+    }
 }

@@ -27,6 +27,8 @@ pub struct Options {
     pub adapter: AdapterChoice,
     pub model: Option<PathBuf>,
     pub ctx: usize,
+    /// A LoRA adapter folder merged into every model the app loads (`--lora`).
+    pub lora: Option<PathBuf>,
     pub store: Option<PathBuf>,
     pub no_store: bool,
 }
@@ -37,6 +39,9 @@ pub struct Options {
 pub struct Script {
     #[serde(default)]
     pub model: Option<PathBuf>,
+    /// A LoRA adapter folder merged into the model.
+    #[serde(default)]
+    pub lora: Option<PathBuf>,
     pub docs: Vec<ScriptDoc>,
     pub question: String,
     #[serde(default = "default_compare")]
@@ -149,6 +154,8 @@ fn unknown() -> CacheState {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Saved {
     model: Option<PathBuf>,
+    #[serde(default)]
+    lora: Option<PathBuf>,
     docs: Vec<Doc>,
     question: String,
     mode: Option<ModeSel>,
@@ -199,6 +206,8 @@ struct ScriptState {
 pub struct ViewerApp {
     adapter: AdapterChoice,
     ctx_len: usize,
+    /// LoRA adapter folder (empty: none), applied at the next Load.
+    lora_field: String,
     store_dir: Option<PathBuf>,
     no_store: bool,
     model_field: String,
@@ -244,6 +253,13 @@ impl ViewerApp {
         let mut app = ViewerApp {
             adapter: opts.adapter,
             ctx_len: opts.ctx,
+            lora_field: script
+                .as_ref()
+                .and_then(|s| s.lora.clone())
+                .or(opts.lora)
+                .or(saved.lora.clone())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             store_dir: opts.store,
             no_store: opts.no_store,
             model_field: model.map(|p| p.display().to_string()).unwrap_or_default(),
@@ -300,6 +316,8 @@ impl ViewerApp {
         let s = Saved {
             model: (!self.model_field.trim().is_empty())
                 .then(|| PathBuf::from(self.model_field.trim())),
+            lora: (!self.lora_field.trim().is_empty())
+                .then(|| PathBuf::from(self.lora_field.trim())),
             docs: self.docs.clone(),
             question: self.question.clone(),
             mode: Some(self.mode),
@@ -329,6 +347,8 @@ impl ViewerApp {
         let args = ModelArgs {
             model: (!m.is_empty()).then(|| PathBuf::from(m)),
             ctx: self.ctx_len,
+            lora: (!self.lora_field.trim().is_empty())
+                .then(|| PathBuf::from(self.lora_field.trim())),
         };
         let adapter = self.adapter.clone();
         let docs = crate::cli::rag::DocArgs {
@@ -573,6 +593,12 @@ impl ViewerApp {
                 egui::TextEdit::singleline(&mut self.model_field)
                     .hint_text("default: SmolLM2-135M-Instruct (.gguf file or HF folder)")
                     .desired_width(420.0),
+            );
+            ui.label("LoRA:");
+            ui.add(
+                egui::TextEdit::singleline(&mut self.lora_field)
+                    .hint_text("none (adapter folder)")
+                    .desired_width(180.0),
             );
             let ctx = ui.ctx().clone();
             if ui

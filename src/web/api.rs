@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu};
 use crate::link::Mode;
 use crate::model::llama::{Batch, KvCache, Logits};
-use crate::model::GgufModel;
+use crate::model::{GgufModel, LoraAdapter, LoraModel, WeightSource};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::Request;
 use serde::Deserialize;
@@ -61,7 +61,56 @@ struct AskOptions {
     stop_at_eos: Option<bool>,
 }
 
+/// A LoRA adapter's files as JS hands them over (see [`Kvlink::load_model_with_lora`]).
+struct LoraFiles {
+    name: String,
+    config: String,
+    weights: Vec<u8>,
+    link: Option<String>,
+}
+
 impl Kvlink {
+    /// Load a GGUF model (with a LoRA adapter merged in, if given) and make it current.
+    fn load(
+        &self,
+        bytes: Vec<u8>,
+        name: String,
+        context: usize,
+        lora: Option<LoraFiles>,
+    ) -> Result<JsValue> {
+        let t0 = Instant::now();
+        let gpu = self.st.borrow().gpu.clone();
+        let file = crate::model::gguf::GgufFile::from_bytes(name, bytes)?;
+        let mut src: Box<dyn WeightSource> = Box::new(GgufModel::from_file(file)?);
+        if let Some(l) = lora {
+            let adapter = LoraAdapter::from_bytes(
+                std::path::Path::new(&l.name),
+                l.config.as_bytes(),
+                &l.weights,
+                l.link.as_deref().map(str::as_bytes),
+            )?;
+            src = Box::new(LoraModel::new(src, adapter)?);
+        }
+        let engine = Engine::load(gpu, src.as_ref(), context, &mut |_, _| {})?;
+        let c = engine.config();
+        let info = serde_json::json!({
+            "description": engine.description,
+            "fingerprint": engine.fingerprint,
+            "layers": c.num_hidden_layers,
+            "hidden": c.hidden_size,
+            "vocab": c.vocab_size,
+            "extra_vocab": c.extra_vocab,
+            "link": engine.link,
+            "context": engine.context,
+            "weight_bytes": engine.model.weight_bytes(),
+            "load_ms": ms(t0.elapsed()),
+        });
+        let mut st = self.st.borrow_mut();
+        st.engine = Some(Rc::new(engine));
+        st.docs.clear();
+        Ok(to_js(&info))
+    }
+
     fn engine(&self) -> Result<Rc<Engine>> {
         self.st
             .borrow()
@@ -105,26 +154,32 @@ impl Kvlink {
         name: String,
         context: usize,
     ) -> std::result::Result<JsValue, JsError> {
-        let t0 = Instant::now();
-        let gpu = self.st.borrow().gpu.clone();
-        let file = crate::model::gguf::GgufFile::from_bytes(name, bytes).map_err(js_err)?;
-        let src = GgufModel::from_file(file).map_err(js_err)?;
-        let engine = Engine::load(gpu, &src, context, &mut |_, _| {}).map_err(js_err)?;
-        let c = engine.config();
-        let info = serde_json::json!({
-            "description": engine.description,
-            "fingerprint": engine.fingerprint,
-            "layers": c.num_hidden_layers,
-            "hidden": c.hidden_size,
-            "vocab": c.vocab_size,
-            "context": engine.context,
-            "weight_bytes": engine.model.weight_bytes(),
-            "load_ms": ms(t0.elapsed()),
-        });
-        let mut st = self.st.borrow_mut();
-        st.engine = Some(Rc::new(engine));
-        st.docs.clear();
-        Ok(to_js(&info))
+        self.load(bytes, name, context, None).map_err(js_err)
+    }
+
+    /// Like `loadModel`, with a LoRA adapter merged into the weights: the text of its
+    /// `adapter_config.json`, the bytes of `adapter_model.safetensors` and the text of
+    /// its `kvlink.json` (or undefined); `lora_name` is only used in messages. The
+    /// adapter's kvlink.json sets the link tokens.
+    #[wasm_bindgen(js_name = loadModelWithLora)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_model_with_lora(
+        &self,
+        bytes: Vec<u8>,
+        name: String,
+        context: usize,
+        lora_name: String,
+        lora_config: String,
+        lora_weights: Vec<u8>,
+        lora_link: Option<String>,
+    ) -> std::result::Result<JsValue, JsError> {
+        let lora = LoraFiles {
+            name: lora_name,
+            config: lora_config,
+            weights: lora_weights,
+            link: lora_link,
+        };
+        self.load(bytes, name, context, Some(lora)).map_err(js_err)
     }
 
     /// Keep document caches in the browser's origin-private file system (same keys,

@@ -276,7 +276,10 @@ impl RefModel {
         } else {
             (0..t).collect()
         };
+        // Tied: the embedding's first `vocab_size` rows (rows past them are input-only
+        // extra tokens, never produced).
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let head = &head[..c.vocab_size * d];
         rows.iter()
             .map(|&r| {
                 let h = rmsnorm(&x[r * d..(r + 1) * d], &self.norm, c.rms_norm_eps);
