@@ -4,14 +4,15 @@
 //! one causal sequence and every token after its first is scored. Chunked (`C` chunks):
 //! the first half of the window (`h = ctx / 2` tokens) is split into `C` chunks that are
 //! encoded independently (each at positions 0..n-1, cached, then copied into place and
-//! rotated to its position: `Mode::Kvlink` with an empty prefix and no link tokens), and
-//! the second half is computed against that cache. The tokens scored in both layouts
+//! rotated to its position: `Mode::Kvlink` with an empty prefix and the engine's link
+//! configuration: none for plain models, the markers and each chunk's link tokens for a
+//! KVLink-tuned one), and the second half is computed against that cache. The tokens scored in both layouts
 //! for the comparison are the second half's tokens after its first (`h+1..ctx`): the
 //! prediction of token `h` would come from the last chunk's last row, which the reuse
 //! path never computes.
 
 use crate::error::{Error, Result};
-use crate::link::{self, DocCache, LinkConfig, Mode, PromptPlan};
+use crate::link::{self, DocCache, Mode, PromptPlan};
 use crate::model::llama::{Batch, KvCache, Logits};
 use crate::model::Tokenizer;
 use crate::Engine;
@@ -137,12 +138,14 @@ fn accumulate(
     }
 }
 
-/// Forward `window[from..]` at positions = slots = global index, all rows' logits,
-/// accumulating NLL.
+/// Forward `window[from..]` at positions = slots = global index + `shift` (the link
+/// tokens and markers placed before it), all rows' logits, accumulating NLL.
+#[allow(clippy::too_many_arguments)]
 fn forward_rows(
     engine: &Engine,
     cache: &mut KvCache,
     window: &[u32],
+    shift: usize,
     from: usize,
     tail_from: usize,
     all: &mut Nll,
@@ -153,8 +156,8 @@ fn forward_rows(
     let mut i = from;
     while i < window.len() {
         let end = (i + step).min(window.len());
-        let pos: Vec<i32> = (i as i32..end as i32).collect();
-        let slots: Vec<u32> = (i as u32..end as u32).collect();
+        let pos: Vec<i32> = ((i + shift) as i32..(end + shift) as i32).collect();
+        let slots: Vec<u32> = ((i + shift) as u32..(end + shift) as u32).collect();
         let batch = Batch {
             tokens: &window[i..end],
             positions: &pos,
@@ -200,6 +203,7 @@ pub fn score_window(engine: &Engine, window: &[u32], chunks: Option<usize>) -> R
         &mut cache,
         window,
         0,
+        0,
         h,
         &mut res.plain,
         &mut res.plain_tail,
@@ -216,9 +220,18 @@ pub fn score_window(engine: &Engine, window: &[u32], chunks: Option<usize>) -> R
         let (caches, _) = engine.doc_caches(&docs)?;
         let refs: Vec<&DocCache> = caches.iter().map(|c| c.as_ref()).collect();
         let vocab = engine.config().vocab_size;
-        let first = rows_per_call(vocab).min(n - h);
-        let plan = PromptPlan::build(&[], &docs, &window[h..h + first], &LinkConfig::default())?;
-        debug_assert_eq!(plan.len(), h + first);
+        // The engine's link configuration: a KVLink-tuned model gets its markers and
+        // link tokens after the chunks, as in its training (`text_mem`); they take
+        // `shift` positions before the second half.
+        engine
+            .link
+            .validate(engine.config().input_vocab(), docs.len())?;
+        let shift = PromptPlan::build(&[], &docs, &[], &engine.link)?.len() - h;
+        // One forward pass computes every new token (links, markers and the first tail
+        // rows), so the logits of all of them come back together.
+        let first = rows_per_call(vocab).saturating_sub(shift).clamp(1, n - h);
+        let plan = PromptPlan::build(&[], &docs, &window[h..h + first], &engine.link)?;
+        debug_assert_eq!(plan.len(), h + shift + first);
         let (mut cache, out, _, _) = link::assemble_and_prefill(
             &engine.model,
             &plan,
@@ -226,17 +239,20 @@ pub fn score_window(engine: &Engine, window: &[u32], chunks: Option<usize>) -> R
             &refs,
             Mode::Kvlink,
             n - h - first,
-            first,
+            shift + first,
             Logits::All,
             false,
         )?;
+        // Rows of every new (segment-0) token: links and markers, then the tail.
+        let tail_logits = &out.logits[out.logits.len() - first * vocab..];
         let mut ignored = Nll::default();
         let mut tail = Nll::default();
-        accumulate(&out.logits, vocab, h, window, h, &mut ignored, &mut tail);
+        accumulate(tail_logits, vocab, h, window, h, &mut ignored, &mut tail);
         forward_rows(
             engine,
             &mut cache,
             window,
+            shift,
             h + first,
             h,
             &mut ignored,
