@@ -1,12 +1,16 @@
 //! Answer a question over a folder of text files, first cold (documents encoded), then
 //! warm (their KV caches reused), and print both times to first token.
 //!
-//!     cargo run --release --example rag -- DOCS_DIR "your question" [MODEL]
+//!     cargo run --release --example rag -- DOCS_DIR "your question" [MODEL [ADAPTER]]
 //!
 //! MODEL defaults to SmolLM2-135M-Instruct in the cache directory
-//! (scripts/fetch-model.sh fetches it).
+//! (scripts/fetch-model.sh fetches it), with the KVLink-tuned adapter that ships in
+//! `adapters/smollm2-135m-kvlink` (link tokens after each document; reuse keeps the
+//! answers of full prefill far better than the plain model). With MODEL, no adapter is
+//! used unless ADAPTER is given.
 
 use kvlink::gpu::{AdapterChoice, Gpu};
+use kvlink::model::lora::with_lora;
 use kvlink::model::{default_model_path, open_model};
 use kvlink::{Engine, GenerateParams, Mode, Request};
 use std::io::Write;
@@ -14,13 +18,19 @@ use std::io::Write;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: rag DOCS_DIR QUESTION [MODEL]");
+        eprintln!("usage: rag DOCS_DIR QUESTION [MODEL [ADAPTER]]");
         std::process::exit(2);
     }
-    let model = args
-        .get(3)
-        .map(Into::into)
-        .unwrap_or_else(default_model_path);
+    let (model, adapter): (std::path::PathBuf, Option<std::path::PathBuf>) = match args.get(3) {
+        Some(m) => (m.into(), args.get(4).map(Into::into)),
+        None => (
+            default_model_path(),
+            Some(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("adapters/smollm2-135m-kvlink"),
+            ),
+        ),
+    };
     let mut files: Vec<_> = std::fs::read_dir(&args[1])?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "txt"))
@@ -32,7 +42,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<std::io::Result<Vec<_>>>()?;
     eprintln!("{} documents from {}", documents.len(), args[1]);
 
-    let src = open_model(&model)?;
+    let mut src = open_model(&model)?;
+    if let Some(dir) = &adapter {
+        src = with_lora(src, dir)?;
+        eprintln!("adapter {}", dir.display());
+    }
     let engine = Engine::load(
         Gpu::new(&AdapterChoice::from_env())?,
         src.as_ref(),

@@ -264,7 +264,7 @@ impl Builder<'_> {
     /// on an assistant turn, no empty turn.
     fn check_conversation(turns: &[Turn]) -> bool {
         turns.len() >= 2
-            && turns.len() % 2 == 0
+            && turns.len().is_multiple_of(2)
             && turns.iter().enumerate().all(|(i, t)| {
                 t.role == if i % 2 == 0 { "user" } else { "assistant" }
                     && !t.content.trim().is_empty()

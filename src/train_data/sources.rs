@@ -73,7 +73,7 @@ pub fn conversations(path: &Path, limit: usize) -> Result<Vec<Vec<Turn>>> {
                 "gpt" | "assistant" | "chatgpt" => "assistant",
                 _ => break,
             };
-            let want = if turns.len() % 2 == 0 {
+            let want = if turns.len().is_multiple_of(2) {
                 "user"
             } else {
                 "assistant"
