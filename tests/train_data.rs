@@ -6,8 +6,9 @@
 mod common;
 
 use kvlink::eval::hotpotqa;
+use kvlink::link::LinkConfig;
 use kvlink::link::Mode;
-use kvlink::model::{ChatMessage, WeightSource};
+use kvlink::model::{ChatMessage, Tokenizer, WeightSource};
 use kvlink::train_data::{self, Builder, Component, Sample, Sources};
 use std::path::PathBuf;
 
@@ -15,6 +16,15 @@ fn model() -> Box<dyn WeightSource> {
     let p = kvlink::model::default_model_path();
     assert!(p.is_file(), "run scripts/fetch-model.sh ({})", p.display());
     kvlink::model::open_model(&p).unwrap()
+}
+
+/// The model's tokenizer, base vocabulary and the SmolLM2 link layout (5 x 40 slots).
+fn setup() -> (Box<dyn WeightSource>, Tokenizer, usize, LinkConfig) {
+    let src = model();
+    let tok = src.tokenizer().unwrap();
+    let vocab = src.config().vocab_size;
+    let link = train_data::extra_token_link(vocab, 5, 40);
+    (src, tok, vocab, link)
 }
 
 fn fixture() -> Vec<hotpotqa::HotpotRecord> {
@@ -33,10 +43,7 @@ fn targets(s: &Sample) -> Vec<u32> {
 
 #[test]
 fn qa_samples_are_the_engines_serving_layout_plus_the_answer() {
-    let src = model();
-    let tok = src.tokenizer().unwrap();
-    let vocab = src.config().vocab_size;
-    let link = train_data::extra_token_link(vocab, 5, 40);
+    let (src, tok, vocab, link) = setup();
     let b = Builder {
         tok: &tok,
         link: link.clone(),
@@ -51,7 +58,7 @@ fn qa_samples_are_the_engines_serving_layout_plus_the_answer() {
         assert_eq!(s.component, Component::QaMem);
         // The engine would reject link ids beyond its vocabulary; the plan's layout does
         // not depend on that check, so compare against the plan built the engine's way.
-        engine.link = kvlink::link::LinkConfig::default();
+        engine.link = LinkConfig::default();
         let plain_plan = engine.plan(&rec.request(Mode::Kvlink)).unwrap();
         let (prefix, docs, tail) = engine.tokenize_request(&rec.request(Mode::Kvlink)).unwrap();
         let refs: Vec<&[u32]> = docs.iter().map(Vec::as_slice).collect();
@@ -89,10 +96,7 @@ fn qa_samples_are_the_engines_serving_layout_plus_the_answer() {
 
 #[test]
 fn conversation_and_text_samples_label_only_what_the_model_must_produce() {
-    let src = model();
-    let tok = src.tokenizer().unwrap();
-    let vocab = src.config().vocab_size;
-    let link = train_data::extra_token_link(vocab, 5, 40);
+    let (_src, tok, vocab, link) = setup();
     let b = Builder {
         tok: &tok,
         link: link.clone(),
@@ -161,10 +165,7 @@ fn conversation_and_text_samples_label_only_what_the_model_must_produce() {
 
 #[test]
 fn samples_file_round_trips_and_mixture_is_honoured() {
-    let src = model();
-    let tok = src.tokenizer().unwrap();
-    let vocab = src.config().vocab_size;
-    let link = train_data::extra_token_link(vocab, 5, 40);
+    let (_src, tok, vocab, link) = setup();
     let b = Builder {
         tok: &tok,
         link,
