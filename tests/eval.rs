@@ -397,3 +397,53 @@ fn hotpotqa_end_to_end_and_resume() {
     assert!(e.contains("line 2"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// SQuAD held-out records run through the same evaluation: ten documents per question
+/// (the gold paragraph among them), scored against every accepted answer.
+#[test]
+fn squad_held_out_question_end_to_end() {
+    use kvlink::eval::squad;
+    let engine = common::model::engine();
+    // Six articles of twelve one-line paragraphs; article a has a + 1 questions, so
+    // articles 0-4 are held out. Each question accepts two answers.
+    let arts: Vec<serde_json::Value> = (0..6)
+        .map(|a| {
+            let paras: Vec<serde_json::Value> = (0..12)
+                .map(|p| {
+                    let qas: Vec<serde_json::Value> = (0..=a)
+                        .filter(|_| p == 3)
+                        .map(|k| {
+                            serde_json::json!({"id": format!("q{a}-{k}"),
+                                "question": format!("What colour is door {a}?"),
+                                "answers": [{"text": "azure"}, {"text": "blue"}]})
+                        })
+                        .collect();
+                    serde_json::json!({"context": format!("Door {a}.{p} is painted {}.",
+                        if p == 3 { "blue" } else { "grey" }), "qas": qas})
+                })
+                .collect();
+            serde_json::json!({"title": format!("Doors_{a}"), "paragraphs": paras})
+        })
+        .collect();
+    let text = serde_json::json!({"data": arts}).to_string();
+    let articles = squad::parse(&text, "fixture").unwrap();
+    let test = squad::records(&articles, squad::Part::Test);
+    assert_eq!(test.len(), 1 + 2 + 3 + 4 + 5);
+    let r = &test[0];
+    assert_eq!(r.golds(), ["azure", "blue"]);
+    assert_eq!(r.context.len(), squad::DOCS_PER_QUESTION);
+    let docs = r.documents();
+    assert!(docs.iter().any(|d| d.contains("Door 0.3 is painted blue.")));
+    assert!(docs.iter().all(|d| d.contains("(Title: Doors 0)")));
+    let opts = QaOptions {
+        modes: vec![Mode::Full, Mode::Kvlink],
+        max_new_tokens: 8,
+        warm_docs: true,
+    };
+    let got = eval::run_question(engine, r, 0, &opts, &HashSet::new(), None).unwrap();
+    assert_eq!(got.len(), 2);
+    for g in &got {
+        assert_eq!(g.gold, "azure");
+        assert_eq!(g.score, best_subspan_em(&g.prediction, &["azure", "blue"]));
+    }
+}
