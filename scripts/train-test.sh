@@ -9,7 +9,16 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, gguf, s
     echo "train-test: installing train/requirements.txt into $venv (PyTorch: a few minutes once)"
     rm -rf "$venv"
     python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet -r train/requirements.txt
+    # Disk is the scarce thing on CI machines: no pip cache (it would hold a second copy of
+    # the ~3 GB of CUDA wheels), and PyTorch without triton (1 GB, only torch.compile uses
+    # it): torch itself without its dependencies, then those dependencies less triton.
+    pip=("$venv/bin/python" -m pip install --quiet --no-cache-dir)
+    # (pip then reports the missing triton as a conflict; that line is expected.)
+    grep -E '^torch\b' train/requirements.txt > "$venv/torch.txt"
+    grep -vE '^torch\b' train/requirements.txt > "$venv/rest.txt"
+    "${pip[@]}" --no-deps -r "$venv/torch.txt"
+    "$venv/bin/python" scripts/torch-deps.py --without triton > "$venv/torch-deps.txt"
+    "${pip[@]}" -r "$venv/torch-deps.txt" -r "$venv/rest.txt"
 fi
 [ -f "${KVLINK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvlink}/models/SmolLM2-135M-Instruct.Q4_1.gguf" ] \
     || scripts/fetch-model.sh
