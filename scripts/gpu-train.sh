@@ -7,14 +7,24 @@
 #   scripts/gpu-train.sh setup    .gpu/{model.part1, kvlink.xz, data.tar.xz, probe.safetensors.xz}
 #                                 + .whl/gguf: loaders, binary, eval data, then a training
 #                                 throughput probe (random SmolLM2-shaped base, both runs at once)
-#   scripts/gpu-train.sh model    .gpu/model.part2: the GGUF, checked; starts the base evals
+#   scripts/gpu-train.sh stash P.. copies carried files or folders P into $W (more model parts
+#                                 when the working tree leaves no room for halves; adapters)
+#   scripts/gpu-train.sh model    .gpu/model.part2 (or the last part): joins every part in
+#                                 name order into the GGUF, checks it, starts the base evals
 #   scripts/gpu-train.sh train    .gpu/samples.safetensors.xz: starts the tuned and control runs
 #                                 (STEPS, BATCH_TOKENS, GRAD_ACCUM, LR from the environment)
 #   scripts/gpu-train.sh wait S   report progress every 60 s for up to S seconds; returns early
 #                                 once both runs are done (then starts the tuned evals) or once
 #                                 every evaluation is done
 #   scripts/gpu-train.sh binary   .gpu/kvlink.xz: replaces the kvlink binary (for later evals)
+#   scripts/gpu-train.sh eval TAG [DIR]
+#                                 starts the evals of the adapter folder DIR (none: the base
+#                                 model) under the name TAG, e.g. to evaluate adapters trained
+#                                 in an earlier lease: `eval tuned adapters/smollm2-135m-kvlink`
 #   scripts/gpu-train.sh collect  copies adapters, logs and results into $OUT
+# EVALS (default "hotpotqa squad ppl") picks the evaluations that `model`, `wait` and `eval`
+# start; PROBE=0 skips setup's throughput probe; RUNS (default "tuned control") picks the
+# training runs.
 set -uo pipefail
 W=${W:-/tmp/kvlink-train}
 mkdir -p "$W"
@@ -28,14 +38,23 @@ detach() { # detach NAME CMD...: run in its own session, output to $W/NAME.log
     local name=$1; shift
     setsid nohup bash -c "$*; echo \"exit \$?\" > '$W/$name.exit'" > "$W/$name.log" 2>&1 < /dev/null &
 }
-evals() { # evals TAG [--lora DIR]: HotpotQA 0-499, SQuAD held-out, chunked perplexity
+evals() { # evals TAG [--lora DIR]: those of $EVALS (HotpotQA 0-499, SQuAD held-out, chunked perplexity)
     local tag=$1; shift
-    detach "eval-$tag" "$K eval hotpotqa --model $M $* --data $W/data/hqa500.json --limit 500 \
-        --out $W/res/$tag-hotpotqa.jsonl --json > $W/res/$tag-hotpotqa.summary.json && \
-        $K eval squad --model $M $* --data $W/data/squad-v2-dev.json \
-        --out $W/res/$tag-squad.jsonl --json > $W/res/$tag-squad.summary.json && \
-        for c in 4 16; do $K perplexity --model $M $* --text $W/data/wiki.utf8 --ctx 1024 \
-        --max-windows 8 --chunks \$c --json > $W/res/$tag-ppl-\$c.json || exit 1; done"
+    local cmds=() e
+    for e in ${EVALS:-hotpotqa squad ppl}; do
+        case $e in
+        hotpotqa) cmds+=("$K eval hotpotqa --model $M $* --data $W/data/hqa500.json --limit 500 \
+            --out $W/res/$tag-hotpotqa.jsonl --json > $W/res/$tag-hotpotqa.summary.json") ;;
+        squad) cmds+=("$K eval squad --model $M $* --data $W/data/squad-v2-dev.json \
+            --out $W/res/$tag-squad.jsonl --json > $W/res/$tag-squad.summary.json") ;;
+        ppl) cmds+=("for c in 4 16; do $K perplexity --model $M $* --text $W/data/wiki.utf8 --ctx 1024 \
+            --max-windows 8 --chunks \$c --json > $W/res/$tag-ppl-\$c.json || exit 1; done") ;;
+        *) echo "unknown evaluation $e (EVALS: hotpotqa squad ppl)"; return 1 ;;
+        esac
+    done
+    local joined=${cmds[0]} c
+    for c in "${cmds[@]:1}"; do joined+=" && $c"; done
+    detach "eval-$tag" "$joined"
 }
 progress() {
     for r in tuned control; do
@@ -52,12 +71,13 @@ setup)
     nvidia-smi -L
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
-    cp .gpu/model.part1 "$W/" || exit 1
+    cp .gpu/model.part* "$W/" || exit 1
     xz -dc .gpu/kvlink.xz > "$K" && chmod +x "$K"
     mkdir -p "$W/data" "$W/res" && tar -xJf .gpu/data.tar.xz -C "$W/data"
     xz -dc .gpu/probe.safetensors.xz > "$W/probe.safetensors"
     python3 -c "import torch, gguf, safetensors; print('torch', torch.__version__, torch.cuda.get_device_name())"
     "$K" devices 2>&1 | head -n 3
+    [ "${PROBE:-1}" = 0 ] && exit 0
     python3 train/scripts/random_base.py "$W/random.safetensors"
     for r in tuned control; do
         extra=""; [ $r = control ] && extra=--control
@@ -71,7 +91,8 @@ setup)
     done
     ;;
 model)
-    cat "$W/model.part1" .gpu/model.part2 > "$M" && rm -f "$W/model.part1"
+    cp .gpu/model.part* "$W/" 2>/dev/null
+    cat $(ls "$W"/model.part* | sort) > "$M" && rm -f "$W"/model.part*
     got=$(sha256sum "$M" | cut -d' ' -f1)
     [ "$got" = "$MODEL_SHA" ] || { echo "model sha256 $got != $MODEL_SHA"; exit 1; }
     "$K" generate --model "$M" -p "The capital of France is" --raw -n 8 2>&1 | tail -n 2
@@ -81,7 +102,7 @@ train)
     xz -dc .gpu/samples.safetensors.xz > "$W/samples.safetensors" || exit 1
     # The trainer's code as it is now (later calls lay a new working tree down).
     rm -rf "$W/train" && cp -r train "$W/train"
-    for r in tuned control; do
+    for r in ${RUNS:-tuned control}; do
         extra=""; [ $r = control ] && extra=--control
         detach "train-$r" env PYTHONPATH="$W/train:/tmp/site" python3 -m kvlink_train.train --model "$M" --samples "$W/samples.safetensors" \
             --run "$W/run-$r" --steps "${STEPS:?}" --warmup "${WARMUP:-30}" \
@@ -93,17 +114,34 @@ train)
 wait)
     end=$((SECONDS + ${2:-500}))
     while [ $SECONDS -lt $end ]; do
-        for r in tuned control; do
+        for r in ${RUNS:-tuned control}; do
             if [ -f "$W/run-$r/DONE" ] && [ ! -f "$W/eval-$r.log" ]; then
                 evals $r --lora "$W/run-$r/adapter"
                 echo "run $r done: its evals started"
             fi
         done
+        n_eval=$(ls "$W"/eval-*.log 2>/dev/null | wc -l)
         n_exit=$(ls "$W"/eval-*.exit 2>/dev/null | wc -l)
-        [ "$n_exit" -ge 3 ] && break
+        n_run=$(ls -d "$W"/run-* 2>/dev/null | wc -l)
+        n_done=$(ls "$W"/run-*/DONE 2>/dev/null | wc -l)
+        [ "$n_eval" -ge 1 ] && [ "$n_exit" -ge "$n_eval" ] && [ "$n_done" -ge "$n_run" ] && break
         sleep 60; date; progress
     done
     progress
+    ;;
+stash)
+    shift; cp -r "$@" "$W/" && ls -la "$W"
+    ;;
+eval)
+    tag=${2:?tag}
+    if [ -n "${3:-}" ]; then  # a copy: later calls lay a new working tree down
+        dst="$W/adapter-$tag"
+        if [ "$(realpath "$3")" != "$(realpath -m "$dst")" ]; then
+            rm -rf "$dst" && cp -r "$3" "$dst" || exit 1
+        fi
+        evals "$tag" --lora "$dst"
+    else evals "$tag"; fi
+    sleep 5; progress
     ;;
 binary)
     xz -dc .gpu/kvlink.xz > "$K.new" && chmod +x "$K.new" && mv "$K.new" "$K" && "$K" --version
