@@ -197,8 +197,10 @@ impl Engine {
         self.model.gpu()
     }
 
-    /// Tokenize a prompt: with `raw`, the text as is (plus BOS where the model wants
-    /// one); otherwise wrapped in the model's chat template as one user turn.
+    /// Tokenize a prompt: with `raw`, the text as is, control-token text included (plus
+    /// BOS where the model wants one); otherwise wrapped in the model's chat template as
+    /// one user turn, the text (and `system`) as data: control-token text in them stays
+    /// text ([`crate::model::Tokenizer::encode_chat`]).
     pub fn encode_prompt(&self, text: &str, system: Option<&str>, raw: bool) -> Result<Vec<u32>> {
         if raw {
             return self.tokenizer.encode(text, true);
@@ -214,9 +216,9 @@ impl Engine {
             role: "user".into(),
             content: text.into(),
         });
-        let rendered = self.tokenizer.apply_chat_template(&msgs, true)?;
         // The template already contains any BOS text it wants.
-        self.tokenizer.encode(&rendered, false)
+        self.tokenizer
+            .encode_chat(&self.tokenizer.render_chat(&msgs, true)?)
     }
 
     fn check_prompt(&self, ids: &[u32]) -> Result<()> {
@@ -453,8 +455,11 @@ const DOCS_SENTINEL: &str = "\u{1}KVLINK-DOCUMENTS\u{1}";
 
 /// Tokenize a request into (prefix, documents, tail). The prefix and tail come from
 /// the chat template rendered around the user turn "<documents><question>"; each
-/// document is tokenized on its own (no special tokens added). Inference and
-/// `kvlink train-data` both lay prompts out through this function.
+/// document is tokenized on its own (no special tokens added). Documents, the question
+/// and the system message are data: control-token text in them (`<|im_start|>`, ...) is
+/// encoded as text, so a document cannot open a turn of its own
+/// ([`crate::model::Tokenizer::encode_data`]); only the template inserts control tokens.
+/// Inference and `kvlink train-data` both lay prompts out through this function.
 pub fn tokenize_request(tokenizer: &Tokenizer, req: &Request) -> Result<TokenizedRequest> {
     if req.question.trim().is_empty() {
         return Err(Error::Input("the question is empty".into()));
@@ -467,31 +472,43 @@ pub fn tokenize_request(tokenizer: &Tokenizer, req: &Request) -> Result<Tokenize
             if d.trim().is_empty() {
                 return Err(Error::Input(format!("document {} is empty", j + 1)));
             }
-            tokenizer.encode(d, false)
+            tokenizer.encode_data(d)
         })
         .collect::<Result<Vec<_>>>()?;
-    let (prefix, tail) = if req.raw {
+    if req.raw {
         let prefix = tokenizer.encode("", true)?;
-        (prefix, tokenizer.encode(&req.question, false)?)
-    } else {
-        let mut msgs = Vec::new();
-        if let Some(s) = &req.system {
-            msgs.push(crate::model::ChatMessage::new("system", s.as_str()));
-        }
-        msgs.push(crate::model::ChatMessage::new(
-            "user",
-            format!("{DOCS_SENTINEL}{}", req.question),
+        return Ok((prefix, docs, tokenizer.encode_data(&req.question)?));
+    }
+    let mut msgs = Vec::new();
+    if let Some(s) = &req.system {
+        msgs.push(crate::model::ChatMessage::new("system", s.as_str()));
+    }
+    let user = msgs.len();
+    msgs.push(crate::model::ChatMessage::new(
+        "user",
+        req.question.as_str(),
+    ));
+    // The documents go where the user's message begins.
+    let chat = tokenizer.render_chat(&msgs, true)?;
+    if let Some((head, rest)) = chat.split_at_message(user) {
+        return Ok((
+            tokenizer.encode_chat(&head)?,
+            docs,
+            tokenizer.encode_chat(&rest)?,
         ));
-        let text = tokenizer.apply_chat_template(&msgs, true)?;
-        let (head, rest) = text
-            .split_once(DOCS_SENTINEL)
-            .ok_or_else(|| Error::Template("the chat template dropped the user message".into()))?;
-        (
-            tokenizer.encode(head, false)?,
-            tokenizer.encode(rest, false)?,
-        )
-    };
-    Ok((prefix, docs, tail))
+    }
+    // A template that rewrites message text (render_chat has checked that no message
+    // holds control-token text): a marker at the start of the user's message.
+    msgs[user].content = format!("{DOCS_SENTINEL}{}", req.question);
+    let text = tokenizer.apply_chat_template(&msgs, true)?;
+    let (head, rest) = text
+        .split_once(DOCS_SENTINEL)
+        .ok_or_else(|| Error::Template("the chat template dropped the user message".into()))?;
+    Ok((
+        tokenizer.encode(head, false)?,
+        docs,
+        tokenizer.encode(rest, false)?,
+    ))
 }
 
 impl Engine {

@@ -533,8 +533,9 @@ fn chat(adapter: &AdapterChoice, m: &ModelArgs, system: Option<&str>, g: &GenArg
             break;
         }
         msgs.push(kvlink::model::ChatMessage::new("user", line.trim_end()));
-        let prompt = engine.tokenizer.apply_chat_template(&msgs, true)?;
-        let ids = engine.tokenizer.encode(&prompt, false)?;
+        let ids = engine
+            .tokenizer
+            .encode_chat(&engine.tokenizer.render_chat(&msgs, true)?)?;
         let mut reply = Vec::new();
         let mut ts = kvlink::model::tokenizer::TextStream::new(&engine.tokenizer);
         let mut out = std::io::stdout().lock();

@@ -269,12 +269,7 @@ pub fn precompute(adapter: &AdapterChoice, a: &PrecomputeArgs) -> Result<()> {
     for chunk in docs.chunks(a.batch.max(1)) {
         let ids = chunk
             .iter()
-            .map(|d| {
-                engine
-                    .tokenizer
-                    .encode(d, false)
-                    .map_err(anyhow::Error::from)
-            })
+            .map(|d| engine.tokenizer.encode_data(d).map_err(anyhow::Error::from))
             .collect::<Result<Vec<_>>>()?;
         for (i, d) in ids.iter().enumerate() {
             if d.is_empty() {

@@ -39,7 +39,7 @@ pub fn strip_doc_lines(raw: &str) -> String {
     out
 }
 
-/// Tokenize `text` (no special tokens) piece by piece (blocks of lines, split at blank
+/// Tokenize `text` as data (no special tokens, control-token text as text) piece by piece (blocks of lines, split at blank
 /// lines), stopping once at least `need` tokens are there (`usize::MAX`: all of it).
 pub fn tokenize(tok: &Tokenizer, text: &str, need: usize) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
@@ -47,7 +47,7 @@ pub fn tokenize(tok: &Tokenizer, text: &str, need: usize) -> Result<Vec<u32>> {
     for line in text.split_inclusive('\n') {
         block.push_str(line);
         if line.trim().is_empty() && block.len() > 4096 {
-            ids.extend(tok.encode(&block, false)?);
+            ids.extend(tok.encode_data(&block)?);
             block.clear();
             if ids.len() >= need {
                 return Ok(ids);
@@ -55,7 +55,7 @@ pub fn tokenize(tok: &Tokenizer, text: &str, need: usize) -> Result<Vec<u32>> {
         }
     }
     if !block.is_empty() {
-        ids.extend(tok.encode(&block, false)?);
+        ids.extend(tok.encode_data(&block)?);
     }
     Ok(ids)
 }

@@ -22,4 +22,4 @@ pub use lora::{LoraAdapter, LoraModel};
 pub use open::open_model;
 pub use paths::default_model_path;
 pub use source::{HostTensor, WeightSource};
-pub use tokenizer::{ChatMessage, Tokenizer};
+pub use tokenizer::{ChatMessage, ChatRun, RenderedChat, Tokenizer};

@@ -155,6 +155,7 @@ pub fn random_tokenizer() -> Result<Tokenizer> {
         chat_template: Some(CHATML_TEMPLATE.to_string()),
         add_bos: false,
         inner,
+        data_inner: Default::default(),
     })
 }
 

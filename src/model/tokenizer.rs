@@ -46,6 +46,9 @@ pub struct Tokenizer {
     pub stop_ids: Vec<u32>,
     /// Whether `encode(.., add_special=true)` prepends BOS.
     pub add_bos: bool,
+    /// `inner` with control-token text encoded as plain text ([`Tokenizer::encode_data`]),
+    /// made on first use.
+    pub data_inner: std::sync::OnceLock<tokenizers::Tokenizer>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -167,6 +170,54 @@ impl Tokenizer {
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
     }
+
+    /// Tokenize text that is data (a document, a question, a message): control-token
+    /// text in it such as `<|im_start|>` is encoded as the plain text it is, never as the
+    /// control token, so a document cannot open a turn of its own. Text without any is
+    /// encoded exactly as [`Tokenizer::encode`] encodes it.
+    pub fn encode_data(&self, text: &str) -> Result<Vec<u32>> {
+        if !self.has_control_text(text) {
+            return self.encode(text, false);
+        }
+        let data = self.data_inner.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        let enc = data.encode(text, false).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Whether `text` holds the text of a control (special) token of this vocabulary.
+    pub fn has_control_text(&self, text: &str) -> bool {
+        self.inner
+            .get_added_tokens_decoder()
+            .values()
+            .any(|t| t.special && !t.content.is_empty() && text.contains(t.content.as_str()))
+    }
+
+    /// Tokenize a rendered chat: the template's own text with control tokens parsed,
+    /// the messages' contents as data ([`Tokenizer::encode_data`]). When no content
+    /// holds control-token text, this is the plain encoding of the whole text.
+    pub fn encode_chat(&self, chat: &RenderedChat) -> Result<Vec<u32>> {
+        if !chat
+            .runs
+            .iter()
+            .any(|r| r.data && self.has_control_text(&r.text))
+        {
+            return self.encode(&chat.text(), false);
+        }
+        let mut ids = Vec::new();
+        for r in &chat.runs {
+            ids.extend(if r.data {
+                self.encode_data(&r.text)?
+            } else {
+                self.encode(&r.text, false)?
+            });
+        }
+        Ok(ids)
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
@@ -274,6 +325,7 @@ impl Tokenizer {
             eos_token,
             stop_ids,
             add_bos,
+            data_inner: Default::default(),
         })
     }
 
@@ -459,6 +511,7 @@ impl Tokenizer {
             eos_token,
             stop_ids,
             add_bos,
+            data_inner: Default::default(),
         })
     }
 
@@ -517,6 +570,152 @@ impl Tokenizer {
                 .map(|(_, s)| s.as_str())
                 .unwrap_or(""),
         )
+    }
+}
+
+/// A run of a rendered chat: template text, or (data) a message's content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatRun {
+    pub text: String,
+    /// A message's content (encoded as data), not the template's own text.
+    pub data: bool,
+    /// The index of the message whose content this is (data runs).
+    pub message: usize,
+}
+
+/// A chat template rendered as runs of template text and message contents, so that the
+/// contents can be tokenized as data ([`Tokenizer::encode_chat`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RenderedChat {
+    pub runs: Vec<ChatRun>,
+}
+
+impl RenderedChat {
+    /// The rendered text.
+    pub fn text(&self) -> String {
+        self.runs.iter().map(|r| r.text.as_str()).collect()
+    }
+
+    /// The runs before message `i`'s content, and the rest (from that content on), or
+    /// `None` if the template did not render that content.
+    pub fn split_at_message(&self, i: usize) -> Option<(RenderedChat, RenderedChat)> {
+        let at = self.runs.iter().position(|r| r.data && r.message == i)?;
+        Some((
+            RenderedChat {
+                runs: self.runs[..at].to_vec(),
+            },
+            RenderedChat {
+                runs: self.runs[at..].to_vec(),
+            },
+        ))
+    }
+
+    /// What this rendering adds after `prefix` (a rendering of fewer messages, or the
+    /// same ones without the generation prompt), or `None` if it does not extend it.
+    pub fn strip_prefix(&self, prefix: &RenderedChat) -> Option<RenderedChat> {
+        let n = prefix.runs.len();
+        if n == 0 {
+            return Some(self.clone());
+        }
+        if self.runs.len() < n || self.runs[..n - 1] != prefix.runs[..n - 1] {
+            return None;
+        }
+        let (mine, theirs) = (&self.runs[n - 1], &prefix.runs[n - 1]);
+        if mine.data != theirs.data || mine.message != theirs.message {
+            return None;
+        }
+        let rest = mine.text.strip_prefix(theirs.text.as_str())?;
+        let mut runs = Vec::new();
+        if !rest.is_empty() {
+            if mine.data {
+                return None; // a content cut in two is not a prefix
+            }
+            runs.push(ChatRun {
+                text: rest.to_string(),
+                ..mine.clone()
+            });
+        }
+        runs.extend_from_slice(&self.runs[n..]);
+        Some(RenderedChat { runs })
+    }
+}
+
+impl Tokenizer {
+    /// Render the chat template as [`RenderedChat`] runs: each message's content is
+    /// rendered as a placeholder, then put back, so it can be told apart from the
+    /// template's text. Templates that trim contents are handled; one that rewrites
+    /// them otherwise gives an error when a content holds control-token text (and
+    /// else one template run, the plain rendering).
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<RenderedChat> {
+        let reference = self.apply_chat_template(messages, add_generation_prompt)?;
+        let mark = |i: usize| format!("\u{1}KVLINK-CONTENT-{i}\u{1}");
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage::new(m.role.as_str(), mark(i)))
+            .collect();
+        let rendered = self.apply_chat_template(&marked, add_generation_prompt)?;
+        for trim in [false, true] {
+            let mut runs = Vec::new();
+            let mut rest = rendered.as_str();
+            'scan: while !rest.is_empty() {
+                if let Some(start) = rest.find("\u{1}KVLINK-CONTENT-") {
+                    let after = &rest[start + "\u{1}KVLINK-CONTENT-".len()..];
+                    if let Some(end) = after.find('\u{1}') {
+                        if let Ok(i) = after[..end].parse::<usize>() {
+                            if let Some(m) = messages.get(i) {
+                                if start > 0 {
+                                    runs.push(ChatRun {
+                                        text: rest[..start].to_string(),
+                                        data: false,
+                                        message: 0,
+                                    });
+                                }
+                                let content = if trim { m.content.trim() } else { &m.content };
+                                if !content.is_empty() {
+                                    runs.push(ChatRun {
+                                        text: content.to_string(),
+                                        data: true,
+                                        message: i,
+                                    });
+                                }
+                                rest = &after[end + 1..];
+                                continue 'scan;
+                            }
+                        }
+                    }
+                }
+                runs.push(ChatRun {
+                    text: rest.to_string(),
+                    data: false,
+                    message: 0,
+                });
+                break;
+            }
+            let chat = RenderedChat { runs };
+            if chat.text() == reference {
+                return Ok(chat);
+            }
+        }
+        if messages.iter().any(|m| self.has_control_text(&m.content)) {
+            return Err(Error::Template(
+                "a message holds control-token text and the chat template rewrites message \
+                 text, so kvlink cannot keep that text apart from the template's own tokens; \
+                 remove the control-token text from the message"
+                    .into(),
+            ));
+        }
+        Ok(RenderedChat {
+            runs: vec![ChatRun {
+                text: reference,
+                data: false,
+                message: 0,
+            }],
+        })
     }
 }
 

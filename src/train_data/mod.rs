@@ -23,7 +23,7 @@ use crate::engine::tokenize_request;
 use crate::error::{Error, Result};
 use crate::eval::HotpotRecord;
 use crate::link::{LinkConfig, Mode, PromptPlan};
-use crate::model::{ChatMessage, Tokenizer};
+use crate::model::{ChatMessage, RenderedChat, Tokenizer};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -203,14 +203,14 @@ impl Builder<'_> {
     /// the first stop token into (reply with its end of turn: the targets, the rest of
     /// the rendering such as a line break: context).
     fn reply_ids(&self, before: &[ChatMessage], text: &str) -> Result<(Vec<u32>, Vec<u32>)> {
-        let prompt = self.tok.apply_chat_template(before, true)?;
+        let prompt = self.tok.render_chat(before, true)?;
         let mut all = before.to_vec();
         all.push(ChatMessage::new("assistant", text));
-        let full = self.tok.apply_chat_template(&all, false)?;
+        let full = self.tok.render_chat(&all, false)?;
         let reply = full.strip_prefix(&prompt).ok_or_else(|| {
             Error::Template("the chat template does not extend the prompt with the reply".into())
         })?;
-        let mut ids = self.tok.encode(reply, false)?;
+        let mut ids = self.tok.encode_chat(&reply)?;
         let rest = match ids.iter().position(|&t| self.tok.is_stop(t)) {
             Some(i) => ids.split_off(i + 1),
             None => Vec::new(),
@@ -242,22 +242,33 @@ impl Builder<'_> {
         Ok(self.check_len(s))
     }
 
-    /// Rendered text of `msgs` (no generation prompt) and of each prefix of them, as
-    /// pieces: `pieces[i]` is what message i adds. The template must render a
+    /// The rendering of `msgs[..1]` (no generation prompt) and what each later message
+    /// adds to it: `pieces[i]` is what message i + 1 adds. The template must render a
     /// conversation as the concatenation of its turns (true of ChatML and Llama-3's).
-    fn turn_pieces(&self, msgs: &[ChatMessage]) -> Result<(String, Vec<String>)> {
-        let head = self.tok.apply_chat_template(&msgs[..1], false)?;
+    /// Message contents stay data ([`Tokenizer::encode_chat`]).
+    fn turn_pieces(&self, msgs: &[ChatMessage]) -> Result<(RenderedChat, Vec<RenderedChat>)> {
+        let head = self.tok.render_chat(&msgs[..1], false)?;
         let mut prev = head.clone();
         let mut pieces = Vec::new();
         for i in 2..=msgs.len() {
-            let r = self.tok.apply_chat_template(&msgs[..i], false)?;
+            let r = self.tok.render_chat(&msgs[..i], false)?;
             let piece = r.strip_prefix(&prev).ok_or_else(|| {
                 Error::Template("the chat template does not render turn by turn".into())
             })?;
-            pieces.push(piece.to_string());
+            pieces.push(piece);
             prev = r;
         }
         Ok((head, pieces))
+    }
+
+    /// The tokens of what the generation prompt adds after `before` (the assistant's
+    /// header), empty where the template adds none.
+    fn header_ids(&self, before: &[ChatMessage]) -> Result<Vec<u32>> {
+        let with = self.tok.render_chat(before, true)?;
+        match with.strip_prefix(&self.tok.render_chat(before, false)?) {
+            Some(h) => self.tok.encode_chat(&h),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Check a conversation: user/assistant turns alternating from a user turn, ending
@@ -286,23 +297,17 @@ impl Builder<'_> {
             positions: Vec::new(),
             loss: Vec::new(),
         };
-        s.push(&self.tok.encode(&head, false)?, false);
+        s.push(&self.tok.encode_chat(&head)?, false);
         for (i, piece) in pieces.iter().enumerate() {
             let before = &msgs[..i + 1];
             if turns[i].role == "assistant" {
                 // The generation prompt (assistant header) is context, the reply is target.
-                let header = self
-                    .tok
-                    .apply_chat_template(before, true)?
-                    .strip_prefix(&self.tok.apply_chat_template(before, false)?)
-                    .unwrap_or("")
-                    .to_string();
-                s.push(&self.tok.encode(&header, false)?, false);
+                s.push(&self.header_ids(before)?, false);
                 let (reply, rest) = self.reply_ids(before, &turns[i].content)?;
                 s.push(&reply, true);
                 s.push(&rest, false);
             } else {
-                s.push(&self.tok.encode(piece, false)?, false);
+                s.push(&self.tok.encode_chat(piece)?, false);
             }
             if s.len() > self.max_len {
                 break;
@@ -326,21 +331,21 @@ impl Builder<'_> {
         msgs.extend_from_slice(turns);
         let (head, pieces) = self.turn_pieces(&msgs)?;
         let n = turns.len();
-        let prefix = self.tok.encode(&head, false)?;
+        let prefix = self.tok.encode_chat(&head)?;
         let mut memories: Vec<Vec<u32>> = (0..(n - 2) / 2)
             .map(|e| {
-                self.tok
-                    .encode(&format!("{}{}", pieces[2 * e], pieces[2 * e + 1]), false)
+                let runs = [&pieces[2 * e].runs[..], &pieces[2 * e + 1].runs[..]].concat();
+                self.tok.encode_chat(&RenderedChat { runs })
             })
             .collect::<Result<_>>()?;
         let before = &msgs[..n];
-        let with_header = self.tok.apply_chat_template(before, true)?;
+        let with_header = self.tok.render_chat(before, true)?;
         let last_user = with_header
-            .strip_prefix(&self.tok.apply_chat_template(&msgs[..n - 1], false)?)
+            .strip_prefix(&self.tok.render_chat(&msgs[..n - 1], false)?)
             .ok_or_else(|| {
                 Error::Template("the chat template does not render turn by turn".into())
             })?;
-        let tail = self.tok.encode(last_user, false)?;
+        let tail = self.tok.encode_chat(&last_user)?;
         let reply = self.reply_ids(before, &turns[n - 1].content)?.0;
         let slots = if self.link.max_slots > 0 {
             self.link.max_slots
@@ -498,7 +503,7 @@ pub fn build(
                     let ids = match text_ids.get(&i) {
                         Some(v) => v,
                         None => {
-                            let v = b.tok.encode(&src.texts[i], false)?;
+                            let v = b.tok.encode_data(&src.texts[i])?;
                             text_ids.entry(i).or_insert(v)
                         }
                     };

@@ -413,7 +413,7 @@ impl ViewerApp {
             return;
         };
         if d.tokens.is_none() {
-            d.tokens = engine.tokenizer.encode(&d.text, false).ok();
+            d.tokens = engine.tokenizer.encode_data(&d.text).ok();
         }
         let Some(t) = &d.tokens else { return };
         let key = engine.doc_key(t);

@@ -206,7 +206,7 @@ impl Kvlink {
         if text.trim().is_empty() {
             return Err(js_err(Error::Input("the document is empty".into())));
         }
-        let tokens = engine.tokenizer.encode(&text, false).map_err(js_err)?;
+        let tokens = engine.tokenizer.encode_data(&text).map_err(js_err)?;
         let source = super::store::doc_cache(&engine, store.as_ref(), &tokens)
             .await
             .map_err(js_err)?;
