@@ -49,8 +49,9 @@ fi
 ldso=$lib/ld-linux-x86-64.so.2
 [ -x "$ldso" ] || skip "no loader in the unpacked C library"
 paths="$lib:$D/root/lib/x86_64-linux-gnu"
+# This lavapipe has cooperative matrices and subgroups: tests that need them must run.
 run() {
-  VK_ICD_FILENAMES=$D/lvp.json KVLINK_KERNELS=gpu XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} \
+  KVLINK_REQUIRE=${KVLINK_REQUIRE:-coop,subgroups} VK_ICD_FILENAMES=$D/lvp.json KVLINK_KERNELS=gpu XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} \
     "$ldso" --library-path "$paths" "$@"
 }
 mode=${1:---}

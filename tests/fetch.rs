@@ -10,19 +10,27 @@ use std::process::Command;
 
 fn run(script: &str, cache: &Path) -> (bool, String) {
     let out = Command::new("bash")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(script))
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("scripts")
+                .join(script),
+        )
         .env("KVLINK_CACHE", cache)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
 #[test]
 fn a_damaged_model_is_refused_and_the_pinned_one_accepted() {
     let real = kvlink::model::default_model_path();
-    assert!(real.is_file(), "run scripts/fetch-model.sh ({})", real.display());
+    assert!(
+        real.is_file(),
+        "run scripts/fetch-model.sh ({})",
+        real.display()
+    );
     let name = real.file_name().unwrap();
     let dir = TempDir::new("fetch-model");
     let models = dir.path().join("models");
@@ -53,5 +61,8 @@ fn damaged_eval_data_is_refused() {
     std::fs::write(data.join("hotpotqa.json"), b"[]").unwrap();
     let (ok, text) = run("fetch-eval-data.sh", dir.path());
     assert!(!ok, "damaged HotpotQA data passed: {text}");
-    assert!(text.contains("sha256 mismatch") && text.contains("hotpotqa.json"), "{text}");
+    assert!(
+        text.contains("sha256 mismatch") && text.contains("hotpotqa.json"),
+        "{text}"
+    );
 }

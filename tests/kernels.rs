@@ -1186,7 +1186,11 @@ fn flash_attention_splits_match_cpu() {
 fn coop_flash_attention_matches_cpu() {
     let g = gpu();
     let Some(shape) = g.coop else {
-        eprintln!("coop_flash_attention_matches_cpu: skipped, no cooperative matrices");
+        common::skip(
+            "coop",
+            "coop_flash_attention_matches_cpu",
+            "no cooperative matrices",
+        );
         return;
     };
     let mut rng = Rng::new();
@@ -1445,7 +1449,11 @@ fn coop_matmul_matches_cpu() {
     use ops::coop::Tile;
     let g = gpu();
     let Some(shape) = g.coop else {
-        eprintln!("coop_matmul_matches_cpu: skipped, the adapter has no cooperative matrices");
+        common::skip(
+            "coop",
+            "coop_matmul_matches_cpu",
+            "the adapter has no cooperative matrices",
+        );
         return;
     };
     eprintln!("coop shape {shape:?}");
@@ -1494,7 +1502,11 @@ fn coop_matmul_matches_cpu() {
 fn qkv_rope_matvec_matches_cpu() {
     let g = gpu();
     if g.subgroup_size().is_none() {
-        eprintln!("qkv_rope_matvec_matches_cpu: skipped, no fixed-size subgroups");
+        common::skip(
+            "subgroups",
+            "qkv_rope_matvec_matches_cpu",
+            "no fixed-size subgroups",
+        );
         return;
     }
     let mut rng = Rng::new();

@@ -4,6 +4,8 @@
 //! `scripts/viewer-test.sh` (installs Xvfb) or `cargo test --features viewer --test viewer`.
 #![cfg(feature = "viewer")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,8 +31,10 @@ fn read_png(p: &Path) -> (usize, usize, Vec<[u8; 4]>) {
 #[test]
 fn viewer_compare_screenshot_under_xvfb() {
     if !on_path("Xvfb") || !on_path("xvfb-run") {
-        eprintln!(
-            "SKIPPED: Xvfb is not installed (apt-get install xvfb, or run scripts/viewer-test.sh)"
+        common::skip(
+            "xvfb",
+            "viewer_compare_screenshot_under_xvfb",
+            "Xvfb is not installed (apt-get install xvfb, or run scripts/viewer-test.sh)",
         );
         return;
     }

@@ -78,3 +78,28 @@ pub fn top10_diff(a: &[f32], b: &[f32]) -> (f32, bool) {
         .fold(0.0, f32::max);
     (worst, argmax(a) == argmax(b))
 }
+
+/// A test that cannot run on this machine (`feature` missing: "coop", "subgroups",
+/// "xvfb"). Where `KVLINK_REQUIRE` names the feature (comma-separated, or "all"), that
+/// is a failure: the scripts that provide the feature set it, so a feature they set up
+/// can never go untested. Otherwise the skip is printed and appended to the file
+/// `KVLINK_SKIP_LOG` names, which scripts/test.sh counts and prints after the run.
+pub fn skip(feature: &str, test: &str, reason: &str) {
+    let required = std::env::var("KVLINK_REQUIRE").unwrap_or_default();
+    if required
+        .split(',')
+        .any(|r| r.trim() == feature || r.trim() == "all")
+    {
+        panic!("{test}: {reason}, but KVLINK_REQUIRE={required} requires {feature}");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(log) = std::env::var_os("KVLINK_SKIP_LOG") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open KVLINK_SKIP_LOG");
+        writeln!(f, "{test} ({feature}): {reason}").expect("write KVLINK_SKIP_LOG");
+    }
+}
