@@ -159,6 +159,51 @@ pub struct Gpu {
     pub(crate) profile: Mutex<HashMap<&'static str, (u64, f64)>>,
     /// Idle staging buffers for [`Gpu::upload_f16`].
     staging: Arc<Mutex<upload::StagingPool>>,
+    /// The first GPU error (validation, out of memory) or device loss not yet reported
+    /// to a caller: [`Gpu::check`] turns it into an error of the call that waits on or
+    /// reads the GPU's work, so a failed dispatch never shows up as wrong output.
+    fault: FaultSlot,
+}
+
+/// Where the device's error handlers leave the first GPU error not yet reported (see
+/// [`Gpu::check`]); shared with the browser's deferred reads.
+#[derive(Clone, Default)]
+pub(crate) struct FaultSlot(Arc<Mutex<Option<Fault>>>);
+
+#[derive(Clone, Debug)]
+struct Fault {
+    msg: String,
+    /// The device is lost: every later call fails too.
+    lost: bool,
+}
+
+impl FaultSlot {
+    fn record(&self, msg: String, lost: bool) {
+        let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if lost || f.is_none() {
+            *f = Some(Fault { msg, lost });
+        }
+    }
+
+    /// Take the pending error (a device loss stays).
+    pub(crate) fn check(&self) -> Result<()> {
+        let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match f.as_ref() {
+            None => Ok(()),
+            Some(x) => {
+                let msg = x.msg.clone();
+                if !x.lost {
+                    *f = None;
+                }
+                Err(Error::Gpu(format!("GPU error: {msg}")))
+            }
+        }
+    }
+
+    fn is_lost(&self) -> bool {
+        let f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f.as_ref().is_some_and(|x| x.lost)
+    }
 }
 
 /// How the cooperative-matrix (tensor core) GEMM runs on this device: square `t` x `t` x
@@ -369,9 +414,15 @@ impl Gpu {
             })
             .await
             .map_err(|e| Error::Gpu(format!("cannot open adapter {:?}: {e}", rep.name)))?;
-        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
-            eprintln!("kvlink: GPU error: {e}");
+        let fault = FaultSlot::default();
+        let f = fault.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            f.record(first_line(&e.to_string()), false);
         }));
+        let f = fault.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            f.record(format!("the GPU device was lost ({reason:?}): {msg}"), true);
+        });
         Ok(Arc::new(Gpu {
             device,
             queue,
@@ -386,7 +437,64 @@ impl Gpu {
                 && features.contains(wgpu::Features::TIMESTAMP_QUERY),
             profile: Mutex::new(HashMap::new()),
             staging: Arc::default(),
+            fault,
         }))
+    }
+
+    /// An error for the GPU error (validation, out of memory) or device loss that
+    /// happened since the last check, if any. A device loss stays: every later check
+    /// fails too. [`Gpu::wait`] and every readback check, so a call whose GPU work
+    /// failed returns this error instead of what the failed work left behind.
+    pub fn check(&self) -> Result<()> {
+        self.fault.check()
+    }
+
+    /// Whether the device is lost (then nothing more can run on it).
+    pub fn is_lost(&self) -> bool {
+        self.fault.is_lost()
+    }
+
+    /// The slot the error handlers fill (the browser's reads check it).
+    #[cfg_attr(not(all(target_arch = "wasm32", feature = "web")), allow(dead_code))]
+    pub(crate) fn fault_slot(&self) -> FaultSlot {
+        self.fault.clone()
+    }
+
+    /// Run `make` (a buffer or texture creation) in an out-of-memory error scope: a
+    /// failed allocation becomes an error of this call. (The browser cannot block on the
+    /// scope: there an allocation failure shows up at the next [`Gpu::check`].)
+    pub(crate) fn allocating<T>(
+        &self,
+        what: &str,
+        bytes: u64,
+        make: impl FnOnce() -> T,
+    ) -> Result<T> {
+        self.check_alive()?;
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+            let out = make();
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(Error::Gpu(format!(
+                    "{what}: cannot allocate {bytes} bytes on the GPU: {}",
+                    first_line(&e.to_string())
+                )));
+            }
+            Ok(out)
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = (what, bytes);
+            Ok(make())
+        }
+    }
+
+    /// An error if the device is lost.
+    fn check_alive(&self) -> Result<()> {
+        if self.is_lost() {
+            return self.check();
+        }
+        Ok(())
     }
 
     /// Largest buffer we create: the storage binding limit (so any buffer can be bound
@@ -506,10 +614,12 @@ impl Gpu {
 
     /// Wait for all submitted work.
     pub fn wait(&self) -> Result<()> {
+        self.check_alive()?;
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
-            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))?;
+        self.check()
     }
 
     /// Read a whole tensor back to the host as its raw 32-bit words.
@@ -519,6 +629,7 @@ impl Gpu {
         #[cfg(all(target_arch = "wasm32", feature = "web"))]
         return crate::web::readback::defer(self, t);
         let bytes = t.byte_len();
+        self.check_alive()?;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size: bytes.max(4),
@@ -562,4 +673,14 @@ impl Gpu {
     pub fn read_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
         self.read_words(t)
     }
+}
+
+/// The first line of a wgpu error's text (the rest repeats the call's details).
+fn first_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }

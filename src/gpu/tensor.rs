@@ -58,12 +58,14 @@ impl Tensor {
         let n: usize = shape.iter().product();
         let bytes = (((n * dtype.size()) as u64).div_ceil(4) * 4).max(4);
         Self::check_size(gpu, bytes, label)?;
-        let buf = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes,
-            usage: USAGE,
-            mapped_at_creation: false,
-        });
+        let buf = gpu.allocating(label, bytes, || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: USAGE,
+                mapped_at_creation: false,
+            })
+        })?;
         Ok(Tensor {
             buf: Arc::new(buf),
             shape: shape.to_vec(),
@@ -88,13 +90,14 @@ impl Tensor {
             bytes
         };
         Self::check_size(gpu, data.len() as u64, label)?;
-        let buf = gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: data,
-                usage: USAGE,
-            });
+        let buf = gpu.allocating(label, data.len() as u64, || {
+            gpu.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: data,
+                    usage: USAGE,
+                })
+        })?;
         Ok(Tensor {
             buf: Arc::new(buf),
             shape: shape.to_vec(),

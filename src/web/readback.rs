@@ -19,6 +19,8 @@ use std::task::{Context, Poll, Waker};
 struct Staged {
     buf: wgpu::Buffer,
     bytes: u64,
+    /// The device's pending GPU error, checked once the read completes.
+    fault: crate::gpu::FaultSlot,
 }
 
 thread_local! {
@@ -29,6 +31,7 @@ thread_local! {
 /// Copy `t` into a fresh mappable buffer (submitted now, after all earlier work).
 fn stage(gpu: &Gpu, t: &Tensor) -> Staged {
     let bytes = t.byte_len();
+    let fault = gpu.fault_slot();
     let buf = gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),
         size: bytes.max(4),
@@ -40,7 +43,7 @@ fn stage(gpu: &Gpu, t: &Tensor) -> Staged {
         .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
     enc.copy_buffer_to_buffer(&t.buf, 0, &buf, 0, bytes);
     gpu.queue.submit([enc.finish()]);
-    Staged { buf, bytes }
+    Staged { buf, bytes, fault }
 }
 
 /// `Gpu::read_words` on the web: record the read if [`deferred`] is running.
@@ -97,6 +100,8 @@ async fn finish(s: Staged) -> Result<Vec<u32>> {
     MapDone(slot)
         .await
         .map_err(|e| Error::Gpu(format!("readback failed: {e}")))?;
+    // The work this read follows failed: its output is not a result.
+    s.fault.check()?;
     let data = s
         .buf
         .get_mapped_range(..)
