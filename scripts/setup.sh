@@ -24,3 +24,4 @@ if ! command -v pip >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&
   sudo_ apt-get install -y -qq python3-pip >/dev/null
 fi
 scripts/fetch-model.sh
+scripts/fetch-test-tokenizers.sh

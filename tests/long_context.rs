@@ -98,7 +98,7 @@ fn long_prompt_matches_cpu_reference() {
         argmax(&got),
         argmax(want)
     );
-    assert!(same && d < 0.05, "{d}");
+    assert!(same && d < common::LOGPROB_TOL, "{d}");
 }
 
 #[test]

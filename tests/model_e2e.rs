@@ -35,7 +35,10 @@ fn logits_match_cpu_reference() {
             ids.len()
         );
         assert!(same, "{text:?}: argmax differs from the CPU reference");
-        assert!(worst < 0.05, "{text:?}: top-10 logprobs differ by {worst}");
+        assert!(
+            worst < common::LOGPROB_TOL,
+            "{text:?}: top-10 logprobs differ by {worst}"
+        );
     }
 }
 

@@ -211,7 +211,8 @@ async fn real_model_logits_match_native() {
         worst = worst.max(d);
     }
     web_sys::console::log_1(&format!("max |dlogprob| over native top-10: {worst:.5}").into());
-    assert!(worst < 0.05, "top-10 logprobs differ by {worst}");
+    // Observed 0.0017 (Chromium's WebGPU on the CPU vs native lavapipe).
+    assert!(worst < 0.005, "top-10 logprobs differ by {worst}");
 }
 
 fn js_json(v: &wasm_bindgen::JsValue) -> serde_json::Value {
