@@ -48,12 +48,7 @@ fn linear(x: &[f32], w: &[f32], rows: usize, k: usize) -> Vec<f32> {
                     for i in 0..rows {
                         let xr = &x[i * k..(i + 1) * k];
                         for j in j0..j1 {
-                            let wr = &w[j * k..(j + 1) * k];
-                            let mut acc = 0.0f32;
-                            for (a, b) in xr.iter().zip(wr) {
-                                acc += a * b;
-                            }
-                            out[i * (j1 - j0) + j - j0] = acc;
+                            out[i * (j1 - j0) + j - j0] = dot(xr, &w[j * k..(j + 1) * k]);
                         }
                     }
                     out
@@ -70,6 +65,26 @@ fn linear(x: &[f32], w: &[f32], rows: usize, k: usize) -> Vec<f32> {
         }
     }
     y
+}
+
+/// f32 dot product in 8 independent lanes (plain f32 arithmetic; the lanes only keep
+/// the additions from waiting on each other, which makes the reference fast enough for
+/// long prompts).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
