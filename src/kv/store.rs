@@ -324,13 +324,18 @@ impl DiskStore {
     /// still be read), the next `put` or `prune` tries again.
     pub fn open_with_cap(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<DiskStore> {
         let dir = dir.into();
-        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        if !dir.is_dir() {
+        if dir.exists() && !dir.is_dir() {
             return Err(Error::Input(format!(
-                "kv store {} is not a directory",
+                "kv store {} is not a directory (pass a directory, or --no-store)",
                 dir.display()
             )));
         }
+        fs::create_dir_all(&dir).map_err(|e| {
+            Error::Input(format!(
+                "cannot create the kv store directory {}: {e}",
+                dir.display()
+            ))
+        })?;
         let store = DiskStore {
             max_bytes,
             ..DiskStore::inspect(dir)
