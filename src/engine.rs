@@ -727,6 +727,11 @@ impl Engine {
                 // The key is a hash: as the disk store does, serve a resident cache only
                 // for exactly these token ids (a collision or stale key is a miss).
                 if dc.tokens == *d {
+                    // Keep its disk entry recent too, so that the store's LRU eviction
+                    // does not drop a document that is used all the time from the GPU.
+                    if let Some(store) = &store {
+                        store.touch(k);
+                    }
                     found.insert(k, (dc, CacheSource::Gpu));
                     continue;
                 }

@@ -65,3 +65,37 @@ fn unwritable_store_is_a_warning_not_an_error() {
     assert!(store.entries().unwrap().is_empty());
     e.clear_doc_caches();
 }
+
+#[test]
+fn gpu_hits_keep_the_disk_entry_recent_for_lru_eviction() {
+    let _g = STORE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let e = engine();
+    let td = TempDir::new("touch");
+    let store = DiskStore::open(td.path()).unwrap();
+    e.set_store(Some(store.clone()));
+    e.clear_doc_caches();
+    let d = doc("The train station north of the bridge has a coffee garden.\n");
+    let r = (|| {
+        let (_, from) = e.doc_caches(&[&d])?;
+        assert_eq!(from, vec![CacheSource::Computed]);
+        let p = store.path_for(&e.doc_key(&d));
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let (_, from) = e.doc_caches(&[&d])?;
+        assert_eq!(from, vec![CacheSource::Gpu]);
+        let m = std::fs::metadata(&p).unwrap().modified().unwrap();
+        assert!(
+            m > old + std::time::Duration::from_secs(1800),
+            "mtime not refreshed"
+        );
+        kvlink::Result::Ok(())
+    })();
+    e.set_store(None);
+    e.clear_doc_caches();
+    r.unwrap();
+}

@@ -390,6 +390,13 @@ impl DiskStore {
         self.dir.join(shard).join(format!("{k}.{ENTRY_EXT}"))
     }
 
+    /// Marks the entry for `key` as just used (its mtime, which eviction orders by), for
+    /// a use that did not read it from disk (e.g. a hit in the GPU-resident cache).
+    /// Best effort: `false` if there is no such entry or it cannot be touched.
+    pub fn touch(&self, key: &DocKey) -> bool {
+        File::open(self.path_for(key)).is_ok_and(|f| f.set_modified(SystemTime::now()).is_ok())
+    }
+
     pub fn contains(&self, key: &DocKey) -> bool {
         self.path_for(key).is_file()
     }
