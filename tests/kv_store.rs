@@ -719,6 +719,24 @@ fn put_keeps_the_store_under_its_cap_evicting_least_recently_used() {
 }
 
 #[test]
+fn a_put_over_the_cap_prunes_to_a_low_water_mark() {
+    let td = TempDir::new("cap-slack");
+    let probe = TempDir::new("cap-slack-probe");
+    let ps = DiskStore::open(probe.path()).unwrap();
+    let (k, _) = put_seed(&ps, 0);
+    let size = fs::metadata(ps.path_for(&k)).unwrap().len();
+    // Ten and a half entries fit; the eleventh put prunes to 90% (9.45 entries: 9
+    // left), so the next put fits without another scan.
+    let store = DiskStore::open_with_cap(td.path(), 10 * size + size / 2).unwrap();
+    for i in 0..11 {
+        put_seed(&store, i);
+    }
+    assert_eq!(store.entries().unwrap().len(), 9);
+    put_seed(&store, 11);
+    assert_eq!(store.entries().unwrap().len(), 10);
+}
+
+#[test]
 fn put_larger_than_the_cap_is_refused_clearly() {
     let td = TempDir::new("cap-small");
     let store = DiskStore::open_with_cap(td.path(), 1000).unwrap();

@@ -17,7 +17,8 @@
 //! [`DEFAULT_MAX_BYTES`]). Opening it runs [`DiskStore::prune`] once (cap, moved-aside
 //! corrupt files, temp files of dead writers); after that, a `put` prunes again whenever
 //! this process's estimate of the total (the last scan plus what it wrote since) passes
-//! the cap, or the last scan is older than [`RESCAN_AFTER`] (other processes write too).
+//! the cap (then down to 90% of it, so that the next puts need no scan), or the last
+//! scan is older than [`RESCAN_AFTER`] (other processes write too).
 //! Eviction is least recently used: a hit refreshes the entry file's mtime. Only one
 //! process prunes at a time (an advisory lock on `<dir>/.prune.lock`, released by the OS
 //! if the process dies); the others skip. Removing an entry another process is reading
@@ -57,6 +58,8 @@ pub const DEFAULT_MAX_BYTES: u64 = 20_000_000_000;
 /// A `put` rescans the store (and prunes to the cap) at least this often, so that what
 /// other processes wrote counts too.
 pub const RESCAN_AFTER: Duration = Duration::from_secs(60);
+/// A `put` that finds the store over its cap prunes it to `cap - cap / PRUNE_SLACK`.
+const PRUNE_SLACK: u64 = 10;
 /// The lock file that serializes pruning across processes.
 const PRUNE_LOCK: &str = ".prune.lock";
 
@@ -378,7 +381,10 @@ impl DiskStore {
             .lock()
             .map(|t| t.elapsed() > RESCAN_AFTER)
             .unwrap_or(true);
-        if over || old {
+        if over {
+            // Down to a low-water mark, so that the next puts do not each rescan.
+            let _ = self.prune(self.max_bytes - self.max_bytes / PRUNE_SLACK);
+        } else if old {
             let _ = self.prune(self.max_bytes);
         }
     }
