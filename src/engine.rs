@@ -647,6 +647,19 @@ impl Engine {
         Ok(dc)
     }
 
+    /// Make `kv` resident under `key` whatever the key says (tests: a hash collision or a
+    /// stale key, which [`Engine::doc_caches`] must refuse to serve).
+    #[doc(hidden)]
+    pub fn insert_doc_with_key(&self, key: DocKey, tokens: &[u32], kv: &DocKv) -> Result<()> {
+        let dc = Arc::new(self.upload_doc(tokens, kv)?);
+        let bytes = dc.bytes();
+        self.docs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, dc, bytes);
+        Ok(())
+    }
+
     /// Read a document cache back from the GPU for the disk store.
     fn download_doc(&self, dc: &DocCache) -> Result<DocKv> {
         let g = self.gpu();
@@ -727,9 +740,19 @@ impl Engine {
             if found.contains_key(k) || candidates.iter().any(|(j, _)| keys[*j] == *k) {
                 continue;
             }
-            if let Some(dc) = lru.get(k) {
-                found.insert(k, (dc.clone(), CacheSource::Gpu));
-                continue;
+            if let Some(dc) = lru.get(k).cloned() {
+                // The key is a hash: as the disk store does, serve a resident cache only
+                // for exactly these token ids (a collision or stale key is a miss).
+                if dc.tokens == *d {
+                    // Keep its disk entry recent too, so that the store's LRU eviction
+                    // does not drop a document that is used all the time from the GPU.
+                    if let Some(store) = &store {
+                        store.touch(k);
+                    }
+                    found.insert(k, (dc, CacheSource::Gpu));
+                    continue;
+                }
+                lru.remove(k);
             }
             candidates.push((i, d));
         }
@@ -740,7 +763,16 @@ impl Engine {
                 let lookups = self.read_stored(store, &keys, &candidates);
                 for ((i, d), lookup) in candidates.into_iter().zip(lookups) {
                     let k = &keys[i];
-                    match lookup? {
+                    // The store is a cache: a read that fails (permissions, I/O) is a
+                    // miss, reported, and the request goes on.
+                    let lookup = lookup.unwrap_or_else(|e| {
+                        eprintln!(
+                            "kvlink: warning: could not read document cache {k} from the \
+                             store ({e}); recomputing it"
+                        );
+                        Lookup::Miss
+                    });
+                    match lookup {
                         Lookup::Hit(dc) => {
                             let dc = Arc::new(dc);
                             lru.insert(k.clone(), dc.clone(), dc.bytes());
@@ -767,13 +799,22 @@ impl Engine {
             let dc = Arc::new(dc);
             if let Some(store) = &store {
                 let kv = self.download_doc(&dc)?;
-                store.put(
+                // A store that cannot be written (disk full, read-only) costs the reuse
+                // of this document later, not this answer.
+                if let Err(e) = store.put(
                     &keys[*i],
                     &self.fingerprint,
                     &self.tokenizer_fingerprint,
                     d,
                     &kv,
-                )?;
+                ) {
+                    eprintln!(
+                        "kvlink: warning: could not write document cache {} to the store \
+                         {} ({e}); answering without storing it",
+                        keys[*i],
+                        store.dir().display()
+                    );
+                }
             }
             lru.insert(keys[*i].clone(), dc.clone(), dc.bytes());
             found.insert(&keys[*i], (dc, CacheSource::Computed));

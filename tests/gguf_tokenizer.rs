@@ -210,7 +210,7 @@ fn real_model_config() {
     assert_eq!(m.dtype(), "Q4_1");
     assert!(m.describe().contains("GGUF v3"), "{}", m.describe());
     let fp = m.fingerprint();
-    assert_eq!(fp.len(), 16);
+    assert_eq!(fp.len(), 32);
     assert!(fp.chars().all(|c| c.is_ascii_hexdigit()));
     // Stable across opens.
     assert_eq!(GgufModel::open(model_path()).unwrap().fingerprint(), fp);

@@ -91,7 +91,7 @@ fn roundtrip_tiny_through_hf_folder() {
 
     // Fingerprint: stable, hex, differs for a different seed.
     let fp = m.fingerprint();
-    assert_eq!(fp.len(), 16);
+    assert_eq!(fp.len(), 32);
     assert!(fp.chars().all(|c| c.is_ascii_hexdigit()));
     assert_eq!(HfModel::open(&dir).unwrap().fingerprint(), fp);
     let (_tmp2, dir2, _) = converted("tiny", 8);

@@ -657,6 +657,164 @@ fn prune_removes_oldest_first() {
     assert!(store.entries().unwrap().is_empty());
 }
 
+// --- lifecycle: cap, eviction, stale files ------------------------------------------------
+
+fn put_seed(store: &DiskStore, seed: u64) -> (DocKey, Vec<u32>) {
+    let t = tokens(1000 + seed, 16);
+    let key = DocKey::new(MODEL, TOK, &t);
+    store
+        .put(&key, MODEL, TOK, &t, &random_kv(seed, 16, 2, 32))
+        .unwrap();
+    (key, t)
+}
+
+fn set_age(path: &Path, age: Duration) {
+    let f = fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(SystemTime::now() - age).unwrap();
+}
+
+/// The pid of a process that has exited (a child, waited for).
+fn dead_pid() -> u32 {
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+#[test]
+fn put_keeps_the_store_under_its_cap_evicting_least_recently_used() {
+    let td = TempDir::new("cap");
+    // Measure one entry (all have the same size here), then cap at three of them.
+    let probe = TempDir::new("cap-probe");
+    let (k, _) = put_seed(&DiskStore::open(probe.path()).unwrap(), 0);
+    let size = fs::metadata(DiskStore::open(probe.path()).unwrap().path_for(&k))
+        .unwrap()
+        .len();
+    let cap = 3 * size + size / 2;
+    let store = DiskStore::open_with_cap(td.path(), cap).unwrap();
+    assert_eq!(store.max_bytes(), cap);
+    let mut keys = Vec::new();
+    for i in 0..10u64 {
+        keys.push(put_seed(&store, i));
+        assert!(
+            store.total_bytes().unwrap() <= cap,
+            "after put {i}: {} bytes, cap {cap}",
+            store.total_bytes().unwrap()
+        );
+        // Keep entry 0 in use: a hit makes it the most recently used.
+        std::thread::sleep(Duration::from_millis(5));
+        let (k0, t0) = &keys[0];
+        assert!(
+            store.get(k0, MODEL, TOK, t0).unwrap().is_hit(),
+            "entry 0 evicted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let left: Vec<usize> = (0..10).filter(|&i| store.contains(&keys[i].0)).collect();
+    assert_eq!(
+        left,
+        vec![0, 8, 9],
+        "kept: the one in use and the newest two"
+    );
+}
+
+#[test]
+fn a_put_over_the_cap_prunes_to_a_low_water_mark() {
+    let td = TempDir::new("cap-slack");
+    let probe = TempDir::new("cap-slack-probe");
+    let ps = DiskStore::open(probe.path()).unwrap();
+    let (k, _) = put_seed(&ps, 0);
+    let size = fs::metadata(ps.path_for(&k)).unwrap().len();
+    // Ten and a half entries fit; the eleventh put prunes to 90% (9.45 entries: 9
+    // left), so the next put fits without another scan.
+    let store = DiskStore::open_with_cap(td.path(), 10 * size + size / 2).unwrap();
+    for i in 0..11 {
+        put_seed(&store, i);
+    }
+    assert_eq!(store.entries().unwrap().len(), 9);
+    put_seed(&store, 11);
+    assert_eq!(store.entries().unwrap().len(), 10);
+}
+
+#[test]
+fn put_larger_than_the_cap_is_refused_clearly() {
+    let td = TempDir::new("cap-small");
+    let store = DiskStore::open_with_cap(td.path(), 1000).unwrap();
+    let t = tokens(5, 64);
+    let err = store
+        .put(
+            &DocKey::new(MODEL, TOK, &t),
+            MODEL,
+            TOK,
+            &t,
+            &random_kv(5, 64, 2, 32),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cap"), "{err}");
+    assert!(files_in(td.path()).is_empty(), "{:?}", files_in(td.path()));
+}
+
+#[test]
+fn open_prunes_dead_writers_temp_files_and_corrupt_files_only() {
+    let td = TempDir::new("stale");
+    let store = DiskStore::open(td.path()).unwrap();
+    let (key, t) = put_seed(&store, 1);
+    let shard = store.path_for(&key).parent().unwrap().to_path_buf();
+    let dead = dead_pid();
+    let me = std::process::id();
+    let tmp = |pid: u32, n: u32| shard.join(format!(".{key}.{pid}.1.{n}.tmp"));
+    let cases = [
+        // (file, age, removed by the next open)
+        (tmp(dead, 0), Duration::from_secs(600), true),
+        (tmp(dead, 1), Duration::from_secs(5), false),
+        (tmp(me, 2), Duration::from_secs(600), false),
+        (tmp(me, 3), Duration::from_secs(7200), true),
+    ];
+    for (p, age, _) in &cases {
+        fs::write(p, b"partial").unwrap();
+        set_age(p, *age);
+    }
+    let corrupt = shard.join(format!("{key}.kvc.corrupt"));
+    fs::write(&corrupt, b"bad").unwrap();
+    let st = DiskStore::inspect(td.path()).stats().unwrap();
+    assert_eq!(
+        (
+            st.entries,
+            st.tmp_files,
+            st.stale_tmp_files,
+            st.corrupt_files
+        ),
+        (1, 4, 2, 1)
+    );
+
+    let store = DiskStore::open(td.path()).unwrap();
+    for (p, age, removed) in &cases {
+        assert_eq!(!p.exists(), *removed, "{} aged {age:?}", p.display());
+    }
+    assert!(!corrupt.exists());
+    assert!(store.get(&key, MODEL, TOK, &t).unwrap().is_hit());
+}
+
+#[test]
+fn prune_is_skipped_while_another_process_prunes() {
+    let td = TempDir::new("prune-lock");
+    let store = DiskStore::open(td.path()).unwrap();
+    put_seed(&store, 2);
+    let lock = fs::File::options()
+        .write(true)
+        .open(td.path().join(".prune.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let st = store.prune(0).unwrap();
+    assert!(st.skipped_busy);
+    assert_eq!(store.entries().unwrap().len(), 1);
+    lock.unlock().unwrap();
+    let st = store.prune(0).unwrap();
+    assert!(!st.skipped_busy);
+    assert_eq!(st.removed_entries, 1);
+}
+
 // --- LRU ------------------------------------------------------------------------------------
 
 #[test]

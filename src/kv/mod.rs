@@ -11,7 +11,7 @@
 
 pub mod store;
 
-pub use store::{DiskStore, EntryInfo, Lookup, PruneStats};
+pub use store::{DiskStore, EntryInfo, Lookup, PruneStats, StoreStats};
 
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};

@@ -12,6 +12,18 @@
 //! Reads never panic and never trust a file: magic, version, length and checksum are
 //! checked, and the stored model/tokenizer fingerprints and token ids must equal the
 //! caller's.
+//!
+//! Lifecycle: the store has a size cap ([`DiskStore::max_bytes`], default
+//! [`DEFAULT_MAX_BYTES`]). Opening it runs [`DiskStore::prune`] once (cap, moved-aside
+//! corrupt files, temp files of dead writers); after that, a `put` prunes again whenever
+//! this process's estimate of the total (the last scan plus what it wrote since) passes
+//! the cap (then down to 90% of it, so that the next puts need no scan), or the last
+//! scan is older than [`RESCAN_AFTER`] (other processes write too).
+//! Eviction is least recently used: a hit refreshes the entry file's mtime. Only one
+//! process prunes at a time (an advisory lock on `<dir>/.prune.lock`, released by the OS
+//! if the process dies); the others skip. Removing an entry another process is reading
+//! is safe (an open file outlives its name), and one that is being replaced can only be
+//! lost (a later miss), never torn.
 
 use super::{DocKey, DocKv, Xxh64, CACHE_FORMAT_VERSION, DTYPE_BYTES};
 use crate::{Error, Result};
@@ -33,8 +45,23 @@ const CHECKSUM_BYTES: u64 = 8;
 /// Sanity bounds applied before anything is allocated from header values.
 const MAX_LAYERS: usize = 1 << 16;
 const MAX_KV_DIM: usize = 1 << 24;
-/// Temp files older than this are removed by [`DiskStore::prune`].
-const STALE_TMP: Duration = Duration::from_secs(3600);
+/// Temp files older than this are removed by [`DiskStore::prune`], whoever wrote them.
+/// A live writer keeps its temp file's mtime fresh (it writes, then renames at once),
+/// so only a writer stalled this long could lose its file (its `put` then fails; no
+/// entry is ever torn).
+pub const STALE_TMP: Duration = Duration::from_secs(3600);
+/// Temp files older than this whose writer (the pid in the file name) no longer runs on
+/// this machine are removed too (Linux; elsewhere only [`STALE_TMP`] applies).
+pub const DEAD_WRITER_TMP: Duration = Duration::from_secs(60);
+/// The default size cap: 20 GB.
+pub const DEFAULT_MAX_BYTES: u64 = 20_000_000_000;
+/// A `put` rescans the store (and prunes to the cap) at least this often, so that what
+/// other processes wrote counts too.
+pub const RESCAN_AFTER: Duration = Duration::from_secs(60);
+/// A `put` that finds the store over its cap prunes it to `cap - cap / PRUNE_SLACK`.
+const PRUNE_SLACK: u64 = 10;
+/// The lock file that serializes pruning across processes.
+const PRUNE_LOCK: &str = ".prune.lock";
 
 /// The JSON header of an entry file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,16 +204,53 @@ pub struct EntryInfo {
 pub struct PruneStats {
     /// Entry files removed.
     pub removed_entries: usize,
+    /// Moved-aside corrupt files removed.
+    pub removed_corrupt: usize,
+    /// Temp files of dead or long-stalled writers removed.
+    pub removed_tmp: usize,
     /// Bytes freed, including moved-aside corrupt files and stale temp files.
     pub freed_bytes: u64,
     /// Bytes of entry files left.
     pub remaining_bytes: u64,
+    /// Another process was pruning; nothing was done (the counts are zero).
+    pub skipped_busy: bool,
+}
+
+/// What is in a store ([`DiskStore::stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub entries: usize,
+    pub entry_bytes: u64,
+    /// Moved-aside corrupt files (removed by the next prune).
+    pub corrupt_files: usize,
+    pub corrupt_bytes: u64,
+    /// Temp files: writes in progress, or left by writers that died.
+    pub tmp_files: usize,
+    pub tmp_bytes: u64,
+    /// Of those, how many the next prune removes.
+    pub stale_tmp_files: usize,
+    /// Oldest and newest entry mtime (last write or hit).
+    pub oldest: Option<SystemTime>,
+    pub newest: Option<SystemTime>,
+}
+
+/// This process's view of how full the store is (shared by clones).
+#[derive(Debug)]
+struct Usage {
+    /// Entry bytes at the last scan.
+    scanned: AtomicU64,
+    /// Bytes this process wrote since.
+    added: AtomicU64,
+    /// When the last scan was.
+    last_scan: std::sync::Mutex<web_time::Instant>,
 }
 
 /// The on-disk store. Cheap to clone; many instances (and processes) may share a directory.
 #[derive(Clone, Debug)]
 pub struct DiskStore {
     dir: PathBuf,
+    max_bytes: u64,
+    usage: std::sync::Arc<Usage>,
 }
 
 enum ReadErr {
@@ -246,20 +310,83 @@ impl DiskStore {
         crate::model::paths::cache_dir().join("kv")
     }
 
-    /// Opens the store at [`DiskStore::default_dir`].
+    /// Opens the store at [`DiskStore::default_dir`] with the default cap.
     pub fn open_default() -> Result<DiskStore> {
         Self::open(Self::default_dir())
     }
 
-    /// Opens (creating if needed) the store at `dir`.
+    /// Opens (creating if needed) the store at `dir` with the default cap
+    /// ([`DEFAULT_MAX_BYTES`]).
     pub fn open(dir: impl Into<PathBuf>) -> Result<DiskStore> {
+        Self::open_with_cap(dir, DEFAULT_MAX_BYTES)
+    }
+
+    /// Opens (creating if needed) the store at `dir`, keeping its entries under
+    /// `max_bytes` in total (least recently used go first). Prunes once now (see the
+    /// module docs); a failure to prune is not an error here (a read-only store can
+    /// still be read), the next `put` or `prune` tries again.
+    pub fn open_with_cap(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<DiskStore> {
         let dir = dir.into();
-        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        Ok(DiskStore { dir })
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::Input(format!(
+                "kv store {} is not a directory (pass a directory, or --no-store)",
+                dir.display()
+            )));
+        }
+        fs::create_dir_all(&dir).map_err(|e| {
+            Error::Input(format!(
+                "cannot create the kv store directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let store = DiskStore {
+            max_bytes,
+            ..DiskStore::inspect(dir)
+        };
+        let _ = store.prune(max_bytes);
+        Ok(store)
+    }
+
+    /// The store at `dir` as it is: nothing created, nothing pruned (for looking at a
+    /// store, e.g. `kvlink store stats`). Default cap.
+    pub fn inspect(dir: impl Into<PathBuf>) -> DiskStore {
+        DiskStore {
+            dir: dir.into(),
+            max_bytes: DEFAULT_MAX_BYTES,
+            usage: std::sync::Arc::new(Usage {
+                scanned: AtomicU64::new(0),
+                added: AtomicU64::new(0),
+                last_scan: std::sync::Mutex::new(web_time::Instant::now()),
+            }),
+        }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The size cap in bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// After a `put` of `bytes`: prune if this process's estimate passes the cap or the
+    /// last scan is old.
+    fn note_written(&self, bytes: u64) {
+        let u = &self.usage;
+        let added = u.added.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let over = u.scanned.load(Ordering::Relaxed).saturating_add(added) > self.max_bytes;
+        let old = u
+            .last_scan
+            .lock()
+            .map(|t| t.elapsed() > RESCAN_AFTER)
+            .unwrap_or(true);
+        if over {
+            // Down to a low-water mark, so that the next puts do not each rescan.
+            let _ = self.prune(self.max_bytes - self.max_bytes / PRUNE_SLACK);
+        } else if old {
+            let _ = self.prune(self.max_bytes);
+        }
     }
 
     /// Where the entry for `key` lives.
@@ -267,6 +394,13 @@ impl DiskStore {
         let k = key.as_str();
         let shard = k.get(..2).unwrap_or("00");
         self.dir.join(shard).join(format!("{k}.{ENTRY_EXT}"))
+    }
+
+    /// Marks the entry for `key` as just used (its mtime, which eviction orders by), for
+    /// a use that did not read it from disk (e.g. a hit in the GPU-resident cache).
+    /// Best effort: `false` if there is no such entry or it cannot be touched.
+    pub fn touch(&self, key: &DocKey) -> bool {
+        File::open(self.path_for(key)).is_ok_and(|f| f.set_modified(SystemTime::now()).is_ok())
     }
 
     pub fn contains(&self, key: &DocKey) -> bool {
@@ -316,6 +450,15 @@ impl DiskStore {
             now_unix_ms(),
         )?;
 
+        let entry_bytes = PREFIX_BYTES + json.len() as u64 + kv.bytes() as u64 + CHECKSUM_BYTES;
+        if entry_bytes > self.max_bytes {
+            return Err(Error::Input(format!(
+                "kv store: an entry of {entry_bytes} bytes does not fit the store's cap of {} \
+                 bytes (raise the cap, e.g. --store-max-gb)",
+                self.max_bytes
+            )));
+        }
+
         let final_path = self.path_for(key);
         let shard = final_path
             .parent()
@@ -338,6 +481,7 @@ impl DiskStore {
             return Err(Error::io(&final_path, e));
         }
         sync_dir(&shard);
+        self.note_written(entry_bytes);
         Ok(())
     }
 
@@ -516,10 +660,55 @@ impl DiskStore {
             .sum())
     }
 
-    /// Removes moved-aside corrupt files and stale temp files, then entries, oldest
-    /// mtime (last write or hit) first, until the entries total at most `max_bytes`.
+    /// What is in the store now (one directory scan).
+    pub fn stats(&self) -> Result<StoreStats> {
+        let now = SystemTime::now();
+        let mut st = StoreStats::default();
+        for r in self.scan()? {
+            match r.kind {
+                FileKind::Entry => {
+                    st.entries += 1;
+                    st.entry_bytes += r.size;
+                    st.oldest = Some(st.oldest.map_or(r.mtime, |o| o.min(r.mtime)));
+                    st.newest = Some(st.newest.map_or(r.mtime, |o| o.max(r.mtime)));
+                }
+                FileKind::Corrupt => {
+                    st.corrupt_files += 1;
+                    st.corrupt_bytes += r.size;
+                }
+                FileKind::Tmp => {
+                    st.tmp_files += 1;
+                    st.tmp_bytes += r.size;
+                    if tmp_is_stale(&r.path, r.mtime, now) {
+                        st.stale_tmp_files += 1;
+                    }
+                }
+            }
+        }
+        Ok(st)
+    }
+
+    /// Removes moved-aside corrupt files and temp files of dead writers (see
+    /// [`STALE_TMP`], [`DEAD_WRITER_TMP`]), then entries, oldest mtime (last write or
+    /// hit) first, until the entries total at most `max_bytes`. If another process is
+    /// pruning the same store right now, returns at once with `skipped_busy` set.
     pub fn prune(&self, max_bytes: u64) -> Result<PruneStats> {
         let mut st = PruneStats::default();
+        let lock_path = self.dir.join(PRUNE_LOCK);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                st.skipped_busy = true;
+                return Ok(st);
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
+        }
         let now = SystemTime::now();
         let mut entries = Vec::new();
         for r in self.scan()? {
@@ -527,15 +716,13 @@ impl DiskStore {
                 FileKind::Entry => entries.push(r),
                 FileKind::Corrupt => {
                     if fs::remove_file(&r.path).is_ok() {
+                        st.removed_corrupt += 1;
                         st.freed_bytes += r.size;
                     }
                 }
                 FileKind::Tmp => {
-                    let old = now
-                        .duration_since(r.mtime)
-                        .map(|d| d > STALE_TMP)
-                        .unwrap_or(false);
-                    if old && fs::remove_file(&r.path).is_ok() {
+                    if tmp_is_stale(&r.path, r.mtime, now) && fs::remove_file(&r.path).is_ok() {
+                        st.removed_tmp += 1;
                         st.freed_bytes += r.size;
                     }
                 }
@@ -558,7 +745,46 @@ impl DiskStore {
             }
         }
         st.remaining_bytes = total;
+        self.usage.scanned.store(total, Ordering::Relaxed);
+        self.usage.added.store(0, Ordering::Relaxed);
+        if let Ok(mut t) = self.usage.last_scan.lock() {
+            *t = web_time::Instant::now();
+        }
+        drop(lock);
         Ok(st)
+    }
+}
+
+/// Whether a temp file can no longer belong to a live writer: older than [`STALE_TMP`],
+/// or older than [`DEAD_WRITER_TMP`] with its writer's pid (from the name
+/// `.<key>.<pid>.<thread>.<n>.tmp`) not running on this machine.
+fn tmp_is_stale(path: &Path, mtime: SystemTime, now: SystemTime) -> bool {
+    let age = now.duration_since(mtime).unwrap_or(Duration::ZERO);
+    if age > STALE_TMP {
+        return true;
+    }
+    if age <= DEAD_WRITER_TMP {
+        return false;
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let pid = name
+        .as_deref()
+        .and_then(|n| n.split('.').nth(2))
+        .and_then(|p| p.parse::<u32>().ok());
+    match pid {
+        Some(pid) => !pid_alive(pid),
+        None => false,
+    }
+}
+
+/// Whether a process with this id runs on this machine (Linux: `/proc/<pid>`). Where
+/// that cannot be told, every pid counts as alive.
+fn pid_alive(pid: u32) -> bool {
+    let proc_dir = Path::new("/proc");
+    if cfg!(target_os = "linux") && proc_dir.join("self").exists() {
+        proc_dir.join(pid.to_string()).exists()
+    } else {
+        true
     }
 }
 

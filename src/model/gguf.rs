@@ -1067,21 +1067,6 @@ pub fn gguf_to_hf_name(gguf: &str) -> Option<String> {
 }
 
 // ---------------------------------------------------------------------------------------
-// fingerprint
-// ---------------------------------------------------------------------------------------
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(FNV_PRIME);
-    }
-    h
-}
-
-// ---------------------------------------------------------------------------------------
 // the model
 // ---------------------------------------------------------------------------------------
 
@@ -1251,24 +1236,15 @@ impl GgufModel {
             return Err(bad("missing tensor token_embd.weight".into()));
         }
 
-        // Fingerprint: file size, header (metadata + tensor table), strided data sample.
+        // Fingerprint: every byte of the file (metadata, tensor table, all weights).
+        // A mapped file's hash is remembered by path, size and mtime; bytes held in
+        // memory (no file behind the name) are always hashed.
         let bytes = file.bytes();
-        let mut h = fnv1a(FNV_OFFSET, &(bytes.len() as u64).to_le_bytes());
-        h = fnv1a(h, bytes.get(..file.data_offset).unwrap_or(bytes));
-        let data = bytes.get(file.data_offset..).unwrap_or(&[]);
-        const SAMPLES: usize = 4096;
-        const CHUNK: usize = 64;
-        if data.len() <= SAMPLES * CHUNK * 2 {
-            h = fnv1a(h, data);
-        } else {
-            let stride = data.len() / SAMPLES;
-            for s in 0..SAMPLES {
-                let o = s * stride;
-                h = fnv1a(h, &data[o..o + CHUNK]);
-            }
-            h = fnv1a(h, &data[data.len() - CHUNK..]);
-        }
-        let fingerprint = format!("{h:016x}");
+        let h = match &file.mmap {
+            FileBytes::Mapped(_) => super::fingerprint::file_hash(&path, bytes),
+            FileBytes::Owned(_) => xxhash_rust::xxh3::xxh3_128(bytes),
+        };
+        let fingerprint = format!("{h:032x}");
 
         Ok(GgufModel {
             permuted_qk: arch == Arch::Llama,

@@ -286,10 +286,6 @@ impl Shard {
     fn data(&self) -> &[u8] {
         &self.mmap[8 + self.header_len..]
     }
-
-    fn header(&self) -> &[u8] {
-        &self.mmap[..8 + self.header_len]
-    }
 }
 
 fn dtype_name(d: Dtype) -> String {
@@ -493,25 +489,17 @@ impl HfModel {
         Some((s, s.meta.info(name)?))
     }
 
+    /// XXH3-128 over config.json and every shard's whole-file hash (all weight bytes;
+    /// each shard's hash is remembered by path, size and mtime, see
+    /// [`crate::model::fingerprint`]).
     fn compute_fingerprint(&self, config_bytes: &[u8]) -> String {
-        let mut h = Fnv64::default();
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&(config_bytes.len() as u64).to_le_bytes());
         h.update(config_bytes);
         for s in &self.shards {
-            h.update(s.header());
-            let data = s.data();
-            const CHUNK: usize = 64;
-            const SAMPLES: usize = 1024;
-            if data.len() <= CHUNK * SAMPLES {
-                h.update(data);
-            } else {
-                let stride = (data.len() - CHUNK) / (SAMPLES - 1);
-                for i in 0..SAMPLES {
-                    let o = i * stride;
-                    h.update(&data[o..o + CHUNK]);
-                }
-            }
+            h.update(&super::fingerprint::file_hash(&s.path, &s.mmap).to_le_bytes());
         }
-        h.hex()
+        format!("{:032x}", h.digest128())
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod convert;
 pub mod fetch;
+pub mod fingerprint;
 pub mod gguf;
 pub mod hf;
 #[cfg(not(target_arch = "wasm32"))]

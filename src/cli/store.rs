@@ -1,0 +1,145 @@
+//! `kvlink store`: look at and tidy the document KV store.
+
+use super::rag::store_cap;
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use kvlink::kv::DiskStore;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+#[derive(Subcommand)]
+pub enum StoreCmd {
+    /// What the store holds: entries and their bytes, the cap, moved-aside corrupt files
+    /// and temp files (writes in progress, or left by writers that died). Changes
+    /// nothing.
+    Stats(StoreStatsArgs),
+    /// Delete moved-aside corrupt files and temp files of dead writers, then the least
+    /// recently used entries (oldest last write or read first) until the store fits
+    /// --store-max-gb. Safe while other processes use the store. `ask` and
+    /// `precompute` do the same by themselves when they open the store and as they
+    /// write it.
+    Prune(StorePruneArgs),
+}
+
+#[derive(Args)]
+pub struct StoreStatsArgs {
+    /// The store (default: <cache dir>/kv).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct StorePruneArgs {
+    /// The store (default: <cache dir>/kv).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Keep the entries under this many GB (10^9 bytes; 0 empties the store). Default:
+    /// 20.
+    #[arg(long, value_name = "GB")]
+    pub store_max_gb: Option<f64>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn age_s(t: Option<SystemTime>) -> Option<f64> {
+    t.map(|t| {
+        SystemTime::now()
+            .duration_since(t)
+            .unwrap_or_default()
+            .as_secs_f64()
+    })
+}
+
+pub fn store(cmd: &StoreCmd) -> Result<()> {
+    match cmd {
+        StoreCmd::Stats(a) => {
+            let dir = a.store.clone().unwrap_or_else(DiskStore::default_dir);
+            let st = DiskStore::inspect(&dir).stats()?;
+            let cap = store_cap(None)?;
+            if a.json {
+                let v = serde_json::json!({
+                    "dir": dir,
+                    "entries": st.entries,
+                    "entry_bytes": st.entry_bytes,
+                    "default_cap_bytes": cap,
+                    "corrupt_files": st.corrupt_files,
+                    "corrupt_bytes": st.corrupt_bytes,
+                    "tmp_files": st.tmp_files,
+                    "tmp_bytes": st.tmp_bytes,
+                    "stale_tmp_files": st.stale_tmp_files,
+                    "oldest_use_age_s": age_s(st.oldest),
+                    "newest_use_age_s": age_s(st.newest),
+                });
+                println!("{v}");
+            } else {
+                let gb = |b: u64| b as f64 / 1e9;
+                println!("store:    {}", dir.display());
+                println!(
+                    "entries:  {} ({:.3} GB; default cap {:.0} GB)",
+                    st.entries,
+                    gb(st.entry_bytes),
+                    gb(cap)
+                );
+                if let (Some(o), Some(n)) = (age_s(st.oldest), age_s(st.newest)) {
+                    println!("last use: oldest {o:.0} s ago, newest {n:.0} s ago");
+                }
+                println!(
+                    "corrupt:  {} set aside ({:.3} GB)",
+                    st.corrupt_files,
+                    gb(st.corrupt_bytes)
+                );
+                println!(
+                    "temp:     {} ({:.3} GB), {} from dead writers",
+                    st.tmp_files,
+                    gb(st.tmp_bytes),
+                    st.stale_tmp_files
+                );
+            }
+        }
+        StoreCmd::Prune(a) => {
+            let dir = a.store.clone().unwrap_or_else(DiskStore::default_dir);
+            let cap = match a.store_max_gb {
+                Some(0.0) => 0,
+                g => store_cap(g)?,
+            };
+            let st = DiskStore::inspect(&dir)
+                .prune(cap)
+                .with_context(|| format!("cannot prune the document store {}", dir.display()))?;
+            if a.json {
+                let v = serde_json::json!({
+                    "dir": dir,
+                    "cap_bytes": cap,
+                    "removed_entries": st.removed_entries,
+                    "removed_corrupt": st.removed_corrupt,
+                    "removed_tmp": st.removed_tmp,
+                    "freed_bytes": st.freed_bytes,
+                    "remaining_bytes": st.remaining_bytes,
+                    "skipped_busy": st.skipped_busy,
+                });
+                println!("{v}");
+            } else if st.skipped_busy {
+                println!(
+                    "another process is pruning {} now; nothing done",
+                    dir.display()
+                );
+            } else {
+                println!(
+                    "{}: removed {} entries, {} corrupt and {} temp files ({:.3} GB); {:.3} GB \
+                     left (cap {:.3} GB)",
+                    dir.display(),
+                    st.removed_entries,
+                    st.removed_corrupt,
+                    st.removed_tmp,
+                    st.freed_bytes as f64 / 1e9,
+                    st.remaining_bytes as f64 / 1e9,
+                    cap as f64 / 1e9
+                );
+            }
+        }
+    }
+    Ok(())
+}
