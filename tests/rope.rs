@@ -8,31 +8,20 @@
 //! i/32 > 0.5466: i >= 18), and blended in between (i = 15, 16, 17) with
 //! smooth = (8192 / wavelength - 1) / (4 - 1): f' = (1 - smooth) f / 32 + smooth f.
 
-use kvlink::model::config::{Arch, ModelConfig, RopeScaling};
+use kvlink::model::config::ModelConfig;
 
+/// Llama 3.2 1B's shape (the random-weights model of that shape, `--random-model
+/// llama-3.2-1b`), with its rope numbers checked here.
 fn llama32() -> ModelConfig {
-    ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 128256,
-        hidden_size: 2048,
-        intermediate_size: 8192,
-        num_hidden_layers: 16,
-        num_attention_heads: 32,
-        num_key_value_heads: 8,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 500000.0,
-        rope_scaling: Some(RopeScaling {
-            factor: 32.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 8192,
-        }),
-        max_position_embeddings: 131072,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        extra_vocab: 0,
-    }
+    let c = kvlink::model::random::random_config("llama-3.2-1b").unwrap();
+    assert_eq!((c.rope_theta, c.head_dim), (500000.0, 64));
+    let s = c.rope_scaling.expect("llama3 rope scaling");
+    assert_eq!(
+        (s.factor, s.low_freq_factor, s.high_freq_factor),
+        (32.0, 1.0, 4.0)
+    );
+    assert_eq!(s.original_max_position_embeddings, 8192);
+    c
 }
 
 #[test]
