@@ -547,7 +547,9 @@ impl Gpu {
                 let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("dummy"),
                     size: 16,
-                    usage: wgpu::BufferUsages::STORAGE,
+                    // COPY_SRC: the browser's `gpu_idle` reads it back to wait for the GPU
+                    // (a copy that was invalid, unseen, until GPU errors were checked).
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
                     mapped_at_creation: false,
                 });
                 Tensor {
