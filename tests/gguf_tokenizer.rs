@@ -905,6 +905,51 @@ fn oversized_tokens_are_refused() {
 }
 
 #[test]
+fn sentencepiece_with_nan_scores_builds() {
+    // NaN scores made the merge sort's comparator inconsistent (NaN "equal" to every
+    // score), which Rust's sort may answer with a panic. NaN now ranks last.
+    use kvlink::model::tokenizer::GgufTokenizerMeta;
+    let letters: Vec<String> = ('a'..='p').map(String::from).collect();
+    let mut tokens = vec!["<unk>".to_string()];
+    tokens.extend(letters.iter().cloned());
+    let mut scores = vec![0.0f32; tokens.len()];
+    let mut x: u64 = 1;
+    // 24 two-letter pieces, so 24 merges: small slices are where the sort checks its
+    // comparator (before the fix this panicked: "user-provided comparison function
+    // does not correctly implement a total order").
+    let pairs = letters
+        .iter()
+        .flat_map(|a| letters.iter().map(move |b| (a, b)))
+        .take(24);
+    for (a, b) in pairs {
+        tokens.push(format!("{a}{b}"));
+        // One in three scores NaN, the others spread out (a fixed LCG).
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let r = (x >> 33) as u32;
+        scores.push(if r.is_multiple_of(3) {
+            f32::NAN
+        } else {
+            -((r % 1000) as f32)
+        });
+    }
+    let ab_score = scores[tokens.iter().position(|x| x == "ab").unwrap()];
+    let meta = GgufTokenizerMeta {
+        model: "llama".into(),
+        unk_id: Some(0),
+        add_space_prefix: Some(false),
+        tokens: tokens.clone(),
+        scores,
+        ..Default::default()
+    };
+    let t = Tokenizer::from_gguf_meta(&meta).unwrap();
+    // "ab" is the only merge of its two letters: it applies whatever its score.
+    let ab = tokens.iter().position(|x| x == "ab").unwrap() as u32;
+    assert_eq!(t.encode("ab", false).unwrap(), vec![ab], "score {ab_score}");
+}
+
+#[test]
 fn every_prefix_of_header_is_an_error_not_a_panic() {
     // Every truncation point inside a small synthetic file gives an error.
     let mut w = GgufWriter::new();

@@ -349,6 +349,14 @@ impl Tokenizer {
         for (i, t) in m.tokens.iter().enumerate() {
             vocab.entry(t.clone()).or_insert(i as u32);
         }
+        // A piece's score as a sort key: NaN ranks last, -0.0 ties with 0.0.
+        let score = |s: f32| {
+            if s.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                s + 0.0
+            }
+        };
         // Merges: HF's SentencePieceExtractor. Only NORMAL (or untyped) pieces take part.
         let mut merges: Vec<(u32, u32, f32)> = Vec::new();
         for (i, piece) in m.tokens.iter().enumerate() {
@@ -360,14 +368,15 @@ impl Tokenizer {
             for (k, _) in piece.char_indices().skip(1) {
                 let (l, r) = piece.split_at(k);
                 if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
-                    local.push((li, ri, m.scores[i]));
+                    local.push((li, ri, score(m.scores[i])));
                 }
             }
             local.sort_by_key(|&(l, r, _)| (l, r));
             merges.extend(local);
         }
-        // Stable sort by score, highest first.
-        merges.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap_or(std::cmp::Ordering::Equal));
+        // Stable sort by score, highest first. `score` made the order total (a NaN
+        // that compared "equal" to everything could make the sort panic).
+        merges.sort_by(|a, b| b.2.total_cmp(&a.2));
         let merges: Merges = merges
             .into_iter()
             .map(|(l, r, _)| (m.tokens[l as usize].clone(), m.tokens[r as usize].clone()))
