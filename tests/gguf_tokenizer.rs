@@ -123,6 +123,16 @@ impl GgufWriter {
         self.n_kv += 1;
         self
     }
+    /// A u8 array that claims `n` elements and holds `data`.
+    fn kv_u8_array(&mut self, k: &str, n: u64, data: &[u8]) -> &mut Self {
+        Self::put_str(&mut self.kv, k);
+        self.kv.extend_from_slice(&9u32.to_le_bytes());
+        self.kv.extend_from_slice(&0u32.to_le_bytes());
+        self.kv.extend_from_slice(&n.to_le_bytes());
+        self.kv.extend_from_slice(data);
+        self.n_kv += 1;
+        self
+    }
     /// An F32 tensor with ggml dims `dims`; `offset` overrides the data offset.
     fn tensor_f32(
         &mut self,
@@ -725,6 +735,218 @@ fn synthetic_gguf_ok_and_tensor_past_eof() {
     std::fs::write(&p, w.bytes()).unwrap();
     assert!(matches!(GgufModel::open(&p), Err(Error::Unsupported(_))));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A tiny llama file whose metadata `extra` adds to (or overrides: later keys are
+/// refused as duplicates, so `tiny_llama`'s keys are skipped when `extra` sets them).
+fn tiny_with(extra: &dyn Fn(&mut GgufWriter)) -> GgufFile {
+    let emb: Vec<f32> = (0..8 * 10).map(|i| i as f32 * 0.01).collect();
+    let mut probe = GgufWriter::new();
+    extra(&mut probe);
+    let mut w = GgufWriter::new();
+    let base: [(&str, u32); 6] = [
+        ("llama.embedding_length", 8),
+        ("llama.block_count", 1),
+        ("llama.feed_forward_length", 16),
+        ("llama.attention.head_count", 2),
+        ("llama.attention.head_count_kv", 1),
+        ("llama.context_length", 64),
+    ];
+    w.kv_str("general.architecture", "llama");
+    let overridden = |k: &str| {
+        let mut key = (k.len() as u64).to_le_bytes().to_vec();
+        key.extend_from_slice(k.as_bytes());
+        probe.kv.windows(key.len()).any(|x| x == key)
+    };
+    for (k, v) in base {
+        if !overridden(k) {
+            w.kv_u32(k, v);
+        }
+    }
+    if !overridden("llama.attention.layer_norm_rms_epsilon") {
+        w.kv_f32("llama.attention.layer_norm_rms_epsilon", 1e-5);
+    }
+    extra(&mut w);
+    w.tensor_f32("token_embd.weight", &[8, 10], &emb, None);
+    GgufFile::from_bytes("crafted.gguf", w.bytes()).unwrap()
+}
+
+fn expect_bad_config(extra: &dyn Fn(&mut GgufWriter), needle: &str) -> String {
+    expect_bad_model(GgufModel::from_file(tiny_with(extra)), needle)
+}
+
+#[test]
+fn absurd_config_numbers_are_refused_before_any_allocation() {
+    // The crafted file itself is fine and loads without the edits.
+    GgufModel::from_file(tiny_with(&|_| {})).unwrap();
+    // 4e9 layers: Llama::load would reserve a layer list that size.
+    expect_bad_config(
+        &|w| {
+            w.kv_u32("llama.block_count", 4_000_000_000);
+        },
+        "num_hidden_layers 4000000000",
+    );
+    expect_bad_config(
+        &|w| {
+            w.kv_u32("llama.embedding_length", 1 << 24)
+                .kv_u32("llama.attention.key_length", 4);
+        },
+        "hidden_size",
+    );
+    expect_bad_config(
+        &|w| {
+            w.kv_u32("llama.feed_forward_length", u32::MAX);
+        },
+        "intermediate_size",
+    );
+    expect_bad_config(
+        &|w| {
+            w.kv_u32("llama.context_length", u32::MAX);
+        },
+        "max_position_embeddings",
+    );
+    expect_bad_config(
+        &|w| {
+            w.kv_u32("llama.attention.head_count", 1 << 20)
+                .kv_u32("llama.attention.head_count_kv", 1 << 20)
+                .kv_u32("llama.attention.key_length", 4);
+        },
+        "num_attention_heads",
+    );
+}
+
+#[test]
+fn non_finite_rope_theta_is_refused() {
+    for theta in [f32::INFINITY, f32::NAN, -1.0] {
+        let m = expect_bad_config(
+            &|w| {
+                w.kv_f32("llama.rope.freq_base", theta);
+            },
+            "rope_theta",
+        );
+        assert!(m.contains("finite"), "{m}");
+    }
+    expect_bad_config(
+        &|w| {
+            w.kv_f32("llama.attention.layer_norm_rms_epsilon", f32::INFINITY);
+        },
+        "rms_norm_eps",
+    );
+}
+
+#[test]
+fn llama3_rope_scaling_with_bad_factors_is_refused() {
+    let scaled = |w: &mut GgufWriter, low: f32, high: f32, factor: f32| {
+        w.kv_str("llama.rope.scaling.type", "llama3")
+            .kv_f32("llama.rope.scaling.factor", factor)
+            .kv_f32("llama.rope.scaling.low_freq_factor", low)
+            .kv_f32("llama.rope.scaling.high_freq_factor", high);
+    };
+    // Llama 3.1's own factors load.
+    let ok = GgufModel::from_file(tiny_with(&|w| scaled(w, 1.0, 4.0, 8.0))).unwrap();
+    assert!(ok.config().rope_scaling.is_some());
+    // Equal factors: the smoothing divides by high - low = 0.
+    expect_bad_config(&|w| scaled(w, 2.0, 2.0, 8.0), "low_freq_factor (2)");
+    expect_bad_config(&|w| scaled(w, 4.0, 1.0, 8.0), "below high_freq_factor");
+    expect_bad_config(&|w| scaled(w, 1.0, 4.0, f32::NAN), "rope_scaling.factor");
+    expect_bad_config(
+        &|w| scaled(w, 1.0, f32::INFINITY, 8.0),
+        "rope_scaling.high_freq_factor",
+    );
+}
+
+#[test]
+fn metadata_arrays_cannot_claim_more_than_the_file_or_the_limit() {
+    use kvlink::model::gguf::MAX_META_ARRAY_ELEMENTS;
+    let parse = |w: &GgufWriter| GgufFile::from_bytes("crafted.gguf", w.bytes());
+    let bad = |r: kvlink::Result<GgufFile>, needle: &str| match r {
+        Err(Error::BadModel { msg, .. }) => assert!(msg.contains(needle), "{msg}"),
+        other => panic!("expected BadModel, got {other:?}"),
+    };
+    // A tiny header claiming 2^40 elements: refused from the bytes left.
+    let mut w = GgufWriter::new();
+    w.kv_u8_array("tokenizer.ggml.token_type", 1 << 40, &[1, 2, 3]);
+    bad(parse(&w), "claims 1099511627776 array elements");
+    // Elements really present but past the limit (each would cost 32 bytes in memory).
+    let n = MAX_META_ARRAY_ELEMENTS + 1;
+    let mut w = GgufWriter::new();
+    w.kv_u8_array("tokenizer.ggml.token_type", n, &vec![1u8; n as usize]);
+    bad(parse(&w), &format!("claims {n} array elements"));
+    // The limit is over the whole file, not per array.
+    let half = MAX_META_ARRAY_ELEMENTS / 2 + 1;
+    let mut w = GgufWriter::new();
+    w.kv_u8_array("a", half, &vec![1u8; half as usize]);
+    w.kv_u8_array("b", half, &vec![1u8; half as usize]);
+    bad(parse(&w), "array elements");
+    // Within the limit parses.
+    let mut w = GgufWriter::new();
+    w.kv_u8_array("a", 1000, &[7u8; 1000]);
+    let f = parse(&w).unwrap();
+    assert_eq!(f.get("a").unwrap().as_array().unwrap().len(), 1000);
+}
+
+#[test]
+fn oversized_tokens_are_refused() {
+    use kvlink::model::tokenizer::{GgufTokenizerMeta, MAX_TOKEN_BYTES};
+    let long = "x".repeat(MAX_TOKEN_BYTES + 1);
+    let meta = GgufTokenizerMeta {
+        model: "llama".into(),
+        tokens: vec!["<unk>".into(), long],
+        scores: vec![0.0, 0.0],
+        ..Default::default()
+    };
+    match Tokenizer::from_gguf_meta(&meta) {
+        Err(Error::BadModel { msg, .. }) => {
+            assert!(msg.contains("tokenizer.ggml.tokens[1]"), "{msg}")
+        }
+        Err(e) => panic!("expected BadModel, got {e}"),
+        Ok(_) => panic!("expected BadModel, got Ok"),
+    }
+}
+
+#[test]
+fn sentencepiece_with_nan_scores_builds() {
+    // NaN scores made the merge sort's comparator inconsistent (NaN "equal" to every
+    // score), which Rust's sort may answer with a panic. NaN now ranks last.
+    use kvlink::model::tokenizer::GgufTokenizerMeta;
+    let letters: Vec<String> = ('a'..='p').map(String::from).collect();
+    let mut tokens = vec!["<unk>".to_string()];
+    tokens.extend(letters.iter().cloned());
+    let mut scores = vec![0.0f32; tokens.len()];
+    let mut x: u64 = 1;
+    // 24 two-letter pieces, so 24 merges: small slices are where the sort checks its
+    // comparator (before the fix this panicked: "user-provided comparison function
+    // does not correctly implement a total order").
+    let pairs = letters
+        .iter()
+        .flat_map(|a| letters.iter().map(move |b| (a, b)))
+        .take(24);
+    for (a, b) in pairs {
+        tokens.push(format!("{a}{b}"));
+        // One in three scores NaN, the others spread out (a fixed LCG).
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let r = (x >> 33) as u32;
+        scores.push(if r.is_multiple_of(3) {
+            f32::NAN
+        } else {
+            -((r % 1000) as f32)
+        });
+    }
+    let ab_score = scores[tokens.iter().position(|x| x == "ab").unwrap()];
+    let meta = GgufTokenizerMeta {
+        model: "llama".into(),
+        unk_id: Some(0),
+        add_space_prefix: Some(false),
+        tokens: tokens.clone(),
+        scores,
+        ..Default::default()
+    };
+    let t = Tokenizer::from_gguf_meta(&meta).unwrap();
+    // "ab" is the only merge of its two letters: it applies whatever its score.
+    let ab = tokens.iter().position(|x| x == "ab").unwrap() as u32;
+    assert_eq!(t.encode("ab", false).unwrap(), vec![ab], "score {ab_score}");
 }
 
 #[test]

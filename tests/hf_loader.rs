@@ -453,6 +453,69 @@ fn cfg_text(extra: &str) -> String {
 }
 
 #[test]
+fn absurd_config_json_values_are_refused() {
+    let p = Path::new("x/config.json");
+    // `cfg_text` with one field's value replaced.
+    let with = |field: &str, value: &str, extra: &str| {
+        let t = cfg_text(extra);
+        let start = t.find(&format!("\"{field}\": ")).unwrap() + field.len() + 4;
+        let end = start + t[start..].find([',', '\n']).unwrap();
+        format!("{}{value}{}", &t[..start], &t[end..])
+    };
+    let refused = |text: String, needle: &str| {
+        let e = parse_config(&text, p).unwrap_err();
+        assert!(
+            matches!(e, Error::BadModel { .. }) && e.to_string().contains(needle),
+            "{text}: {e}"
+        );
+    };
+    // The untouched config parses.
+    parse_config(&with("num_hidden_layers", "32", ""), p).unwrap();
+    // 4e9 layers: canonical_tensors would build 9 names per layer before any check.
+    refused(
+        with("num_hidden_layers", "4000000000", ""),
+        "num_hidden_layers 4000000000",
+    );
+    refused(with("vocab_size", "4294967296", ""), "vocab_size");
+    refused(with("hidden_size", "1048576", ""), "hidden_size");
+    refused(
+        with("num_attention_heads", "4096", ""),
+        "num_attention_heads",
+    );
+    refused(
+        with("max_position_embeddings", "1099511627776", ""),
+        "max_position_embeddings",
+    );
+    refused(
+        with("intermediate_size", "18446744073709551615", ""),
+        "intermediate_size",
+    );
+    // f64 values that overflow f32, and non-positive ones.
+    refused(cfg_text(r#", "rope_theta": 1e300"#), "rope_theta");
+    refused(cfg_text(r#", "rope_theta": -10000.0"#), "rope_theta");
+    refused(with("rms_norm_eps", "1e300", ""), "rms_norm_eps");
+    // Llama-3 scaling: equal or reversed factors, zero or negative original context.
+    let llama3 = |low: &str, high: &str, orig: &str| {
+        cfg_text(&format!(
+            r#", "rope_scaling": {{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": {low},
+            "high_freq_factor": {high}, "original_max_position_embeddings": {orig}}}"#
+        ))
+    };
+    parse_config(&llama3("1.0", "4.0", "8192"), p).unwrap();
+    refused(llama3("2.0", "2.0", "8192"), "low_freq_factor");
+    refused(llama3("4.0", "1.0", "8192"), "low_freq_factor");
+    refused(
+        llama3("1.0", "4.0", "0"),
+        "original_max_position_embeddings",
+    );
+    refused(
+        llama3("1.0", "4.0", "-5"),
+        "original_max_position_embeddings",
+    );
+    refused(llama3("1.0", "1e40", "8192"), "high_freq_factor");
+}
+
+#[test]
 fn config_parsing_rules() {
     let p = Path::new("x/config.json");
     let hf = parse_config(

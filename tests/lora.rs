@@ -907,6 +907,25 @@ fn bad_adapters_are_refused_with_clear_errors() {
         case(&json_edit("kvlink.json", |v| v["max_slots"] = json!(6))),
         &["kvlink.json", "link token ids 512..=523", "(522)"],
     );
+
+    // Absurd numbers: refused by name, never an overflow panic or a huge allocation
+    // (k * max_slots overflowed usize before the bounds check).
+    has(
+        case(&json_edit("kvlink.json", |v| {
+            v["max_slots"] = json!(1u64 << 63)
+        })),
+        &["kvlink.json", "max_slots 9223372036854775808"],
+    );
+    has(
+        case(&json_edit("kvlink.json", |v| v["k"] = json!(u64::MAX))),
+        &["kvlink.json", "link tokens per document"],
+    );
+    has(
+        case(&json_edit("adapter_config.json", |v| {
+            v["r"] = json!(1u64 << 40)
+        })),
+        &["adapter_config.json", "r = 1099511627776"],
+    );
 }
 
 /// The real SmolLM2 (GGUF Q4_1, tied embeddings, Q/K rows permuted back to HF order by

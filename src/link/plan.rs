@@ -9,6 +9,11 @@
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
+/// Most link tokens per document a configuration may ask for (the checkpoints use 5).
+pub const MAX_LINK_TOKENS: usize = 256;
+/// Most document slots a configuration may declare (the checkpoints: 40).
+pub const MAX_SLOTS: usize = 1 << 16;
+
 /// Link-token configuration of a KVLink fine-tuned model (all off for plain models).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LinkConfig {
@@ -35,14 +40,42 @@ impl LinkConfig {
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: LinkConfig = serde_json::from_str(&text)
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&bytes, path).map(Some)
+    }
+
+    /// Parse the bytes of a `kvlink.json` (`path` only names it in messages) and check
+    /// [`LinkConfig::check_bounds`].
+    pub fn parse(bytes: &[u8], path: &std::path::Path) -> Result<LinkConfig> {
+        let c: LinkConfig = serde_json::from_slice(bytes)
             .map_err(|e| Error::bad_model(path, format!("invalid kvlink.json: {e}")))?;
-        Ok(Some(c))
+        c.check_bounds()
+            .map_err(|m| Error::bad_model(path, format!("kvlink.json: {m}")))?;
+        Ok(c)
+    }
+
+    /// The checks that need no model: `k` and `max_slots` within [`MAX_LINK_TOKENS`]
+    /// and [`MAX_SLOTS`] (a plan holds `k` tokens per document).
+    pub fn check_bounds(&self) -> std::result::Result<(), String> {
+        if self.k > MAX_LINK_TOKENS {
+            return Err(format!(
+                "k = {} link tokens per document is more than {MAX_LINK_TOKENS}",
+                self.k
+            ));
+        }
+        if self.max_slots > MAX_SLOTS {
+            return Err(format!(
+                "max_slots {} is more than {MAX_SLOTS}",
+                self.max_slots
+            ));
+        }
+        Ok(())
     }
 
     /// Check every id the configuration can produce lies inside the vocabulary.
     pub fn validate(&self, vocab: usize, n_docs: usize) -> Result<()> {
+        self.check_bounds()
+            .map_err(|m| Error::Input(format!("link tokens: {m}")))?;
         let check = |what: &str, id: u32| {
             if id as usize >= vocab {
                 Err(Error::Input(format!(
@@ -68,8 +101,12 @@ impl LinkConfig {
                     self.max_slots
                 )));
             }
-            let last = base as u64 + (self.k * n_docs.max(1)) as u64 - 1;
-            if last >= vocab as u64 {
+            // k <= MAX_LINK_TOKENS, so this only overflows for absurd n_docs.
+            let last = (self.k as u64)
+                .checked_mul(n_docs.max(1) as u64)
+                .and_then(|n| (base as u64).checked_add(n - 1));
+            if last.is_none_or(|l| l >= vocab as u64 || l > u32::MAX as u64) {
+                let last = last.map_or("overflow".to_string(), |l| l.to_string());
                 return Err(Error::Input(format!(
                     "link token ids {base}..={last} for {n_docs} documents go beyond the \
                      vocabulary ({vocab})"
@@ -79,8 +116,19 @@ impl LinkConfig {
         Ok(())
     }
 
+    /// Id of link token `i` of document slot `slot`: `link_base + k*slot + i`, `None`
+    /// where that does not fit a u32.
+    pub fn try_link_id(&self, slot: usize, i: usize) -> Option<u32> {
+        let off = self.k.checked_mul(slot)?.checked_add(i)?;
+        self.link_base
+            .unwrap_or(0)
+            .checked_add(u32::try_from(off).ok()?)
+    }
+
+    /// [`LinkConfig::try_link_id`], with `u32::MAX` (outside every vocabulary) where the
+    /// id does not fit.
     pub fn link_id(&self, slot: usize, i: usize) -> u32 {
-        self.link_base.unwrap_or(0) + (self.k * slot + i) as u32
+        self.try_link_id(slot, i).unwrap_or(u32::MAX)
     }
 }
 
@@ -113,6 +161,8 @@ impl PromptPlan {
         tail: &[u32],
         link: &LinkConfig,
     ) -> Result<PromptPlan> {
+        link.check_bounds()
+            .map_err(|m| Error::Input(format!("link tokens: {m}")))?;
         if let Some(j) = docs.iter().position(|d| d.is_empty()) {
             return Err(Error::Input(format!("document {} is empty", j + 1)));
         }
@@ -139,7 +189,16 @@ impl PromptPlan {
                 push(&mut tokens, &mut segments, id, seg);
             }
             for i in 0..link.k {
-                push(&mut tokens, &mut segments, link.link_id(j, i), 0);
+                let id = link.try_link_id(j, i).ok_or_else(|| {
+                    Error::Input(format!(
+                        "link token {i} of document {} overflows a token id (link_base {:?}, \
+                         k {})",
+                        j + 1,
+                        link.link_base,
+                        link.k
+                    ))
+                })?;
+                push(&mut tokens, &mut segments, id, 0);
             }
         }
         if !docs.is_empty() {
@@ -206,6 +265,61 @@ impl PromptPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn kvlink_json_with_absurd_counts_is_an_error() {
+        let p = Path::new("kvlink.json");
+        let ok = LinkConfig::parse(br#"{"k": 5, "link_base": 100, "max_slots": 40}"#, p).unwrap();
+        assert_eq!((ok.k, ok.link_base, ok.max_slots), (5, Some(100), 40));
+        for (json, needle) in [
+            (
+                r#"{"k": 18446744073709551615, "link_base": 1}"#,
+                "link tokens per document",
+            ),
+            (
+                r#"{"k": 5, "link_base": 1, "max_slots": 4000000000}"#,
+                "max_slots",
+            ),
+            (r#"{"k": -1}"#, "invalid kvlink.json"),
+            (r#"{"link_base": 4294967296}"#, "invalid kvlink.json"),
+            ("[", "invalid kvlink.json"),
+        ] {
+            match LinkConfig::parse(json.as_bytes(), p) {
+                Err(Error::BadModel { msg, .. }) => {
+                    assert!(msg.contains(needle), "{json}: {msg:?} lacks {needle:?}")
+                }
+                other => panic!("{json}: expected BadModel, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn link_id_overflow_is_an_error_not_a_panic() {
+        // Ids past u32::MAX: validate and build must report, not overflow.
+        let link = LinkConfig {
+            k: 200,
+            link_base: Some(u32::MAX - 10),
+            max_slots: 60000,
+            ..Default::default()
+        };
+        assert!(matches!(
+            link.validate(usize::MAX, 60000),
+            Err(Error::Input(_))
+        ));
+        assert_eq!(link.try_link_id(0, 11), None);
+        assert_eq!(link.link_id(0, 11), u32::MAX);
+        let e = PromptPlan::build(&[], &[&[1]], &[], &link).unwrap_err();
+        assert!(e.to_string().contains("overflows a token id"), "{e}");
+        // k * n_docs overflowing usize in validate (unchecked before).
+        let huge = LinkConfig {
+            k: usize::MAX / 2,
+            link_base: Some(0),
+            ..Default::default()
+        };
+        assert!(matches!(huge.validate(1000, 4), Err(Error::Input(_))));
+        assert!(PromptPlan::build(&[], &[&[1]], &[], &huge).is_err());
+    }
 
     #[test]
     fn layout_matches_kvlink_md_section_1() {

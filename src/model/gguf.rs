@@ -23,6 +23,11 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_ARRAY_DEPTH: usize = 4;
 /// Dimension limit for a tensor (ggml has 4).
 const MAX_DIMS: u32 = 8;
+/// Array elements, summed over all metadata, that a file may hold. Each element costs
+/// a 32-byte [`MetaValue`] in memory however small it is in the file, so the bytes
+/// present do not bound memory well enough alone; real files hold well under a million
+/// (token list, merges, scores, token types), 2^24 bounds the parse to ~512 MiB.
+pub const MAX_META_ARRAY_ELEMENTS: u64 = 1 << 24;
 
 // ---------------------------------------------------------------------------------------
 // ggml tensor types
@@ -641,6 +646,8 @@ struct Cursor<'a> {
     data: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Metadata array elements still allowed (see [`MAX_META_ARRAY_ELEMENTS`]).
+    array_budget: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -737,6 +744,14 @@ impl<'a> Cursor<'a> {
                         self.remaining()
                     )));
                 }
+                if n > self.array_budget {
+                    return Err(self.err(format!(
+                        "metadata {key:?} claims {n} array elements: more than the {} \
+                         this reader accepts in one file (corrupt file?)",
+                        MAX_META_ARRAY_ELEMENTS
+                    )));
+                }
+                self.array_budget -= n;
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     v.push(self.value(ety, key, depth + 1)?);
@@ -814,6 +829,7 @@ impl GgufFile {
                 data: &mmap[..],
                 pos: 0,
                 path: &path,
+                array_budget: MAX_META_ARRAY_ELEMENTS,
             };
             if c.data.len() < 4 {
                 return Err(c.err(format!("not a GGUF file: only {} bytes long", c.data.len())));

@@ -30,6 +30,8 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const LINK_FILE: &str = "kvlink.json";
 /// The optional tensor of input-only embedding rows.
 pub const EXTRA_EMBEDDINGS: &str = "kvlink.extra_embeddings";
+/// Largest LoRA rank accepted (a rank above the model width adapts nothing more).
+pub const MAX_RANK: usize = crate::model::config::limits::MAX_HIDDEN;
 /// Prefix PEFT puts before the base model's own tensor names.
 const PEFT_PREFIX: &str = "base_model.model.";
 
@@ -162,6 +164,11 @@ impl LoraAdapter {
         let link: Option<AdapterLinkFile> = link
             .map(|b| serde_json::from_slice(b).map_err(|x| e(format!("invalid {LINK_FILE}: {x}"))))
             .transpose()?;
+        if let Some(l) = &link {
+            l.link
+                .check_bounds()
+                .map_err(|m| e(format!("{LINK_FILE}: {m}")))?;
+        }
 
         let st = SafeTensors::deserialize(weights)
             .map_err(|x| e(format!("{WEIGHTS_FILE}: {}", map_st_err(x))))?;
@@ -361,6 +368,11 @@ fn check_config(c: &RawConfig) -> std::result::Result<CheckedConfig, String> {
         }
     }
     let r = match c.r {
+        Some(r) if r > MAX_RANK => {
+            return Err(format!(
+                "r = {r} is more than the {MAX_RANK} this engine accepts"
+            ))
+        }
         Some(r) if r > 0 => r,
         Some(_) => return Err("r must be > 0".into()),
         None => return Err("r is missing".into()),
@@ -563,7 +575,12 @@ impl LoraModel {
             }
         }
         let mut config = bc.clone();
-        config.extra_vocab += n_extra;
+        config.extra_vocab = config.extra_vocab.saturating_add(n_extra);
+        config.validate().map_err(|m| {
+            a.err(format!(
+                "the model with the adapter's {n_extra} extra embedding rows: {m}"
+            ))
+        })?;
         let link = a.link.as_ref().map(|l| l.link.clone());
         if let Some(l) = &link {
             let vocab = config.input_vocab();

@@ -82,6 +82,14 @@ pub const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?
 /// Qwen2 pre-tokenizer regex (`tokenizer.ggml.pre == "qwen2"`).
 pub const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Most tokens a GGUF vocabulary may hold (as [`crate::model::config::limits::MAX_VOCAB`]).
+const MAX_VOCAB: usize = crate::model::config::limits::MAX_VOCAB;
+/// Longest token string accepted. SentencePiece merge recovery looks up every split of
+/// every piece (quadratic in its length); real vocabularies stay under a few hundred bytes.
+pub const MAX_TOKEN_BYTES: usize = 4096;
+/// Most BPE merges accepted (real files: about one per token).
+const MAX_MERGES: usize = 1 << 24;
+
 /// GGUF token types (llama.cpp `llama_token_type`).
 pub mod token_type {
     pub const NORMAL: i32 = 1;
@@ -256,8 +264,30 @@ impl Tokenizer {
         if m.tokens.is_empty() {
             return Err(bad("tokenizer.ggml.tokens is empty".into()));
         }
-        if m.tokens.len() > u32::MAX as usize / 2 {
-            return Err(bad("tokenizer.ggml.tokens is absurdly long".into()));
+        if m.tokens.len() > MAX_VOCAB {
+            return Err(bad(format!(
+                "tokenizer.ggml.tokens has {} entries, more than the {MAX_VOCAB} this engine \
+                 accepts (corrupt file?)",
+                m.tokens.len()
+            )));
+        }
+        if let Some((i, t)) = m
+            .tokens
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.len() > MAX_TOKEN_BYTES)
+        {
+            return Err(bad(format!(
+                "tokenizer.ggml.tokens[{i}] is {} bytes long, more than {MAX_TOKEN_BYTES} \
+                 (corrupt file?)",
+                t.len()
+            )));
+        }
+        if m.merges.len() > MAX_MERGES {
+            return Err(bad(format!(
+                "tokenizer.ggml.merges has {} entries, more than {MAX_MERGES} (corrupt file?)",
+                m.merges.len()
+            )));
         }
         if !m.token_types.is_empty() && m.token_types.len() != m.tokens.len() {
             return Err(bad(format!(
@@ -371,6 +401,14 @@ impl Tokenizer {
         for (i, t) in m.tokens.iter().enumerate() {
             vocab.entry(t.clone()).or_insert(i as u32);
         }
+        // A piece's score as a sort key: NaN ranks last, -0.0 ties with 0.0.
+        let score = |s: f32| {
+            if s.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                s + 0.0
+            }
+        };
         // Merges: HF's SentencePieceExtractor. Only NORMAL (or untyped) pieces take part.
         let mut merges: Vec<(u32, u32, f32)> = Vec::new();
         for (i, piece) in m.tokens.iter().enumerate() {
@@ -382,14 +420,15 @@ impl Tokenizer {
             for (k, _) in piece.char_indices().skip(1) {
                 let (l, r) = piece.split_at(k);
                 if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
-                    local.push((li, ri, m.scores[i]));
+                    local.push((li, ri, score(m.scores[i])));
                 }
             }
             local.sort_by_key(|&(l, r, _)| (l, r));
             merges.extend(local);
         }
-        // Stable sort by score, highest first.
-        merges.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap_or(std::cmp::Ordering::Equal));
+        // Stable sort by score, highest first. `score` made the order total (a NaN
+        // that compared "equal" to everything could make the sort panic).
+        merges.sort_by(|a, b| b.2.total_cmp(&a.2));
         let merges: Merges = merges
             .into_iter()
             .map(|(l, r, _)| (m.tokens[l as usize].clone(), m.tokens[r as usize].clone()))
