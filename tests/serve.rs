@@ -64,7 +64,10 @@ fn post(base: &str, path: &str, v: &Value) -> (u16, Value) {
 }
 
 fn get(base: &str, path: &str) -> (u16, String) {
-    let mut r = agent().get(format!("{base}{path}")).call().expect("request");
+    let mut r = agent()
+        .get(format!("{base}{path}"))
+        .call()
+        .expect("request");
     (
         r.status().as_u16(),
         r.body_mut().read_to_string().unwrap_or_default(),
@@ -94,9 +97,15 @@ const QUESTION: &str = "What color is the Zorblax lighthouse painted?";
 fn assert_error(status: u16, v: &Value, want_status: u16, what: &str) {
     assert_eq!(status, want_status, "{what}: {v}");
     let e = &v["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {v}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {v}"
+    );
     assert!(e["type"].is_string(), "{what}: {v}");
-    assert!(e.get("param").is_some() && e.get("code").is_some(), "{what}: {v}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{what}: {v}"
+    );
 }
 
 /// Greedy answers over registered documents equal `kvlink ask`'s for the same files and
@@ -105,7 +114,11 @@ fn assert_error(status: u16, v: &Value, want_status: u16, what: &str) {
 fn greedy_chat_matches_kvlink_ask() {
     let base = server();
     let (s1, a1) = post(base, "/v1/documents", &json!({"text": DOC_A}));
-    let (s2, a2) = post(base, "/v1/documents", &json!({"text": DOC_A, "title": "again"}));
+    let (s2, a2) = post(
+        base,
+        "/v1/documents",
+        &json!({"text": DOC_A, "title": "again"}),
+    );
     assert!(s1 == 201 || s1 == 200, "{s1} {a1}");
     assert_eq!(s2, 200, "a second registration is not new: {a2}");
     assert_eq!(a1["id"], a2["id"]);
@@ -118,7 +131,10 @@ fn greedy_chat_matches_kvlink_ask() {
     });
     let (s, v) = post(base, "/v1/chat/completions", &body);
     assert_eq!(s, 200, "{v}");
-    let answer = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let answer = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     let usage = &v["usage"];
@@ -138,7 +154,15 @@ fn greedy_chat_matches_kvlink_ask() {
     std::fs::write(&fa, DOC_A).unwrap();
     std::fs::write(&fb, DOC_B).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvlink"))
-        .args(["ask", "--no-store", "--json", "--ctx", &CTX.to_string(), "-n", "16"])
+        .args([
+            "ask",
+            "--no-store",
+            "--json",
+            "--ctx",
+            &CTX.to_string(),
+            "-n",
+            "16",
+        ])
         .arg("--model")
         .arg(common::model::model_path())
         .arg("--doc")
@@ -148,9 +172,17 @@ fn greedy_chat_matches_kvlink_ask() {
         .args(["-q", QUESTION])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ask: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(answer, ask["answer"].as_str().unwrap(), "server vs kvlink ask");
+    assert_eq!(
+        answer,
+        ask["answer"].as_str().unwrap(),
+        "server vs kvlink ask"
+    );
     assert!(!answer.trim().is_empty());
 
     // Streaming: the deltas add up to the same text, then [DONE].
@@ -203,7 +235,10 @@ fn greedy_chat_matches_kvlink_ask() {
         let (s, v) = post(base, "/v1/chat/completions", &b2);
         assert_eq!(s, 200, "{v}");
         let t = v["choices"][0]["message"]["content"].as_str().unwrap();
-        assert!(!t.contains(word) && answer.starts_with(t), "{t:?} vs {answer:?}");
+        assert!(
+            !t.contains(word) && answer.starts_with(t),
+            "{t:?} vs {answer:?}"
+        );
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
     }
 }
@@ -216,7 +251,11 @@ fn documents_register_list_get_delete() {
     let (s, list) = get(base, "/v1/documents");
     assert_eq!(s, 200);
     let list: Value = serde_json::from_str(&list).unwrap();
-    assert!(list["data"].as_array().unwrap().iter().any(|d| d["id"] == id.as_str()));
+    assert!(list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["id"] == id.as_str()));
     let (s, d) = get(base, &format!("/v1/documents/{id}"));
     assert_eq!(s, 200);
     let d: Value = serde_json::from_str(&d).unwrap();
@@ -239,7 +278,10 @@ fn documents_register_list_get_delete() {
 #[test]
 fn bad_input_gets_openai_errors() {
     let base = server();
-    let keep = register(base, "A document that must survive bad requests: owls hoot.");
+    let keep = register(
+        base,
+        "A document that must survive bad requests: owls hoot.",
+    );
     let chat = "/v1/chat/completions";
     let user = json!([{"role": "user", "content": "Hi"}]);
 
@@ -254,16 +296,28 @@ fn bad_input_gets_openai_errors() {
     assert_error(s, &v, 400, "no messages");
     let (s, v) = post(base, chat, &json!({"messages": user, "temperature": -1}));
     assert_error(s, &v, 400, "negative temperature");
-    let (s, v) = post(base, chat, &json!({"messages": user, "kvlink_mode": "fast"}));
+    let (s, v) = post(
+        base,
+        chat,
+        &json!({"messages": user, "kvlink_mode": "fast"}),
+    );
     assert_error(s, &v, 400, "unknown mode");
-    let (s, v) = post(base, chat, &json!({"messages": user, "documents": ["nope"]}));
+    let (s, v) = post(
+        base,
+        chat,
+        &json!({"messages": user, "documents": ["nope"]}),
+    );
     assert_error(s, &v, 400, "unknown document");
     assert_eq!(v["error"]["param"], "documents[0]");
     let many: Vec<String> = (0..17).map(|_| keep.clone()).collect();
     let (s, v) = post(base, chat, &json!({"messages": user, "documents": many}));
     assert_error(s, &v, 400, "too many documents");
     let long = "lorem ipsum dolor ".repeat(1200);
-    let (s, v) = post(base, chat, &json!({"messages": [{"role": "user", "content": long}]}));
+    let (s, v) = post(
+        base,
+        chat,
+        &json!({"messages": [{"role": "user", "content": long}]}),
+    );
     assert_error(s, &v, 400, "prompt over the context");
     assert_eq!(v["error"]["code"], "context_length_exceeded");
     let (s, v) = post(base, "/v1/documents", &json!({"text": long}));
@@ -328,14 +382,14 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 #[test]
 fn disconnect_cancels_and_full_queue_refuses() {
     let src = kvlink::model::random::RandomModel::new("tiny", 3).unwrap();
-    let engine = Engine::load(common::gpu().clone(), &src, 4096, &mut |_, _| {}).unwrap();
+    let engine = Engine::load(common::gpu().clone(), &src, 2048, &mut |_, _| {}).unwrap();
     let cfg = ServerConfig {
         max_queue: 1,
         ..Default::default()
     };
     let s = Server::start(engine, cfg, "127.0.0.1:0").unwrap();
     let base = format!("http://{}", s.addr);
-    let long = json!({"prompt": "a b c", "max_tokens": 4000, "ignore_eos": true, "stream": true});
+    let long = json!({"prompt": "a b c", "max_tokens": 2000, "ignore_eos": true, "stream": true});
     let r = agent()
         .post(format!("{base}/v1/completions"))
         .header("content-type", "application/json")
@@ -350,7 +404,11 @@ fn disconnect_cancels_and_full_queue_refuses() {
             break;
         }
     }
-    let (st, v) = post(&base, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
+    let (st, v) = post(
+        &base,
+        "/v1/completions",
+        &json!({"prompt": "x", "max_tokens": 2}),
+    );
     assert_error(st, &v, 503, "queue full");
     assert_eq!(v["error"]["code"], "queue_full");
     drop(lines); // the client goes away
@@ -361,14 +419,21 @@ fn disconnect_cancels_and_full_queue_refuses() {
             && metric(&m, "kvlink_queue_depth") == Some(0.0)
         {
             let n = metric(&m, "kvlink_generated_tokens_total").unwrap();
-            assert!(n < 4000.0, "the generation ran to the end ({n} tokens)");
+            assert!(n < 1500.0, "the generation ran to the end ({n} tokens)");
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "not cancelled:\n{m}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "not cancelled:\n{m}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // Serving again.
-    let (st, v) = post(&base, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
+    let (st, v) = post(
+        &base,
+        "/v1/completions",
+        &json!({"prompt": "x", "max_tokens": 2}),
+    );
     assert_eq!(st, 200, "{v}");
 }
 
@@ -444,5 +509,5 @@ fn loopback_load() {
         percentile(&mut lat, 0.99)
     );
     assert_eq!(errors, 0);
-    assert_eq!(ttft.len(), 30);
+    assert_eq!(ttft.len(), 28); // 3 of each client's 10 requests register documents
 }

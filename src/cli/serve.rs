@@ -55,7 +55,8 @@ pub fn serve(adapter: &AdapterChoice, a: &ServeArgs) -> Result<()> {
         model_name,
     };
     let addr = format!("{}:{}", a.host, a.port);
-    let server = Server::start(engine, cfg, &addr).with_context(|| format!("cannot listen on {addr}"))?;
+    let server =
+        Server::start(engine, cfg, &addr).with_context(|| format!("cannot listen on {addr}"))?;
     for (t, p) in texts.iter().zip(&a.docs.docs) {
         let title = p.file_name().map(|s| s.to_string_lossy().into_owned());
         let d = server

@@ -29,11 +29,7 @@ impl ApiError {
     pub fn invalid(message: impl Into<String>, param: Option<&str>) -> ApiError {
         ApiError {
             param: param.map(str::to_string),
-            ..ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                message,
-            )
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
         }
     }
 
@@ -42,7 +38,11 @@ impl ApiError {
     }
 
     pub fn internal(e: impl std::fmt::Display) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string())
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            e.to_string(),
+        )
     }
 
     /// Engine errors: bad input is the client's (400), the rest the server's (500).
@@ -80,30 +80,35 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Parse a JSON body into `T`; the error names the offending field (`param`).
-pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+/// Parse a request body as JSON (400 if it is not).
+pub fn parse_json(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}"), None))?;
+    if !v.is_object() {
+        return Err(ApiError::invalid("the body must be a JSON object", None));
+    }
+    Ok(v)
+}
+
+/// Read `T` from a parsed body; the error names the offending field (`param`).
+pub fn from_value<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
         let param = (path != ".").then_some(path);
-        let msg = if inner.is_syntax() || inner.is_eof() {
-            format!("the body is not valid JSON: {inner}")
-        } else {
-            match &param {
-                Some(p) => format!("{p}: {inner}"),
-                None => format!("{inner}"),
-            }
+        let msg = match &param {
+            Some(p) => format!("{p}: {}", e.inner()),
+            None => e.inner().to_string(),
         };
         ApiError {
-            param: if inner.is_syntax() || inner.is_eof() {
-                None
-            } else {
-                param
-            },
+            param,
             ..ApiError::invalid(msg, None)
         }
     })
+}
+
+/// Parse a JSON body into `T` (see [`parse_json`], [`from_value`]).
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    from_value(&parse_json(body)?)
 }
 
 #[derive(Deserialize)]
@@ -122,7 +127,9 @@ impl OneOrMany {
     }
 }
 
-/// Fields shared by both completion endpoints (OpenAI's, then kvlink's extensions).
+/// Fields shared by both completion endpoints (OpenAI's, then kvlink's extensions), read
+/// from the same body as [`ChatBody`] / [`CompletionBody`] (not `flatten`ed into them:
+/// that would lose the field names in errors).
 #[derive(Deserialize)]
 pub struct Common {
     pub model: Option<String>,
@@ -152,8 +159,6 @@ pub struct Common {
 #[derive(Deserialize)]
 pub struct ChatBody {
     pub messages: Vec<Message>,
-    #[serde(flatten)]
-    pub common: Common,
 }
 
 #[derive(Deserialize)]
@@ -194,8 +199,6 @@ impl Content {
 #[derive(Deserialize)]
 pub struct CompletionBody {
     pub prompt: OneOrMany,
-    #[serde(flatten)]
-    pub common: Common,
 }
 
 #[derive(Deserialize)]

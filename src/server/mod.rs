@@ -268,11 +268,7 @@ fn submit(st: &State, job: Job) -> Result<(), ApiError> {
         )
         .code("queue_full"));
     }
-    let sent = st
-        .jobs
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send(job);
+    let sent = st.jobs.lock().unwrap_or_else(|e| e.into_inner()).send(job);
     if sent.is_err() {
         st.queue.fetch_sub(1, Ordering::SeqCst);
         return Err(ApiError::internal("the engine thread has stopped"));
@@ -297,7 +293,10 @@ async fn add_document(
     title: Option<String>,
 ) -> Result<(DocRecord, bool), ApiError> {
     if text.trim().is_empty() {
-        return Err(ApiError::invalid("the document text is empty", Some("text")));
+        return Err(ApiError::invalid(
+            "the document text is empty",
+            Some("text"),
+        ));
     }
     let text = normalize(text);
     let id = doc_id(&text);
@@ -370,7 +369,11 @@ async fn get_document(AxState(st): AxState<Arc<State>>, Path(id): Path<String>) 
 }
 
 async fn delete_document(AxState(st): AxState<Arc<State>>, Path(id): Path<String>) -> Response {
-    let rec = st.docs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    let rec = st
+        .docs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
     let Some(rec) = rec else {
         return ApiError::not_found(format!("no document {id}")).into_response();
     };
@@ -428,10 +431,7 @@ fn common_params(
         .filter(|s| !s.is_empty())
         .collect();
     if stops.len() > 4 {
-        return Err(ApiError::invalid(
-            "at most 4 stop sequences",
-            Some("stop"),
-        ));
+        return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
     }
     let mode = match c.kvlink_mode.as_deref().unwrap_or("kvlink") {
         "kvlink" => Mode::Kvlink,
@@ -515,9 +515,11 @@ fn chat_request(b: &ChatBody) -> Result<(Option<String>, String), ApiError> {
 async fn chat(AxState(st): AxState<Arc<State>>, body: Body) -> Response {
     let r = async {
         let bytes = read_body(&st, body).await?;
-        let b: ChatBody = api::parse(&bytes)?;
+        let v = api::parse_json(&bytes)?;
+        let b: ChatBody = api::from_value(&v)?;
+        let common: Common = api::from_value(&v)?;
         let (system, question) = chat_request(&b)?;
-        Ok::<_, ApiError>((system, question, b.common))
+        Ok::<_, ApiError>((system, question, common))
     }
     .await;
     match r {
@@ -531,7 +533,9 @@ async fn chat(AxState(st): AxState<Arc<State>>, body: Body) -> Response {
 async fn completions(AxState(st): AxState<Arc<State>>, body: Body) -> Response {
     let r = async {
         let bytes = read_body(&st, body).await?;
-        let b: CompletionBody = api::parse(&bytes)?;
+        let v = api::parse_json(&bytes)?;
+        let b: CompletionBody = api::from_value(&v)?;
+        let common: Common = api::from_value(&v)?;
         let mut p = b.prompt.into_vec();
         if p.len() != 1 {
             return Err(ApiError::invalid(
@@ -539,7 +543,7 @@ async fn completions(AxState(st): AxState<Arc<State>>, body: Body) -> Response {
                 Some("prompt"),
             ));
         }
-        Ok((p.remove(0), b.common))
+        Ok((p.remove(0), common))
     }
     .await;
     match r {
@@ -586,7 +590,14 @@ async fn answer(
         .map_err(|e| {
             let mut e = ApiError::from_engine(e);
             if e.param.is_none() {
-                e.param = Some(if kind == Kind::Chat { "messages" } else { "prompt" }.into());
+                e.param = Some(
+                    if kind == Kind::Chat {
+                        "messages"
+                    } else {
+                        "prompt"
+                    }
+                    .into(),
+                );
             }
             e
         })?;

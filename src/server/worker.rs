@@ -158,9 +158,11 @@ fn generate(engine: &Engine, state: &State, g: GenJob) {
         .metrics
         .cache(t.cached_docs - t.disk_docs, t.disk_docs, t.computed_docs);
     let decode = (n > 1).then(|| stats.generation.decode.as_secs_f64() / (n - 1) as f64);
-    state
-        .metrics
-        .generation(t.ttft.as_secs_f64(), decode, stats.generation.generated_tokens);
+    state.metrics.generation(
+        t.ttft.as_secs_f64(),
+        decode,
+        stats.generation.generated_tokens,
+    );
     if cancelled {
         state.metrics.cancelled();
         return;
