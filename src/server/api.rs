@@ -189,7 +189,7 @@ impl Content {
             Content::Text(s) => Some(s.clone()),
             Content::Parts(p) => p
                 .iter()
-                .map(|p| (p.kind == "text").then(|| p.text.as_str()))
+                .map(|p| (p.kind == "text").then_some(p.text.as_str()))
                 .collect::<Option<Vec<_>>>()
                 .map(|v| v.concat()),
         }
