@@ -9,7 +9,7 @@ use common::tempdir::TempDir;
 use kvlink::server::{Server, ServerConfig};
 use kvlink::Engine;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -435,6 +435,39 @@ fn disconnect_cancels_and_full_queue_refuses() {
         &json!({"prompt": "x", "max_tokens": 2}),
     );
     assert_eq!(st, 200, "{v}");
+
+    // A client waiting for a whole (not streamed) answer goes away too.
+    let body = json!({"prompt": "a b c", "max_tokens": 2000, "ignore_eos": true}).to_string();
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    write!(
+        c,
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    while metric(&get(&base, "/metrics").1, "kvlink_queue_depth") != Some(1.0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the request never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(c);
+    loop {
+        let m = get(&base, "/metrics").1;
+        if metric(&m, "kvlink_cancelled_total") == Some(2.0)
+            && metric(&m, "kvlink_queue_depth") == Some(0.0)
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "not cancelled:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
