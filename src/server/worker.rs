@@ -50,13 +50,17 @@ pub(crate) struct GenSummary {
 /// Run jobs until every sender is gone.
 pub(crate) fn run(engine: Arc<Engine>, state: Arc<State>, rx: std::sync::mpsc::Receiver<Job>) {
     while let Ok(job) = rx.recv() {
-        match job {
+        // A panic fails its own request (its channel drops: a 500), not the server.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job {
             Job::Generate(g) => generate(&engine, &state, g),
             Job::AddDocument { text, reply } => {
                 if !reply.is_closed() {
                     let _ = reply.send(add_document(&engine, &text));
                 }
             }
+        }));
+        if r.is_err() {
+            eprintln!("kvlink serve: a request panicked in the engine; going on");
         }
         state.queue.fetch_sub(1, Ordering::SeqCst);
     }
