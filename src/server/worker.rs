@@ -47,22 +47,43 @@ pub(crate) struct GenSummary {
     pub decode_tok_s: f64,
 }
 
+/// A job's place in the queue, given back before its result goes out (so a client that
+/// has its answer can queue the next request at once) or, at the latest, when dropped.
+pub(crate) struct Slot<'a>(&'a std::sync::atomic::AtomicUsize, bool);
+
+impl Slot<'_> {
+    pub fn release(&mut self) {
+        if !self.1 {
+            self.1 = true;
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// Run jobs until every sender is gone.
 pub(crate) fn run(engine: Arc<Engine>, state: Arc<State>, rx: std::sync::mpsc::Receiver<Job>) {
     while let Ok(job) = rx.recv() {
+        let mut slot = Slot(&state.queue, false);
         // A panic fails its own request (its channel drops: a 500), not the server.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job {
-            Job::Generate(g) => generate(&engine, &state, g),
+            Job::Generate(g) => generate(&engine, &state, g, &mut slot),
             Job::AddDocument { text, reply } => {
-                if !reply.is_closed() {
-                    let _ = reply.send(add_document(&engine, &text));
+                let r = (!reply.is_closed()).then(|| add_document(&engine, &text));
+                slot.release();
+                if let Some(r) = r {
+                    let _ = reply.send(r);
                 }
             }
         }));
         if r.is_err() {
             eprintln!("kvlink serve: a request panicked in the engine; going on");
         }
-        state.queue.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -108,7 +129,7 @@ fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops.iter().filter_map(|s| text.find(s.as_str())).min()
 }
 
-fn generate(engine: &Engine, state: &State, g: GenJob) {
+fn generate(engine: &Engine, state: &State, g: GenJob, slot: &mut Slot) {
     if g.tx.is_closed() {
         state.metrics.cancelled();
         return;
@@ -153,6 +174,7 @@ fn generate(engine: &Engine, state: &State, g: GenJob) {
     let stats = match r {
         Ok(s) => s,
         Err(e) => {
+            slot.release();
             let _ = tx.send(GenEvent::Error(ApiError::from_engine(e)));
             return;
         }
@@ -182,6 +204,7 @@ fn generate(engine: &Engine, state: &State, g: GenJob) {
     } else {
         "length"
     };
+    slot.release();
     let _ = tx.send(GenEvent::Done(Box::new(GenSummary {
         finish_reason,
         prompt_tokens: stats.generation.prompt_tokens,
