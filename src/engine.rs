@@ -568,6 +568,30 @@ impl Engine {
             .set_budget(bytes);
     }
 
+    /// Bytes of document caches resident on the GPU now.
+    pub fn doc_cache_bytes(&self) -> u64 {
+        self.docs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .used_bytes()
+    }
+
+    /// Drop a document's cache from the GPU and the disk store (if any). Returns whether
+    /// either held it.
+    pub fn forget_doc(&self, key: &DocKey) -> Result<bool> {
+        let gpu = self
+            .docs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+            .is_some();
+        let disk = match self.store() {
+            Some(s) => s.remove(key)?,
+            None => false,
+        };
+        Ok(gpu || disk)
+    }
+
     /// Whether a document's cache is resident on the GPU now.
     pub fn doc_resident(&self, key: &DocKey) -> bool {
         self.docs

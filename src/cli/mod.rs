@@ -3,6 +3,7 @@
 mod bench_kernels;
 mod eval;
 mod rag;
+mod serve;
 mod store;
 mod train_data;
 #[cfg(feature = "viewer")]
@@ -114,6 +115,9 @@ enum Cmd {
     Ask(rag::AskArgs),
     /// Encode documents and store their KV caches on disk for later `ask`s.
     Precompute(rag::PrecomputeArgs),
+    /// An OpenAI-compatible HTTP server (chat/completions with cached documents,
+    /// document registration, /health, /metrics).
+    Serve(serve::ServeArgs),
     /// Benchmarks: TTFT full vs KVLink, prefill and decode speed.
     Bench {
         #[command(subcommand)]
@@ -240,6 +244,7 @@ pub fn run() -> Result<()> {
         } => logits(&adapter, &model, &prompt, &docs, &mode, top, json),
         Cmd::Ask(a) => rag::ask(&adapter, &a),
         Cmd::Precompute(a) => rag::precompute(&adapter, &a),
+        Cmd::Serve(a) => serve::serve(&adapter, &a),
         Cmd::Bench { cmd } => rag::bench(&adapter, &cmd),
         Cmd::Store { cmd } => store::store(&cmd),
         Cmd::Eval { cmd } => eval::eval(&adapter, &cmd),

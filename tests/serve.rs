@@ -1,0 +1,552 @@
+//! `kvlink serve` over loopback: the OpenAI-shaped endpoints, documents, errors,
+//! metrics, cancellation, the queue limit and a short load test. One server with the
+//! real model (SmolLM2-135M) for the whole binary; a tiny random model for the
+//! cancellation and queue tests.
+
+mod common;
+
+use common::tempdir::TempDir;
+use kvlink::server::{Server, ServerConfig};
+use kvlink::Engine;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const CTX: usize = 2048;
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(300)))
+        .build()
+        .into()
+}
+
+/// The real-model server (started once; its store lives in a temp dir).
+fn server() -> &'static str {
+    static S: OnceLock<(String, Server, TempDir)> = OnceLock::new();
+    &S.get_or_init(|| {
+        let dir = TempDir::new("serve-store");
+        let engine = Engine::load(
+            common::gpu().clone(),
+            common::model::source().as_ref(),
+            CTX,
+            &mut |_, _| {},
+        )
+        .expect("load engine");
+        engine.set_store(Some(kvlink::kv::DiskStore::open(dir.path()).unwrap()));
+        let cfg = ServerConfig {
+            max_body_bytes: 64 << 10,
+            ..Default::default()
+        };
+        let s = Server::start(engine, cfg, "127.0.0.1:0").expect("start server");
+        (format!("http://{}", s.addr), s, dir)
+    })
+    .0
+}
+
+/// POST JSON (or raw bytes); (status, body as JSON, or Null if it is not JSON).
+fn post_raw(base: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
+    let mut r = agent()
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .send(&body[..])
+        .expect("request");
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn post(base: &str, path: &str, v: &Value) -> (u16, Value) {
+    post_raw(base, path, v.to_string().into_bytes())
+}
+
+fn get(base: &str, path: &str) -> (u16, String) {
+    let mut r = agent()
+        .get(format!("{base}{path}"))
+        .call()
+        .expect("request");
+    (
+        r.status().as_u16(),
+        r.body_mut().read_to_string().unwrap_or_default(),
+    )
+}
+
+fn delete(base: &str, path: &str) -> u16 {
+    agent()
+        .delete(format!("{base}{path}"))
+        .call()
+        .expect("request")
+        .status()
+        .as_u16()
+}
+
+fn register(base: &str, text: &str) -> String {
+    let (s, v) = post(base, "/v1/documents", &json!({"text": text, "title": "t"}));
+    assert!(s == 200 || s == 201, "register: {s} {v}");
+    v["id"].as_str().unwrap().to_string()
+}
+
+const DOC_A: &str = "The Zorblax lighthouse stands on Kelp Island. Its keeper, Mira Vance, \
+                     paints the tower green every spring.";
+const DOC_B: &str = "Kelp Island has one bakery, run by Tomas Reyes, famous for seaweed bread.";
+const QUESTION: &str = "What color is the Zorblax lighthouse painted?";
+
+fn assert_error(status: u16, v: &Value, want_status: u16, what: &str) {
+    assert_eq!(status, want_status, "{what}: {v}");
+    let e = &v["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {v}"
+    );
+    assert!(e["type"].is_string(), "{what}: {v}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{what}: {v}"
+    );
+}
+
+/// Greedy answers over registered documents equal `kvlink ask`'s for the same files and
+/// question; streaming gives the same text; registration is idempotent.
+#[test]
+fn greedy_chat_matches_kvlink_ask() {
+    let base = server();
+    let (s1, a1) = post(base, "/v1/documents", &json!({"text": DOC_A}));
+    let (s2, a2) = post(
+        base,
+        "/v1/documents",
+        &json!({"text": DOC_A, "title": "again"}),
+    );
+    assert!(s1 == 201 || s1 == 200, "{s1} {a1}");
+    assert_eq!(s2, 200, "a second registration is not new: {a2}");
+    assert_eq!(a1["id"], a2["id"]);
+    let b = register(base, DOC_B);
+    let ids = json!([a1["id"], b]);
+
+    let body = json!({
+        "messages": [{"role": "user", "content": QUESTION}],
+        "documents": ids, "max_tokens": 16, "temperature": 0,
+    });
+    let (s, v) = post(base, "/v1/chat/completions", &body);
+    assert_eq!(s, 200, "{v}");
+    let answer = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    let usage = &v["usage"];
+    let ct = usage["completion_tokens"].as_u64().unwrap();
+    assert!((1..=16).contains(&ct), "{v}");
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + ct
+    );
+    // Registered documents are on the GPU already.
+    assert_eq!(v["kvlink"]["cache_hits"]["gpu"], 2, "{v}");
+    assert!(v["kvlink"]["ttft_ms"].as_f64().unwrap() > 0.0);
+
+    // The same through `kvlink ask` (its own process, no store).
+    let dir = TempDir::new("serve-ask");
+    let (fa, fb) = (dir.path().join("a.txt"), dir.path().join("b.txt"));
+    std::fs::write(&fa, DOC_A).unwrap();
+    std::fs::write(&fb, DOC_B).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvlink"))
+        .args([
+            "ask",
+            "--no-store",
+            "--json",
+            "--ctx",
+            &CTX.to_string(),
+            "-n",
+            "16",
+        ])
+        .arg("--model")
+        .arg(common::model::model_path())
+        .arg("--doc")
+        .arg(&fa)
+        .arg("--doc")
+        .arg(&fb)
+        .args(["-q", QUESTION])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ask: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        answer,
+        ask["answer"].as_str().unwrap(),
+        "server vs kvlink ask"
+    );
+    assert!(!answer.trim().is_empty());
+
+    // Streaming: the deltas add up to the same text, then [DONE].
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let r = agent()
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .send(stream_body.to_string())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut text = String::new();
+    let mut done = false;
+    let mut last = Value::Null;
+    for line in BufReader::new(r.into_body().into_reader()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        last = v;
+    }
+    assert!(done, "no [DONE]");
+    assert_eq!(text, answer, "streamed vs whole");
+    assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
+    assert_eq!(last["usage"]["completion_tokens"], ct);
+
+    // /v1/completions: the raw prompt, same shapes.
+    let (s, v) = post(
+        base,
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 4, "documents": [b]}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["choices"][0]["text"].is_string());
+
+    // A stop sequence cuts the text before it.
+    if let Some(word) = answer.split_whitespace().nth(1) {
+        let mut b2 = body.clone();
+        b2["stop"] = json!(word);
+        let (s, v) = post(base, "/v1/chat/completions", &b2);
+        assert_eq!(s, 200, "{v}");
+        let t = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(
+            !t.contains(word) && answer.starts_with(t),
+            "{t:?} vs {answer:?}"
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    }
+}
+
+#[test]
+fn documents_register_list_get_delete() {
+    let base = server();
+    let text = "Doc for the CRUD test: the river Qell flows north.";
+    let id = register(base, text);
+    let (s, list) = get(base, "/v1/documents");
+    assert_eq!(s, 200);
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert!(list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["id"] == id.as_str()));
+    let (s, d) = get(base, &format!("/v1/documents/{id}"));
+    assert_eq!(s, 200);
+    let d: Value = serde_json::from_str(&d).unwrap();
+    assert_eq!(d["text"].as_str().unwrap().trim_end(), text);
+    assert!(d["tokens"].as_u64().unwrap() > 5);
+    assert_eq!(delete(base, &format!("/v1/documents/{id}")), 200);
+    assert_eq!(get(base, &format!("/v1/documents/{id}")).0, 404);
+    assert_eq!(delete(base, &format!("/v1/documents/{id}")), 404);
+    let (s, v) = post(
+        base,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Where?"}], "documents": [id]}),
+    );
+    assert_error(s, &v, 400, "deleted document");
+    assert_eq!(v["error"]["code"], "document_not_found");
+}
+
+/// Bad input: a 4xx with an OpenAI-style error each time, and the server goes on
+/// serving with its documents intact.
+#[test]
+fn bad_input_gets_openai_errors() {
+    let base = server();
+    let keep = register(
+        base,
+        "A document that must survive bad requests: owls hoot.",
+    );
+    let chat = "/v1/chat/completions";
+    let user = json!([{"role": "user", "content": "Hi"}]);
+
+    let (s, v) = post_raw(base, chat, b"{\"messages\": [".to_vec());
+    assert_error(s, &v, 400, "malformed JSON");
+    let (s, v) = post(base, chat, &json!({"messages": user, "max_tokens": "many"}));
+    assert_error(s, &v, 400, "wrong type");
+    assert_eq!(v["error"]["param"], "max_tokens");
+    let (s, v) = post(base, chat, &json!({"messages": "hello"}));
+    assert_error(s, &v, 400, "messages not a list");
+    let (s, v) = post(base, chat, &json!({"messages": []}));
+    assert_error(s, &v, 400, "no messages");
+    let (s, v) = post(base, chat, &json!({"messages": user, "temperature": -1}));
+    assert_error(s, &v, 400, "negative temperature");
+    let (s, v) = post(
+        base,
+        chat,
+        &json!({"messages": user, "kvlink_mode": "fast"}),
+    );
+    assert_error(s, &v, 400, "unknown mode");
+    let (s, v) = post(
+        base,
+        chat,
+        &json!({"messages": user, "documents": ["nope"]}),
+    );
+    assert_error(s, &v, 400, "unknown document");
+    assert_eq!(v["error"]["param"], "documents[0]");
+    let many: Vec<String> = (0..17).map(|_| keep.clone()).collect();
+    let (s, v) = post(base, chat, &json!({"messages": user, "documents": many}));
+    assert_error(s, &v, 400, "too many documents");
+    let long = "lorem ipsum dolor ".repeat(1200);
+    let (s, v) = post(
+        base,
+        chat,
+        &json!({"messages": [{"role": "user", "content": long}]}),
+    );
+    assert_error(s, &v, 400, "prompt over the context");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let (s, v) = post(base, "/v1/documents", &json!({"text": long}));
+    assert_error(s, &v, 400, "document over the context");
+    let (s, v) = post(base, "/v1/documents", &json!({"text": "  "}));
+    assert_error(s, &v, 400, "empty document");
+    let (s, v) = post_raw(base, "/v1/documents", vec![b' '; 100 << 10]);
+    assert_error(s, &v, 413, "oversize body");
+    let (s, v) = post(base, "/v1/nothing", &json!({}));
+    assert_error(s, &v, 404, "unknown route");
+
+    // Still serving, the document still there and usable.
+    assert_eq!(get(base, "/health").0, 200);
+    assert_eq!(get(base, &format!("/v1/documents/{keep}")).0, 200);
+    let (s, v) = post(
+        base,
+        chat,
+        &json!({"messages": [{"role": "user", "content": "What do owls do?"}],
+                "documents": [keep], "max_tokens": 4}),
+    );
+    assert_eq!(s, 200, "{v}");
+}
+
+#[test]
+fn health_and_metrics() {
+    let base = server();
+    let (s, h) = get(base, "/health");
+    assert_eq!(s, 200);
+    assert_eq!(serde_json::from_str::<Value>(&h).unwrap()["status"], "ok");
+    let id = register(base, "Metrics doc: the moon of Varn is blue.");
+    let (s, v) = post(
+        base,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Color?"}], "documents": [id], "max_tokens": 3}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, m) = get(base, "/metrics");
+    assert_eq!(s, 200);
+    for want in [
+        "kvlink_requests_total{route=\"/v1/chat/completions\",status=\"200\"}",
+        "kvlink_ttft_seconds_bucket{le=\"+Inf\"}",
+        "kvlink_decode_seconds_per_token_count",
+        "kvlink_doc_cache_total{tier=\"gpu\"}",
+        "kvlink_doc_cache_total{tier=\"disk\"}",
+        "kvlink_queue_depth",
+        "kvlink_gpu_doc_cache_bytes",
+    ] {
+        assert!(m.contains(want), "missing {want} in\n{m}");
+    }
+    let bytes: f64 = metric(&m, "kvlink_gpu_doc_cache_bytes").unwrap();
+    assert!(bytes > 0.0);
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A client that goes away stops its generation; beyond --max-queue requests get 503.
+#[test]
+fn disconnect_cancels_and_full_queue_refuses() {
+    let src = kvlink::model::random::RandomModel::new("tiny", 3).unwrap();
+    let engine = Engine::load(common::gpu().clone(), &src, 2048, &mut |_, _| {}).unwrap();
+    let cfg = ServerConfig {
+        max_queue: 1,
+        ..Default::default()
+    };
+    let s = Server::start(engine, cfg, "127.0.0.1:0").unwrap();
+    let base = format!("http://{}", s.addr);
+    let long = json!({"prompt": "a b c", "max_tokens": 2000, "ignore_eos": true, "stream": true});
+    let r = agent()
+        .post(format!("{base}/v1/completions"))
+        .header("content-type", "application/json")
+        .send(long.to_string())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut lines = BufReader::new(r.into_body().into_reader()).lines();
+    // The first text chunk: the generation is running.
+    loop {
+        let l = lines.next().unwrap().unwrap();
+        if l.starts_with("data: ") {
+            break;
+        }
+    }
+    let (st, v) = post(
+        &base,
+        "/v1/completions",
+        &json!({"prompt": "x", "max_tokens": 2}),
+    );
+    assert_error(st, &v, 503, "queue full");
+    assert_eq!(v["error"]["code"], "queue_full");
+    drop(lines); // the client goes away
+    let t0 = Instant::now();
+    loop {
+        let m = get(&base, "/metrics").1;
+        if metric(&m, "kvlink_cancelled_total") == Some(1.0)
+            && metric(&m, "kvlink_queue_depth") == Some(0.0)
+        {
+            let n = metric(&m, "kvlink_generated_tokens_total").unwrap();
+            assert!(n < 1500.0, "the generation ran to the end ({n} tokens)");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "not cancelled:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Serving again.
+    let (st, v) = post(
+        &base,
+        "/v1/completions",
+        &json!({"prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(st, 200, "{v}");
+
+    // A client waiting for a whole (not streamed) answer goes away too.
+    let body = json!({"prompt": "a b c", "max_tokens": 2000, "ignore_eos": true}).to_string();
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    write!(
+        c,
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    while metric(&get(&base, "/metrics").1, "kvlink_queue_depth") != Some(1.0) {
+        if t0.elapsed() > Duration::from_secs(60) {
+            c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut got = vec![0; 4096];
+            let n = std::io::Read::read(&mut c, &mut got).unwrap_or(0);
+            panic!(
+                "the request never started; it got: {:?}\nmetrics:\n{}",
+                String::from_utf8_lossy(&got[..n]),
+                get(&base, "/metrics").1
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(c);
+    loop {
+        let m = get(&base, "/metrics").1;
+        if metric(&m, "kvlink_cancelled_total") == Some(2.0)
+            && metric(&m, "kvlink_queue_depth") == Some(0.0)
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "not cancelled:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// 40 requests from 4 concurrent clients, mixing document registration and questions
+/// over shared documents: no errors; TTFT percentiles printed.
+#[test]
+fn loopback_load() {
+    let base = server();
+    let pool: Vec<String> = (0..6)
+        .map(|i| {
+            format!(
+                "Load document {i}: the town of Brel{i} has {} bridges and a market on day {}.",
+                i * 3 + 2,
+                i + 1
+            )
+        })
+        .collect();
+    let shared: Vec<String> = pool[..3].iter().map(|t| register(base, t)).collect();
+    let t0 = Instant::now();
+    let results: Vec<(usize, Vec<f64>, Vec<f64>)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..4)
+            .map(|c| {
+                let (pool, shared) = (&pool, &shared);
+                sc.spawn(move || {
+                    let (mut errors, mut ttft, mut latency) = (0, Vec::new(), Vec::new());
+                    for i in 0..10 {
+                        let t = Instant::now();
+                        if i % 4 == 0 {
+                            let text = &pool[(c + i) % pool.len()];
+                            let (s, _) = post(base, "/v1/documents", &json!({"text": text}));
+                            errors += usize::from(s != 200 && s != 201);
+                        } else {
+                            let docs = [&shared[(c + i) % 3], &shared[(c + i + 1) % 3]];
+                            let (s, v) = post(
+                                base,
+                                "/v1/chat/completions",
+                                &json!({
+                                    "messages": [{"role": "user",
+                                                  "content": format!("How many bridges does Brel{} have?", (c + i) % 3)}],
+                                    "documents": docs, "max_tokens": 4,
+                                }),
+                            );
+                            if s == 200 {
+                                ttft.push(v["kvlink"]["ttft_ms"].as_f64().unwrap());
+                                latency.push(t.elapsed().as_secs_f64() * 1e3);
+                            } else {
+                                errors += 1;
+                                eprintln!("load error {s}: {v}");
+                            }
+                        }
+                    }
+                    (errors, ttft, latency)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let errors: usize = results.iter().map(|r| r.0).sum();
+    let mut ttft: Vec<f64> = results.iter().flat_map(|r| r.1.clone()).collect();
+    let mut lat: Vec<f64> = results.iter().flat_map(|r| r.2.clone()).collect();
+    eprintln!(
+        "load: 40 requests (4 clients) in {:.1} s, {errors} errors; engine TTFT p50 {:.1} ms p99 {:.1} ms; \
+         client latency (queue + answer) p50 {:.1} ms p99 {:.1} ms",
+        t0.elapsed().as_secs_f64(),
+        percentile(&mut ttft, 0.5),
+        percentile(&mut ttft, 0.99),
+        percentile(&mut lat, 0.5),
+        percentile(&mut lat, 0.99)
+    );
+    assert_eq!(errors, 0);
+    assert_eq!(ttft.len(), 28); // 3 of each client's 10 requests register documents
+}
