@@ -156,6 +156,7 @@ pub fn random_tokenizer() -> Result<Tokenizer> {
         add_bos: false,
         inner,
         data_inner: Default::default(),
+        control_texts: Default::default(),
     })
 }
 

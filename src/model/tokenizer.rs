@@ -49,6 +49,9 @@ pub struct Tokenizer {
     /// `inner` with control-token text encoded as plain text ([`Tokenizer::encode_data`]),
     /// made on first use.
     pub data_inner: std::sync::OnceLock<tokenizers::Tokenizer>,
+    /// The control (special) token strings, gathered on first use
+    /// ([`Tokenizer::has_control_text`] runs for every document and message).
+    pub control_texts: std::sync::OnceLock<Vec<String>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -198,10 +201,17 @@ impl Tokenizer {
 
     /// Whether `text` holds the text of a control (special) token of this vocabulary.
     pub fn has_control_text(&self, text: &str) -> bool {
-        self.inner
-            .get_added_tokens_decoder()
-            .values()
-            .any(|t| t.special && !t.content.is_empty() && text.contains(t.content.as_str()))
+        self.control_texts
+            .get_or_init(|| {
+                self.inner
+                    .get_added_tokens_decoder()
+                    .into_values()
+                    .filter(|t| t.special && !t.content.is_empty())
+                    .map(|t| t.content)
+                    .collect()
+            })
+            .iter()
+            .any(|c| text.contains(c.as_str()))
     }
 
     /// Tokenize a rendered chat: the template's own text with control tokens parsed,
@@ -356,6 +366,7 @@ impl Tokenizer {
             stop_ids,
             add_bos,
             data_inner: Default::default(),
+            control_texts: Default::default(),
         })
     }
 
@@ -551,6 +562,7 @@ impl Tokenizer {
             stop_ids,
             add_bos,
             data_inner: Default::default(),
+            control_texts: Default::default(),
         })
     }
 
