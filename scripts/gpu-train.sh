@@ -12,7 +12,9 @@
 #   scripts/gpu-train.sh model    .gpu/model.part2 (or the last part): joins every part in
 #                                 name order into the GGUF, checks it, starts the base evals
 #   scripts/gpu-train.sh train    .gpu/samples.safetensors.xz: starts the tuned and control runs
-#                                 (STEPS, BATCH_TOKENS, GRAD_ACCUM, LR from the environment)
+#                                 (STEPS, BATCH_TOKENS, GRAD_ACCUM, LR, WARMUP, SEED from the
+#                                 environment; INIT_TUNED / INIT_CONTROL: a stashed adapter folder
+#                                 in $W to start that run from, a warm restart)
 #   scripts/gpu-train.sh wait S   report progress every 60 s for up to S seconds; returns early
 #                                 once both runs are done (then starts the tuned evals) or once
 #                                 every evaluation is done
@@ -21,7 +23,8 @@
 #                                 starts the evals of the adapter folder DIR (none: the base
 #                                 model) under the name TAG, e.g. to evaluate adapters trained
 #                                 in an earlier lease: `eval tuned adapters/smollm2-135m-kvlink`
-#   scripts/gpu-train.sh collect  copies adapters, logs and results into $OUT
+#   scripts/gpu-train.sh collect  copies adapters (a run not done yet: its last checkpoint),
+#                                 logs and results into $OUT
 # EVALS (default "hotpotqa squad ppl") picks the evaluations that `model`, `wait` and `eval`
 # start; PROBE=0 skips setup's throughput probe; RUNS (default "tuned control") picks the
 # training runs.
@@ -104,10 +107,12 @@ train)
     rm -rf "$W/train" && cp -r train "$W/train"
     for r in ${RUNS:-tuned control}; do
         extra=""; [ $r = control ] && extra=--control
+        init=INIT_${r^^}
+        [ -n "${!init:-}" ] && extra+=" --init-adapter $W/${!init}"
         detach "train-$r" env PYTHONPATH="$W/train:/tmp/site" python3 -m kvlink_train.train --model "$M" --samples "$W/samples.safetensors" \
             --run "$W/run-$r" --steps "${STEPS:?}" --warmup "${WARMUP:-30}" \
             --batch-tokens "${BATCH_TOKENS:-32768}" --grad-accum "${GRAD_ACCUM:-2}" \
-            --lr "${LR:-2e-4}" --save-every 50 --quiet $extra
+            --lr "${LR:-2e-4}" --seed "${SEED:-0}" --save-every 50 --quiet $extra
     done
     sleep 45; progress
     ;;
@@ -148,6 +153,9 @@ binary)
     ;;
 collect)
     for r in tuned control; do
+        # a run cut short by the lease: its last checkpoint, exported
+        [ ! -d "$W/run-$r/adapter" ] && [ -f "$W/run-$r/ckpt.pt" ] &&
+            (cd "$W" && PYTHONPATH="$W/train:/tmp/site" python3 -m kvlink_train.export "run-$r" "run-$r/adapter")
         [ -d "$W/run-$r/adapter" ] && tar -C "$W/run-$r" -cf "$OUT/adapter-$r.tar" adapter log.jsonl
     done
     tar -C "$W" -cJf "$OUT/results.tar.xz" res $(cd "$W" && ls ./*.log ./*.exit 2>/dev/null)

@@ -55,6 +55,46 @@ def export_adapter(trainable: dict[str, torch.Tensor], meta: dict, outdir: str) 
     return outdir
 
 
+def read_trainable(adapter_dir: str, expected: dict[str, torch.Tensor], control: bool
+                   ) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trainable tensors of an exported adapter, named as `expected` (a model's
+    trainable_state) and checked against it: same names, shapes, LoRA scale, and the same
+    kind of run (a control adapter has no link tokens). Values are the adapter's (f16, as
+    fp32); also returns adapter_config.json."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        ac = json.load(f)
+    kv_path = os.path.join(adapter_dir, "kvlink.json")
+    kv = json.load(open(kv_path)) if os.path.exists(kv_path) else {}
+    if bool(kv.get("control", False)) != control:
+        want, got = ("a control", "a link-token") if control else ("a link-token", "a control")
+        raise ValueError(f"{adapter_dir}: {got} adapter, but this is {want} run")
+    ad = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    names = {}
+    for k in ad:
+        if k == EXTRA_KEY:
+            names["model.extra_embeddings"] = k
+        elif k.startswith(prefix) and k.endswith(".weight"):
+            names[k[len(prefix):-len(".weight")]] = k
+        else:
+            raise ValueError(f"{adapter_dir}: unexpected tensor {k}")
+    missing = sorted(set(expected) - set(names))
+    extra = sorted(set(names) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{adapter_dir}: tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    out = {}
+    for n, t in expected.items():
+        a = ad[names[n]]
+        if tuple(a.shape) != tuple(t.shape):
+            raise ValueError(f"{adapter_dir}: {names[n]} has shape {tuple(a.shape)}, the model needs {tuple(t.shape)}")
+        if not torch.isfinite(a).all():
+            raise ValueError(f"{adapter_dir}: {names[n]} holds non-finite values")
+        out[n] = a.float()
+    return out, ac
+
+
 def export_run(run_dir: str, outdir: str) -> str:
     ck = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
     return export_adapter(ck["trainable"], ck["meta"], outdir)

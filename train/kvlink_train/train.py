@@ -17,11 +17,11 @@ import torch
 
 from .base import load_base
 from .data import Samples, collate, epoch_batches, load_samples, to_control
-from .export import export_adapter
+from .export import export_adapter, read_trainable
 from .model import KVLinkLlama
 
 # Arguments that must not change between a run and its resumption.
-FIXED = ["control", "steps", "batch_tokens", "grad_accum", "lr", "extra_lr", "warmup", "min_lr_ratio",
+FIXED = ["control", "init_adapter", "steps", "batch_tokens", "grad_accum", "lr", "extra_lr", "warmup", "min_lr_ratio",
          "lora_r", "lora_alpha", "lora_dropout", "seed", "pad_to", "beta2", "weight_decay"]
 
 
@@ -49,12 +49,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=0.0, help="save and stop before this wall time (0 = none)")
     p.add_argument("--stop-at-step", type=int, default=0, help="save and stop once this step is reached")
     p.add_argument("--resume", action="store_true", help="continue RUN/ckpt.pt if it exists")
+    p.add_argument("--init-adapter", default=None, metavar="DIR",
+                   help="start from this exported adapter's LoRA and extra rows (a warm restart: new "
+                        "optimizer state and schedule); same r, alpha and kind of run (--control)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--grad-ckpt", action="store_true", help="recompute layer activations in backward")
     p.add_argument("--bf16", action="store_true", help="bf16 base weights + autocast also on CPU (always on CUDA)")
     p.add_argument("--export", default=None, help="adapter folder written at the end (default RUN/adapter)")
     p.add_argument("--quiet", action="store_true", help="log to RUN/log.jsonl only")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if not a.lr > 0 or (a.extra_lr is not None and not a.extra_lr >= 0):
+        p.exit(2, f"{p.prog}: --lr must be > 0 and --extra-lr >= 0 (got {a.lr}, {a.extra_lr})\n")
+    return a
 
 
 def lr_at(step: int, lr: float, warmup: int, steps: int, floor: float) -> float:
@@ -107,6 +113,15 @@ class Trainer:
         model.load_base(base)
         del base
         model.init_extra(torch.Generator().manual_seed(args.seed + 1))
+        if args.init_adapter:
+            init, ac = read_trainable(args.init_adapter, model.trainable_state(), args.control)
+            if (int(ac["r"]), float(ac["lora_alpha"])) != (args.lora_r, float(args.lora_alpha)):
+                raise SystemExit(f"--init-adapter {args.init_adapter}: r {ac['r']}, alpha {ac['lora_alpha']}; "
+                                 f"this run has --lora-r {args.lora_r} --lora-alpha {args.lora_alpha}")
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for n, t in init.items():
+                    params[n].copy_(t)
         if self.amp:
             model.freeze_base_to(torch.bfloat16)
         model.grad_checkpointing = args.grad_ckpt
@@ -115,7 +130,7 @@ class Trainer:
             "config": cfg.to_dict(), "kvlink_json": self.samples.kvlink_json, "base_vocab": self.samples.base_vocab,
             "n_extra": self.n_extra, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
             "lora_dropout": args.lora_dropout, "control": args.control, "components": self.samples.components,
-            "n_samples": len(s), "n_tokens": len(s.tokens),
+            "n_samples": len(s), "n_tokens": len(s.tokens), "init_adapter": args.init_adapter,
         }
         extra_lr = args.extra_lr if args.extra_lr is not None else args.lr
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

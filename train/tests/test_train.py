@@ -209,3 +209,36 @@ def test_bf16_path_and_max_minutes(tiny, tmp_path):
     assert ck["step"] == 1 and all(t.dtype == torch.float32 for t in ck["trainable"].values())
     assert main(args(tiny, run, "--steps", "5", "--bf16", "--resume")) == "done"
     assert [r["step"] for r in steps_of(run)] == [1, 2, 3, 4, 5]
+
+
+def test_init_adapter_warm_restart(tiny, tmp_path):
+    from safetensors.torch import load_file
+    first = tmp_path / "first"
+    main(args(tiny, first, "--steps", "3", "--lr", "1e-2"))
+    ad = first / "adapter"
+    # a step of lr 1e-12 moves no weight by an f16 ulp: the run must start from, and so
+    # export, exactly the adapter's (f16) values
+    same = tmp_path / "same"
+    main(args(tiny, same, "--steps", "1", "--lr", "1e-12", "--init-adapter", str(ad)))
+    a, b = load_file(str(ad / "adapter_model.safetensors")), load_file(str(same / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if k.endswith("lora_B.weight"))
+    # it continues from there: its first loss is the trained one, below a fresh run's
+    cont = tmp_path / "cont"
+    main(args(tiny, cont, "--steps", "1", "--lr", "1e-2", "--init-adapter", str(ad)))
+    fresh = tmp_path / "fresh"
+    main(args(tiny, fresh, "--steps", "1", "--lr", "1e-2"))
+    assert steps_of(cont)[0]["loss"] < steps_of(fresh)[0]["loss"] - 0.05
+    # a mismatched adapter is refused with a clear message
+    with pytest.raises(ValueError, match="link-token adapter, but this is a control run"):
+        main(args(tiny, tmp_path / "c", "--steps", "1", "--control", "--init-adapter", str(ad)))
+    with pytest.raises(ValueError, match="shape"):
+        main(args(tiny, tmp_path / "r", "--steps", "1", "--lora-r", "8", "--init-adapter", str(ad)))
+    with pytest.raises(SystemExit, match="alpha"):
+        main(args(tiny, tmp_path / "al", "--steps", "1", "--lora-alpha", "4", "--init-adapter", str(ad)))
+
+
+def test_bad_lr_is_refused(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(args(tiny, tmp_path / "z", "--steps", "1", "--lr", "0"))
+    assert "--lr must be > 0" in capsys.readouterr().err
