@@ -1469,8 +1469,8 @@ fn coop_matmul_matches_cpu() {
         (70, 96, 192, 64),
     ] {
         for tile in [
-            Tile::skinny(),
-            Tile::wide(),
+            Tile::skinny(g),
+            Tile::wide(g),
             "1,2,1,3".parse().unwrap(),
             "2,2,2,2d".parse().unwrap(),
             "1,2,2,1dv".parse().unwrap(),

@@ -87,7 +87,7 @@ pub fn run(adapter: &AdapterChoice, a: &KernelArgs) -> Result<()> {
         ("gate_up", 2 * ff, d),
         ("down", d, ff),
     ];
-    let mut tiles = vec![Tile::wide(), Tile::skinny()];
+    let mut tiles = vec![Tile::wide(g), Tile::skinny(g)];
     for s in &a.coop_tiles {
         tiles.push(s.parse().map_err(anyhow::Error::msg)?);
     }

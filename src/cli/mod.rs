@@ -52,6 +52,10 @@ enum Cmd {
     Devices {
         #[arg(long)]
         json: bool,
+        /// Also print the kernel tuning knobs (KVLINK_* environment variables) every
+        /// command runs with, and which of them differ from the defaults.
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// Describe a model: architecture, sizes, dtype, tokenizer, chat template.
     Info {
@@ -225,7 +229,7 @@ pub fn run() -> Result<()> {
         .map(AdapterChoice::parse)
         .unwrap_or_default();
     match cli.cmd {
-        Cmd::Devices { json } => devices(json),
+        Cmd::Devices { json, verbose } => devices(json, verbose),
         Cmd::Info { model, json } => info(&model, json),
         Cmd::Generate {
             model,
@@ -261,10 +265,16 @@ pub fn run() -> Result<()> {
     }
 }
 
-fn devices(json: bool) -> Result<()> {
+fn devices(json: bool, verbose: bool) -> Result<()> {
     let list = kvlink::gpu::list_adapters();
+    let tuning = kvlink::gpu::Tuning::from_env()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        let v = if verbose {
+            serde_json::json!({ "adapters": list, "tuning": tuning, "tuning_changed": tuning.changed() })
+        } else {
+            serde_json::to_value(&list)?
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     if list.is_empty() {
@@ -300,6 +310,17 @@ fn devices(json: bool) -> Result<()> {
                 )
             }
         );
+    }
+    if verbose {
+        println!("kernel tuning (KVLINK_* environment variables; see src/gpu/tuning.rs):");
+        let v = serde_json::to_value(&tuning)?;
+        for (k, val) in v.as_object().into_iter().flatten() {
+            println!("    {k}: {val}");
+        }
+        match tuning.changed() {
+            c if c.is_empty() => println!("    (all defaults)"),
+            c => println!("    changed from the defaults: {}", c.join(", ")),
+        }
     }
     Ok(())
 }

@@ -4,10 +4,12 @@
 
 mod step;
 mod tensor;
+pub mod tuning;
 mod upload;
 
 pub use step::{grid_1d, Binding, Step, StepStats};
 pub use tensor::{DType, Tensor};
+pub use tuning::{CoopDiag, KernelFamily, Profile, ShaderChecks, Tuning};
 pub use upload::TensorUpload;
 
 use crate::error::{Error, Result};
@@ -148,6 +150,8 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     /// The tensor-core GEMM's fragment shape when the device runs it (see [`CoopShape`]).
     pub coop: Option<CoopShape>,
+    /// The kernel knobs this device was opened with (read once: [`Tuning`]).
+    pub tuning: Tuning,
     pipelines: Mutex<HashMap<&'static str, Arc<Pipeline>>>,
     /// The steps' parameter buffer and bind group cache (see `step.rs`).
     steps: Mutex<step::StepState>,
@@ -217,9 +221,9 @@ pub struct CoopShape {
 
 /// The cooperative-matrix shape the engine uses on `adapter`, if any: it needs shader-f16,
 /// subgroups of one fixed size (the kernel lays its tiles out by subgroup) and square
-/// 16x16x16 (preferred) or 8x8x8 f16 -> f32 products. `KVLINK_COOPMAT=off` disables it.
-fn coop_shape(adapter: &wgpu::Adapter, rep: &AdapterReport) -> Option<CoopShape> {
-    if std::env::var("KVLINK_COOPMAT").is_ok_and(|v| v == "off") {
+/// 16x16x16 (preferred) or 8x8x8 f16 -> f32 products. [`Tuning::coopmat`] off disables it.
+fn coop_shape(adapter: &wgpu::Adapter, rep: &AdapterReport, tuning: &Tuning) -> Option<CoopShape> {
+    if !tuning.coopmat {
         return None;
     }
     let need = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
@@ -251,21 +255,21 @@ pub struct Pipeline {
     pub layout: wgpu::BindGroupLayout,
 }
 
-/// Runtime checks that wgpu compiles into our kernels (`KVLINK_SHADER_CHECKS`):
-/// `none` (the default), `bounds` (bounds clamps only) or `all` (wgpu's default: bounds
-/// clamps, a loop-bounding counter in every loop and guarded integer division).
-/// On the H100 `all` cost 40% of prefill and 33% of decode throughput (the loop counters
-/// also stop the driver from unrolling inner loops); the kernels are our own and tested,
-/// so they run unchecked unless asked. `None` means wgpu's default path.
-fn shader_checks() -> Option<wgpu::ShaderRuntimeChecks> {
-    match std::env::var("KVLINK_SHADER_CHECKS").as_deref() {
-        Ok("all") => None,
-        Ok("bounds") => {
+/// Runtime checks that wgpu compiles into our kernels ([`Tuning::shader_checks`]):
+/// none (the default), bounds clamps only, or all (wgpu's default: bounds clamps, a
+/// loop-bounding counter in every loop and guarded integer division). On the H100 `all`
+/// cost 40% of prefill and 33% of decode throughput (the loop counters also stop the
+/// driver from unrolling inner loops); the kernels are our own and tested, so they run
+/// unchecked unless asked. `None` means wgpu's default path.
+fn shader_checks(tuning: &Tuning) -> Option<wgpu::ShaderRuntimeChecks> {
+    match tuning.shader_checks {
+        ShaderChecks::All => None,
+        ShaderChecks::Bounds => {
             let mut c = wgpu::ShaderRuntimeChecks::unchecked();
             c.bounds_checks = true;
             Some(c)
         }
-        _ => Some(wgpu::ShaderRuntimeChecks::unchecked()),
+        ShaderChecks::None => Some(wgpu::ShaderRuntimeChecks::unchecked()),
     }
 }
 
@@ -305,8 +309,14 @@ impl Kernel {
 }
 
 impl Gpu {
-    /// Open the chosen adapter with the features and limits the engine uses.
+    /// Open the chosen adapter with the features and limits the engine uses, tuned by the
+    /// `KVLINK_*` environment variables ([`Tuning::from_env`]; a bad value is an error).
     pub fn new(choice: &AdapterChoice) -> Result<Arc<Gpu>> {
+        Self::with_tuning(choice, Tuning::from_env()?)
+    }
+
+    /// [`Gpu::new`] with explicit kernel knobs (the environment is not read).
+    pub fn with_tuning(choice: &AdapterChoice, tuning: Tuning) -> Result<Arc<Gpu>> {
         let inst = instance();
         let adapters = sorted_adapters(&inst);
         if adapters.is_empty() {
@@ -344,12 +354,16 @@ impl Gpu {
                     })?
             }
         };
-        pollster::block_on(Self::from_adapter(&adapters[idx], idx))
+        pollster::block_on(Self::from_adapter(&adapters[idx], idx, tuning))
     }
 
     /// Open `adapter` (number `idx` in the list) with the features and limits the engine
     /// uses. Async: the browser build awaits it (no blocking on the web).
-    pub async fn from_adapter(adapter: &wgpu::Adapter, idx: usize) -> Result<Arc<Gpu>> {
+    pub async fn from_adapter(
+        adapter: &wgpu::Adapter,
+        idx: usize,
+        tuning: Tuning,
+    ) -> Result<Arc<Gpu>> {
         let rep = report(idx, adapter);
         let al = adapter.limits();
         // Compute-only engine: ask for what the adapter offers on the limits we depend on.
@@ -385,11 +399,10 @@ impl Gpu {
                 features |= f;
             }
         }
-        let coop = coop_shape(adapter, &rep);
+        let coop = coop_shape(adapter, &rep, &tuning);
         // Subgroup operations where the adapter has them (the subgroup GEMV needs one
-        // fixed size; `KVLINK_SUBGROUPS=off` leaves them out).
-        let subgroups = adapter.features().contains(wgpu::Features::SUBGROUP)
-            && std::env::var("KVLINK_SUBGROUPS").map_or(true, |v| v != "off");
+        // fixed size; `Tuning::subgroups` off leaves them out).
+        let subgroups = adapter.features().contains(wgpu::Features::SUBGROUP) && tuning.subgroups;
         if subgroups {
             features |= wgpu::Features::SUBGROUP;
         }
@@ -400,7 +413,7 @@ impl Gpu {
                 | wgpu::Features::SUBGROUP;
             // SAFETY: the only experimental feature requested is cooperative matrices, used
             // by one kernel (matmul_coop.wgsl) that is tested against the CPU reference on
-            // the adapters that take it; KVLINK_COOPMAT=off leaves it out.
+            // the adapters that take it; `Tuning::coopmat` off leaves it out.
             experimental = unsafe { wgpu::ExperimentalFeatures::enabled() };
         }
         let (device, queue) = adapter
@@ -423,18 +436,20 @@ impl Gpu {
         device.set_device_lost_callback(move |reason, msg| {
             f.record(format!("the GPU device was lost ({reason:?}): {msg}"), true);
         });
+        let profiling =
+            tuning.profile != Profile::Off && features.contains(wgpu::Features::TIMESTAMP_QUERY);
         Ok(Arc::new(Gpu {
             device,
             queue,
             report: rep,
             limits,
             coop,
+            tuning,
             pipelines: Mutex::new(HashMap::new()),
             steps: Mutex::new(step::StepState::default()),
             dummy: std::sync::OnceLock::new(),
             scratch: Mutex::new(HashMap::new()),
-            profiling: std::env::var_os("KVLINK_PROFILE").is_some_and(|v| v != "0")
-                && features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            profiling,
             profile: Mutex::new(HashMap::new()),
             staging: Arc::default(),
             fault,
@@ -507,12 +522,13 @@ impl Gpu {
 
     /// CPU adapters (lavapipe, SwiftShader) run barrier-free variants of some kernels:
     /// there, workgroup barriers cost more than the parallelism they buy.
-    /// `KVLINK_KERNELS=gpu|cpu` overrides the choice (tests use it to check both).
+    /// [`Tuning::kernels`] (`KVLINK_KERNELS=gpu|cpu`) overrides the choice (tests use it
+    /// to check both).
     pub fn prefers_serial_kernels(&self) -> bool {
-        match std::env::var("KVLINK_KERNELS").as_deref() {
-            Ok("gpu") => false,
-            Ok("cpu") => true,
-            _ => self.report.device_type == "Cpu",
+        match self.tuning.kernels {
+            KernelFamily::Gpu => false,
+            KernelFamily::Cpu => true,
+            KernelFamily::Auto => self.report.device_type == "Cpu",
         }
     }
 
@@ -586,7 +602,7 @@ impl Gpu {
             label: Some(k.name),
             source: wgpu::ShaderSource::Wgsl(k.source.into()),
         };
-        let module = match shader_checks() {
+        let module = match shader_checks(&self.tuning) {
             None => self.device.create_shader_module(desc),
             // SAFETY: only the engine's own kernels come through here; every one is tested
             // against a CPU reference with poisoned outputs at edge sizes, its loops are
@@ -602,8 +618,7 @@ impl Gpu {
                 module: &module,
                 entry_point: Some(k.entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    zero_initialize_workgroup_memory: std::env::var("KVLINK_ZERO_WG")
-                        .map_or(true, |v| v != "0"),
+                    zero_initialize_workgroup_memory: self.tuning.zero_workgroup_memory,
                     ..Default::default()
                 },
                 cache: None,

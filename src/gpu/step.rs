@@ -148,7 +148,7 @@ impl<'g> Step<'g> {
             serial: gpu.prefers_serial_kernels(),
             coop: true,
             subgroup_gemv: true,
-            gemv_rows: env_gemv_rows(),
+            gemv_rows: gpu.tuning.gemv_rows,
             params: Vec::new(),
             cmds: Vec::new(),
         }
@@ -190,7 +190,8 @@ impl<'g> Step<'g> {
 
     /// Rows per 32-lane group of the vec4 GEMV forced for this step (1, 2 or 4), or
     /// `None` to let the op choose by the matrix's size. Tests check every variant;
-    /// `KVLINK_GEMV_ROWS` sets it for a whole run (for benchmarking the variants).
+    /// [`super::Tuning::gemv_rows`] (`KVLINK_GEMV_ROWS`) sets it for a whole run (for
+    /// benchmarking the variants).
     pub fn gemv_rows(&self) -> Option<usize> {
         self.gemv_rows
     }
@@ -218,7 +219,7 @@ impl<'g> Step<'g> {
         self.params.resize(off, 0);
         self.params.extend_from_slice(bytemuck::cast_slice(params));
         self.params.resize(off + size, 0);
-        let name = if self.gpu.profiling() && detailed_profile() {
+        let name = if self.gpu.profiling() && self.gpu.tuning.profile == super::Profile::Shapes {
             profile_key(k.name, params, groups)
         } else {
             k.name
@@ -513,24 +514,6 @@ pub fn grid_1d(groups: u32) -> [u32; 3] {
     } else {
         [MAX, groups.div_ceil(MAX), 1]
     }
-}
-
-/// `KVLINK_GEMV_ROWS=1|2|4`: the vec4 GEMV variant for every step (unset: by size).
-fn env_gemv_rows() -> Option<usize> {
-    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("KVLINK_GEMV_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|r| [1, 2, 4].contains(r))
-    })
-}
-
-/// `KVLINK_PROFILE=2`: profile per kernel, grid and first parameter words (shapes), not
-/// per kernel only.
-fn detailed_profile() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KVLINK_PROFILE").is_ok_and(|v| v == "2"))
 }
 
 /// An interned "kernel grid params" key (a few hundred distinct ones per model).

@@ -9,7 +9,7 @@
 
 use super::{gemm_words, need, u32_of};
 use crate::error::Result;
-use crate::gpu::{CoopShape, Gpu, Kernel, Step, Tensor};
+use crate::gpu::{CoopDiag, CoopShape, Gpu, Kernel, Step, Tensor, Tuning};
 use std::sync::Mutex;
 
 /// A workgroup's layout: `sgm` x `sgn` subgroups, each computing `fm` x `fn_` fragments
@@ -27,6 +27,12 @@ pub struct Tile {
     pub vec_tiles: bool,
     /// K fragments per staged step (BK = kf T): 2, or 4 for half the barriers per FLOP.
     pub kf: u32,
+}
+
+impl serde::Serialize for Tile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 impl std::fmt::Display for Tile {
@@ -86,7 +92,7 @@ impl Tile {
     // subgroups of 4 x 4 fragments with vector tiles led at 512 and 2048 rows (100-133
     // TFLOP/s on gate_up and down); for 32 rows, 1 x 8 of 2 x 1 with vector tiles and
     // 4-fragment K steps.
-    const WIDE: Tile = Tile {
+    pub const WIDE: Tile = Tile {
         sgm: 2,
         sgn: 2,
         fm: 4,
@@ -95,7 +101,7 @@ impl Tile {
         vec_tiles: true,
         kf: 2,
     };
-    const SKINNY: Tile = Tile {
+    pub const SKINNY: Tile = Tile {
         sgm: 1,
         sgn: 8,
         fm: 2,
@@ -105,33 +111,17 @@ impl Tile {
         kf: 4,
     };
 
-    /// For many rows: 2 x 2 subgroups of 4 x 4 fragments (128 x 128 outputs at T = 16).
-    /// `KVLINK_COOP_WIDE=SGM,SGN,FM,FN` overrides it (tuning on a new GPU).
-    pub fn wide() -> Tile {
-        Self::from_env("KVLINK_COOP_WIDE", Self::WIDE)
+    /// For many rows: 2 x 2 subgroups of 4 x 4 fragments (128 x 128 outputs at T = 16);
+    /// [`crate::gpu::Tuning::coop_wide`] (`KVLINK_COOP_WIDE=SGM,SGN,FM,FN`) overrides it
+    /// (tuning on a new GPU).
+    pub fn wide(gpu: &Gpu) -> Tile {
+        gpu.tuning.coop_wide
     }
 
-    /// For a few rows: 1 x 8 subgroups of 2 x 1 fragments (32 x 128 outputs at T = 16).
-    /// `KVLINK_COOP_SKINNY` overrides it.
-    pub fn skinny() -> Tile {
-        Self::from_env("KVLINK_COOP_SKINNY", Self::SKINNY)
-    }
-
-    fn from_env(var: &'static str, default: Tile) -> Tile {
-        static SEEN: Mutex<Vec<(&'static str, Tile)>> = Mutex::new(Vec::new());
-        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, t)) = seen.iter().find(|(v, _)| *v == var) {
-            return *t;
-        }
-        let t = match std::env::var(var) {
-            Ok(s) => s.parse().unwrap_or_else(|e| {
-                eprintln!("kvlink: ignoring {var}: {e}");
-                default
-            }),
-            Err(_) => default,
-        };
-        seen.push((var, t));
-        t
+    /// For a few rows: 1 x 8 subgroups of 2 x 1 fragments (32 x 128 outputs at T = 16);
+    /// [`crate::gpu::Tuning::coop_skinny`] (`KVLINK_COOP_SKINNY`) overrides it.
+    pub fn skinny(gpu: &Gpu) -> Tile {
+        gpu.tuning.coop_skinny
     }
 
     /// Rows and columns of Y per workgroup at fragment size `t`.
@@ -159,30 +149,37 @@ impl Tile {
     }
 
     /// The tile for a product of `m` rows.
-    pub fn for_rows(m: usize, t: u32) -> Tile {
-        let skinny = Tile::skinny();
+    pub fn for_rows(gpu: &Gpu, m: usize, t: u32) -> Tile {
+        let skinny = Tile::skinny(gpu);
         if m <= skinny.outputs(t).0 {
             skinny
         } else {
-            Tile::wide()
+            Tile::wide(gpu)
         }
     }
 }
 
-/// The kernel for `shape` and `tile` (source generated once per process).
-pub fn kernel(shape: CoopShape, tile: Tile) -> Kernel {
-    static KERNELS: Mutex<Vec<((CoopShape, Tile), Kernel)>> = Mutex::new(Vec::new());
-    Kernel::generated(&KERNELS, (shape, tile), "matmul_coop", || {
+/// The kernel for `shape` and `tile` (source generated once per process); `diag`
+/// ([`crate::gpu::Tuning::coop_diag`]) makes the diagnostic variants.
+pub fn kernel(shape: CoopShape, tile: Tile, diag: CoopDiag) -> Kernel {
+    type Key = (CoopShape, Tile, CoopDiag);
+    static KERNELS: Mutex<Vec<(Key, Kernel)>> = Mutex::new(Vec::new());
+    Kernel::generated(&KERNELS, (shape, tile, diag), "matmul_coop", || {
+        let d = match diag {
+            CoopDiag::Off => "",
+            CoopDiag::Compute => " diag-compute",
+            CoopDiag::Load => " diag-load",
+        };
         let name = format!(
-            "matmul_coop.wgsl::matmul_coop t{} sg{} {tile}",
+            "matmul_coop.wgsl::matmul_coop t{} sg{} {tile}{d}",
             shape.t, shape.subgroup
         );
-        (name, source(shape, tile))
+        (name, source(shape, tile, diag))
     })
 }
 
 /// matmul_coop.wgsl with its constants and its `//@` lines expanded (see the shader).
-fn source(shape: CoopShape, tile: Tile) -> String {
+fn source(shape: CoopShape, tile: Tile, diag: CoopDiag) -> String {
     let Tile {
         sgm,
         sgn,
@@ -193,9 +190,8 @@ fn source(shape: CoopShape, tile: Tile) -> String {
         kf,
     } = tile;
     let (t, sg) = (shape.t, shape.subgroup);
-    // KVLINK_COOP_DIAG (diagnostics, wrong results): "compute" stages only the first K
-    // step's tiles (times the tensor-core loop alone), "load" skips the products.
-    let diag = std::env::var("KVLINK_COOP_DIAG").unwrap_or_default();
+    // Diagnostics (wrong results): `Compute` stages only the first K step's tiles (times
+    // the tensor-core loop alone), `Load` skips the products.
     let wg = sgm * sgn * sg;
     let bk = kf * t;
     // vec4 loads per invocation per K step (the last may be partly idle).
@@ -231,7 +227,7 @@ fn source(shape: CoopShape, tile: Tile) -> String {
             "//@ acc" => frags()
                 .map(|(i, j)| format!("    var c{i}{j} = {mat}<f32, C>();\n"))
                 .collect(),
-            "//@ load_next" if diag == "compute" => String::new(),
+            "//@ load_next" if diag == CoopDiag::Compute => String::new(),
             "//@ load_init" | "//@ load_next" => {
                 let (decl, k0) = if line.trim() == "//@ load_init" {
                     ("var ", "kb")
@@ -249,7 +245,7 @@ fn source(shape: CoopShape, tile: Tile) -> String {
             }
             "//@ store" => {
                 let mut c = String::new();
-                if diag == "compute" {
+                if diag == CoopDiag::Compute {
                     c += "        if (k0 == kb) {\n";
                 }
                 for i in 0..nxv {
@@ -258,12 +254,12 @@ fn source(shape: CoopShape, tile: Tile) -> String {
                 for i in 0..nwv {
                     c += &format!("        store_w(li + {}u, wv{i});\n", i * wg);
                 }
-                if diag == "compute" {
+                if diag == CoopDiag::Compute {
                     c += "        }\n";
                 }
                 c
             }
-            "//@ compute" if diag == "load" => String::new(),
+            "//@ compute" if diag == CoopDiag::Load => String::new(),
             "//@ compute" => {
                 let mut c = String::new();
                 for kk in (0..kf).map(|f| f * t) {
@@ -354,15 +350,20 @@ pub fn all_kernels() -> Vec<Kernel> {
     for (t, subgroup) in [(16, 32), (8, 8)] {
         let shape = CoopShape { t, subgroup };
         for tile in [Tile::WIDE, Tile::SKINNY] {
-            v.push(kernel(shape, tile));
+            v.push(kernel(shape, tile, CoopDiag::Off));
         }
-        v.extend([32, 64, 128].iter().filter_map(|&d| flash_kernel(shape, d)));
+        let tuning = crate::gpu::Tuning::default();
+        v.extend(
+            [32, 64, 128]
+                .iter()
+                .filter_map(|&d| flash_kernel(shape, d, &tuning)),
+        );
     }
     v
 }
 
 /// Whether the tensor-core GEMM takes a product: a device with a cooperative-matrix
-/// shape (`KVLINK_COOPMAT=off` leaves it out at device creation), the step allowing it,
+/// shape (`Tuning::coopmat` off leaves it out at device creation), the step allowing it,
 /// K % 8 == 0 (W read 8 halves at a time) and X rows at a multiple of 4 (vec4 reads), and
 /// both tiles fitting the device (an override of their dims may not).
 pub fn usable(step: &Step, k: usize, x_off: usize) -> Option<CoopShape> {
@@ -371,8 +372,8 @@ pub fn usable(step: &Step, k: usize, x_off: usize) -> Option<CoopShape> {
         step.coop()
             && k.is_multiple_of(8)
             && x_off.is_multiple_of(4)
-            && Tile::wide().fits(gpu, shape)
-            && Tile::skinny().fits(gpu, shape)
+            && Tile::wide(gpu).fits(gpu, shape)
+            && Tile::skinny(gpu).fits(gpu, shape)
     })
 }
 
@@ -412,7 +413,7 @@ pub fn matmul(
         format!("matmul_coop too large: {m}x{pn}")
     })?;
     let s = splits_override.unwrap_or_else(|| splits(gx as usize * gy as usize, k));
-    let kern = kernel(shape, tile);
+    let kern = kernel(shape, tile, step.gpu().tuning.coop_diag);
     if s <= 1 {
         step.dispatch(kern, &gemm_words(params, k, 0), &bufs, [gx, gy, 1]);
         return Ok(());
@@ -425,23 +426,12 @@ pub fn matmul(
 /// The tensor-core flash attention's layout for a head size: (subgroups, keys per tile
 /// in fragments). Each subgroup owns T rows; D = 128 takes 2 subgroups and 2-fragment
 /// key tiles so its tiles fit 48 KiB (and lavapipe's 32 KiB at T = 8).
-/// `KVLINK_FLASH_LAYOUT=NSG,BCF` overrides it (tuning; checked against the limits).
-fn flash_layout(d: usize) -> Option<(u32, u32)> {
-    static ENV: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
-    let env = *ENV.get_or_init(|| {
-        let v: Vec<u32> = std::env::var("KVLINK_FLASH_LAYOUT")
-            .ok()?
-            .split(',')
-            .filter_map(|x| x.trim().parse().ok())
-            .collect();
-        match v[..] {
-            [nsg, bcf] if (1..=8).contains(&nsg) && (1..=8).contains(&bcf) => Some((nsg, bcf)),
-            _ => None,
-        }
-    });
+/// [`crate::gpu::Tuning::flash_layout`] (`KVLINK_FLASH_LAYOUT=NSG,BCF`) overrides it
+/// (tuning; checked against the limits).
+fn flash_layout(d: usize, tuning: &Tuning) -> Option<(u32, u32)> {
     match d {
-        32 | 64 => Some(env.unwrap_or((4, 4))),
-        128 => Some(env.unwrap_or((2, 2))),
+        32 | 64 => Some(tuning.flash_layout.unwrap_or((4, 4))),
+        128 => Some(tuning.flash_layout.unwrap_or((2, 2))),
         _ => None,
     }
 }
@@ -452,15 +442,15 @@ fn flash_layout(d: usize) -> Option<(u32, u32)> {
 /// against 160 us with 64 splits); so splits give at least 8 tiles each and stop once
 /// the grid reaches ~256 workgroups.
 /// Fixed by the cache size and the row tiles, not by which rows share a workgroup.
-/// `KVLINK_FLASH_SPLITS=N` forces N (tuning).
-pub fn flash_splits(row_tiles: usize, kv_heads: usize, cap: usize, bc: usize) -> usize {
-    static ENV: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = *ENV.get_or_init(|| {
-        std::env::var("KVLINK_FLASH_SPLITS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n: &usize| (1..=256).contains(&n))
-    });
+/// `forced` ([`crate::gpu::Tuning::flash_splits`], `KVLINK_FLASH_SPLITS=N`) forces N
+/// (tuning).
+pub fn flash_splits(
+    row_tiles: usize,
+    kv_heads: usize,
+    cap: usize,
+    bc: usize,
+    forced: Option<usize>,
+) -> usize {
     let tiles = cap.div_ceil(bc).max(1);
     let base = (row_tiles * kv_heads).max(1);
     let splits = forced.unwrap_or_else(|| 256usize.div_ceil(base).min(tiles / 8).clamp(1, 64));
@@ -469,15 +459,15 @@ pub fn flash_splits(row_tiles: usize, kv_heads: usize, cap: usize, bc: usize) ->
 
 /// Rows per workgroup and keys per tile of the tensor-core flash attention, if it runs
 /// head size `d` on this device.
-/// `KVLINK_COOP_FLASH=off` keeps attention on the portable kernels.
+/// [`crate::gpu::Tuning::coop_flash`] off (`KVLINK_COOP_FLASH=off`) keeps attention on
+/// the portable kernels.
 pub fn flash_usable(step: &Step, d: usize) -> Option<(CoopShape, usize, usize)> {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *OFF.get_or_init(|| std::env::var("KVLINK_COOP_FLASH").is_ok_and(|v| v == "off")) {
+    let gpu = step.gpu();
+    if !gpu.tuning.coop_flash {
         return None;
     }
-    let gpu = step.gpu();
     let shape = gpu.coop.filter(|_| step.coop())?;
-    let (nsg, bcf) = flash_layout(d)?;
+    let (nsg, bcf) = flash_layout(d, &gpu.tuning)?;
     let (t, d32) = (shape.t, d as u32);
     if d32 % t != 0 || shape.subgroup % t != 0 || shape.subgroup / t > 4 {
         return None;
@@ -492,28 +482,32 @@ pub fn flash_usable(step: &Step, d: usize) -> Option<(CoopShape, usize, usize)> 
 }
 
 /// The tensor-core flash-attention kernel for a shape and head size.
-pub fn flash_kernel(shape: CoopShape, d: usize) -> Option<Kernel> {
-    static KERNELS: Mutex<Vec<((CoopShape, usize), Kernel)>> = Mutex::new(Vec::new());
-    let (nsg, bcf) = flash_layout(d)?;
+pub fn flash_kernel(shape: CoopShape, d: usize, tuning: &Tuning) -> Option<Kernel> {
+    type Key = (CoopShape, usize, (u32, u32), bool);
+    static KERNELS: Mutex<Vec<(Key, Kernel)>> = Mutex::new(Vec::new());
+    let (nsg, bcf) = flash_layout(d, tuning)?;
+    let vec_tiles = tuning.flash_vec_tiles;
     Some(Kernel::generated(
         &KERNELS,
-        (shape, d),
+        (shape, d, (nsg, bcf), vec_tiles),
         "flash_coop",
         || {
             let name = format!(
-                "flash_coop.wgsl::flash_coop t{} sg{} d{d}",
-                shape.t, shape.subgroup
+                "flash_coop.wgsl::flash_coop t{} sg{} d{d} l{nsg},{bcf}{}",
+                shape.t,
+                shape.subgroup,
+                if vec_tiles { "" } else { " b" }
             );
-            (name, flash_source(shape, d as u32, nsg, bcf * shape.t))
+            let src = flash_source(shape, d as u32, nsg, bcf * shape.t, vec_tiles);
+            (name, src)
         },
     ))
 }
 
 /// flash_coop.wgsl with its constants and `//@` lines expanded (see the shader).
-/// `KVLINK_FLASH_VARIANT=b` (diagnostics on a new driver) stages K/V in scalar f16 tiles
-/// instead of vec4<f16>.
-fn flash_source(shape: CoopShape, d: u32, nsg: u32, bc: u32) -> String {
-    let vec_tiles = !std::env::var("KVLINK_FLASH_VARIANT").is_ok_and(|v| v.contains('b'));
+/// Without `vec_tiles` ([`crate::gpu::Tuning::flash_vec_tiles`], `KVLINK_FLASH_VARIANT=b`:
+/// diagnostics on a new driver) it stages K/V in scalar f16 tiles instead of vec4<f16>.
+fn flash_source(shape: CoopShape, d: u32, nsg: u32, bc: u32, vec_tiles: bool) -> String {
     let (t, sg) = (shape.t, shape.subgroup);
     let wg = nsg * sg;
     let lpr = sg / t;
@@ -746,7 +740,8 @@ pub fn flash(
             "tensor-core attention cannot take head_dim {head_dim}"
         ))
     })?;
-    let kern = flash_kernel(shape, head_dim).expect("flash_usable checked the head size");
+    let kern = flash_kernel(shape, head_dim, &step.gpu().tuning)
+        .expect("flash_usable checked the head size");
     need((1..=1024).contains(&splits), || {
         format!("attention: {splits} key splits")
     })?;

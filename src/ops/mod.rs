@@ -274,7 +274,7 @@ pub fn matmul(
             let p10 = gemm_words(&params, k, 0);
             step.dispatch(MATMUL_BLOCKS, &p10, &[x, part, b, y], groups);
         } else if let Some(shape) = coop::usable(step, k, x_row0 * k) {
-            let tile = coop::Tile::for_rows(m, shape.t);
+            let tile = coop::Tile::for_rows(step.gpu(), m, shape.t);
             coop::matmul(step, shape, tile, &params, None, [x, part, b, y])?;
         } else if skinny_ok(step, m, k, x_row0 * k) {
             skinny_matmul(step, &params, [x, part, b, y])?;
@@ -288,12 +288,11 @@ pub fn matmul(
 
 /// Whether the skinny GEMM takes a product of `m` rows: GPU adapters with 32 KiB of
 /// workgroup memory, a few rows (up to 32: two blocks of 16), K % 8 == 0, aligned X.
-/// `KVLINK_SKINNY=off` sends them to the split-K tiled GEMM instead (for benchmarking).
+/// [`crate::gpu::Tuning::skinny_gemm`] off (`KVLINK_SKINNY=off`) sends them to the
+/// split-K tiled GEMM instead (for benchmarking).
 fn skinny_ok(step: &Step, m: usize, k: usize, x_off: usize) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("KVLINK_SKINNY").is_ok_and(|v| v == "off"));
     !step.serial()
-        && !off
+        && step.gpu().tuning.skinny_gemm
         && m <= 32
         && k.is_multiple_of(8)
         && x_off.is_multiple_of(4)
@@ -956,7 +955,7 @@ pub fn attention(
         let splits = if step.serial() {
             1
         } else {
-            decode_splits(t, heads, cap, head_dim)
+            decode_splits(t, heads, cap, head_dim, step.gpu().tuning.decode_splits)
         };
         return decode_attention(
             step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, splits,
@@ -964,7 +963,8 @@ pub fn attention(
     }
     if let Some((shape, br, bc)) = coop::flash_usable(step, head_dim) {
         let row_tiles = (t * heads / kv_heads).div_ceil(br);
-        let mut splits = coop::flash_splits(row_tiles, kv_heads, cap, bc);
+        let forced = step.gpu().tuning.flash_splits;
+        let mut splits = coop::flash_splits(row_tiles, kv_heads, cap, bc, forced);
         // Keep the partials (splits x rows x (head_dim + 4) floats) under 64 MiB.
         while splits > 1 && splits * t * heads * (head_dim + 4) * 4 > 64 << 20 {
             splits = splits.div_ceil(2);
@@ -1064,15 +1064,7 @@ fn decode_kernel(head_dim: usize) -> Option<Kernel> {
 /// (splits x rows x (head_dim + 4) floats) would pass 64 MiB.
 /// `KVLINK_DECODE_SPLITS=N` caps the count (fewer splits: fewer workgroups, and with one
 /// split no combine dispatch; for tuning).
-fn decode_splits(t: usize, heads: usize, cap: usize, head_dim: usize) -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let max = *MAX.get_or_init(|| {
-        std::env::var("KVLINK_DECODE_SPLITS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n: &usize| n >= 1)
-            .unwrap_or(64)
-    });
+fn decode_splits(t: usize, heads: usize, cap: usize, head_dim: usize, max: usize) -> usize {
     let mut splits = cap.div_ceil(DECODE_CHUNK).clamp(1, max.min(64));
     while splits > 1 && splits * t * heads * (head_dim + 4) * 4 > 64 << 20 {
         splits = splits.div_ceil(2);

@@ -42,5 +42,5 @@ pub async fn open_gpu() -> Result<Arc<Gpu>> {
                  --enable-unsafe-webgpu"
             ))
         })?;
-    Gpu::from_adapter(&adapter, 0).await
+    Gpu::from_adapter(&adapter, 0, crate::gpu::Tuning::default()).await
 }
