@@ -76,3 +76,25 @@ fn a_lost_device_fails_every_later_call() {
     }
     assert!(g.is_lost());
 }
+
+/// The kernel knobs are the device's, given at creation, not read from the environment
+/// later: two devices opened side by side with different knobs choose differently.
+#[test]
+fn tuning_is_per_device_and_not_from_the_environment() {
+    use kvlink::gpu::{KernelFamily, Step, Tuning};
+    common::gpu();
+    let open = |t: Tuning| Gpu::with_tuning(&AdapterChoice::from_env(), t).unwrap();
+    let gpu_family = open(Tuning {
+        kernels: KernelFamily::Gpu,
+        ..Tuning::default()
+    });
+    let cpu_family = open(Tuning {
+        kernels: KernelFamily::Cpu,
+        coopmat: false,
+        ..Tuning::default()
+    });
+    assert!(!gpu_family.prefers_serial_kernels() && !Step::new(&gpu_family).serial());
+    assert!(cpu_family.prefers_serial_kernels() && Step::new(&cpu_family).serial());
+    assert!(cpu_family.coop.is_none());
+    assert_eq!(gpu_family.tuning.kernels, KernelFamily::Gpu);
+}
