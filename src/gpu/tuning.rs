@@ -2,7 +2,6 @@
 //! default, or given by a library user), instead of environment variables read deep
 //! inside the kernels. `kvlink devices --verbose` prints it.
 
-use crate::ops::coop::Tile;
 use crate::{Error, Result};
 
 /// Which kernel family runs: the barrier-free "cpu" variants suit CPU adapters
@@ -52,6 +51,108 @@ pub enum CoopDiag {
     Compute,
     /// Skip the products (times the loads alone).
     Load,
+}
+
+/// The tensor-core GEMM's workgroup tile (see `ops::coop`): defined here so the knobs
+/// can hold one; its kernel-side methods live with the kernel.
+/// A workgroup's layout: `sgm` x `sgn` subgroups, each computing `fm` x `fn_` fragments
+/// of T x T outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tile {
+    pub sgm: u32,
+    pub sgn: u32,
+    pub fm: u32,
+    pub fn_: u32,
+    /// B fragments straight from W in device memory instead of staged in workgroup
+    /// memory (only where the tile lies inside N and K % BK == 0).
+    pub b_direct: bool,
+    /// Workgroup tiles of vec4<f16> (vector stores and loads) instead of f16.
+    pub vec_tiles: bool,
+    /// K fragments per staged step (BK = kf T): 2, or 4 for half the barriers per FLOP.
+    pub kf: u32,
+}
+
+impl serde::Serialize for Tile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl std::fmt::Display for Tile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}x{}", self.sgm, self.sgn, self.fm, self.fn_)?;
+        if self.b_direct {
+            write!(f, "d")?;
+        }
+        if self.vec_tiles {
+            write!(f, "v")?;
+        }
+        if self.kf == 4 {
+            write!(f, "w")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Tile {
+    type Err = String;
+    /// "SGM,SGN,FM,FN" (or with x between them), then any of "d" (direct B loads), "v"
+    /// (vector tiles), "w" (K steps of 4 fragments).
+    fn from_str(s: &str) -> std::result::Result<Tile, String> {
+        let s = s.trim();
+        let nums = s.trim_end_matches(['d', 'v', 'w']);
+        let flags = &s[nums.len()..];
+        let (b_direct, vec_tiles) = (flags.contains('d'), flags.contains('v'));
+        let kf = if flags.contains('w') { 4 } else { 2 };
+        let v: Vec<u32> = nums
+            .split([',', 'x'])
+            .map(|x| x.trim().parse::<u32>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| format!("tile {s:?}: expected four numbers SGM,SGN,FM,FN"))?;
+        match v[..] {
+            [sgm, sgn, fm, fn_]
+                if (1..=16).contains(&(sgm * sgn)) && (1..=16).contains(&(fm * fn_)) =>
+            {
+                Ok(Tile {
+                    sgm,
+                    sgn,
+                    fm,
+                    fn_,
+                    b_direct,
+                    vec_tiles,
+                    kf,
+                })
+            }
+            _ => Err(format!(
+                "tile {s:?}: expected SGM,SGN,FM,FN with 1..=16 subgroups and 1..=16 fragments each"
+            )),
+        }
+    }
+}
+
+impl Tile {
+    // Defaults from `kvlink bench kernels` on the H200 (Llama-3.2-1B shapes): 2 x 2
+    // subgroups of 4 x 4 fragments with vector tiles led at 512 and 2048 rows (100-133
+    // TFLOP/s on gate_up and down); for 32 rows, 1 x 8 of 2 x 1 with vector tiles and
+    // 4-fragment K steps.
+    pub const WIDE: Tile = Tile {
+        sgm: 2,
+        sgn: 2,
+        fm: 4,
+        fn_: 4,
+        b_direct: false,
+        vec_tiles: true,
+        kf: 2,
+    };
+    pub const SKINNY: Tile = Tile {
+        sgm: 1,
+        sgn: 8,
+        fm: 2,
+        fn_: 1,
+        b_direct: false,
+        vec_tiles: true,
+        kf: 4,
+    };
 }
 
 /// Every knob, with the environment variable that sets it (see [`Tuning::from_env`]).
