@@ -19,11 +19,11 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::link::LinkConfig;
 use crate::model::config::ModelConfig;
 use crate::model::hf::{bytes_to_f32, map_st_err, Fnv64};
 use crate::model::source::{names, HostTensor, WeightSource};
 use crate::model::tokenizer::Tokenizer;
+use crate::model::LinkConfig;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";

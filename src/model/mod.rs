@@ -9,6 +9,7 @@ pub mod gguf;
 pub mod hf;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod hub;
+pub mod link_config;
 pub mod llama;
 pub mod lora;
 pub mod open;
@@ -19,6 +20,7 @@ pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use gguf::GgufModel;
+pub use link_config::LinkConfig;
 pub use lora::{LoraAdapter, LoraModel};
 pub use open::open_model;
 pub use paths::default_model_path;

@@ -58,7 +58,7 @@ pub trait WeightSource: Send + Sync {
     fn fingerprint(&self) -> String;
     /// Link-token configuration that comes with the weights (a LoRA adapter's
     /// `kvlink.json`), if any.
-    fn link_config(&self) -> Option<crate::link::LinkConfig> {
+    fn link_config(&self) -> Option<crate::model::LinkConfig> {
         None
     }
 }
