@@ -3,6 +3,7 @@
 mod common;
 
 use common::tempdir::TempDir;
+use common::Rng;
 
 use kvlink::kv::store::{EntryHeader, PayloadSink};
 use kvlink::kv::{
@@ -20,24 +21,8 @@ const TOK: &str = "tok:smollm2:def456";
 
 // --- helpers ------------------------------------------------------------------------------
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
 fn random_kv(seed: u64, n_tokens: usize, n_layers: usize, kv_dim: usize) -> DocKv {
-    let mut r = Rng(seed);
+    let mut r = Rng::seeded(seed);
     let lb = n_tokens * kv_dim * 2;
     DocKv {
         n_tokens,
@@ -49,8 +34,8 @@ fn random_kv(seed: u64, n_tokens: usize, n_layers: usize, kv_dim: usize) -> DocK
 }
 
 fn tokens(seed: u64, n: usize) -> Vec<u32> {
-    let mut r = Rng(seed ^ 0x5555);
-    (0..n).map(|_| (r.next() % 128_256) as u32).collect()
+    let mut r = Rng::seeded(seed ^ 0x5555);
+    (0..n).map(|_| (r.next_u64() % 128_256) as u32).collect()
 }
 
 fn hit(l: Lookup) -> DocKv {
@@ -98,7 +83,7 @@ fn xxh64_known_vectors() {
 
 #[test]
 fn xxh64_streaming_matches_one_shot() {
-    let data = Rng(7).bytes(1000);
+    let data = Rng::seeded(7).bytes(1000);
     for len in [0usize, 1, 3, 4, 7, 8, 31, 32, 33, 63, 64, 65, 100, 1000] {
         let want = xxh64(&data[..len], 42);
         for split in [1usize, 3, 5, 16, 31, 32, 33, 64] {
@@ -471,7 +456,7 @@ fn truncated_and_garbage_files_are_corrupt() {
         ("three bytes", b"KVL".to_vec()),
         ("extra byte", [good.clone(), vec![0]].concat()),
         ("bad magic", [b"XXXX".to_vec(), good[4..].to_vec()].concat()),
-        ("garbage", Rng(1).bytes(5000)),
+        ("garbage", Rng::seeded(1).bytes(5000)),
     ];
     for (name, bytes) in cases {
         fs::write(&p, &bytes).unwrap();
@@ -527,11 +512,11 @@ fn reads_never_panic_or_hit_on_mutated_bytes() {
         assert!(matches!(r, Lookup::Corrupt(_)), "len {n}: {r:?}");
     }
     // Every single-byte change (without and with resealing the checksum).
-    let mut rng = Rng(99);
+    let mut rng = Rng::seeded(99);
     for i in 0..good.len() {
         for reseal_it in [false, true] {
             let mut raw = good.clone();
-            raw[i] ^= 1 << (rng.next() % 8);
+            raw[i] ^= 1 << (rng.next_u64() % 8);
             if reseal_it && i < raw.len() - 8 {
                 reseal(&mut raw);
             }
@@ -888,13 +873,13 @@ fn lru_oversized_entry_not_inserted() {
 #[test]
 fn lru_randomized_against_model() {
     // Compare with a simple Vec-based reference implementation.
-    let mut rng = Rng(5);
+    let mut rng = Rng::seeded(5);
     let budget = 1000u64;
     let mut lru: Lru<u64, u64> = Lru::new(budget);
     let mut model: Vec<(u64, u64, u64)> = Vec::new(); // (key, val, bytes), oldest first
     for step in 0..5000u64 {
-        let k = rng.next() % 40;
-        match rng.next() % 3 {
+        let k = rng.next_u64() % 40;
+        match rng.next_u64() % 3 {
             0 => {
                 let got = lru.get(&k).copied();
                 let pos = model.iter().position(|e| e.0 == k);
@@ -910,7 +895,7 @@ fn lru_randomized_against_model() {
                 assert_eq!(got, pos.map(|p| model.remove(p).1));
             }
             _ => {
-                let bytes = rng.next() % 300;
+                let bytes = rng.next_u64() % 300;
                 let mut want = Vec::new();
                 if let Some(p) = model.iter().position(|e| e.0 == k) {
                     let e = model.remove(p);
