@@ -208,7 +208,13 @@ fn sigkilled_writers_never_leave_a_bad_entry() {
         "no writer got an entry written: the kills came too early"
     );
 
-    // The dead writers' temp files: once old enough, the next open removes them all.
+    // The dead writers' temp files: once old enough, the next open (after the children's
+    // last prune is old enough too) removes them all.
+    let marker = td.path().join(kvlink::kv::store::PRUNE_MARKER);
+    let long_ago = SystemTime::now() - kvlink::kv::store::PRUNE_AT_OPEN_AFTER;
+    if let Ok(f) = std::fs::File::options().write(true).open(&marker) {
+        f.set_modified(long_ago).unwrap();
+    }
     for f in walk(td.path()) {
         if f.file_name().unwrap().to_string_lossy().ends_with(".tmp") {
             let file = std::fs::File::options().write(true).open(&f).unwrap();
