@@ -8,7 +8,7 @@ import os
 import struct
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SEP = b"\n#kvlink-fuzz-next-file#\n"  # as fuzz_targets/split.rs
+SEP = b"\n#kvlink-fuzz-next-file#\n"  # as kvlink::fuzz::SEP (src/fuzz.rs)
 
 
 def out(target, name, data):

@@ -769,7 +769,8 @@ impl Engine {
                 // for exactly these token ids (a collision or stale key is a miss).
                 if dc.tokens == *d {
                     // Keep its disk entry recent too, so that the store's LRU eviction
-                    // does not drop a document that is used all the time from the GPU.
+                    // does not drop a document that is used all the time from the GPU
+                    // (at most every few minutes: most hits cost no system call).
                     if let Some(store) = &store {
                         store.touch(k);
                     }

@@ -7,6 +7,10 @@ pub mod model;
 pub use error::{Error, Result};
 pub mod engine;
 pub mod eval;
+/// The parsers' fuzz harnesses (fuzz/ and tests/fuzz_corpus.rs; FUZZING.md).
+#[cfg(not(target_arch = "wasm32"))]
+#[doc(hidden)]
+pub mod fuzz;
 pub mod gpu;
 pub mod kv;
 pub mod link;

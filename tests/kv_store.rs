@@ -3,8 +3,9 @@
 mod common;
 
 use common::tempdir::TempDir;
+use common::Rng;
 
-use kvlink::kv::store::{EntryHeader, PayloadSink};
+use kvlink::kv::store::{EntryHeader, PayloadSink, PRUNE_AT_OPEN_AFTER, PRUNE_MARKER};
 use kvlink::kv::{
     checksum64, fnv1a64, xxh64, DiskStore, DocKey, DocKv, Lookup, Lru, Xxh64, CACHE_FORMAT_VERSION,
 };
@@ -20,24 +21,8 @@ const TOK: &str = "tok:smollm2:def456";
 
 // --- helpers ------------------------------------------------------------------------------
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
 fn random_kv(seed: u64, n_tokens: usize, n_layers: usize, kv_dim: usize) -> DocKv {
-    let mut r = Rng(seed);
+    let mut r = Rng::seeded(seed);
     let lb = n_tokens * kv_dim * 2;
     DocKv {
         n_tokens,
@@ -49,8 +34,8 @@ fn random_kv(seed: u64, n_tokens: usize, n_layers: usize, kv_dim: usize) -> DocK
 }
 
 fn tokens(seed: u64, n: usize) -> Vec<u32> {
-    let mut r = Rng(seed ^ 0x5555);
-    (0..n).map(|_| (r.next() % 128_256) as u32).collect()
+    let mut r = Rng::seeded(seed ^ 0x5555);
+    (0..n).map(|_| (r.next_u64() % 128_256) as u32).collect()
 }
 
 fn hit(l: Lookup) -> DocKv {
@@ -98,7 +83,7 @@ fn xxh64_known_vectors() {
 
 #[test]
 fn xxh64_streaming_matches_one_shot() {
-    let data = Rng(7).bytes(1000);
+    let data = Rng::seeded(7).bytes(1000);
     for len in [0usize, 1, 3, 4, 7, 8, 31, 32, 33, 63, 64, 65, 100, 1000] {
         let want = xxh64(&data[..len], 42);
         for split in [1usize, 3, 5, 16, 31, 32, 33, 64] {
@@ -471,7 +456,7 @@ fn truncated_and_garbage_files_are_corrupt() {
         ("three bytes", b"KVL".to_vec()),
         ("extra byte", [good.clone(), vec![0]].concat()),
         ("bad magic", [b"XXXX".to_vec(), good[4..].to_vec()].concat()),
-        ("garbage", Rng(1).bytes(5000)),
+        ("garbage", Rng::seeded(1).bytes(5000)),
     ];
     for (name, bytes) in cases {
         fs::write(&p, &bytes).unwrap();
@@ -527,11 +512,11 @@ fn reads_never_panic_or_hit_on_mutated_bytes() {
         assert!(matches!(r, Lookup::Corrupt(_)), "len {n}: {r:?}");
     }
     // Every single-byte change (without and with resealing the checksum).
-    let mut rng = Rng(99);
+    let mut rng = Rng::seeded(99);
     for i in 0..good.len() {
         for reseal_it in [false, true] {
             let mut raw = good.clone();
-            raw[i] ^= 1 << (rng.next() % 8);
+            raw[i] ^= 1 << (rng.next_u64() % 8);
             if reseal_it && i < raw.len() - 8 {
                 reseal(&mut raw);
             }
@@ -788,12 +773,114 @@ fn open_prunes_dead_writers_temp_files_and_corrupt_files_only() {
         (1, 4, 2, 1)
     );
 
+    // The prune when the store was opened above is now long ago.
+    set_age(&td.path().join(PRUNE_MARKER), PRUNE_AT_OPEN_AFTER);
     let store = DiskStore::open(td.path()).unwrap();
     for (p, age, removed) in &cases {
         assert_eq!(!p.exists(), *removed, "{} aged {age:?}", p.display());
     }
     assert!(!corrupt.exists());
     assert!(store.get(&key, MODEL, TOK, &t).unwrap().is_hit());
+}
+
+fn mtime(p: &Path) -> SystemTime {
+    fs::metadata(p).unwrap().modified().unwrap()
+}
+
+#[test]
+fn open_skips_the_scan_when_the_last_prune_is_recent() {
+    let td = TempDir::new("open-recent");
+    let store = DiskStore::open(td.path()).unwrap();
+    let (a, _) = put_seed(&store, 1);
+    let (b, _) = put_seed(&store, 2);
+    let bytes = |k: &DocKey| fs::metadata(store.path_for(k)).unwrap().len();
+    let size = bytes(&a);
+    let marker = td.path().join(PRUNE_MARKER);
+    // A prune leaves the marker: the entry bytes it left.
+    let total = bytes(&a) + bytes(&b);
+    assert_eq!(store.prune(u64::MAX).unwrap().remaining_bytes, total);
+    assert_eq!(
+        fs::read_to_string(&marker).unwrap().trim(),
+        total.to_string()
+    );
+    let corrupt = store.path_for(&a).with_extension("kvc.corrupt");
+    fs::write(&corrupt, b"bad").unwrap();
+
+    // Opened again soon after: no scan (the corrupt file stays)...
+    let again = DiskStore::open_with_cap(td.path(), total + size / 2).unwrap();
+    assert!(corrupt.exists(), "open scanned the store");
+    // ... but the marker's total stands for one: the next put passes the cap and
+    // prunes (to 90%: two entries left of three, the least recently used goes).
+    set_age(&store.path_for(&a), Duration::from_secs(100));
+    set_age(&store.path_for(&b), Duration::from_secs(50));
+    let (c, _) = put_seed(&again, 3);
+    assert!(!corrupt.exists());
+    let left: Vec<bool> = [&a, &b, &c].iter().map(|k| again.contains(k)).collect();
+    assert_eq!(left, vec![false, true, true]);
+
+    // A cap below what the last prune left: open prunes at once.
+    let total = bytes(&b) + bytes(&c);
+    assert_eq!(store.prune(u64::MAX).unwrap().remaining_bytes, total);
+    fs::write(&corrupt, b"bad").unwrap();
+    DiskStore::open_with_cap(td.path(), size + size / 2).unwrap();
+    assert!(!corrupt.exists());
+    assert_eq!(store.entries().unwrap().len(), 1);
+
+    // The last prune long ago (or its marker unreadable): open scans.
+    for spoil in [false, true] {
+        fs::write(&corrupt, b"bad").unwrap();
+        if spoil {
+            fs::write(&marker, b"not a number").unwrap();
+        } else {
+            set_age(&marker, PRUNE_AT_OPEN_AFTER);
+        }
+        DiskStore::open(td.path()).unwrap();
+        assert!(!corrupt.exists(), "spoilt marker {spoil}: no scan");
+    }
+}
+
+#[test]
+fn touch_refreshes_the_lru_order_at_most_every_interval() {
+    let td = TempDir::new("touch");
+    let every = Duration::from_millis(400);
+    let store = DiskStore::open(td.path()).unwrap().with_touch_after(every);
+    let (a, _) = put_seed(&store, 1);
+    let (b, _) = put_seed(&store, 2);
+    let t0 = std::time::Instant::now();
+    let (pa, pb) = (store.path_for(&a), store.path_for(&b));
+    // a is the older of the two on disk.
+    set_age(&pa, Duration::from_secs(3600));
+    set_age(&pb, Duration::from_secs(1800));
+    let old = SystemTime::now() - Duration::from_secs(3000);
+    // Just written by this process: touching is not due, and does nothing.
+    assert!(!store.touch(&a));
+    assert!(mtime(&pa) < old, "touched before it was due");
+    // Once due, a touch refreshes it (and then is not due again for a while).
+    std::thread::sleep(every.saturating_sub(t0.elapsed()) + Duration::from_millis(50));
+    assert!(store.touch(&a));
+    assert!(mtime(&pa) > old);
+    set_age(&pa, Duration::from_secs(3600));
+    assert!(!store.touch(&a));
+    assert!(mtime(&pa) < old);
+    // The interval is per entry: b was not touched since its put, long enough ago.
+    assert!(store.touch(&b));
+    std::thread::sleep(every + Duration::from_millis(50));
+    assert!(store.touch(&a));
+    // The LRU order follows: pruning to one entry keeps a, the most recently touched.
+    set_age(&pb, Duration::from_secs(60));
+    let size = fs::metadata(&pa).unwrap().len();
+    assert_eq!(store.prune(size).unwrap().removed_entries, 1);
+    assert!(store.contains(&a) && !store.contains(&b));
+    // A missing entry: false, and no error.
+    assert!(!store.touch(&b));
+    // A hit also counts as a refresh.
+    let fresh = DiskStore::open(td.path()).unwrap().with_touch_after(every);
+    let (k, t) = put_seed(&fresh, 9);
+    std::thread::sleep(every + Duration::from_millis(50));
+    set_age(&fresh.path_for(&k), Duration::from_secs(3600));
+    assert!(fresh.get(&k, MODEL, TOK, &t).unwrap().is_hit());
+    assert!(mtime(&fresh.path_for(&k)) > old);
+    assert!(!fresh.touch(&k), "a hit just refreshed it");
 }
 
 #[test]
@@ -888,13 +975,13 @@ fn lru_oversized_entry_not_inserted() {
 #[test]
 fn lru_randomized_against_model() {
     // Compare with a simple Vec-based reference implementation.
-    let mut rng = Rng(5);
+    let mut rng = Rng::seeded(5);
     let budget = 1000u64;
     let mut lru: Lru<u64, u64> = Lru::new(budget);
     let mut model: Vec<(u64, u64, u64)> = Vec::new(); // (key, val, bytes), oldest first
     for step in 0..5000u64 {
-        let k = rng.next() % 40;
-        match rng.next() % 3 {
+        let k = rng.next_u64() % 40;
+        match rng.next_u64() % 3 {
             0 => {
                 let got = lru.get(&k).copied();
                 let pos = model.iter().position(|e| e.0 == k);
@@ -910,7 +997,7 @@ fn lru_randomized_against_model() {
                 assert_eq!(got, pos.map(|p| model.remove(p).1));
             }
             _ => {
-                let bytes = rng.next() % 300;
+                let bytes = rng.next_u64() % 300;
                 let mut want = Vec::new();
                 if let Some(p) = model.iter().position(|e| e.0 == k) {
                     let e = model.remove(p);

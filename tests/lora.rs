@@ -664,6 +664,16 @@ fn fingerprint_follows_the_adapter() {
     assert!(f1.starts_with(&base.fingerprint()));
     assert_ne!(f1, f2, "two adapters");
     assert_eq!(f1, fp(&d1), "stable");
+    // One weight bit: the fingerprint covers every byte of the file.
+    let w = d2.join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let i = bytes.len() - 2;
+    bytes[i] ^= 1;
+    std::fs::write(&w, &bytes).unwrap();
+    assert_ne!(fp(&d2), f2, "one weight bit");
+    bytes[i] ^= 1;
+    std::fs::write(&w, &bytes).unwrap();
+    assert_eq!(fp(&d2), f2);
     // The config alone changes it too (same tensors, another alpha).
     let mut cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d1.join("adapter_config.json")).unwrap()).unwrap();

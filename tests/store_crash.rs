@@ -13,6 +13,7 @@
 mod common;
 
 use common::tempdir::TempDir;
+use common::Rng;
 use kvlink::kv::{DiskStore, DocKey, DocKv, Lookup};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -28,30 +29,15 @@ const UNIVERSE: u64 = 300;
 const LAYERS: usize = 2;
 const KV_DIM: usize = 128;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// The document of `seed`: its token ids (the first is the seed, so every seed's key
 /// differs) and the payload every writer stores for it.
 fn doc(seed: u64) -> (Vec<u32>, DocKv) {
-    let mut r = Rng(seed.wrapping_mul(0x1234_5678_9abc_def1) ^ 0xfeed);
-    let n = 8 + r.below(56) as usize;
+    let mut r = Rng::seeded(seed.wrapping_mul(0x1234_5678_9abc_def1) ^ 0xfeed);
+    let n = 8 + r.below64(56) as usize;
     let mut tokens = vec![seed as u32];
-    tokens.extend((1..n).map(|_| r.below(50_000) as u32));
+    tokens.extend((1..n).map(|_| r.below64(50_000) as u32));
     let lb = n * KV_DIM * 2;
-    let mut layer = || (0..lb).map(|_| r.next() as u8).collect::<Vec<u8>>();
+    let mut layer = || (0..lb).map(|_| r.next_u64() as u8).collect::<Vec<u8>>();
     let k = (0..LAYERS).map(|_| layer()).collect();
     let v = (0..LAYERS).map(|_| layer()).collect();
     (
@@ -102,16 +88,16 @@ fn store_child() {
     let seed: u64 = std::env::var(SEED_ENV).unwrap().parse().unwrap();
     let cap: u64 = std::env::var(CAP_ENV).map_or(u64::MAX, |c| c.parse().unwrap());
     let store = DiskStore::open_with_cap(&dir, cap).unwrap();
-    let mut r = Rng(seed);
+    let mut r = Rng::seeded(seed);
     match mode.as_str() {
         "writer" => loop {
-            put(&store, r.below(UNIVERSE)).unwrap();
+            put(&store, r.below64(UNIVERSE)).unwrap();
         },
         "mixed" => {
             let (mut puts, mut hits, mut misses) = (0, 0, 0);
             for _ in 0..600 {
-                let s = r.below(UNIVERSE / 2) * 2 + (seed & 1);
-                if r.below(2) == 0 {
+                let s = r.below64(UNIVERSE / 2) * 2 + (seed & 1);
+                if r.below64(2) == 0 {
                     put(&store, s).unwrap();
                     puts += 1;
                 } else {
@@ -123,13 +109,13 @@ fn store_child() {
                 }
                 // Some documents are shared by all children: the same keys written and
                 // read by several processes at once.
-                let shared = r.below(8);
+                let shared = r.below64(8);
                 match check(&store, shared) {
                     Ok(true) => hits += 1,
                     Ok(false) => misses += 1,
                     Err(e) => panic!("shared {e}"),
                 }
-                if r.below(4) == 0 {
+                if r.below64(4) == 0 {
                     put(&store, shared).unwrap();
                     puts += 1;
                 }
@@ -167,7 +153,7 @@ fn sigkilled_writers_never_leave_a_bad_entry() {
     let seed =
         std::env::var("KVLINK_CRASH_SEED").map_or_else(|_| time_seed(), |s| s.parse().unwrap());
     eprintln!("seed {seed} (KVLINK_CRASH_SEED to repeat)");
-    let mut r = Rng(seed);
+    let mut r = Rng::seeded(seed);
     let t0 = Instant::now();
     const ROUNDS: usize = 75;
     const PER_ROUND: usize = 4;
@@ -183,7 +169,7 @@ fn sigkilled_writers_never_leave_a_bad_entry() {
                     None,
                 );
                 // Random moments: from during start-up to well into the writing.
-                (c, Duration::from_millis(5 + r.below(120)))
+                (c, Duration::from_millis(5 + r.below64(120)))
             })
             .collect();
         kids.sort_by_key(|(_, d)| *d);
@@ -222,7 +208,13 @@ fn sigkilled_writers_never_leave_a_bad_entry() {
         "no writer got an entry written: the kills came too early"
     );
 
-    // The dead writers' temp files: once old enough, the next open removes them all.
+    // The dead writers' temp files: once old enough, the next open (after the children's
+    // last prune is old enough too) removes them all.
+    let marker = td.path().join(kvlink::kv::store::PRUNE_MARKER);
+    let long_ago = SystemTime::now() - kvlink::kv::store::PRUNE_AT_OPEN_AFTER;
+    if let Ok(f) = std::fs::File::options().write(true).open(&marker) {
+        f.set_modified(long_ago).unwrap();
+    }
     for f in walk(td.path()) {
         if f.file_name().unwrap().to_string_lossy().ends_with(".tmp") {
             let file = std::fs::File::options().write(true).open(&f).unwrap();
@@ -246,7 +238,7 @@ fn sigkilled_writers_never_leave_a_bad_entry() {
         let Ok(mut bytes) = std::fs::read(&p) else {
             continue;
         };
-        let i = bytes.len() - 9 - r.below(64) as usize;
+        let i = bytes.len() - 9 - r.below64(64) as usize;
         bytes[i] ^= 0x40;
         std::fs::write(&p, &bytes).unwrap();
         assert!(

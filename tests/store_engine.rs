@@ -71,7 +71,8 @@ fn gpu_hits_keep_the_disk_entry_recent_for_lru_eviction() {
     let _g = STORE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let e = engine();
     let td = TempDir::new("touch");
-    let store = DiskStore::open(td.path()).unwrap();
+    let every = std::time::Duration::from_millis(300);
+    let store = DiskStore::open(td.path()).unwrap().with_touch_after(every);
     e.set_store(Some(store.clone()));
     e.clear_doc_caches();
     let d = doc("The train station north of the bridge has a coffee garden.\n");
@@ -86,11 +87,18 @@ fn gpu_hits_keep_the_disk_entry_recent_for_lru_eviction() {
             .unwrap()
             .set_modified(old)
             .unwrap();
+        let mtime = || std::fs::metadata(&p).unwrap().modified().unwrap();
+        // Just written: a GPU hit right after does not touch the file (rate-limited,
+        // no file system call on the request's path)...
         let (_, from) = e.doc_caches(&[&d])?;
         assert_eq!(from, vec![CacheSource::Gpu]);
-        let m = std::fs::metadata(&p).unwrap().modified().unwrap();
+        assert!(mtime() < old + std::time::Duration::from_secs(1));
+        // ... one after the interval does.
+        std::thread::sleep(every + std::time::Duration::from_millis(50));
+        let (_, from) = e.doc_caches(&[&d])?;
+        assert_eq!(from, vec![CacheSource::Gpu]);
         assert!(
-            m > old + std::time::Duration::from_secs(1800),
+            mtime() > old + std::time::Duration::from_secs(1800),
             "mtime not refreshed"
         );
         kvlink::Result::Ok(())

@@ -64,7 +64,7 @@ fn viewer_compare_screenshot_under_xvfb() {
     let mut child = Command::new("xvfb-run")
         .args(["-a", "-s", "-screen 0 1400x960x24"])
         .arg(env!("CARGO_BIN_EXE_kvlink"))
-        .args(["view", "--store"])
+        .args(["view", "--store-max-gb", "2", "--store"])
         .arg(&store)
         .env("KVLINK_VIEW_SCRIPT", &script_path)
         .stdin(Stdio::null())
@@ -126,4 +126,30 @@ fn viewer_compare_screenshot_under_xvfb() {
         "screenshot has only {} colors",
         colors.len()
     );
+}
+
+/// `view` takes `--store-max-gb` as `ask` does (no window needed: a bad value is refused
+/// before the app starts).
+#[test]
+fn view_takes_store_max_gb_like_ask() {
+    let kvlink = || Command::new(env!("CARGO_BIN_EXE_kvlink"));
+    let help = kvlink().args(["view", "--help"]).output().unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--store-max-gb"), "{help}");
+    for bad in ["0", "-1", "nan"] {
+        let o = kvlink()
+            .args(["view", &format!("--store-max-gb={bad}")])
+            .env_remove("DISPLAY")
+            .env_remove("WAYLAND_DISPLAY")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "--store-max-gb {bad} accepted");
+        assert!(
+            err.contains("--store-max-gb must be a positive number of GB"),
+            "--store-max-gb {bad}: {err}"
+        );
+    }
 }

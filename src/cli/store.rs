@@ -16,8 +16,8 @@ pub enum StoreCmd {
     /// Delete moved-aside corrupt files and temp files of dead writers, then the least
     /// recently used entries (oldest last write or read first) until the store fits
     /// --store-max-gb. Safe while other processes use the store. `ask` and
-    /// `precompute` do the same by themselves when they open the store and as they
-    /// write it.
+    /// `precompute` do the same by themselves when they open the store (unless a prune
+    /// finished in the last 10 minutes) and as they write it.
     Prune(StorePruneArgs),
 }
 

@@ -16,9 +16,16 @@ pub struct ViewArgs {
     /// Do not read or write document caches on disk.
     #[arg(long)]
     pub no_store: bool,
+    /// Size cap of the disk store in GB (10^9 bytes, fractions allowed), as for `ask`:
+    /// beyond it the least recently used entries (last written or read) are deleted.
+    /// Default: 20.
+    #[arg(long, value_name = "GB")]
+    pub store_max_gb: Option<f64>,
 }
 
 pub fn view(adapter: &AdapterChoice, a: &ViewArgs) -> Result<()> {
+    // A bad value is an error now, not at the first Load in the window.
+    super::rag::store_cap(a.store_max_gb)?;
     super::viewer::app::run(super::viewer::app::Options {
         adapter: adapter.clone(),
         model: a.model.model.clone(),
@@ -26,5 +33,6 @@ pub fn view(adapter: &AdapterChoice, a: &ViewArgs) -> Result<()> {
         lora: a.model.lora.clone(),
         store: a.store.clone(),
         no_store: a.no_store,
+        store_max_gb: a.store_max_gb,
     })
 }

@@ -7,7 +7,8 @@
 //! - [`DiskStore`] (in [`store`]): one checksummed file per entry, written atomically.
 //! - [`Lru`]: a GPU-independent LRU index with a byte budget, for the GPU-resident cache.
 //!
-//! No dependency beyond std/serde: the hashes ([`xxh64`], [`fnv1a64`]) are hand-written.
+//! Hashes: [`xxh64`] (the store's checksum, a key lane) is xxhash-rust's; [`fnv1a64`] (the
+//! other key lane) is hand-written.
 
 pub mod store;
 
@@ -177,142 +178,36 @@ impl fmt::Display for DocKey {
 }
 
 // ---------------------------------------------------------------------------------------
-// Hashes (hand-written, no extra crates)
+// Hashes
 // ---------------------------------------------------------------------------------------
 
-const P1: u64 = 0x9E37_79B1_85EB_CA87;
-const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
-const P3: u64 = 0x1656_67B1_9E37_79F9;
-const P4: u64 = 0x85EB_CA77_C2B2_AE63;
-const P5: u64 = 0x27D4_EB2F_1656_67C5;
-
-#[inline]
-fn xround(acc: u64, input: u64) -> u64 {
-    acc.wrapping_add(input.wrapping_mul(P2))
-        .rotate_left(31)
-        .wrapping_mul(P1)
-}
-
-#[inline]
-fn xmerge(acc: u64, val: u64) -> u64 {
-    (acc ^ xround(0, val)).wrapping_mul(P1).wrapping_add(P4)
-}
-
-#[inline]
-fn rd64(b: &[u8]) -> u64 {
-    u64::from_le_bytes(b[..8].try_into().unwrap())
-}
-
-#[inline]
-fn rd32(b: &[u8]) -> u32 {
-    u32::from_le_bytes(b[..4].try_into().unwrap())
-}
-
-/// Streaming XXH64 (the standard algorithm; `xxh64(b"", 0) == 0xEF46DB3751D8E999`).
+/// Streaming XXH64 (the standard algorithm; `xxh64(b"", 0) == 0xEF46DB3751D8E999`):
+/// xxhash-rust's, behind the names the store and its tests use.
 #[derive(Clone)]
-pub struct Xxh64 {
-    v: [u64; 4],
-    seed: u64,
-    total: u64,
-    buf: [u8; 32],
-    buf_len: usize,
-}
+pub struct Xxh64(xxhash_rust::xxh64::Xxh64);
 
 impl Xxh64 {
     pub fn new(seed: u64) -> Self {
-        Xxh64 {
-            v: [
-                seed.wrapping_add(P1).wrapping_add(P2),
-                seed.wrapping_add(P2),
-                seed,
-                seed.wrapping_sub(P1),
-            ],
-            seed,
-            total: 0,
-            buf: [0; 32],
-            buf_len: 0,
-        }
+        Xxh64(xxhash_rust::xxh64::Xxh64::new(seed))
     }
 
-    #[inline]
-    fn stripe(v: &mut [u64; 4], s: &[u8]) {
-        v[0] = xround(v[0], rd64(&s[0..]));
-        v[1] = xround(v[1], rd64(&s[8..]));
-        v[2] = xround(v[2], rd64(&s[16..]));
-        v[3] = xround(v[3], rd64(&s[24..]));
-    }
-
-    pub fn update(&mut self, mut data: &[u8]) {
-        self.total += data.len() as u64;
-        if self.buf_len > 0 {
-            let take = (32 - self.buf_len).min(data.len());
-            self.buf[self.buf_len..self.buf_len + take].copy_from_slice(&data[..take]);
-            self.buf_len += take;
-            data = &data[take..];
-            if self.buf_len < 32 {
-                return;
-            }
-            let buf = self.buf;
-            Self::stripe(&mut self.v, &buf);
-            self.buf_len = 0;
-        }
-        let mut chunks = data.chunks_exact(32);
-        for c in &mut chunks {
-            Self::stripe(&mut self.v, c);
-        }
-        let rest = chunks.remainder();
-        self.buf[..rest.len()].copy_from_slice(rest);
-        self.buf_len = rest.len();
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
     }
 
     pub fn finish(&self) -> u64 {
-        let [v1, v2, v3, v4] = self.v;
-        let mut h = if self.total >= 32 {
-            let mut h = v1
-                .rotate_left(1)
-                .wrapping_add(v2.rotate_left(7))
-                .wrapping_add(v3.rotate_left(12))
-                .wrapping_add(v4.rotate_left(18));
-            h = xmerge(h, v1);
-            h = xmerge(h, v2);
-            h = xmerge(h, v3);
-            xmerge(h, v4)
-        } else {
-            self.seed.wrapping_add(P5)
-        };
-        h = h.wrapping_add(self.total);
-        let mut rest = &self.buf[..self.buf_len];
-        while rest.len() >= 8 {
-            h ^= xround(0, rd64(rest));
-            h = h.rotate_left(27).wrapping_mul(P1).wrapping_add(P4);
-            rest = &rest[8..];
-        }
-        if rest.len() >= 4 {
-            h ^= (rd32(rest) as u64).wrapping_mul(P1);
-            h = h.rotate_left(23).wrapping_mul(P2).wrapping_add(P3);
-            rest = &rest[4..];
-        }
-        for &b in rest {
-            h ^= (b as u64).wrapping_mul(P5);
-            h = h.rotate_left(11).wrapping_mul(P1);
-        }
-        h ^= h >> 33;
-        h = h.wrapping_mul(P2);
-        h ^= h >> 29;
-        h = h.wrapping_mul(P3);
-        h ^= h >> 32;
-        h
+        self.0.digest()
     }
 }
 
 /// One-shot XXH64.
 pub fn xxh64(data: &[u8], seed: u64) -> u64 {
-    let mut h = Xxh64::new(seed);
-    h.update(data);
-    h.finish()
+    xxhash_rust::xxh64::xxh64(data, seed)
 }
 
-/// FNV-1a, 64-bit.
+/// FNV-1a, 64-bit. Hand-written (xxhash-rust has no FNV): its values are part of the
+/// document keys, the tokenizer fingerprint and the evaluations' sampling seeds, so it
+/// stays as it is.
 pub fn fnv1a64(data: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in data {

@@ -14,13 +14,20 @@
 //! caller's.
 //!
 //! Lifecycle: the store has a size cap ([`DiskStore::max_bytes`], default
-//! [`DEFAULT_MAX_BYTES`]). Opening it runs [`DiskStore::prune`] once (cap, moved-aside
-//! corrupt files, temp files of dead writers); after that, a `put` prunes again whenever
-//! this process's estimate of the total (the last scan plus what it wrote since) passes
-//! the cap (then down to 90% of it, so that the next puts need no scan), or the last
-//! scan is older than [`RESCAN_AFTER`] (other processes write too).
-//! Eviction is least recently used: a hit refreshes the entry file's mtime. Only one
-//! process prunes at a time (an advisory lock on `<dir>/.prune.lock`, released by the OS
+//! [`DEFAULT_MAX_BYTES`]). Opening it runs [`DiskStore::prune`] (cap, moved-aside
+//! corrupt files, temp files of dead writers) unless a prune finished less than
+//! [`PRUNE_AT_OPEN_AFTER`] ago, by any process (the marker file `<dir>/.last-prune`:
+//! its mtime, and the bytes of entries that prune left, which then stand for a scan);
+//! so that starting a process does not scan a large store every time. After that, a
+//! `put` prunes again whenever this process's estimate of the total (the last scan plus
+//! what it wrote since) passes the cap (then down to 90% of it, so that the next puts
+//! need no scan), or the last scan is older than [`RESCAN_AFTER`] (other processes
+//! write too).
+//! Eviction is least recently used: a hit refreshes the entry file's mtime; a use that
+//! does not read the file ([`DiskStore::touch`], a hit in the GPU-resident cache)
+//! refreshes it at most every [`TOUCH_AFTER`] per entry and process, so that the LRU
+//! order is right to within that, and a hot document costs no file system call per
+//! request. Only one process prunes at a time (an advisory lock on `<dir>/.prune.lock`, released by the OS
 //! if the process dies); the others skip. Removing an entry another process is reading
 //! is safe (an open file outlives its name), and one that is being replaced can only be
 //! lost (a later miss), never torn.
@@ -28,6 +35,7 @@
 use super::{DocKey, DocKv, Xxh64, CACHE_FORMAT_VERSION, DTYPE_BYTES};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -60,6 +68,17 @@ pub const DEFAULT_MAX_BYTES: u64 = 20_000_000_000;
 pub const RESCAN_AFTER: Duration = Duration::from_secs(60);
 /// A `put` that finds the store over its cap prunes it to `cap - cap / PRUNE_SLACK`.
 const PRUNE_SLACK: u64 = 10;
+/// Opening a store prunes it unless a prune (by any process) finished less than this
+/// long ago and left it under the new cap.
+pub const PRUNE_AT_OPEN_AFTER: Duration = Duration::from_secs(600);
+/// [`DiskStore::touch`] refreshes an entry's mtime at most this often (per process).
+pub const TOUCH_AFTER: Duration = Duration::from_secs(300);
+/// The marker of the last prune: mtime = when it finished, content = the entry bytes
+/// it left (decimal).
+pub const PRUNE_MARKER: &str = ".last-prune";
+/// Entries whose last touch this process remembers, at most (older ones are forgotten
+/// first; a forgotten entry is only touched once more than needed).
+const MAX_TOUCHED: usize = 1 << 16;
 /// The lock file that serializes pruning across processes.
 const PRUNE_LOCK: &str = ".prune.lock";
 
@@ -243,6 +262,8 @@ struct Usage {
     added: AtomicU64,
     /// When the last scan was.
     last_scan: std::sync::Mutex<web_time::Instant>,
+    /// When this process last refreshed each entry's mtime (touch, hit, put).
+    touched: std::sync::Mutex<HashMap<DocKey, web_time::Instant>>,
 }
 
 /// The on-disk store. Cheap to clone; many instances (and processes) may share a directory.
@@ -250,6 +271,7 @@ struct Usage {
 pub struct DiskStore {
     dir: PathBuf,
     max_bytes: u64,
+    touch_after: Duration,
     usage: std::sync::Arc<Usage>,
 }
 
@@ -322,9 +344,9 @@ impl DiskStore {
     }
 
     /// Opens (creating if needed) the store at `dir`, keeping its entries under
-    /// `max_bytes` in total (least recently used go first). Prunes once now (see the
-    /// module docs); a failure to prune is not an error here (a read-only store can
-    /// still be read), the next `put` or `prune` tries again.
+    /// `max_bytes` in total (least recently used go first). Prunes now unless the last
+    /// prune is recent (see the module docs); a failure to prune is not an error here
+    /// (a read-only store can still be read), the next `put` or `prune` tries again.
     pub fn open_with_cap(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<DiskStore> {
         let dir = dir.into();
         if dir.exists() && !dir.is_dir() {
@@ -343,8 +365,42 @@ impl DiskStore {
             max_bytes,
             ..DiskStore::inspect(dir)
         };
-        let _ = store.prune(max_bytes);
+        match store.last_prune() {
+            // Recent, and under this cap: what it left stands for a scan, as old as it is.
+            Some((bytes, age)) if bytes <= max_bytes => {
+                let u = &store.usage;
+                u.scanned.store(bytes, Ordering::Relaxed);
+                if let Ok(mut t) = u.last_scan.lock() {
+                    let now = web_time::Instant::now();
+                    *t = now.checked_sub(age).unwrap_or(now);
+                }
+            }
+            _ => {
+                let _ = store.prune(max_bytes);
+            }
+        }
         Ok(store)
+    }
+
+    /// The last prune's bytes left and age, if it finished less than
+    /// [`PRUNE_AT_OPEN_AFTER`] ago (and its marker reads back).
+    fn last_prune(&self) -> Option<(u64, Duration)> {
+        let p = self.dir.join(PRUNE_MARKER);
+        let mtime = fs::metadata(&p).and_then(|m| m.modified()).ok()?;
+        // A marker from the future (clock changes) is not trusted.
+        let age = SystemTime::now().duration_since(mtime).ok()?;
+        if age >= PRUNE_AT_OPEN_AFTER {
+            return None;
+        }
+        let bytes = fs::read_to_string(&p).ok()?.trim().parse().ok()?;
+        Some((bytes, age))
+    }
+
+    /// The same store, refreshing entries on [`DiskStore::touch`] at most every `every`
+    /// (default [`TOUCH_AFTER`]; zero: on every touch).
+    pub fn with_touch_after(mut self, every: Duration) -> DiskStore {
+        self.touch_after = every;
+        self
     }
 
     /// The store at `dir` as it is: nothing created, nothing pruned (for looking at a
@@ -353,10 +409,12 @@ impl DiskStore {
         DiskStore {
             dir: dir.into(),
             max_bytes: DEFAULT_MAX_BYTES,
+            touch_after: TOUCH_AFTER,
             usage: std::sync::Arc::new(Usage {
                 scanned: AtomicU64::new(0),
                 added: AtomicU64::new(0),
                 last_scan: std::sync::Mutex::new(web_time::Instant::now()),
+                touched: std::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -397,10 +455,45 @@ impl DiskStore {
     }
 
     /// Marks the entry for `key` as just used (its mtime, which eviction orders by), for
-    /// a use that did not read it from disk (e.g. a hit in the GPU-resident cache).
-    /// Best effort: `false` if there is no such entry or it cannot be touched.
+    /// a use that did not read it from disk (e.g. a hit in the GPU-resident cache). Only
+    /// if this process has not refreshed it (touch, hit or put) in the last
+    /// [`TOUCH_AFTER`]: otherwise nothing, not even a file system call. Best effort:
+    /// `true` if the mtime was set now; `false` if it was not due, or there is no such
+    /// entry, or it cannot be touched.
     pub fn touch(&self, key: &DocKey) -> bool {
-        File::open(self.path_for(key)).is_ok_and(|f| f.set_modified(SystemTime::now()).is_ok())
+        if !self.touch_due(key) {
+            return false;
+        }
+        let ok =
+            File::open(self.path_for(key)).is_ok_and(|f| f.set_modified(SystemTime::now()).is_ok());
+        if ok {
+            self.note_touched(key);
+        }
+        ok
+    }
+
+    fn touch_due(&self, key: &DocKey) -> bool {
+        let Ok(t) = self.usage.touched.lock() else {
+            return true;
+        };
+        t.get(key).is_none_or(|at| at.elapsed() >= self.touch_after)
+    }
+
+    /// This process has just set the entry's mtime.
+    fn note_touched(&self, key: &DocKey) {
+        let Ok(mut t) = self.usage.touched.lock() else {
+            return;
+        };
+        if t.len() >= MAX_TOUCHED && !t.contains_key(key) {
+            // Those not due anyway go first; if all are recent, forget them all (each
+            // costs one early touch at most).
+            let every = self.touch_after;
+            t.retain(|_, at| at.elapsed() < every);
+            if t.len() >= MAX_TOUCHED {
+                t.clear();
+            }
+        }
+        t.insert(key.clone(), web_time::Instant::now());
     }
 
     pub fn contains(&self, key: &DocKey) -> bool {
@@ -481,6 +574,7 @@ impl DiskStore {
             return Err(Error::io(&final_path, e));
         }
         sync_dir(&shard);
+        self.note_touched(key);
         self.note_written(entry_bytes);
         Ok(())
     }
@@ -551,7 +645,9 @@ impl DiskStore {
                 if found.is_hit() {
                     // Best effort: a hit refreshes the mtime so prune() evicts least
                     // recently used.
-                    let _ = file.set_modified(SystemTime::now());
+                    if file.set_modified(SystemTime::now()).is_ok() {
+                        self.note_touched(key);
+                    }
                 }
                 Ok(found)
             }
@@ -745,6 +841,8 @@ impl DiskStore {
             }
         }
         st.remaining_bytes = total;
+        // For the next opens (best effort: without it they prune again).
+        let _ = fs::write(self.dir.join(PRUNE_MARKER), format!("{total}\n"));
         self.usage.scanned.store(total, Ordering::Relaxed);
         self.usage.added.store(0, Ordering::Relaxed);
         if let Ok(mut t) = self.usage.last_scan.lock() {

@@ -47,30 +47,6 @@ pub fn canonical_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
-/// 64-bit FNV-1a, incremental.
-#[derive(Clone, Copy, Debug)]
-pub struct Fnv64(pub u64);
-
-impl Default for Fnv64 {
-    fn default() -> Self {
-        Fnv64(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv64 {
-    pub fn update(&mut self, bytes: &[u8]) {
-        let mut h = self.0;
-        for &b in bytes {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        self.0 = h;
-    }
-    pub fn hex(&self) -> String {
-        format!("{:016x}", self.0)
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // config.json
 

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
-use crate::model::hf::{bytes_to_f32, map_st_err, Fnv64};
+use crate::model::hf::{bytes_to_f32, map_st_err};
 use crate::model::source::{names, HostTensor, WeightSource};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::LinkConfig;
@@ -260,7 +260,8 @@ impl LoraAdapter {
         if factors.is_empty() && extra.is_none() {
             return Err(e(format!("{WEIGHTS_FILE} holds no LoRA weights")));
         }
-        let mut h = Fnv64::default();
+        // XXH3 (GB/s) over every byte of the files: an adapter's weights can be large.
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
         for part in [Some(config), link_bytes, Some(weights)] {
             // Length-prefixed (u64::MAX for an absent kvlink.json), so no two different
             // sets of files hash the same bytes.
@@ -277,7 +278,7 @@ impl LoraAdapter {
             link,
             factors,
             extra,
-            hash: h.0,
+            hash: h.digest(),
         })
     }
 

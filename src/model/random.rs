@@ -11,7 +11,7 @@ use tokenizers::AddedToken;
 
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelConfig, RopeScaling};
-use crate::model::hf::{canonical_tensors, Fnv64};
+use crate::model::hf::canonical_tensors;
 use crate::model::source::{HostTensor, WeightSource};
 use crate::model::tokenizer::Tokenizer;
 
@@ -222,9 +222,9 @@ impl WeightSource for RandomModel {
                 self.shape
             ))
         })?;
-        let mut h = Fnv64::default();
-        h.update(name.as_bytes());
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ h.0);
+        // FNV-1a of the name: the same weights as ever for a given seed.
+        let h = crate::kv::fnv1a64(name.as_bytes());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ h);
         let n: usize = shape.iter().product();
         let mut data = vec![0f32; n];
         let (mean, std) = if name.ends_with("norm.weight") {

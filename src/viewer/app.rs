@@ -31,6 +31,8 @@ pub struct Options {
     pub lora: Option<PathBuf>,
     pub store: Option<PathBuf>,
     pub no_store: bool,
+    /// `--store-max-gb` (None: the store's default cap).
+    pub store_max_gb: Option<f64>,
 }
 
 /// Test mode (env KVLINK_VIEW_SCRIPT=path to this as JSON): drive the app, save a
@@ -210,6 +212,7 @@ pub struct ViewerApp {
     lora_field: String,
     store_dir: Option<PathBuf>,
     no_store: bool,
+    store_max_gb: Option<f64>,
     model_field: String,
     engine: Option<Arc<Engine>>,
     loading: bool,
@@ -262,6 +265,7 @@ impl ViewerApp {
                 .unwrap_or_default(),
             store_dir: opts.store,
             no_store: opts.no_store,
+            store_max_gb: opts.store_max_gb,
             model_field: model.map(|p| p.display().to_string()).unwrap_or_default(),
             engine: None,
             loading: false,
@@ -354,6 +358,7 @@ impl ViewerApp {
         let docs = crate::cli::rag::DocArgs {
             store: self.store_dir.clone(),
             no_store: self.no_store,
+            store_max_gb: self.store_max_gb,
             ..Default::default()
         };
         std::thread::spawn(move || {

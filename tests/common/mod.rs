@@ -1,5 +1,6 @@
-//! Shared test helpers: one GPU device per test binary, a seeded RNG whose seed is
-//! fresh each run (printed, and overridable with KVLINK_TEST_SEED to reproduce).
+//! Shared test helpers: one GPU device per test binary, a seeded RNG (splitmix64) whose
+//! seed is fresh each run (printed, and overridable with KVLINK_TEST_SEED to reproduce),
+//! or fixed ([`Rng::seeded`]).
 #![allow(dead_code)]
 
 use kvlink::gpu::{AdapterChoice, Gpu};
@@ -34,6 +35,11 @@ impl Rng {
         eprintln!("test rng seed: {seed} (set KVLINK_TEST_SEED={seed} to reproduce)");
         Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
     }
+    /// A fixed stream: the same `state` gives the same numbers in every run and process
+    /// (payloads several processes must agree on, deterministic fuzzing).
+    pub fn seeded(state: u64) -> Rng {
+        Rng(state)
+    }
     pub fn next_u64(&mut self) -> u64 {
         // splitmix64
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -48,6 +54,12 @@ impl Rng {
     }
     pub fn below(&mut self, n: u32) -> u32 {
         (self.next_u64() % n as u64) as u32
+    }
+    pub fn below64(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
     }
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
