@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor, TensorUpload};
 use crate::kv::store::{EntryHeader, PayloadSink};
-use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru};
+use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru, SharedStore};
 use crate::link::{self, DocCache, LinkConfig, Mode, PromptPlan, Timings};
 use crate::model::llama::{Batch, KvCache, Llama, Logits};
 use crate::model::{ModelConfig, Tokenizer, WeightSource};
@@ -36,6 +36,8 @@ pub struct Engine {
     docs: Mutex<Lru<DocKey, Arc<DocCache>>>,
     /// Document caches on disk, if enabled.
     store: Mutex<Option<DiskStore>>,
+    /// Document caches shared with other processes (Redis), behind the disk store.
+    shared: Mutex<Option<Arc<dyn SharedStore>>>,
     /// Attention capture is per engine: one capturing request at a time.
     capture_lock: Mutex<()>,
 }
@@ -93,6 +95,8 @@ impl AttentionCapture {
 pub enum CacheSource {
     Gpu,
     Disk,
+    /// The shared tier ([`SharedStore`], e.g. Redis).
+    Shared,
     Computed,
 }
 
@@ -185,6 +189,7 @@ impl Engine {
             tokenizer,
             docs: Mutex::new(Lru::new(DEFAULT_DOC_CACHE_BYTES)),
             store: Mutex::new(None),
+            shared: Mutex::new(None),
             capture_lock: Mutex::new(()),
         })
     }
@@ -548,7 +553,59 @@ impl Engine {
 
     /// Encode a document alone (positions 0..n-1) and keep its cache on the GPU.
     pub fn precompute(&self, doc_tokens: &[u32]) -> Result<Arc<DocCache>> {
-        Ok(self.doc_caches(&[doc_tokens])?.0.remove(0))
+        Ok(self.precompute_from(doc_tokens)?.0)
+    }
+
+    /// [`Engine::precompute`], and where the cache came from.
+    pub fn precompute_from(&self, doc_tokens: &[u32]) -> Result<(Arc<DocCache>, CacheSource)> {
+        let (mut c, s) = self.doc_caches(&[doc_tokens])?;
+        Ok((c.remove(0), s[0]))
+    }
+
+    /// Share document caches with other processes through `shared` (None: not), looked
+    /// up after the GPU and the disk store; see [`crate::kv::shared`].
+    pub fn set_shared_store(&self, shared: Option<Arc<dyn SharedStore>>) {
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = shared;
+    }
+
+    pub fn shared_store(&self) -> Option<Arc<dyn SharedStore>> {
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A document's entry from the shared tier, checked as a disk entry is: `None` for a
+    /// miss, and for a failure, a corrupt or a mismatched entry (warned about; the store
+    /// is a cache).
+    fn read_shared(&self, sh: &dyn SharedStore, k: &DocKey, tokens: &[u32]) -> Option<DocKv> {
+        let bytes = match sh.get(k) {
+            Ok(b) => b?,
+            Err(e) => {
+                eprintln!(
+                    "kvlink: warning: could not read document cache {k} from {e}; going on \
+                     without it"
+                );
+                return None;
+            }
+        };
+        match crate::kv::store::decode_entry(
+            &bytes,
+            &self.fingerprint,
+            &self.tokenizer_fingerprint,
+            tokens,
+        ) {
+            Lookup::Hit(kv) => Some(kv),
+            Lookup::Corrupt(why) => {
+                eprintln!(
+                    "kvlink: warning: document cache {k} in {} was corrupt ({why}); \
+                     recomputing it",
+                    sh.describe()
+                );
+                None
+            }
+            Lookup::Miss | Lookup::Mismatch(_) => None,
+        }
     }
 
     /// Keep document caches on disk in `store` (None: GPU memory only).
@@ -576,8 +633,8 @@ impl Engine {
             .used_bytes()
     }
 
-    /// Drop a document's cache from the GPU and the disk store (if any). Returns whether
-    /// either held it.
+    /// Drop a document's cache from the GPU, the disk store and the shared tier (those
+    /// configured). Returns whether any held it.
     pub fn forget_doc(&self, key: &DocKey) -> Result<bool> {
         let gpu = self
             .docs
@@ -589,7 +646,15 @@ impl Engine {
             Some(s) => s.remove(key)?,
             None => false,
         };
-        Ok(gpu || disk)
+        // The shared tier is a cache too: a failure to reach it is not this call's.
+        let shared = match self.shared_store() {
+            Some(sh) => sh.remove(key).unwrap_or_else(|e| {
+                eprintln!("kvlink: warning: could not remove document cache {key}: {e}");
+                false
+            }),
+            None => false,
+        };
+        Ok(gpu || disk || shared)
     }
 
     /// Whether a document's cache is resident on the GPU now.
@@ -751,9 +816,10 @@ impl Engine {
         docs.iter().map(get).collect()
     }
 
-    /// Caches for documents: GPU-resident, else from the disk store, else encoded (all
-    /// missing documents in one batch) and written to the store. Returns the caches and,
-    /// per document, where each came from.
+    /// Caches for documents: GPU-resident, else from the disk store, else from the shared
+    /// tier (a hit there is written to the disk store too), else encoded (all missing
+    /// documents in one batch) and written to the disk store and the shared tier. Returns
+    /// the caches and, per document, where each came from.
     pub fn doc_caches(&self, docs: &[&[u32]]) -> Result<(Vec<Arc<DocCache>>, Vec<CacheSource>)> {
         let mut lru = self.docs.lock().unwrap_or_else(|e| e.into_inner());
         let store = self.store();
@@ -814,6 +880,32 @@ impl Engine {
                 }
             }
         }
+        let shared = self.shared_store();
+        if let Some(sh) = &shared {
+            let mut still = Vec::new();
+            for (i, d) in missing {
+                let k = &keys[i];
+                let Some(kv) = self.read_shared(sh.as_ref(), k, d) else {
+                    still.push((i, d));
+                    continue;
+                };
+                let dc = Arc::new(self.upload_doc(d, &kv)?);
+                if let Some(store) = &store {
+                    if let Err(e) =
+                        store.put(k, &self.fingerprint, &self.tokenizer_fingerprint, d, &kv)
+                    {
+                        eprintln!(
+                            "kvlink: warning: could not write document cache {k} to the store \
+                             {} ({e}); going on without it",
+                            store.dir().display()
+                        );
+                    }
+                }
+                lru.insert(k.clone(), dc.clone(), dc.bytes());
+                found.insert(k, (dc, CacheSource::Shared));
+            }
+            missing = still;
+        }
         let batch: Vec<&[u32]> = missing.iter().map(|(_, d)| *d).collect();
         for ((i, d), dc) in
             missing
@@ -821,8 +913,12 @@ impl Engine {
                 .zip(link::encode_documents(&self.model, &batch, PREFILL_CHUNK)?)
         {
             let dc = Arc::new(dc);
-            if let Some(store) = &store {
-                let kv = self.download_doc(&dc)?;
+            let kv = if store.is_some() || shared.is_some() {
+                Some(self.download_doc(&dc)?)
+            } else {
+                None
+            };
+            if let (Some(store), Some(kv)) = (&store, &kv) {
                 // A store that cannot be written (disk full, read-only) costs the reuse
                 // of this document later, not this answer.
                 if let Err(e) = store.put(
@@ -830,13 +926,35 @@ impl Engine {
                     &self.fingerprint,
                     &self.tokenizer_fingerprint,
                     d,
-                    &kv,
+                    kv,
                 ) {
                     eprintln!(
                         "kvlink: warning: could not write document cache {} to the store \
                          {} ({e}); answering without storing it",
                         keys[*i],
                         store.dir().display()
+                    );
+                }
+            }
+            if let (Some(sh), Some(kv)) = (&shared, &kv) {
+                // The disk store's entry bytes (same format, same checks on reading).
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let r = crate::kv::store::encode_entry(
+                    &self.fingerprint,
+                    &self.tokenizer_fingerprint,
+                    d,
+                    kv,
+                    now_ms,
+                )
+                .and_then(|bytes| sh.put(&keys[*i], &bytes));
+                if let Err(e) = r {
+                    eprintln!(
+                        "kvlink: warning: could not write document cache {} to {} ({e}); \
+                         answering without sharing it",
+                        keys[*i],
+                        sh.describe()
                     );
                 }
             }
@@ -905,6 +1023,9 @@ impl Engine {
                     tm.cached_doc_tokens += span.len;
                     if *f == CacheSource::Disk {
                         tm.disk_docs += 1;
+                    }
+                    if *f == CacheSource::Shared {
+                        tm.shared_docs += 1;
                     }
                 } else {
                     tm.computed_docs += 1;

@@ -6,11 +6,18 @@
 //!   model and tokenizer fingerprints and the token ids.
 //! - [`DiskStore`] (in [`store`]): one checksummed file per entry, written atomically.
 //! - [`Lru`]: a GPU-independent LRU index with a byte budget, for the GPU-resident cache.
+//! - [`SharedStore`] (in [`shared`]): a tier shared between processes, behind the disk
+//!   store, holding the same entry bytes under the same keys; on Redis in `redis`
+//!   (native builds; the `redis` crate).
 //!
-//! No dependency beyond std/serde: the hashes ([`xxh64`], [`fnv1a64`]) are hand-written.
+//! Beyond std/serde only the Redis client: the hashes ([`xxh64`], [`fnv1a64`]) are hand-written.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod redis;
+pub mod shared;
 pub mod store;
 
+pub use shared::SharedStore;
 pub use store::{DiskStore, EntryInfo, Lookup, PruneStats, StoreStats};
 
 use crate::{Error, Result};

@@ -69,6 +69,9 @@ pub struct DocRecord {
     pub tokens: usize,
     pub bytes: usize,
     pub created: u64,
+    /// Where its cache came from when this server registered it: gpu, disk, redis or
+    /// computed.
+    pub cache: &'static str,
     #[serde(skip)]
     pub text: String,
     #[serde(skip)]
@@ -286,6 +289,17 @@ fn doc_id(text: &str) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
 }
 
+/// The name of a cache tier in responses and metrics.
+fn tier_name(s: crate::engine::CacheSource) -> &'static str {
+    use crate::engine::CacheSource;
+    match s {
+        CacheSource::Gpu => "gpu",
+        CacheSource::Disk => "disk",
+        CacheSource::Shared => "redis",
+        CacheSource::Computed => "computed",
+    }
+}
+
 /// Register a document; returns it and whether it was new.
 async fn add_document(
     st: &Arc<State>,
@@ -311,9 +325,11 @@ async fn add_document(
             reply,
         },
     )?;
-    let (tokens, key) = rx
+    let (tokens, key, from) = rx
         .await
         .map_err(|_| ApiError::internal("the engine dropped the job"))??;
+    let tier = tier_name(from);
+    st.metrics.registered(tier);
     let rec = DocRecord {
         id: id.clone(),
         object: "document",
@@ -321,6 +337,7 @@ async fn add_document(
         tokens,
         bytes: text.len(),
         created: now_s(),
+        cache: tier,
         text,
         key,
     };
@@ -666,8 +683,9 @@ fn kvlink_ext(s: &GenSummary) -> serde_json::Value {
         "prefill_tokens": t.prefill_tokens,
         "decode_tok_s": s.decode_tok_s,
         "cache_hits": {
-            "gpu": t.cached_docs - t.disk_docs,
+            "gpu": t.cached_docs - t.disk_docs - t.shared_docs,
             "disk": t.disk_docs,
+            "redis": t.shared_docs,
             "computed": t.computed_docs,
             "prefix": t.prefix_cached,
         },

@@ -517,6 +517,7 @@ pub(crate) fn source_name(s: CacheSource) -> &'static str {
     match s {
         CacheSource::Gpu => "gpu",
         CacheSource::Disk => "store",
+        CacheSource::Shared => "shared",
         CacheSource::Computed => "computed",
     }
 }
