@@ -49,6 +49,10 @@ pub const DEFAULT_DOC_CACHE_BYTES: u64 = 1 << 30;
 #[derive(Clone, Debug)]
 pub struct Request {
     pub system: Option<String>,
+    /// Earlier turns of a conversation (user and assistant messages, oldest first),
+    /// rendered by the chat template between the system message and the question. Their
+    /// text is data, like the question's. Ignored with `raw`.
+    pub history: Vec<crate::model::ChatMessage>,
     pub documents: Vec<String>,
     pub question: String,
     /// Skip the chat template: prefix = BOS (if the model wants one), tail = question.
@@ -60,6 +64,7 @@ impl Request {
     pub fn new(documents: Vec<String>, question: impl Into<String>) -> Request {
         Request {
             system: None,
+            history: Vec::new(),
             documents,
             question: question.into(),
             raw: false,
@@ -459,7 +464,8 @@ pub type TokenizedRequest = (Vec<u32>, Vec<Vec<u32>>, Vec<u32>);
 const DOCS_SENTINEL: &str = "\u{1}KVLINK-DOCUMENTS\u{1}";
 
 /// Tokenize a request into (prefix, documents, tail). The prefix and tail come from
-/// the chat template rendered around the user turn "<documents><question>"; each
+/// the chat template rendered around the last user turn "<documents><question>" (the
+/// prefix holds the system message and any earlier turns, [`Request::history`]); each
 /// document is tokenized on its own (no special tokens added). Documents, the question
 /// and the system message are data: control-token text in them (`<|im_start|>`, ...) is
 /// encoded as text, so a document cannot open a turn of its own
@@ -488,6 +494,7 @@ pub fn tokenize_request(tokenizer: &Tokenizer, req: &Request) -> Result<Tokenize
     if let Some(s) = &req.system {
         msgs.push(crate::model::ChatMessage::new("system", s.as_str()));
     }
+    msgs.extend(req.history.iter().cloned());
     let user = msgs.len();
     msgs.push(crate::model::ChatMessage::new(
         "user",
@@ -986,7 +993,10 @@ impl Engine {
     ) -> Result<Started> {
         let t0 = Instant::now();
         let plan = self.plan(req)?;
-        self.start_plan(plan, req.mode, t0, extra, want_logits, greedy)
+        // A conversation's head (earlier turns) is new for nearly every request: it is
+        // prefilled, not cached like a document.
+        let cache_prefix = req.history.is_empty();
+        self.start_plan_with(plan, req.mode, t0, extra, want_logits, greedy, cache_prefix)
     }
 
     /// Like `start_request` for an already built plan; `t0` is when the request began.
@@ -999,6 +1009,22 @@ impl Engine {
         want_logits: bool,
         greedy: bool,
     ) -> Result<Started> {
+        self.start_plan_with(plan, mode, t0, extra, want_logits, greedy, true)
+    }
+
+    /// [`Engine::start_plan`]; `cache_prefix`: the prefix's KV is looked up and kept like
+    /// a document's (else prefilled with the rest).
+    #[allow(clippy::too_many_arguments)]
+    fn start_plan_with(
+        &self,
+        plan: PromptPlan,
+        mode: Mode,
+        t0: Instant,
+        extra: usize,
+        want_logits: bool,
+        greedy: bool,
+        cache_prefix: bool,
+    ) -> Result<Started> {
         let mut tm = Timings {
             prompt_tokens: plan.len(),
             ..Default::default()
@@ -1008,7 +1034,7 @@ impl Engine {
         let caches = if reuse {
             let mut docs: Vec<&[u32]> = (0..plan.docs.len()).map(|j| plan.doc_tokens(j)).collect();
             // The prefix (system prompt + user header) is cached like a document.
-            let with_prefix = plan.prefix_len > 0;
+            let with_prefix = cache_prefix && plan.prefix_len > 0;
             if with_prefix {
                 docs.insert(0, &plan.tokens[..plan.prefix_len]);
             }

@@ -476,6 +476,94 @@ fn disconnect_cancels_and_full_queue_refuses() {
     }
 }
 
+/// Multi-turn chat: the whole conversation goes through the chat template (every
+/// message's text as data), the documents before the last user message as `kvlink ask`
+/// places them; the model sees the earlier turns.
+#[test]
+fn multi_turn_chat() {
+    use kvlink::model::ChatMessage;
+    let base = server();
+    let id = register(base, DOC_A);
+    let system = "You are a helpful assistant.";
+    let turns = [
+        ("user", "My name is Zed. Please remember my name."),
+        (
+            "assistant",
+            "Nice to meet you, Zed! I will remember your name.",
+        ),
+    ];
+    let mut messages = vec![json!({"role": "system", "content": system})];
+    messages.extend(turns.iter().map(|(r, c)| json!({"role": r, "content": c})));
+    messages.push(json!({"role": "user", "content": QUESTION}));
+    let (s, v) = post(
+        base,
+        "/v1/chat/completions",
+        &json!({"messages": messages, "documents": [id], "max_tokens": 12}),
+    );
+    assert_eq!(s, 200, "{v}");
+
+    // The prompt is the engine's layout of the conversation: the earlier turns in the
+    // head, before the document; the question after it.
+    let tok = common::model::source().tokenizer().unwrap();
+    let req = kvlink::Request {
+        system: Some(system.into()),
+        history: turns
+            .iter()
+            .map(|(r, c)| ChatMessage::new(*r, *c))
+            .collect(),
+        ..kvlink::Request::new(vec![format!("{}\n", DOC_A)], QUESTION)
+    };
+    let (head, docs, tail) = kvlink::engine::tokenize_request(&tok, &req).unwrap();
+    assert_eq!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        head.len() + docs[0].len() + tail.len(),
+        "{v}"
+    );
+    let head = tok.decode(&head).unwrap();
+    assert!(
+        head.contains(turns[0].1) && head.contains(turns[1].1) && head.contains(system),
+        "{head:?}"
+    );
+    assert!(!head.contains(QUESTION) && tok.decode(&tail).unwrap().contains(QUESTION));
+    // A conversation's head is prefilled, not cached like a document's.
+    assert_eq!(v["kvlink"]["cache_hits"]["prefix"], false, "{v}");
+
+    // The model uses the earlier turns.
+    let (s, v) = post(
+        base,
+        "/v1/chat/completions",
+        &json!({"messages": [
+            {"role": "user", "content": turns[0].1},
+            {"role": "assistant", "content": turns[1].1},
+            {"role": "user", "content": "What is my name?"},
+        ], "max_tokens": 12}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(answer.contains("Zed"), "{answer:?}");
+
+    // Roles out of place: 400s naming the message.
+    for (msgs, param) in [
+        (
+            json!([{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                   {"role": "user", "content": "c"}]),
+            "messages[1].role",
+        ),
+        (
+            json!([{"role": "tool", "content": "a"}, {"role": "user", "content": "c"}]),
+            "messages[0].role",
+        ),
+        (
+            json!([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
+            "messages[1].role",
+        ),
+    ] {
+        let (s, v) = post(base, "/v1/chat/completions", &json!({"messages": msgs}));
+        assert_error(s, &v, 400, "roles");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+}
+
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() - 1) as f64 * p).round() as usize]

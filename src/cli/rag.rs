@@ -192,6 +192,7 @@ pub fn ask(adapter: &AdapterChoice, a: &AskArgs) -> Result<()> {
     a.docs.configure(&mut engine, &a.model)?;
     let req = Request {
         system: a.system.clone(),
+        history: Vec::new(),
         documents: docs,
         question: a.question.clone(),
         raw: a.raw,
