@@ -564,79 +564,29 @@ fn multi_turn_chat() {
     }
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-/// 40 requests from 4 concurrent clients, mixing document registration and questions
-/// over shared documents: no errors; TTFT percentiles printed.
+/// The load generator (`kvlink bench serve`), short: 40 requests from 4 concurrent
+/// clients mixing document registration and streamed questions over shared documents:
+/// no errors, every question answered from cached documents; TTFT percentiles printed.
 #[test]
 fn loopback_load() {
+    use kvlink::server::loadgen::{run, LoadConfig};
     let base = server();
-    let pool: Vec<String> = (0..6)
-        .map(|i| {
-            format!(
-                "Load document {i}: the town of Brel{i} has {} bridges and a market on day {}.",
-                i * 3 + 2,
-                i + 1
-            )
-        })
-        .collect();
-    let shared: Vec<String> = pool[..3].iter().map(|t| register(base, t)).collect();
-    let t0 = Instant::now();
-    let results: Vec<(usize, Vec<f64>, Vec<f64>)> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (0..4)
-            .map(|c| {
-                let (pool, shared) = (&pool, &shared);
-                sc.spawn(move || {
-                    let (mut errors, mut ttft, mut latency) = (0, Vec::new(), Vec::new());
-                    for i in 0..10 {
-                        let t = Instant::now();
-                        if i % 4 == 0 {
-                            let text = &pool[(c + i) % pool.len()];
-                            let (s, _) = post(base, "/v1/documents", &json!({"text": text}));
-                            errors += usize::from(s != 200 && s != 201);
-                        } else {
-                            let docs = [&shared[(c + i) % 3], &shared[(c + i + 1) % 3]];
-                            let (s, v) = post(
-                                base,
-                                "/v1/chat/completions",
-                                &json!({
-                                    "messages": [{"role": "user",
-                                                  "content": format!("How many bridges does Brel{} have?", (c + i) % 3)}],
-                                    "documents": docs, "max_tokens": 4,
-                                }),
-                            );
-                            if s == 200 {
-                                ttft.push(v["kvlink"]["ttft_ms"].as_f64().unwrap());
-                                latency.push(t.elapsed().as_secs_f64() * 1e3);
-                            } else {
-                                errors += 1;
-                                eprintln!("load error {s}: {v}");
-                            }
-                        }
-                    }
-                    (errors, ttft, latency)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let errors: usize = results.iter().map(|r| r.0).sum();
-    let mut ttft: Vec<f64> = results.iter().flat_map(|r| r.1.clone()).collect();
-    let mut lat: Vec<f64> = results.iter().flat_map(|r| r.2.clone()).collect();
-    eprintln!(
-        "load: 40 requests (4 clients) in {:.1} s, {errors} errors; engine TTFT p50 {:.1} ms p99 {:.1} ms; \
-         client latency (queue + answer) p50 {:.1} ms p99 {:.1} ms",
-        t0.elapsed().as_secs_f64(),
-        percentile(&mut ttft, 0.5),
-        percentile(&mut ttft, 0.99),
-        percentile(&mut lat, 0.5),
-        percentile(&mut lat, 0.99)
-    );
-    assert_eq!(errors, 0);
-    assert_eq!(ttft.len(), 28); // 3 of each client's 10 requests register documents
+    let cfg = LoadConfig {
+        requests: 40,
+        clients: 4,
+        max_tokens: 4,
+        ..Default::default()
+    };
+    let r = run(base, &cfg).unwrap();
+    eprintln!("load: {r}");
+    assert_eq!(r.errors, 0, "{r}");
+    assert_eq!(r.registrations, 10, "{r}");
+    assert_eq!(r.questions, 30, "{r}");
+    // Two shared documents per question, registered before the run: never computed.
+    assert_eq!(r.cache_hits.get("computed"), Some(&0), "{r}");
+    assert_eq!(r.cache_hits.get("gpu"), Some(&60), "{r}");
+    assert!(r.ttft_p50_ms > 0.0 && r.ttft_p99_ms >= r.ttft_p50_ms, "{r}");
+    assert!(r.engine_ttft_p50_ms > 0.0, "{r}");
 }
 
 /// A `redis-server` of its own on a free loopback port (no persistence), killed on drop.

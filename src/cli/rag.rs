@@ -371,6 +371,10 @@ pub enum BenchCmd {
     /// The model's GEMM/GEMV shapes under each kernel variant (portable, tensor cores
     /// with several tiles), checked against the CPU, then timed: for tuning on a new GPU.
     Kernels(super::bench_kernels::KernelArgs),
+    /// Load-test `kvlink serve` on loopback: N requests from C concurrent clients mixing
+    /// document registrations and streamed questions over shared documents; errors and
+    /// TTFT percentiles. Starts its own server unless --url names one.
+    Serve(super::serve::LoadArgs),
 }
 
 #[derive(Args, Clone)]
@@ -499,6 +503,7 @@ pub fn bench(adapter: &AdapterChoice, cmd: &BenchCmd) -> Result<()> {
         BenchCmd::Ttft(a) => bench_ttft(adapter, a),
         BenchCmd::Speed(a) => bench_speed(adapter, a),
         BenchCmd::Kernels(a) => super::bench_kernels::run(adapter, a),
+        BenchCmd::Serve(a) => super::serve::load(adapter, a),
     }
 }
 

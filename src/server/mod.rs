@@ -9,6 +9,7 @@
 //! `GET/DELETE /v1/documents/{id}`, `GET /v1/models`, `GET /health`, `GET /metrics`.
 
 pub mod api;
+pub mod loadgen;
 mod metrics;
 mod worker;
 
