@@ -9,6 +9,8 @@ scripts/setup.sh
 # are counted and listed here; the scripts that provide those features (lavapipe-coop.sh,
 # viewer-test.sh) require them, so under CI nothing goes untested.
 export KVLINK_SKIP_LOG=$PWD/target/test-skips.log
+# setup.sh installed redis-server: the shared cache tier's tests must run, not skip.
+export KVLINK_REQUIRE=${KVLINK_REQUIRE:+$KVLINK_REQUIRE,}redis
 mkdir -p target && rm -f "$KVLINK_SKIP_LOG"
 cargo test --locked "$@"
 echo "test: $(cat "$KVLINK_SKIP_LOG" 2>/dev/null | wc -l) tests skipped for want of a feature$([ -s "$KVLINK_SKIP_LOG" ] && echo ':')"

@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor, TensorUpload};
 use crate::kv::store::{EntryHeader, PayloadSink};
-use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru};
+use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru, SharedStore};
 use crate::link::{self, DocCache, LinkConfig, Mode, PromptPlan, Timings};
 use crate::model::llama::{Batch, KvCache, Llama, Logits};
 use crate::model::{ModelConfig, Tokenizer, WeightSource};
@@ -36,6 +36,8 @@ pub struct Engine {
     docs: Mutex<Lru<DocKey, Arc<DocCache>>>,
     /// Document caches on disk, if enabled.
     store: Mutex<Option<DiskStore>>,
+    /// Document caches shared with other processes (Redis), behind the disk store.
+    shared: Mutex<Option<Arc<dyn SharedStore>>>,
     /// Attention capture is per engine: one capturing request at a time.
     capture_lock: Mutex<()>,
 }
@@ -47,6 +49,10 @@ pub const DEFAULT_DOC_CACHE_BYTES: u64 = 1 << 30;
 #[derive(Clone, Debug)]
 pub struct Request {
     pub system: Option<String>,
+    /// Earlier turns of a conversation (user and assistant messages, oldest first),
+    /// rendered by the chat template between the system message and the question. Their
+    /// text is data, like the question's. Ignored with `raw`.
+    pub history: Vec<crate::model::ChatMessage>,
     pub documents: Vec<String>,
     pub question: String,
     /// Skip the chat template: prefix = BOS (if the model wants one), tail = question.
@@ -58,6 +64,7 @@ impl Request {
     pub fn new(documents: Vec<String>, question: impl Into<String>) -> Request {
         Request {
             system: None,
+            history: Vec::new(),
             documents,
             question: question.into(),
             raw: false,
@@ -93,6 +100,8 @@ impl AttentionCapture {
 pub enum CacheSource {
     Gpu,
     Disk,
+    /// The shared tier ([`SharedStore`], e.g. Redis).
+    Shared,
     Computed,
 }
 
@@ -185,6 +194,7 @@ impl Engine {
             tokenizer,
             docs: Mutex::new(Lru::new(DEFAULT_DOC_CACHE_BYTES)),
             store: Mutex::new(None),
+            shared: Mutex::new(None),
             capture_lock: Mutex::new(()),
         })
     }
@@ -454,7 +464,8 @@ pub type TokenizedRequest = (Vec<u32>, Vec<Vec<u32>>, Vec<u32>);
 const DOCS_SENTINEL: &str = "\u{1}KVLINK-DOCUMENTS\u{1}";
 
 /// Tokenize a request into (prefix, documents, tail). The prefix and tail come from
-/// the chat template rendered around the user turn "<documents><question>"; each
+/// the chat template rendered around the last user turn "<documents><question>" (the
+/// prefix holds the system message and any earlier turns, [`Request::history`]); each
 /// document is tokenized on its own (no special tokens added). Documents, the question
 /// and the system message are data: control-token text in them (`<|im_start|>`, ...) is
 /// encoded as text, so a document cannot open a turn of its own
@@ -483,6 +494,7 @@ pub fn tokenize_request(tokenizer: &Tokenizer, req: &Request) -> Result<Tokenize
     if let Some(s) = &req.system {
         msgs.push(crate::model::ChatMessage::new("system", s.as_str()));
     }
+    msgs.extend(req.history.iter().cloned());
     let user = msgs.len();
     msgs.push(crate::model::ChatMessage::new(
         "user",
@@ -548,7 +560,59 @@ impl Engine {
 
     /// Encode a document alone (positions 0..n-1) and keep its cache on the GPU.
     pub fn precompute(&self, doc_tokens: &[u32]) -> Result<Arc<DocCache>> {
-        Ok(self.doc_caches(&[doc_tokens])?.0.remove(0))
+        Ok(self.precompute_from(doc_tokens)?.0)
+    }
+
+    /// [`Engine::precompute`], and where the cache came from.
+    pub fn precompute_from(&self, doc_tokens: &[u32]) -> Result<(Arc<DocCache>, CacheSource)> {
+        let (mut c, s) = self.doc_caches(&[doc_tokens])?;
+        Ok((c.remove(0), s[0]))
+    }
+
+    /// Share document caches with other processes through `shared` (None: not), looked
+    /// up after the GPU and the disk store; see [`crate::kv::shared`].
+    pub fn set_shared_store(&self, shared: Option<Arc<dyn SharedStore>>) {
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = shared;
+    }
+
+    pub fn shared_store(&self) -> Option<Arc<dyn SharedStore>> {
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A document's entry from the shared tier, checked as a disk entry is: `None` for a
+    /// miss, and for a failure, a corrupt or a mismatched entry (warned about; the store
+    /// is a cache).
+    fn read_shared(&self, sh: &dyn SharedStore, k: &DocKey, tokens: &[u32]) -> Option<DocKv> {
+        let bytes = match sh.get(k) {
+            Ok(b) => b?,
+            Err(e) => {
+                eprintln!(
+                    "kvlink: warning: could not read document cache {k} from {e}; going on \
+                     without it"
+                );
+                return None;
+            }
+        };
+        match crate::kv::store::decode_entry(
+            &bytes,
+            &self.fingerprint,
+            &self.tokenizer_fingerprint,
+            tokens,
+        ) {
+            Lookup::Hit(kv) => Some(kv),
+            Lookup::Corrupt(why) => {
+                eprintln!(
+                    "kvlink: warning: document cache {k} in {} was corrupt ({why}); \
+                     recomputing it",
+                    sh.describe()
+                );
+                None
+            }
+            Lookup::Miss | Lookup::Mismatch(_) => None,
+        }
     }
 
     /// Keep document caches on disk in `store` (None: GPU memory only).
@@ -576,8 +640,8 @@ impl Engine {
             .used_bytes()
     }
 
-    /// Drop a document's cache from the GPU and the disk store (if any). Returns whether
-    /// either held it.
+    /// Drop a document's cache from the GPU, the disk store and the shared tier (those
+    /// configured). Returns whether any held it.
     pub fn forget_doc(&self, key: &DocKey) -> Result<bool> {
         let gpu = self
             .docs
@@ -589,7 +653,15 @@ impl Engine {
             Some(s) => s.remove(key)?,
             None => false,
         };
-        Ok(gpu || disk)
+        // The shared tier is a cache too: a failure to reach it is not this call's.
+        let shared = match self.shared_store() {
+            Some(sh) => sh.remove(key).unwrap_or_else(|e| {
+                eprintln!("kvlink: warning: could not remove document cache {key}: {e}");
+                false
+            }),
+            None => false,
+        };
+        Ok(gpu || disk || shared)
     }
 
     /// Whether a document's cache is resident on the GPU now.
@@ -751,9 +823,10 @@ impl Engine {
         docs.iter().map(get).collect()
     }
 
-    /// Caches for documents: GPU-resident, else from the disk store, else encoded (all
-    /// missing documents in one batch) and written to the store. Returns the caches and,
-    /// per document, where each came from.
+    /// Caches for documents: GPU-resident, else from the disk store, else from the shared
+    /// tier (a hit there is written to the disk store too), else encoded (all missing
+    /// documents in one batch) and written to the disk store and the shared tier. Returns
+    /// the caches and, per document, where each came from.
     pub fn doc_caches(&self, docs: &[&[u32]]) -> Result<(Vec<Arc<DocCache>>, Vec<CacheSource>)> {
         let mut lru = self.docs.lock().unwrap_or_else(|e| e.into_inner());
         let store = self.store();
@@ -815,6 +888,32 @@ impl Engine {
                 }
             }
         }
+        let shared = self.shared_store();
+        if let Some(sh) = &shared {
+            let mut still = Vec::new();
+            for (i, d) in missing {
+                let k = &keys[i];
+                let Some(kv) = self.read_shared(sh.as_ref(), k, d) else {
+                    still.push((i, d));
+                    continue;
+                };
+                let dc = Arc::new(self.upload_doc(d, &kv)?);
+                if let Some(store) = &store {
+                    if let Err(e) =
+                        store.put(k, &self.fingerprint, &self.tokenizer_fingerprint, d, &kv)
+                    {
+                        eprintln!(
+                            "kvlink: warning: could not write document cache {k} to the store \
+                             {} ({e}); going on without it",
+                            store.dir().display()
+                        );
+                    }
+                }
+                lru.insert(k.clone(), dc.clone(), dc.bytes());
+                found.insert(k, (dc, CacheSource::Shared));
+            }
+            missing = still;
+        }
         let batch: Vec<&[u32]> = missing.iter().map(|(_, d)| *d).collect();
         for ((i, d), dc) in
             missing
@@ -822,8 +921,12 @@ impl Engine {
                 .zip(link::encode_documents(&self.model, &batch, PREFILL_CHUNK)?)
         {
             let dc = Arc::new(dc);
-            if let Some(store) = &store {
-                let kv = self.download_doc(&dc)?;
+            let kv = if store.is_some() || shared.is_some() {
+                Some(self.download_doc(&dc)?)
+            } else {
+                None
+            };
+            if let (Some(store), Some(kv)) = (&store, &kv) {
                 // A store that cannot be written (disk full, read-only) costs the reuse
                 // of this document later, not this answer.
                 if let Err(e) = store.put(
@@ -831,13 +934,35 @@ impl Engine {
                     &self.fingerprint,
                     &self.tokenizer_fingerprint,
                     d,
-                    &kv,
+                    kv,
                 ) {
                     eprintln!(
                         "kvlink: warning: could not write document cache {} to the store \
                          {} ({e}); answering without storing it",
                         keys[*i],
                         store.dir().display()
+                    );
+                }
+            }
+            if let (Some(sh), Some(kv)) = (&shared, &kv) {
+                // The disk store's entry bytes (same format, same checks on reading).
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let r = crate::kv::store::encode_entry(
+                    &self.fingerprint,
+                    &self.tokenizer_fingerprint,
+                    d,
+                    kv,
+                    now_ms,
+                )
+                .and_then(|bytes| sh.put(&keys[*i], &bytes));
+                if let Err(e) = r {
+                    eprintln!(
+                        "kvlink: warning: could not write document cache {} to {} ({e}); \
+                         answering without sharing it",
+                        keys[*i],
+                        sh.describe()
                     );
                 }
             }
@@ -869,7 +994,10 @@ impl Engine {
     ) -> Result<Started> {
         let t0 = Instant::now();
         let plan = self.plan(req)?;
-        self.start_plan(plan, req.mode, t0, extra, want_logits, greedy)
+        // A conversation's head (earlier turns) is new for nearly every request: it is
+        // prefilled, not cached like a document.
+        let cache_prefix = req.history.is_empty();
+        self.start_plan_with(plan, req.mode, t0, extra, want_logits, greedy, cache_prefix)
     }
 
     /// Like `start_request` for an already built plan; `t0` is when the request began.
@@ -882,6 +1010,22 @@ impl Engine {
         want_logits: bool,
         greedy: bool,
     ) -> Result<Started> {
+        self.start_plan_with(plan, mode, t0, extra, want_logits, greedy, true)
+    }
+
+    /// [`Engine::start_plan`]; `cache_prefix`: the prefix's KV is looked up and kept like
+    /// a document's (else prefilled with the rest).
+    #[allow(clippy::too_many_arguments)]
+    fn start_plan_with(
+        &self,
+        plan: PromptPlan,
+        mode: Mode,
+        t0: Instant,
+        extra: usize,
+        want_logits: bool,
+        greedy: bool,
+        cache_prefix: bool,
+    ) -> Result<Started> {
         let mut tm = Timings {
             prompt_tokens: plan.len(),
             ..Default::default()
@@ -891,7 +1035,7 @@ impl Engine {
         let caches = if reuse {
             let mut docs: Vec<&[u32]> = (0..plan.docs.len()).map(|j| plan.doc_tokens(j)).collect();
             // The prefix (system prompt + user header) is cached like a document.
-            let with_prefix = plan.prefix_len > 0;
+            let with_prefix = cache_prefix && plan.prefix_len > 0;
             if with_prefix {
                 docs.insert(0, &plan.tokens[..plan.prefix_len]);
             }
@@ -906,6 +1050,9 @@ impl Engine {
                     tm.cached_doc_tokens += span.len;
                     if *f == CacheSource::Disk {
                         tm.disk_docs += 1;
+                    }
+                    if *f == CacheSource::Shared {
+                        tm.shared_docs += 1;
                     }
                 } else {
                     tm.computed_docs += 1;

@@ -476,77 +476,389 @@ fn disconnect_cancels_and_full_queue_refuses() {
     }
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
+/// Multi-turn chat: the whole conversation goes through the chat template (every
+/// message's text as data), the documents before the last user message as `kvlink ask`
+/// places them; the model sees the earlier turns.
+#[test]
+fn multi_turn_chat() {
+    use kvlink::model::ChatMessage;
+    let base = server();
+    let id = register(base, DOC_A);
+    let system = "You are a helpful assistant.";
+    let turns = [
+        ("user", "My name is Zed. Please remember my name."),
+        (
+            "assistant",
+            "Nice to meet you, Zed! I will remember your name.",
+        ),
+    ];
+    let mut messages = vec![json!({"role": "system", "content": system})];
+    messages.extend(turns.iter().map(|(r, c)| json!({"role": r, "content": c})));
+    messages.push(json!({"role": "user", "content": QUESTION}));
+    let (s, v) = post(
+        base,
+        "/v1/chat/completions",
+        &json!({"messages": messages, "documents": [id], "max_tokens": 12}),
+    );
+    assert_eq!(s, 200, "{v}");
+
+    // The prompt is the engine's layout of the conversation: the earlier turns in the
+    // head, before the document; the question after it.
+    let tok = common::model::source().tokenizer().unwrap();
+    let req = kvlink::Request {
+        system: Some(system.into()),
+        history: turns
+            .iter()
+            .map(|(r, c)| ChatMessage::new(*r, *c))
+            .collect(),
+        ..kvlink::Request::new(vec![format!("{}\n", DOC_A)], QUESTION)
+    };
+    let (head, docs, tail) = kvlink::engine::tokenize_request(&tok, &req).unwrap();
+    assert_eq!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        head.len() + docs[0].len() + tail.len(),
+        "{v}"
+    );
+    let head = tok.decode(&head).unwrap();
+    assert!(
+        head.contains(turns[0].1) && head.contains(turns[1].1) && head.contains(system),
+        "{head:?}"
+    );
+    assert!(!head.contains(QUESTION) && tok.decode(&tail).unwrap().contains(QUESTION));
+    // A conversation's head is prefilled, not cached like a document's.
+    assert_eq!(v["kvlink"]["cache_hits"]["prefix"], false, "{v}");
+
+    // The model uses the earlier turns.
+    let (s, v) = post(
+        base,
+        "/v1/chat/completions",
+        &json!({"messages": [
+            {"role": "user", "content": turns[0].1},
+            {"role": "assistant", "content": turns[1].1},
+            {"role": "user", "content": "What is my name?"},
+        ], "max_tokens": 12}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(answer.contains("Zed"), "{answer:?}");
+
+    // Roles out of place: 400s naming the message.
+    for (msgs, param) in [
+        (
+            json!([{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                   {"role": "user", "content": "c"}]),
+            "messages[1].role",
+        ),
+        (
+            json!([{"role": "tool", "content": "a"}, {"role": "user", "content": "c"}]),
+            "messages[0].role",
+        ),
+        (
+            json!([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
+            "messages[1].role",
+        ),
+    ] {
+        let (s, v) = post(base, "/v1/chat/completions", &json!({"messages": msgs}));
+        assert_error(s, &v, 400, "roles");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
 }
 
-/// 40 requests from 4 concurrent clients, mixing document registration and questions
-/// over shared documents: no errors; TTFT percentiles printed.
+/// The load generator (`kvlink bench serve`), short: 40 requests from 4 concurrent
+/// clients mixing document registration and streamed questions over shared documents:
+/// no errors, every question answered from cached documents; TTFT percentiles printed.
 #[test]
 fn loopback_load() {
+    use kvlink::server::loadgen::{run, LoadConfig};
     let base = server();
-    let pool: Vec<String> = (0..6)
-        .map(|i| {
-            format!(
-                "Load document {i}: the town of Brel{i} has {} bridges and a market on day {}.",
-                i * 3 + 2,
-                i + 1
-            )
-        })
-        .collect();
-    let shared: Vec<String> = pool[..3].iter().map(|t| register(base, t)).collect();
-    let t0 = Instant::now();
-    let results: Vec<(usize, Vec<f64>, Vec<f64>)> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (0..4)
-            .map(|c| {
-                let (pool, shared) = (&pool, &shared);
-                sc.spawn(move || {
-                    let (mut errors, mut ttft, mut latency) = (0, Vec::new(), Vec::new());
-                    for i in 0..10 {
-                        let t = Instant::now();
-                        if i % 4 == 0 {
-                            let text = &pool[(c + i) % pool.len()];
-                            let (s, _) = post(base, "/v1/documents", &json!({"text": text}));
-                            errors += usize::from(s != 200 && s != 201);
-                        } else {
-                            let docs = [&shared[(c + i) % 3], &shared[(c + i + 1) % 3]];
-                            let (s, v) = post(
-                                base,
-                                "/v1/chat/completions",
-                                &json!({
-                                    "messages": [{"role": "user",
-                                                  "content": format!("How many bridges does Brel{} have?", (c + i) % 3)}],
-                                    "documents": docs, "max_tokens": 4,
-                                }),
-                            );
-                            if s == 200 {
-                                ttft.push(v["kvlink"]["ttft_ms"].as_f64().unwrap());
-                                latency.push(t.elapsed().as_secs_f64() * 1e3);
-                            } else {
-                                errors += 1;
-                                eprintln!("load error {s}: {v}");
-                            }
-                        }
-                    }
-                    (errors, ttft, latency)
-                })
+    let cfg = LoadConfig {
+        requests: 40,
+        clients: 4,
+        max_tokens: 4,
+        ..Default::default()
+    };
+    let r = run(base, &cfg).unwrap();
+    eprintln!("load: {r}");
+    assert_eq!(r.errors, 0, "{r}");
+    assert_eq!(r.registrations, 10, "{r}");
+    assert_eq!(r.questions, 30, "{r}");
+    // Two shared documents per question, registered before the run: never computed.
+    assert_eq!(r.cache_hits.get("computed"), Some(&0), "{r}");
+    assert_eq!(r.cache_hits.get("gpu"), Some(&60), "{r}");
+    assert!(r.ttft_p50_ms > 0.0 && r.ttft_p99_ms >= r.ttft_p50_ms, "{r}");
+    assert!(r.engine_ttft_p50_ms > 0.0, "{r}");
+}
+
+/// A `redis-server` of its own on a free loopback port (no persistence), killed on drop.
+struct RedisServer {
+    child: std::process::Child,
+    url: String,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    /// `None` if `redis-server` is not installed.
+    fn start() -> Option<RedisServer> {
+        use std::process::{Command, Stdio};
+        Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .ok()?;
+        let dir = TempDir::new("redis");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let r = RedisServer {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let t0 = Instant::now();
+        while r.con().is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(r)
+    }
+
+    fn con(&self) -> redis::RedisResult<redis::Connection> {
+        let mut c = redis::Client::open(self.url.as_str())?.get_connection()?;
+        redis::cmd("PING").query::<String>(&mut c)?;
+        Ok(c)
+    }
+
+    /// The kvlink entries: key (without the prefix) -> value.
+    fn entries(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let mut c = self.con().unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("kvlink:kv:*").query(&mut c).unwrap();
+        keys.into_iter()
+            .map(|k| {
+                let v: Vec<u8> = redis::cmd("GET").arg(&k).query(&mut c).unwrap();
+                (k["kvlink:kv:".len()..].to_string(), v)
             })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let errors: usize = results.iter().map(|r| r.0).sum();
-    let mut ttft: Vec<f64> = results.iter().flat_map(|r| r.1.clone()).collect();
-    let mut lat: Vec<f64> = results.iter().flat_map(|r| r.2.clone()).collect();
-    eprintln!(
-        "load: 40 requests (4 clients) in {:.1} s, {errors} errors; engine TTFT p50 {:.1} ms p99 {:.1} ms; \
-         client latency (queue + answer) p50 {:.1} ms p99 {:.1} ms",
-        t0.elapsed().as_secs_f64(),
-        percentile(&mut ttft, 0.5),
-        percentile(&mut ttft, 0.99),
-        percentile(&mut lat, 0.5),
-        percentile(&mut lat, 0.99)
+            .collect()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `kvlink serve` process on a free loopback port; its stderr is collected. Killed on
+/// drop.
+struct ServeProcess {
+    child: std::process::Child,
+    base: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ServeProcess {
+    fn start(args: &[&str]) -> ServeProcess {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvlink"))
+            .args(["serve", "--port", "0", "--ctx", &CTX.to_string()])
+            .arg("--model")
+            .arg(common::model::model_path())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kvlink serve");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(a) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(a.trim().to_string());
+                }
+                l.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let base = match rx.recv_timeout(Duration::from_secs(300)) {
+            Ok(b) => b,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("kvlink serve did not start:\n{}", log.lock().unwrap());
+            }
+        };
+        ServeProcess { child, base, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The payload of an entry (after magic, version and header; before the checksum).
+fn entry_payload(b: &[u8]) -> &[u8] {
+    let hlen = u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize;
+    &b[12 + hlen..b.len() - 8]
+}
+
+/// `--store redis://`: a second server process reuses the caches the first computed
+/// (redis hits, no recompute: the same answer), the redis entries are the disk store's
+/// format under the same keys, a redis hit fills the disk tier, DELETE removes the
+/// entry, and a redis that goes away costs warnings, not failed requests.
+#[test]
+fn redis_tier_shared_between_two_servers() {
+    let Some(redis) = RedisServer::start() else {
+        common::skip(
+            "redis",
+            "redis_tier_shared_between_two_servers",
+            "redis-server is not installed (apt-get install redis-server)",
+        );
+        return;
+    };
+    let (da, db) = (TempDir::new("redis-a"), TempDir::new("redis-b"));
+    let store = |d: &TempDir| d.path().to_str().unwrap().to_string();
+    let (sa, sb) = (store(&da), store(&db));
+    let a = ServeProcess::start(&["--store", &sa, "--store", &redis.url]);
+    let doc = "The Quillon observatory sits on Mount Sarn. Its telescope, named Old Brass, \
+               was built in 1911 by the glassmaker Ada Fenn.";
+    let question = "Who built the telescope at the Quillon observatory?";
+    let (s, d) = post(&a.base, "/v1/documents", &json!({"text": doc}));
+    assert_eq!(s, 201, "{d}");
+    assert_eq!(d["cache"], "computed", "{d}");
+    let id = d["id"].as_str().unwrap().to_string();
+    let chat = |base: &str| {
+        let (s, v) = post(
+            base,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": question}],
+                    "documents": [id], "max_tokens": 16}),
+        );
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    let va = chat(&a.base);
+    let answer = va["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!answer.trim().is_empty(), "{va}");
+
+    // The document and the prompt head, in the disk store's format under its keys.
+    let shared = redis.entries();
+    let disk = kvlink::kv::DiskStore::inspect(da.path()).entries().unwrap();
+    assert_eq!(shared.len(), 2, "{:?}", shared.keys());
+    for e in &disk {
+        let v = shared
+            .get(e.key.as_str())
+            .unwrap_or_else(|| panic!("{} is on disk, not in redis", e.key));
+        let f = std::fs::read(&e.path).unwrap();
+        assert_eq!(&v[..4], b"KVLC");
+        assert_eq!(v.len(), f.len());
+        assert_eq!(entry_payload(v), entry_payload(&f), "{}", e.key);
+    }
+    assert_eq!(disk.len(), shared.len());
+
+    // The second server: the document's cache (and the prompt head's) come from redis.
+    let b = ServeProcess::start(&["--store", &sb, "--store", &redis.url]);
+    let (s, d) = post(&b.base, "/v1/documents", &json!({"text": doc}));
+    assert_eq!(s, 201, "{d}");
+    assert_eq!(d["cache"], "redis", "not a redis hit: {d}\n{}", b.log());
+    assert_eq!(d["id"], id.as_str());
+    let vb = chat(&b.base);
+    assert_eq!(
+        vb["choices"][0]["message"]["content"], answer,
+        "the answer from redis caches differs"
     );
-    assert_eq!(errors, 0);
-    assert_eq!(ttft.len(), 28); // 3 of each client's 10 requests register documents
+    assert_eq!(vb["kvlink"]["cache_hits"]["computed"], 0, "{vb}");
+    assert_eq!(vb["kvlink"]["cache_hits"]["prefix"], true, "{vb}");
+    let m = get(&b.base, "/metrics").1;
+    assert_eq!(
+        metric(&m, "kvlink_doc_registrations_total{tier=\"redis\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "kvlink_doc_registrations_total{tier=\"computed\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    // The hits filled b's disk tier.
+    let disk_b = kvlink::kv::DiskStore::inspect(db.path()).entries().unwrap();
+    assert_eq!(disk_b.len(), 2, "{disk_b:?}");
+
+    // The registration made the document resident: the chat took it from b's GPU.
+    assert_eq!(vb["kvlink"]["cache_hits"]["gpu"], 1, "{vb}");
+
+    // A corrupt shared entry is a miss (recomputed, with a warning), not an error.
+    let before = redis.entries();
+    let other = "The Quillon observatory's café sells plum tea.";
+    let (s, d) = post(&a.base, "/v1/documents", &json!({"text": other}));
+    assert_eq!((s, &d["cache"]), (201, &json!("computed")), "{d}");
+    let after = redis.entries();
+    let key = after.keys().find(|k| !before.contains_key(*k)).unwrap();
+    let mut bad = after[key].clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    let mut c = redis.con().unwrap();
+    redis::cmd("SET")
+        .arg(format!("kvlink:kv:{key}"))
+        .arg(&bad)
+        .query::<()>(&mut c)
+        .unwrap();
+    let (s, d) = post(&b.base, "/v1/documents", &json!({"text": other}));
+    assert_eq!((s, &d["cache"]), (201, &json!("computed")), "{d}");
+    assert!(b.log().contains("corrupt"), "{}", b.log());
+    // b recomputed it and shared the good entry again.
+    let now = &redis.entries()[key];
+    assert!(
+        now != &bad && now.len() == bad.len(),
+        "the corrupt entry stayed"
+    );
+
+    // DELETE removes the shared entry too.
+    assert_eq!(delete(&b.base, &format!("/v1/documents/{id}")), 200);
+    let left = redis.entries();
+    assert!(
+        !left.is_empty() && left.len() == after.len() - 1,
+        "{:?}",
+        left.keys()
+    );
+    assert_eq!(left.len(), 2, "the document's entry is still in redis");
+
+    // Redis goes away: requests still succeed, with a warning.
+    drop(redis);
+    let (s, d) = post(
+        &b.base,
+        "/v1/documents",
+        &json!({"text": "After the outage: the ferry to Sarn leaves at noon."}),
+    );
+    assert_eq!(s, 201, "{d}");
+    assert_eq!(d["cache"], "computed");
+    let (s, v) = post(
+        &b.base,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "When does the ferry leave?"}],
+                "documents": [d["id"]], "max_tokens": 4}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let log = b.log();
+    assert!(
+        log.contains("warning") && log.contains("redis://"),
+        "no warning about redis:\n{log}"
+    );
 }

@@ -616,6 +616,7 @@ fn logits(
         d.configure(&mut engine, m)?;
         let req = kvlink::Request {
             system: p.system.clone(),
+            history: Vec::new(),
             documents: docs,
             question: text,
             raw: p.raw,

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvlink::gpu::AdapterChoice;
+use kvlink::kv::redis::RedisStore;
 use kvlink::kv::DiskStore;
 use kvlink::link::{LinkConfig, Mode, PromptPlan, Timings};
 use kvlink::{Engine, GenerateParams, Request};
@@ -18,9 +19,11 @@ pub struct DocArgs {
     /// A document file (repeat for several). Each is encoded and cached on its own.
     #[arg(long = "doc", short = 'd')]
     pub docs: Vec<PathBuf>,
-    /// Where document caches are kept on disk (default: <cache dir>/kv).
-    #[arg(long)]
-    pub store: Option<PathBuf>,
+    /// Where document caches are kept: a directory (default: <cache dir>/kv) and/or a
+    /// Redis server shared with other processes, `redis://HOST:PORT[/DB]`, looked up
+    /// after the GPU and the directory (both: `--store DIR --store redis://HOST:PORT`).
+    #[arg(long, value_name = "DIR|redis://HOST:PORT")]
+    pub store: Vec<PathBuf>,
     /// Do not read or write document caches on disk.
     #[arg(long)]
     pub no_store: bool,
@@ -28,6 +31,11 @@ pub struct DocArgs {
     /// least recently used entries (last written or read) are deleted. Default: 20.
     #[arg(long, value_name = "GB")]
     pub store_max_gb: Option<f64>,
+    /// Expiry of entries in a Redis store, in hours after their last write or hit (0:
+    /// never; then bound Redis with `maxmemory` and an LRU `maxmemory-policy`).
+    /// Default: 168 (a week).
+    #[arg(long, value_name = "HOURS")]
+    pub store_ttl_hours: Option<f64>,
     /// Link tokens per document (KVLink fine-tuned models; also from kvlink.json next
     /// to the model).
     #[arg(long)]
@@ -93,9 +101,30 @@ impl DocArgs {
         }
         link.validate(engine.config().input_vocab(), 1)?;
         engine.link = link;
+        let (urls, mut dirs): (Vec<&PathBuf>, Vec<&PathBuf>) = self
+            .store
+            .iter()
+            .partition(|p| RedisStore::is_url(&p.to_string_lossy()));
+        if dirs.len() > 1 || urls.len() > 1 {
+            bail!("--store: at most one directory and one redis:// URL");
+        }
+        if let Some(url) = urls.first() {
+            let hours = self.store_ttl_hours.unwrap_or(168.0);
+            if !(hours.is_finite() && hours >= 0.0) {
+                bail!("--store-ttl-hours must be 0 or more, got {hours}");
+            }
+            let url = url.to_string_lossy();
+            let shared = RedisStore::open(&url, Duration::from_secs_f64(hours * 3600.0))?;
+            // Like the disk store, an unreachable Redis is a warning: it is tried again
+            // later, and requests are answered without it meanwhile.
+            if let Err(e) = shared.ping() {
+                eprintln!("kvlink: warning: {e}; going on without it until it answers");
+            }
+            engine.set_shared_store(Some(std::sync::Arc::new(shared)));
+        }
         if !self.no_store {
             let cap = store_cap(self.store_max_gb)?;
-            let dir = self.store.clone().unwrap_or_else(DiskStore::default_dir);
+            let dir = dirs.pop().cloned().unwrap_or_else(DiskStore::default_dir);
             // The store only saves work: one that cannot be opened is a warning, and the
             // request is answered without it.
             match DiskStore::open_with_cap(&dir, cap) {
@@ -163,6 +192,7 @@ pub fn ask(adapter: &AdapterChoice, a: &AskArgs) -> Result<()> {
     a.docs.configure(&mut engine, &a.model)?;
     let req = Request {
         system: a.system.clone(),
+        history: Vec::new(),
         documents: docs,
         question: a.question.clone(),
         raw: a.raw,
@@ -233,8 +263,8 @@ fn ms(d: Duration) -> f64 {
 pub fn print_timings(t: &Timings, mode: Mode, engine: &Engine) {
     eprintln!(
         "[{mode}] TTFT {:.1} ms = lookup {:.1} + assembly {:.1} + prefill/first token {:.1} | \
-         {} prompt tokens, {} computed | docs: {} cached ({} from disk, {} tokens), {} computed \
-         ({} tokens) | {}",
+         {} prompt tokens, {} computed | docs: {} cached ({} from disk, {} from redis, {} \
+         tokens), {} computed ({} tokens) | {}",
         ms(t.ttft),
         ms(t.lookup),
         ms(t.assemble),
@@ -243,6 +273,7 @@ pub fn print_timings(t: &Timings, mode: Mode, engine: &Engine) {
         t.prefill_tokens,
         t.cached_docs,
         t.disk_docs,
+        t.shared_docs,
         t.cached_doc_tokens,
         t.computed_docs,
         t.computed_doc_tokens,
@@ -340,6 +371,10 @@ pub enum BenchCmd {
     /// The model's GEMM/GEMV shapes under each kernel variant (portable, tensor cores
     /// with several tiles), checked against the CPU, then timed: for tuning on a new GPU.
     Kernels(super::bench_kernels::KernelArgs),
+    /// Load-test `kvlink serve` on loopback: N requests from C concurrent clients mixing
+    /// document registrations and streamed questions over shared documents; errors and
+    /// TTFT percentiles. Starts its own server unless --url names one.
+    Serve(super::serve::LoadArgs),
 }
 
 #[derive(Args, Clone)]
@@ -468,6 +503,7 @@ pub fn bench(adapter: &AdapterChoice, cmd: &BenchCmd) -> Result<()> {
         BenchCmd::Ttft(a) => bench_ttft(adapter, a),
         BenchCmd::Speed(a) => bench_speed(adapter, a),
         BenchCmd::Kernels(a) => super::bench_kernels::run(adapter, a),
+        BenchCmd::Serve(a) => super::serve::load(adapter, a),
     }
 }
 

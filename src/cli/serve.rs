@@ -68,3 +68,75 @@ pub fn serve(adapter: &AdapterChoice, a: &ServeArgs) -> Result<()> {
     server.wait()?;
     Ok(())
 }
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// A running server (loopback only), e.g. http://127.0.0.1:8080. Without it, a server
+    /// is started in this process on a free loopback port (GPU document cache only).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The model of the server started here (--model, --lora, --ctx).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Requests in all.
+    #[arg(short = 'n', long, default_value_t = 300)]
+    pub requests: usize,
+    /// Concurrent clients.
+    #[arg(short = 'c', long, default_value_t = 16)]
+    pub clients: usize,
+    /// Distinct documents (registrations go through all of them).
+    #[arg(long, default_value_t = 8)]
+    pub documents: usize,
+    /// Documents registered before the run; each question names two of them.
+    #[arg(long, default_value_t = 4)]
+    pub shared: usize,
+    /// Every Nth request registers a document (0: none).
+    #[arg(long, default_value_t = 4)]
+    pub register_every: usize,
+    /// Tokens generated per question.
+    #[arg(long, default_value_t = 8)]
+    pub max_tokens: usize,
+    /// Queue limit of the server started here (503 beyond it, counted as errors).
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn load(adapter: &AdapterChoice, a: &LoadArgs) -> Result<()> {
+    use kvlink::server::loadgen;
+    let cfg = loadgen::LoadConfig {
+        requests: a.requests,
+        clients: a.clients,
+        documents: a.documents,
+        shared: a.shared,
+        register_every: a.register_every,
+        max_tokens: a.max_tokens,
+        ..Default::default()
+    };
+    let mut _server = None;
+    let base = match &a.url {
+        Some(u) => u.clone(),
+        None => {
+            let engine = load_engine_from(adapter, &a.model)?;
+            let cfg = ServerConfig {
+                max_queue: a.max_queue,
+                ..Default::default()
+            };
+            let s = Server::start(engine, cfg, "127.0.0.1:0").context("cannot start a server")?;
+            let base = format!("http://{}", s.addr);
+            eprintln!("bench serve: server on {base}");
+            _server = Some(s);
+            base
+        }
+    };
+    let report = loadgen::run(&base, &cfg).map_err(anyhow::Error::msg)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    anyhow::ensure!(report.errors == 0, "{} requests failed", report.errors);
+    Ok(())
+}

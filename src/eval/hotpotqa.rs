@@ -60,6 +60,7 @@ impl HotpotRecord {
     pub fn request(&self, mode: Mode) -> Request {
         Request {
             system: Some(SYSTEM_PROMPT.to_string()),
+            history: Vec::new(),
             documents: self.documents(),
             question: self.question.clone(),
             raw: false,

@@ -6,12 +6,19 @@
 //!   model and tokenizer fingerprints and the token ids.
 //! - [`DiskStore`] (in [`store`]): one checksummed file per entry, written atomically.
 //! - [`Lru`]: a GPU-independent LRU index with a byte budget, for the GPU-resident cache.
+//! - [`SharedStore`] (in [`shared`]): a tier shared between processes, behind the disk
+//!   store, holding the same entry bytes under the same keys; on Redis in `redis`
+//!   (native builds; the `redis` crate).
 //!
 //! Hashes: [`xxh64`] (the store's checksum, a key lane) is xxhash-rust's; [`fnv1a64`] (the
-//! other key lane) is hand-written.
+//! other key lane) is hand-written. The shared tier ([`redis`]) uses the Redis client.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod redis;
+pub mod shared;
 pub mod store;
 
+pub use shared::SharedStore;
 pub use store::{DiskStore, EntryInfo, Lookup, PruneStats, StoreStats};
 
 use crate::{Error, Result};

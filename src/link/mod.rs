@@ -95,6 +95,8 @@ pub struct Timings {
     pub cached_docs: usize,
     /// Of the cached documents, those read from the disk store.
     pub disk_docs: usize,
+    /// Of the cached documents, those read from the shared tier (Redis).
+    pub shared_docs: usize,
     /// The prefix's KV came from the cache (not computed for this request).
     pub prefix_cached: bool,
     pub computed_docs: usize,

@@ -10,6 +10,9 @@ const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 /// Upper bounds (seconds) of the per-token decode time buckets.
 const DECODE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 
+/// Where a document cache can come from.
+pub const TIERS: [&str; 4] = ["gpu", "disk", "redis", "computed"];
+
 #[derive(Default)]
 struct Histogram {
     counts: Vec<u64>,
@@ -49,8 +52,10 @@ struct Inner {
     requests: BTreeMap<(String, u16), u64>,
     ttft: Histogram,
     decode: Histogram,
-    /// Document caches by where they came from: gpu, disk, computed.
+    /// Document caches by where they came from: gpu, disk, redis, computed.
     cache: BTreeMap<&'static str, u64>,
+    /// Documents registered (newly), by where their cache came from.
+    registered: BTreeMap<&'static str, u64>,
     generated_tokens: u64,
     cancelled: u64,
 }
@@ -90,11 +95,17 @@ impl Metrics {
         m.generated_tokens += tokens as u64;
     }
 
-    pub fn cache(&self, gpu: usize, disk: usize, computed: usize) {
+    pub fn cache(&self, gpu: usize, disk: usize, redis: usize, computed: usize) {
         let mut m = self.lock();
         *m.cache.entry("gpu").or_default() += gpu as u64;
         *m.cache.entry("disk").or_default() += disk as u64;
+        *m.cache.entry("redis").or_default() += redis as u64;
         *m.cache.entry("computed").or_default() += computed as u64;
+    }
+
+    /// A newly registered document whose cache came from `tier`.
+    pub fn registered(&self, tier: &'static str) {
+        *self.lock().registered.entry(tier).or_default() += 1;
     }
 
     pub fn cancelled(&self) {
@@ -126,11 +137,19 @@ impl Metrics {
         );
         out.push_str(
             "# HELP kvlink_doc_cache_total Document caches used by generations, by tier \
-             (gpu and disk are hits, computed is a miss).\n# TYPE kvlink_doc_cache_total counter\n",
+             (gpu, disk and redis are hits, computed is a miss).\n# TYPE kvlink_doc_cache_total counter\n",
         );
-        for tier in ["gpu", "disk", "computed"] {
+        for tier in TIERS {
             let n = m.cache.get(tier).copied().unwrap_or(0);
             let _ = writeln!(out, "kvlink_doc_cache_total{{tier=\"{tier}\"}} {n}");
+        }
+        out.push_str(
+            "# HELP kvlink_doc_registrations_total Documents newly registered, by where their \
+             cache came from.\n# TYPE kvlink_doc_registrations_total counter\n",
+        );
+        for tier in TIERS {
+            let n = m.registered.get(tier).copied().unwrap_or(0);
+            let _ = writeln!(out, "kvlink_doc_registrations_total{{tier=\"{tier}\"}} {n}");
         }
         let _ = writeln!(
             out,

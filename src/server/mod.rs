@@ -9,10 +9,12 @@
 //! `GET/DELETE /v1/documents/{id}`, `GET /v1/models`, `GET /health`, `GET /metrics`.
 
 pub mod api;
+pub mod loadgen;
 mod metrics;
 mod worker;
 
 use crate::link::Mode;
+use crate::model::ChatMessage;
 use crate::sampling::SamplingParams;
 use crate::{Engine, GenerateParams, Request};
 use api::{ApiError, ChatBody, Common, CompletionBody, DocumentBody};
@@ -69,6 +71,9 @@ pub struct DocRecord {
     pub tokens: usize,
     pub bytes: usize,
     pub created: u64,
+    /// Where its cache came from when this server registered it: gpu, disk, redis or
+    /// computed.
+    pub cache: &'static str,
     #[serde(skip)]
     pub text: String,
     #[serde(skip)]
@@ -286,6 +291,17 @@ fn doc_id(text: &str) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
 }
 
+/// The name of a cache tier in responses and metrics.
+fn tier_name(s: crate::engine::CacheSource) -> &'static str {
+    use crate::engine::CacheSource;
+    match s {
+        CacheSource::Gpu => "gpu",
+        CacheSource::Disk => "disk",
+        CacheSource::Shared => "redis",
+        CacheSource::Computed => "computed",
+    }
+}
+
 /// Register a document; returns it and whether it was new.
 async fn add_document(
     st: &Arc<State>,
@@ -311,9 +327,11 @@ async fn add_document(
             reply,
         },
     )?;
-    let (tokens, key) = rx
+    let (tokens, key, from) = rx
         .await
         .map_err(|_| ApiError::internal("the engine dropped the job"))??;
+    let tier = tier_name(from);
+    st.metrics.registered(tier);
     let rec = DocRecord {
         id: id.clone(),
         object: "document",
@@ -321,6 +339,7 @@ async fn add_document(
         tokens,
         bytes: text.len(),
         created: now_s(),
+        cache: tier,
         text,
         key,
     };
@@ -478,9 +497,13 @@ fn common_params(
     Ok((params, texts, mode, stops))
 }
 
-/// The request a chat body asks for: system messages, then one user message (earlier
-/// turns are not supported yet).
-fn chat_request(b: &ChatBody) -> Result<(Option<String>, String), ApiError> {
+/// What a chat body asks: the system prompt, earlier turns and the question.
+type ChatAsk = (Option<String>, Vec<ChatMessage>, String);
+
+/// The request a chat body asks for: leading system (or developer) messages, joined,
+/// then the conversation, user and assistant turns, the last one the user's (the
+/// question; documents go before it).
+fn chat_request(b: &ChatBody) -> Result<ChatAsk, ApiError> {
     let Some((last, rest)) = b.messages.split_last() else {
         return Err(ApiError::invalid("messages is empty", Some("messages")));
     };
@@ -499,17 +522,28 @@ fn chat_request(b: &ChatBody) -> Result<(Option<String>, String), ApiError> {
         ));
     }
     let mut system = Vec::new();
+    let mut history = Vec::new();
     for (i, m) in rest.iter().enumerate() {
-        if m.role != "system" && m.role != "developer" {
-            return Err(ApiError::invalid(
-                "earlier turns are not supported yet: send system messages and one user message",
-                Some(&format!("messages[{i}].role")),
-            ));
+        let role = |msg: &str| ApiError::invalid(msg, Some(&format!("messages[{i}].role")));
+        match m.role.as_str() {
+            "system" | "developer" if history.is_empty() => system.push(text(i, m)?),
+            "system" | "developer" => {
+                return Err(role(
+                    "system and developer messages must come before the conversation",
+                ))
+            }
+            "user" | "assistant" => {
+                history.push(ChatMessage::new(m.role.as_str(), text(i, m)?));
+            }
+            r => {
+                return Err(role(&format!(
+                    "unsupported role {r:?}: use system, developer, user or assistant"
+                )))
+            }
         }
-        system.push(text(i, m)?);
     }
     let system = (!system.is_empty()).then(|| system.join("\n"));
-    Ok((system, text(rest.len(), last)?))
+    Ok((system, history, text(rest.len(), last)?))
 }
 
 async fn chat(AxState(st): AxState<Arc<State>>, body: Body) -> Response {
@@ -518,14 +552,20 @@ async fn chat(AxState(st): AxState<Arc<State>>, body: Body) -> Response {
         let v = api::parse_json(&bytes)?;
         let b: ChatBody = api::from_value(&v)?;
         let common: Common = api::from_value(&v)?;
-        let (system, question) = chat_request(&b)?;
-        Ok::<_, ApiError>((system, question, common))
+        let (system, history, question) = chat_request(&b)?;
+        let req = Request {
+            system,
+            history,
+            documents: Vec::new(),
+            question,
+            raw: false,
+            mode: Mode::Kvlink,
+        };
+        Ok::<_, ApiError>((req, common))
     }
     .await;
     match r {
-        Ok((system, question, common)) => {
-            answer(st, Kind::Chat, system, question, common, false).await
-        }
+        Ok((req, common)) => answer(st, Kind::Chat, req, common).await,
         Err(e) => e.into_response(),
     }
 }
@@ -547,29 +587,24 @@ async fn completions(AxState(st): AxState<Arc<State>>, body: Body) -> Response {
     }
     .await;
     match r {
-        Ok((prompt, common)) => answer(st, Kind::Completion, None, prompt, common, true).await,
+        Ok((prompt, common)) => {
+            let req = Request {
+                raw: true,
+                ..Request::new(Vec::new(), prompt)
+            };
+            answer(st, Kind::Completion, req, common).await
+        }
         Err(e) => e.into_response(),
     }
 }
 
-/// Validate, queue and answer a generation (streamed or whole).
-async fn answer(
-    st: Arc<State>,
-    kind: Kind,
-    system: Option<String>,
-    question: String,
-    common: Common,
-    raw: bool,
-) -> Response {
+/// Validate, queue and answer a generation (streamed or whole) of `req` (its documents
+/// and mode are taken from `common`).
+async fn answer(st: Arc<State>, kind: Kind, mut req: Request, common: Common) -> Response {
     let r = async {
         let (params, documents, mode, stops) = common_params(&st, &common)?;
-        let req = Request {
-            system,
-            documents,
-            question,
-            raw,
-            mode,
-        };
+        req.documents = documents;
+        req.mode = mode;
         // Plan here (tokenizing only) so a prompt over the context is a 400 before any
         // stream starts.
         let engine = st.engine.clone();
@@ -588,7 +623,14 @@ async fn answer(
         .await
         .map_err(ApiError::internal)?
         .map_err(|e| {
-            let mut e = ApiError::from_engine(e);
+            let mut e = match e {
+                // The template refused the messages (e.g. roles that do not alternate).
+                crate::Error::Template(m) => ApiError::invalid(
+                    format!("the model's chat template refused the messages: {m}"),
+                    None,
+                ),
+                e => ApiError::from_engine(e),
+            };
             if e.param.is_none() {
                 e.param = Some(
                     if kind == Kind::Chat {
@@ -666,8 +708,9 @@ fn kvlink_ext(s: &GenSummary) -> serde_json::Value {
         "prefill_tokens": t.prefill_tokens,
         "decode_tok_s": s.decode_tok_s,
         "cache_hits": {
-            "gpu": t.cached_docs - t.disk_docs,
+            "gpu": t.cached_docs - t.disk_docs - t.shared_docs,
             "disk": t.disk_docs,
+            "redis": t.shared_docs,
             "computed": t.computed_docs,
             "prefix": t.prefix_cached,
         },

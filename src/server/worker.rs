@@ -17,9 +17,12 @@ pub(crate) enum Job {
     /// Encode a document (already normalized text) and store its cache.
     AddDocument {
         text: String,
-        reply: oneshot::Sender<Result<(usize, crate::kv::DocKey), ApiError>>,
+        reply: oneshot::Sender<Result<Encoded, ApiError>>,
     },
 }
+
+/// A registered document's token count, cache key and where its cache came from.
+pub(crate) type Encoded = (usize, crate::kv::DocKey, crate::engine::CacheSource);
 
 pub(crate) struct GenJob {
     pub req: Request,
@@ -87,7 +90,7 @@ pub(crate) fn run(engine: Arc<Engine>, state: Arc<State>, rx: std::sync::mpsc::R
     }
 }
 
-fn add_document(engine: &Engine, text: &str) -> Result<(usize, crate::kv::DocKey), ApiError> {
+fn add_document(engine: &Engine, text: &str) -> Result<Encoded, ApiError> {
     let tokens = engine
         .tokenizer
         .encode_data(text)
@@ -106,8 +109,10 @@ fn add_document(engine: &Engine, text: &str) -> Result<(usize, crate::kv::DocKey
         )
         .code("context_length_exceeded"));
     }
-    engine.precompute(&tokens).map_err(ApiError::from_engine)?;
-    Ok((tokens.len(), engine.doc_key(&tokens)))
+    let (_, from) = engine
+        .precompute_from(&tokens)
+        .map_err(ApiError::from_engine)?;
+    Ok((tokens.len(), engine.doc_key(&tokens), from))
 }
 
 /// The longest suffix of `text` that is a proper prefix of a stop sequence (held back
@@ -180,9 +185,12 @@ fn generate(engine: &Engine, state: &State, g: GenJob, slot: &mut Slot) {
         }
     };
     let t = &stats.timings;
-    state
-        .metrics
-        .cache(t.cached_docs - t.disk_docs, t.disk_docs, t.computed_docs);
+    state.metrics.cache(
+        t.cached_docs - t.disk_docs - t.shared_docs,
+        t.disk_docs,
+        t.shared_docs,
+        t.computed_docs,
+    );
     let decode = (n > 1).then(|| stats.generation.decode.as_secs_f64() / (n - 1) as f64);
     state.metrics.generation(
         t.ttft.as_secs_f64(),

@@ -356,7 +356,7 @@ impl ViewerApp {
         };
         let adapter = self.adapter.clone();
         let docs = crate::cli::rag::DocArgs {
-            store: self.store_dir.clone(),
+            store: self.store_dir.clone().into_iter().collect(),
             no_store: self.no_store,
             store_max_gb: self.store_max_gb,
             ..Default::default()

@@ -336,6 +336,7 @@ impl AskStream {
         let max_tokens = o.max_tokens.unwrap_or(128);
         let req = Request {
             system: o.system,
+            history: Vec::new(),
             documents: docs,
             question,
             raw: o.raw,
@@ -517,6 +518,7 @@ pub(crate) fn source_name(s: CacheSource) -> &'static str {
     match s {
         CacheSource::Gpu => "gpu",
         CacheSource::Disk => "store",
+        CacheSource::Shared => "shared",
         CacheSource::Computed => "computed",
     }
 }
