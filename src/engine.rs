@@ -4,7 +4,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor, TensorUpload};
 use crate::kv::store::{EntryHeader, PayloadSink};
 use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru, SharedStore};
-use crate::link::{self, DocCache, LinkConfig, Mode, PromptPlan, Timings};
+use crate::link::{self, DocCache, DocPool, LinkConfig, Mode, PromptPlan, Timings};
 use crate::model::llama::{Batch, KvCache, Llama, Logits};
 use crate::model::{ModelConfig, Tokenizer, WeightSource};
 use crate::sampling::{Sampler, SamplingParams};
@@ -34,6 +34,8 @@ pub struct Engine {
     pub tokenizer_fingerprint: String,
     /// Document caches resident on the GPU (LRU under a byte budget).
     docs: Mutex<Lru<DocKey, Arc<DocCache>>>,
+    /// The GPU memory those caches live in (see [`link::pool`]), under the same budget.
+    pool: DocPool,
     /// Document caches on disk, if enabled.
     store: Mutex<Option<DiskStore>>,
     /// Document caches shared with other processes (Redis), behind the disk store.
@@ -180,6 +182,12 @@ impl Engine {
         }
         let link = src.link_config().unwrap_or_default();
         link.validate(cfg.input_vocab(), 1)?;
+        let pool = DocPool::new(
+            gpu.clone(),
+            cfg.num_hidden_layers,
+            cfg.kv_dim(),
+            DEFAULT_DOC_CACHE_BYTES,
+        );
         let model = Llama::load(gpu, src, progress)?;
         Ok(Engine {
             model,
@@ -193,6 +201,7 @@ impl Engine {
             ),
             tokenizer,
             docs: Mutex::new(Lru::new(DEFAULT_DOC_CACHE_BYTES)),
+            pool,
             store: Mutex::new(None),
             shared: Mutex::new(None),
             capture_lock: Mutex::new(()),
@@ -630,6 +639,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .set_budget(bytes);
+        self.pool.set_budget(bytes);
     }
 
     /// Bytes of document caches resident on the GPU now.
@@ -700,11 +710,12 @@ impl Engine {
         let g = self.gpu();
         let shape = [kv.n_tokens, kv.kv_dim];
         let up = |b: &Vec<u8>| Tensor::from_f16_bytes(g, &shape, b, "doc kv");
-        Ok(DocCache {
-            tokens: tokens.to_vec(),
-            k: kv.k.iter().map(up).collect::<Result<_>>()?,
-            v: kv.v.iter().map(up).collect::<Result<_>>()?,
-        })
+        DocCache::new(
+            tokens.to_vec(),
+            kv.k.iter().map(up).collect::<Result<_>>()?,
+            kv.v.iter().map(up).collect::<Result<_>>()?,
+        )
+        .into_pool(&self.pool)
     }
 
     /// A sink that uploads a disk-store entry as it is read: file -> (L2-sized chunk) ->
@@ -758,18 +769,13 @@ impl Engine {
 
     /// Read a document cache back from the GPU for the disk store.
     fn download_doc(&self, dc: &DocCache) -> Result<DocKv> {
-        let g = self.gpu();
-        let n = dc.len() * self.config().kv_dim() * 2;
-        let rd = |t: &Tensor| -> Result<Vec<u8>> {
-            let w = g.read_words(t)?;
-            Ok(bytemuck::cast_slice::<u32, u8>(&w)[..n].to_vec())
-        };
+        let (k, v) = dc.download(self.gpu())?;
         Ok(DocKv {
             n_tokens: dc.len(),
-            n_layers: dc.k.len(),
+            n_layers: k.len(),
             kv_dim: self.config().kv_dim(),
-            k: dc.k.iter().map(rd).collect::<Result<_>>()?,
-            v: dc.v.iter().map(rd).collect::<Result<_>>()?,
+            k,
+            v,
         })
     }
 
@@ -872,7 +878,7 @@ impl Engine {
                     });
                     match lookup {
                         Lookup::Hit(dc) => {
-                            let dc = Arc::new(dc);
+                            let dc = Arc::new(dc.into_pool(&self.pool)?);
                             lru.insert(k.clone(), dc.clone(), dc.bytes());
                             found.insert(k, (dc, CacheSource::Disk));
                             continue;
@@ -915,11 +921,12 @@ impl Engine {
             missing = still;
         }
         let batch: Vec<&[u32]> = missing.iter().map(|(_, d)| *d).collect();
-        for ((i, d), dc) in
-            missing
-                .iter()
-                .zip(link::encode_documents(&self.model, &batch, PREFILL_CHUNK)?)
-        {
+        for ((i, d), dc) in missing.iter().zip(link::encode_documents(
+            &self.model,
+            &batch,
+            PREFILL_CHUNK,
+            Some(&self.pool),
+        )?) {
             let dc = Arc::new(dc);
             let kv = if store.is_some() || shared.is_some() {
                 Some(self.download_doc(&dc)?)
@@ -982,6 +989,7 @@ impl Engine {
     /// Forget all GPU-resident document caches.
     pub fn clear_doc_caches(&self) {
         self.docs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.pool.trim();
     }
 
     /// Plan, fetch caches and prefill a request up to its first token.
@@ -1204,10 +1212,6 @@ impl PayloadSink for UploadSink {
             .flat_map(TensorUpload::finish)
             .collect();
         let v = k.split_off(k.len() / 2);
-        Ok(DocCache {
-            tokens: self.tokens,
-            k,
-            v,
-        })
+        Ok(DocCache::new(self.tokens, k, v))
     }
 }

@@ -377,6 +377,123 @@ fn kv_write_and_rotate_keys_match_cpu() {
 }
 
 #[test]
+fn assemble_kv_gathers_and_rotates_like_copy_then_rotate() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    for &interleaved in &[false, true] {
+        let (rows, slots, kvh, hd) = (29, 43, 3, 64);
+        let kv_dim = kvh * hd;
+        let slab_k: Vec<f32> = rand_vec(&mut rng, rows * kv_dim, 1.0)
+            .into_iter()
+            .map(f16r)
+            .collect();
+        let slab_v: Vec<f32> = rand_vec(&mut rng, rows * kv_dim, 1.0)
+            .into_iter()
+            .map(f16r)
+            .collect();
+        let ks = Tensor::from_f32_as_f16(g, &[rows, kv_dim], &slab_k, "ks").unwrap();
+        let vs = Tensor::from_f32_as_f16(g, &[rows, kv_dim], &slab_v, "vs").unwrap();
+        // slots 5 .. 5 + n: some not this slab's (untouched), some copied (delta 0),
+        // the rest turned by deltas of either sign
+        let (slot0, n) = (5usize, 31usize);
+        let mut table = vec![0u32; 2 * n];
+        for s in 0..n {
+            let (row, d) = match rng.below(4) {
+                0 => (u32::MAX, 0),
+                1 => (rng.below(rows as u32), 0),
+                _ => (rng.below(rows as u32), rng.below(4000) as i32 - 1000),
+            };
+            table[2 * s] = row;
+            table[2 * s + 1] = d as u32;
+        }
+        let tt = Tensor::from_u32(g, &[2 * n], &table, "table").unwrap();
+        let poison = vec![f32::NAN; slots * kv_dim];
+        let kc = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &poison, "kc").unwrap();
+        let vc = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &poison, "vc").unwrap();
+        let inv = inv_freq(hd, 10000.0);
+        let it = Tensor::from_f32(g, &[hd / 2], &inv, "inv").unwrap();
+        run(|s| {
+            ops::assemble_kv(
+                s,
+                &ks,
+                &vs,
+                &tt,
+                &kc,
+                &vc,
+                slot0,
+                n,
+                kvh,
+                hd,
+                &it,
+                interleaved,
+            )
+            .unwrap()
+        });
+        let gk = g.read_f32(&kc).unwrap();
+        let gv = g.read_f32(&vc).unwrap();
+        let what = format!("assemble_kv il={interleaved}");
+        for slot in 0..slots {
+            let o = slot * kv_dim;
+            let entry = (slot >= slot0 && slot < slot0 + n).then(|| table[2 * (slot - slot0)]);
+            match entry {
+                None | Some(u32::MAX) => {
+                    assert!(
+                        gk[o..o + kv_dim]
+                            .iter()
+                            .chain(&gv[o..o + kv_dim])
+                            .all(|x| x.is_nan()),
+                        "{what}: slot {slot} is not the table's and must stay untouched"
+                    );
+                }
+                Some(row) => {
+                    let d = table[2 * (slot - slot0) + 1] as i32;
+                    let r = row as usize * kv_dim;
+                    assert_eq!(
+                        &gv[o..o + kv_dim],
+                        &slab_v[r..r + kv_dim],
+                        "{what}: V slot {slot}"
+                    );
+                    let mut want = slab_k[r..r + kv_dim].to_vec();
+                    if d == 0 {
+                        assert_eq!(&gk[o..o + kv_dim], &want[..], "{what}: K copied at {slot}");
+                        continue;
+                    }
+                    for h in 0..kvh {
+                        cpu_rope(&mut want[h * hd..(h + 1) * hd], d as f32, &inv, interleaved);
+                    }
+                    assert_close(
+                        &gk[o..o + kv_dim],
+                        &want,
+                        2e-3,
+                        2e-3,
+                        &format!("{what}: K slot {slot}"),
+                    );
+                }
+            }
+        }
+        // a table longer than the cache, or a slab of the wrong width, is refused
+        let mut s = Step::new(g);
+        for (at, heads) in [(slots - 3, kvh), (slot0, kvh + 1)] {
+            let r = ops::assemble_kv(
+                &mut s,
+                &ks,
+                &vs,
+                &tt,
+                &kc,
+                &vc,
+                at,
+                n,
+                heads,
+                hd,
+                &it,
+                interleaved,
+            );
+            assert!(r.is_err(), "{what}: slot0 {at}, {heads} heads accepted");
+        }
+    }
+}
+
+#[test]
 fn rotating_by_delta_equals_encoding_at_shifted_position() {
     // KVLINK.md §3: keys encoded at p, then rotated by d, equal keys encoded at p + d.
     let g = gpu();

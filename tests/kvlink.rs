@@ -276,3 +276,84 @@ fn staged_uploads_round_trip_and_reuse_staging() {
         }
     }
 }
+
+#[test]
+fn pooled_caches_in_several_slabs_assemble_like_own_buffers() {
+    use kvlink::link::{assemble_and_prefill, encode_documents, DocCache, DocPool};
+    use kvlink::model::llama::Logits;
+    let e = engine();
+    let m = &e.model;
+    let mut rng = Rng::new();
+    let docs: Vec<String> = (0..4)
+        .map(|_| {
+            let n = 10 + rng.below(20) as usize;
+            format!("{}\n", text(&mut rng, n))
+        })
+        .collect();
+    let mut req = Request::new(docs, format!("Question: {}?", text(&mut rng, 5)));
+    req.system = Some("Answer from the documents.".into());
+    let plan = e.plan(&req).unwrap();
+    let toks: Vec<&[u32]> = (0..plan.docs.len()).map(|j| plan.doc_tokens(j)).collect();
+    let prefix = &plan.tokens[..plan.prefix_len];
+    assert!(!prefix.is_empty());
+    let own = encode_documents(m, &toks, 512, None).unwrap();
+    let own_prefix = encode_documents(m, &[prefix], 512, None).unwrap().remove(0);
+    assert!(own.iter().all(|d| d.slab().is_none()));
+
+    // slabs as small as the longest document: the documents spread over several
+    let longest = toks.iter().map(|t| t.len()).max().unwrap();
+    let (layers, kvd) = (e.config().num_hidden_layers, e.config().kv_dim());
+    let pool = DocPool::new(e.gpu().clone(), layers, kvd, 1 << 30).with_first_slab_rows(longest);
+    let mut pooled = encode_documents(m, &toks, 512, Some(&pool)).unwrap();
+    assert!(pooled.iter().all(|d| d.slab().is_some()));
+    assert!(pool.slabs() >= 2, "{} slabs", pool.slabs());
+    // the rows read back are the document's, byte for byte
+    for (a, b) in pooled.iter().zip(&own) {
+        assert!(a.download(e.gpu()).unwrap() == b.download(e.gpu()).unwrap());
+    }
+    // mixed: the prefix moved into the pool, one document left in its own buffers
+    let pooled_prefix = encode_documents(m, &[prefix], 512, None)
+        .unwrap()
+        .remove(0)
+        .into_pool(&pool)
+        .unwrap();
+    assert!(pooled_prefix.slab().is_some());
+    // (encoded in the same batch as `own`: alone, the GEMMs would sum in another order)
+    pooled[1] = encode_documents(m, &toks, 512, None).unwrap().remove(1);
+    let run = |prefix: &DocCache, docs: &[DocCache], mode: Mode| {
+        let refs: Vec<&DocCache> = docs.iter().collect();
+        let (_, out, _, _) = assemble_and_prefill(
+            m,
+            &plan,
+            Some(prefix),
+            &refs,
+            mode,
+            0,
+            512,
+            Logits::Last,
+            false,
+        )
+        .unwrap();
+        out.logits
+    };
+    for mode in [Mode::Kvlink, Mode::Naive] {
+        let want = run(&own_prefix, &own, mode);
+        let got = run(&pooled_prefix, &pooled, mode);
+        let (d, same) = diff(&got, &want);
+        eprintln!("{mode}: pooled vs own buffers: {d:.2e}");
+        assert!(
+            same && d < 1e-5,
+            "{mode}: pooled vs own buffers differ by {d}"
+        );
+    }
+
+    // no budget: nothing is pooled; dropping the documents frees their slabs
+    let none = DocPool::new(e.gpu().clone(), layers, kvd, 0);
+    assert!(encode_documents(m, &toks, 512, Some(&none)).unwrap()[0]
+        .slab()
+        .is_none());
+    assert_eq!(none.slabs(), 0);
+    drop((pooled, pooled_prefix));
+    pool.trim();
+    assert_eq!((pool.slabs(), pool.bytes()), (0, 0));
+}

@@ -2,18 +2,21 @@
 //!
 //! A request flows: plan (tokens, segments, positions) -> document cache lookups (GPU,
 //! then disk, else encode the missing documents together with a block-diagonal mask)
-//! -> assembly on the GPU (encode the prefix, copy each document's K/V into place,
-//! rotate every document's keys by its position delta) -> prefill of the seg-0 tokens
-//! after the prefix -> sample -> decode.
+//! -> assembly on the GPU (encode the prefix, gather each document's K/V from the pool
+//! into place with its keys turned by its position delta, see [`pool`]) -> prefill of
+//! the seg-0 tokens after the prefix -> sample -> decode.
 
 pub mod plan;
+pub mod pool;
 
 pub use plan::{DocSpan, LinkConfig, PromptPlan};
+pub use pool::DocPool;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Step, Tensor};
+use crate::gpu::{DType, Gpu, Step, Tensor};
 use crate::model::llama::{Batch, ForwardOut, KvCache, Llama, Logits};
 use crate::ops;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How a request's prompt is processed.
@@ -58,23 +61,108 @@ impl std::fmt::Display for Mode {
 }
 
 /// A document's KV cache on the GPU: per layer f16 K (post-RoPE at local positions
-/// 0..n-1) and V, `[n, kv_dim]`.
+/// 0..n-1) and V, rows `row0 .. row0 + n` of `[rows, kv_dim]` tensors: buffers of its own
+/// (`row0` 0), or a slab of a [`DocPool`] it holds a lease on.
 pub struct DocCache {
     pub tokens: Vec<u32>,
-    pub k: Vec<Tensor>,
-    pub v: Vec<Tensor>,
+    pub(crate) k: Vec<Tensor>,
+    pub(crate) v: Vec<Tensor>,
+    pub(crate) row0: usize,
+    lease: Option<pool::Lease>,
 }
 
 impl DocCache {
+    /// A cache in buffers of its own, `[n, kv_dim]` per layer.
+    pub fn new(tokens: Vec<u32>, k: Vec<Tensor>, v: Vec<Tensor>) -> DocCache {
+        DocCache {
+            tokens,
+            k,
+            v,
+            row0: 0,
+            lease: None,
+        }
+    }
+    fn leased(tokens: Vec<u32>, lease: pool::Lease) -> DocCache {
+        DocCache {
+            tokens,
+            k: lease.slab.k.clone(),
+            v: lease.slab.v.clone(),
+            row0: lease.start,
+            lease: Some(lease),
+        }
+    }
     pub fn len(&self) -> usize {
         self.tokens.len()
     }
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
+    /// Bytes of K and V this document's rows take.
     pub fn bytes(&self) -> u64 {
-        self.k.iter().chain(&self.v).map(|t| t.byte_len()).sum()
+        let row: u64 = self.k.iter().chain(&self.v).map(row_bytes).sum();
+        row * self.len() as u64
     }
+    /// The pool slab holding the rows, if pooled.
+    pub fn slab(&self) -> Option<&Arc<pool::Slab>> {
+        self.lease.as_ref().map(|l| &l.slab)
+    }
+    /// The rows moved into `pool` (one copy per layer of K and V), or `self` unchanged
+    /// when it is pooled already or the pool has no room.
+    pub fn into_pool(self, pool: &DocPool) -> Result<DocCache> {
+        if self.lease.is_some() || self.is_empty() {
+            return Ok(self);
+        }
+        let gpu = pool.gpu();
+        let mut st = Step::new(gpu);
+        match pool.copy_in(&mut st, &self.k, &self.v, self.row0, self.len())? {
+            Some(lease) => {
+                st.submit();
+                Ok(DocCache::leased(self.tokens, lease))
+            }
+            None => Ok(self),
+        }
+    }
+    /// Per layer, the K and V bytes of the rows (f16, `n * kv_dim * 2` each).
+    pub fn download(&self, gpu: &Gpu) -> Result<(LayerBytes, LayerBytes)> {
+        let n = self.len();
+        let own;
+        let (k, v) = if self.lease.is_some() {
+            // copy the rows out of the slab first: a slab is far bigger than one document
+            let mut st = Step::new(gpu);
+            let mut k = Vec::with_capacity(self.k.len());
+            let mut v = Vec::with_capacity(self.v.len());
+            for (src, dst) in [(&self.k, &mut k), (&self.v, &mut v)] {
+                for t in src {
+                    let rb = row_bytes(t);
+                    let o = Tensor::zeros(gpu, &[n, t.shape[1]], DType::F16, "doc readback")?;
+                    st.copy(t, self.row0 as u64 * rb, &o, 0, n as u64 * rb);
+                    dst.push(o);
+                }
+            }
+            st.submit();
+            own = (k, v);
+            (&own.0, &own.1)
+        } else {
+            (&self.k, &self.v)
+        };
+        let rd = |t: &Tensor| -> Result<Vec<u8>> {
+            let w = gpu.read_words(t)?;
+            let n = n * row_bytes(t) as usize;
+            Ok(bytemuck::cast_slice::<u32, u8>(&w)[..n].to_vec())
+        };
+        Ok((
+            k.iter().map(rd).collect::<Result<_>>()?,
+            v.iter().map(rd).collect::<Result<_>>()?,
+        ))
+    }
+}
+
+/// Per layer, the bytes of one tensor.
+pub type LayerBytes = Vec<Vec<u8>>;
+
+/// Bytes of one row of a `[rows, kv_dim]` f16 tensor.
+fn row_bytes(t: &Tensor) -> u64 {
+    (t.shape.get(1).copied().unwrap_or(0) * 2) as u64
 }
 
 /// Where the time to first token went.
@@ -83,7 +171,7 @@ pub struct Timings {
     /// Tokenize, plan, and find/load/encode document caches.
     #[serde(with = "ms")]
     pub lookup: Duration,
-    /// Prefix encode, K/V copies and key rotation.
+    /// Prefix encode, K/V gather and key rotation (recorded and submitted).
     #[serde(with = "ms")]
     pub assemble: Duration,
     /// Prefill of the new tokens up to the first token's logits.
@@ -152,8 +240,14 @@ pub fn run_chunked(
 }
 
 /// Encode documents alone (each at positions 0..n-1), all in one batched pass with a
-/// block-diagonal mask, and cut the result into one [`DocCache`] per document.
-pub fn encode_documents(model: &Llama, docs: &[&[u32]], chunk: usize) -> Result<Vec<DocCache>> {
+/// block-diagonal mask, and cut the result into one [`DocCache`] per document: rows of
+/// `pool` where it has room, else buffers of their own.
+pub fn encode_documents(
+    model: &Llama,
+    docs: &[&[u32]],
+    chunk: usize,
+    pool: Option<&DocPool>,
+) -> Result<Vec<DocCache>> {
     if docs.is_empty() {
         return Ok(Vec::new());
     }
@@ -189,6 +283,13 @@ pub fn encode_documents(model: &Llama, docs: &[&[u32]], chunk: usize) -> Result<
     let mut start = 0usize;
     for d in docs {
         let n = d.len();
+        if let Some(pool) = pool {
+            if let Some(lease) = pool.copy_in(&mut st, &cache.k, &cache.v, start, n)? {
+                out.push(DocCache::leased(d.to_vec(), lease));
+                start += n;
+                continue;
+            }
+        }
         let mut k = Vec::with_capacity(model.cfg.num_hidden_layers);
         let mut v = Vec::with_capacity(model.cfg.num_hidden_layers);
         for l in 0..model.cfg.num_hidden_layers {
@@ -200,15 +301,117 @@ pub fn encode_documents(model: &Llama, docs: &[&[u32]], chunk: usize) -> Result<
             k.push(kt);
             v.push(vt);
         }
-        out.push(DocCache {
-            tokens: d.to_vec(),
-            k,
-            v,
-        });
+        out.push(DocCache::new(d.to_vec(), k, v));
         start += n;
     }
     st.submit();
     Ok(out)
+}
+
+/// Put document caches into `cache`: `(cache, first slot, delta)` each, keys turned by
+/// their deltas. Pooled caches are gathered with one dispatch per slab and layer; the
+/// others are copied and then rotated in place.
+fn place(
+    model: &Llama,
+    st: &mut Step,
+    cache: &KvCache,
+    placed: &[(&DocCache, usize, i32)],
+) -> Result<()> {
+    let gpu = model.gpu();
+    let c = &model.cfg;
+    let kvd = c.kv_dim();
+    let (pooled, own): (Vec<_>, Vec<_>) = placed.iter().partition(|(dc, ..)| dc.slab().is_some());
+    // pooled: per slab, a table over the slots its documents cover
+    let mut slabs: Vec<&Arc<pool::Slab>> =
+        pooled.iter().filter_map(|(dc, _, _)| dc.slab()).collect();
+    slabs.sort_by_key(|s| s.id());
+    slabs.dedup_by_key(|s| s.id());
+    for slab in slabs {
+        let mine: Vec<_> = pooled
+            .iter()
+            .filter(|(dc, ..)| dc.slab().is_some_and(|s| s.id() == slab.id()))
+            .collect();
+        let lo = mine.iter().map(|(_, at, _)| *at).min().unwrap_or(0);
+        let hi = mine
+            .iter()
+            .map(|(dc, at, _)| at + dc.len())
+            .max()
+            .unwrap_or(lo);
+        let mut table = vec![u32::MAX; 2 * (hi - lo)];
+        for (dc, at, delta) in mine {
+            if dc.row0 + dc.len() > slab.rows() {
+                return Err(Error::Gpu(format!(
+                    "document cache rows {}..{} outside its slab of {}",
+                    dc.row0,
+                    dc.row0 + dc.len(),
+                    slab.rows()
+                )));
+            }
+            for t in 0..dc.len() {
+                table[2 * (at - lo + t)] = (dc.row0 + t) as u32;
+                table[2 * (at - lo + t) + 1] = *delta as u32;
+            }
+        }
+        let tt = Tensor::from_u32(gpu, &[table.len()], &table, "assembly table")?;
+        for l in 0..c.num_hidden_layers {
+            ops::assemble_kv(
+                st,
+                &slab.k[l],
+                &slab.v[l],
+                &tt,
+                &cache.k[l],
+                &cache.v[l],
+                lo,
+                hi - lo,
+                c.num_key_value_heads,
+                c.head_dim,
+                model.inv_freq(),
+                false,
+            )?;
+        }
+    }
+    // own buffers: copies, then one rotation pass over the slots they cover
+    let rb = (kvd * 2) as u64;
+    for (dc, at, _) in &own {
+        let (from, to, bytes) = (dc.row0 as u64 * rb, *at as u64 * rb, dc.len() as u64 * rb);
+        for l in 0..c.num_hidden_layers {
+            st.copy(&dc.k[l], from, &cache.k[l], to, bytes);
+            st.copy(&dc.v[l], from, &cache.v[l], to, bytes);
+        }
+    }
+    let turned: Vec<_> = own
+        .iter()
+        .filter(|(dc, _, d)| *d != 0 && !dc.is_empty())
+        .collect();
+    if let (Some(first), Some(last)) = (
+        turned.iter().map(|(_, at, _)| *at).min(),
+        turned.iter().map(|(dc, at, _)| at + dc.len()).max(),
+    ) {
+        let mut deltas = vec![0i32; last - first];
+        for (dc, at, d) in turned {
+            deltas[at - first..at - first + dc.len()].fill(*d);
+        }
+        let dt = Tensor::from_u32(
+            gpu,
+            &[deltas.len()],
+            bytemuck::cast_slice(&deltas),
+            "deltas",
+        )?;
+        for l in 0..c.num_hidden_layers {
+            ops::rotate_keys(
+                st,
+                &cache.k[l],
+                first,
+                deltas.len(),
+                c.num_key_value_heads,
+                c.head_dim,
+                &dt,
+                model.inv_freq(),
+                false,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Build the request's KV cache for `plan` in `mode` and prefill up to the first token.
@@ -260,18 +463,10 @@ pub fn assemble_and_prefill(
                 )));
             }
             cache.set_segments(gpu, &plan.segments)?;
-            // 1. the prefix: copied from its cache, or encoded normally
+            // 1. the prefix: placed from its cache, or encoded normally
             let p = plan.prefix_len;
-            let kvd = model.cfg.kv_dim();
             let prefix = prefix.filter(|c| p > 0 && c.tokens[..] == plan.tokens[..p]);
-            if let Some(pc) = prefix {
-                let mut st = Step::new(gpu);
-                for l in 0..model.cfg.num_hidden_layers {
-                    st.copy(&pc.k[l], 0, &cache.k[l], 0, (p * kvd * 2) as u64);
-                    st.copy(&pc.v[l], 0, &cache.v[l], 0, (p * kvd * 2) as u64);
-                }
-                st.submit();
-            } else if p > 0 {
+            if prefix.is_none() && p > 0 {
                 run_chunked(
                     model,
                     &mut cache,
@@ -283,8 +478,11 @@ pub fn assemble_and_prefill(
                     false,
                 )?;
             }
-            // 2. copy each document's K/V into place; 3. rotate keys by their deltas
-            let mut st = Step::new(gpu);
+            // 2. every cache into place, keys turned by their deltas (KVLINK.md §3)
+            let mut placed: Vec<(&DocCache, usize, i32)> = Vec::with_capacity(docs.len() + 1);
+            if let Some(pc) = prefix {
+                placed.push((pc, 0, 0));
+            }
             for (span, dc) in plan.docs.iter().zip(docs) {
                 if dc.len() != span.len {
                     return Err(Error::Input(format!(
@@ -293,40 +491,15 @@ pub fn assemble_and_prefill(
                         span.len
                     )));
                 }
-                let (off, bytes) = ((span.start * kvd * 2) as u64, (span.len * kvd * 2) as u64);
-                for l in 0..model.cfg.num_hidden_layers {
-                    st.copy(&dc.k[l], 0, &cache.k[l], off, bytes);
-                    st.copy(&dc.v[l], 0, &cache.v[l], off, bytes);
-                }
+                let delta = if mode == Mode::Kvlink {
+                    span.start as i32
+                } else {
+                    0
+                };
+                placed.push((dc, span.start, delta));
             }
-            if mode == Mode::Kvlink && !plan.docs.is_empty() {
-                let first = plan.docs[0].start;
-                let last = plan.docs.last().map(|d| d.start + d.len).unwrap_or(first);
-                let mut deltas = vec![0i32; last - first];
-                for d in &plan.docs {
-                    deltas[d.start - first..d.start - first + d.len].fill(d.start as i32);
-                }
-                let dt = Tensor::from_u32(
-                    gpu,
-                    &[deltas.len()],
-                    bytemuck::cast_slice(&deltas),
-                    "deltas",
-                )?;
-                let c = &model.cfg;
-                for l in 0..c.num_hidden_layers {
-                    ops::rotate_keys(
-                        &mut st,
-                        &cache.k[l],
-                        first,
-                        deltas.len(),
-                        c.num_key_value_heads,
-                        c.head_dim,
-                        &dt,
-                        model.inv_freq(),
-                        false,
-                    )?;
-                }
-            }
+            let mut st = Step::new(gpu);
+            place(model, &mut st, &cache, &placed)?;
             st.submit();
             let assemble = t0.elapsed();
             // 4. prefill only the seg-0 tokens after the prefix

@@ -27,6 +27,7 @@ pub mod kernels {
     kernel!(RMS_NORM, "norm.wgsl", "rms_norm");
     kernel!(ROPE, "rope.wgsl", "rope");
     kernel!(ROTATE_KEYS, "rope.wgsl", "rotate_keys");
+    kernel!(ASSEMBLE_KV, "assemble.wgsl", "assemble_kv");
     kernel!(KV_WRITE, "kv.wgsl", "kv_write");
     kernel!(ATTENTION, "attention.wgsl", "attention");
     kernel!(EMBED, "embed.wgsl", "embed");
@@ -116,6 +117,7 @@ pub mod kernels {
         RMS_NORM,
         ROPE,
         ROTATE_KEYS,
+        ASSEMBLE_KV,
         KV_WRITE,
         ATTENTION,
         ATTENTION_MASS,
@@ -867,6 +869,72 @@ pub fn rotate_keys(
         ROTATE_KEYS,
         &params,
         &[kc, deltas, inv_freq],
+        grid_1d(threads.div_ceil(256) as u32),
+    );
+    Ok(())
+}
+
+/// Gather K/V rows of a document-cache pool slab into a request's cache, turning keys
+/// by their deltas on the way: slot `slot0 + s` gets slab row `table[2s]` (`u32::MAX`:
+/// left untouched) with its key rotated by `table[2s + 1]` positions (i32 bits; 0: copied
+/// exactly). `ks`/`vs` f16 `[rows, kv_heads, head_dim]`, `kc`/`vc` f16 `[slots, ..]`.
+/// The host checks every row against the slab (the kernel does not).
+#[allow(clippy::too_many_arguments)]
+pub fn assemble_kv(
+    step: &mut Step,
+    ks: &Tensor,
+    vs: &Tensor,
+    table: &Tensor,
+    kc: &Tensor,
+    vc: &Tensor,
+    slot0: usize,
+    n: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    inv_freq: &Tensor,
+    interleaved: bool,
+) -> Result<()> {
+    let kvd = kv_heads * head_dim;
+    for (t, what) in [
+        (ks, "slab k"),
+        (vs, "slab v"),
+        (kc, "cache k"),
+        (vc, "cache v"),
+    ] {
+        need_dtype(t, DType::F16, &format!("assemble_kv {what}"))?;
+    }
+    need(
+        ks.numel() == vs.numel() && ks.numel().is_multiple_of(kvd.max(1)),
+        || {
+            format!(
+                "assemble_kv: slab k/v of {} and {} elements for kv_dim {kvd}",
+                ks.numel(),
+                vs.numel()
+            )
+        },
+    )?;
+    need_len(kc, (slot0 + n) * kvd, "assemble_kv cache k")?;
+    need_len(vc, (slot0 + n) * kvd, "assemble_kv cache v")?;
+    need_len(table, 2 * n, "assemble_kv table")?;
+    need_len(inv_freq, head_dim / 2, "assemble_kv inv_freq")?;
+    need(head_dim.is_multiple_of(4), || {
+        format!("assemble_kv: head_dim {head_dim} must be a multiple of 4")
+    })?;
+    let threads = n * kv_heads * head_dim / 4;
+    if threads == 0 {
+        return Ok(());
+    }
+    let params = [
+        n as u32,
+        kv_heads as u32,
+        head_dim as u32,
+        slot0 as u32,
+        interleaved as u32,
+    ];
+    step.dispatch(
+        ASSEMBLE_KV,
+        &params,
+        &[ks, vs, table, inv_freq, kc, vc],
         grid_1d(threads.div_ceil(256) as u32),
     );
     Ok(())
