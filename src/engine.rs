@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor, TensorUpload};
 use crate::kv::store::{EntryHeader, PayloadSink};
 use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru, SharedStore};
+use crate::link::pool::Lease;
 use crate::link::{self, DocCache, DocPool, LinkConfig, Mode, PromptPlan, Timings};
 use crate::model::llama::{Batch, KvCache, Llama, Logits};
 use crate::model::{ModelConfig, Tokenizer, WeightSource};
@@ -723,22 +724,44 @@ impl Engine {
     fn upload_sink(&self, tokens: &[u32], h: &EntryHeader) -> Result<UploadSink> {
         self.check_doc_shape(tokens, h.n_tokens, h.n_layers, h.kv_dim)?;
         // One staging buffer per document, or per group of layers for a cache too big
-        // for one buffer.
+        // for one buffer; straight into pool rows where the pool has room.
         let n = 2 * h.n_layers;
         let part_bytes = (h.n_tokens * h.kv_dim * 2).max(4) as u64;
         let max = UPLOAD_BYTES.min(self.gpu().limits.max_buffer_size);
         let per = ((max / part_bytes) as usize).clamp(1, n.max(1));
+        let lease = self.pool.lease(h.n_tokens)?;
         let uploads = (0..n)
             .step_by(per)
             .map(|i| {
-                self.gpu()
-                    .upload_f16(per.min(n - i), &[h.n_tokens, h.kv_dim], "doc kv")
+                let parts = i..(i + per).min(n);
+                match &lease {
+                    Some(l) => {
+                        let (k, v, at) = l.rows();
+                        let rb = (h.kv_dim * 2) as u64;
+                        let dests = parts
+                            .map(|p| {
+                                let t = if p < h.n_layers {
+                                    &k[p]
+                                } else {
+                                    &v[p - h.n_layers]
+                                };
+                                (t.clone(), at as u64 * rb)
+                            })
+                            .collect();
+                        self.gpu()
+                            .upload_into(dests, h.n_tokens * h.kv_dim * 2, "doc kv")
+                    }
+                    None => self
+                        .gpu()
+                        .upload_f16(parts.len(), &[h.n_tokens, h.kv_dim], "doc kv"),
+                }
             })
             .collect::<Result<_>>()?;
         Ok(UploadSink {
             tokens: tokens.to_vec(),
             uploads,
             per,
+            lease,
         })
     }
 
@@ -1195,6 +1218,8 @@ struct UploadSink {
     /// each upload.
     uploads: Vec<TensorUpload>,
     per: usize,
+    /// The pool rows the uploads fill, if the pool had room.
+    lease: Option<Lease>,
 }
 
 impl PayloadSink for UploadSink {
@@ -1211,7 +1236,12 @@ impl PayloadSink for UploadSink {
             .into_iter()
             .flat_map(TensorUpload::finish)
             .collect();
-        let v = k.split_off(k.len() / 2);
-        Ok(DocCache::new(self.tokens, k, v))
+        Ok(match self.lease {
+            Some(lease) => DocCache::leased(self.tokens, lease),
+            None => {
+                let v = k.split_off(k.len() / 2);
+                DocCache::new(self.tokens, k, v)
+            }
+        })
     }
 }

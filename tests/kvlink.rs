@@ -176,6 +176,12 @@ fn document_caches_persist_on_disk_and_corrupt_entries_are_recomputed() {
     e.clear_doc_caches();
     let (_, warm, t2) = e.request_logits(&req).unwrap();
     assert_eq!((t2.disk_docs, t2.computed_docs), (2, 0));
+    // read straight into the pool's rows, as computed caches are
+    for j in 0..2 {
+        // (Gpu, or Disk again if a test beside this one cleared the shared engine's caches)
+        let (dc, _) = e.precompute_from(plan.doc_tokens(j)).unwrap();
+        assert!(dc.slab().is_some(), "document {j} from disk is not pooled");
+    }
     assert!(
         diff(&warm, &cold).0 < 1e-5,
         "caches from disk changed the logits"
@@ -275,6 +281,33 @@ fn staged_uploads_round_trip_and_reuse_staging() {
             assert_eq!(&got[bytes..], &[0, 0], "round {round}: padding");
         }
     }
+    // into rows of larger buffers: only those bytes change
+    let big: Vec<kvlink::gpu::Tensor> = (0..2)
+        .map(|_| kvlink::gpu::Tensor::from_u32(g, &[16], &[0xdead_beef; 16], "rows").unwrap())
+        .collect();
+    let want: Vec<Vec<u8>> = (0..2)
+        .map(|_| (0..12).map(|_| rng.next_u64() as u8).collect())
+        .collect();
+    let dests = vec![(big[0].clone(), 8), (big[1].clone(), 48)];
+    let mut up = g.upload_into(dests, 12, "rows").unwrap();
+    for (i, w) in want.iter().enumerate() {
+        up.write(i, 0, w);
+    }
+    up.finish();
+    for (t, (w, off)) in big.iter().zip(want.iter().zip([8usize, 48])) {
+        let words = g.read_words(t).unwrap();
+        let got: &[u8] = bytemuck::cast_slice(&words);
+        assert_eq!(&got[off..off + 12], &w[..]);
+        let rest: Vec<u8> = got[..off].iter().chain(&got[off + 12..]).copied().collect();
+        assert!(
+            rest.chunks(4).all(|c| c == 0xdead_beefu32.to_le_bytes()),
+            "bytes outside changed"
+        );
+    }
+    // not whole words, or past the end: refused
+    assert!(g.upload_into(vec![(big[0].clone(), 2)], 12, "x").is_err());
+    assert!(g.upload_into(vec![(big[0].clone(), 0)], 10, "x").is_err());
+    assert!(g.upload_into(vec![(big[0].clone(), 56)], 12, "x").is_err());
 }
 
 #[test]

@@ -49,10 +49,14 @@ pub struct TensorUpload {
     /// The mapped staging range; `None` once finished.
     view: Option<wgpu::BufferViewMut>,
     tensors: Vec<Tensor>,
+    /// Where in each tensor the bytes go.
+    offsets: Vec<u64>,
     /// Element bytes of one tensor.
     bytes: usize,
-    /// Staging bytes per tensor (its buffer's size: whole words).
+    /// Staging bytes per tensor (whole words).
     stride: usize,
+    /// Bytes copied into each tensor.
+    copy: u64,
 }
 
 impl Gpu {
@@ -70,6 +74,42 @@ impl Gpu {
             .collect::<Result<Vec<_>>>()?;
         let stride = tensors.first().map_or(4, |t| t.buf.size() as usize);
         let bytes = shape.iter().product::<usize>() * DType::F16.size();
+        let dests = tensors.into_iter().map(|t| (t, 0)).collect();
+        self.start_upload(dests, bytes, stride, stride as u64, label)
+    }
+
+    /// Start an upload of `bytes` bytes into each of `dests`: tensor `i` from byte
+    /// offset `dests[i].1` (e.g. rows of a larger buffer). `bytes` and the offsets must
+    /// be multiples of 4; the bytes around each range are left as they are.
+    pub fn upload_into(
+        self: &Arc<Self>,
+        dests: Vec<(Tensor, u64)>,
+        bytes: usize,
+        label: &str,
+    ) -> Result<TensorUpload> {
+        for (t, off) in &dests {
+            if !bytes.is_multiple_of(4) || off % 4 != 0 || off + bytes as u64 > t.buf.size() {
+                return Err(Error::Input(format!(
+                    "{label}: {bytes} bytes at offset {off} do not fit a {}-byte buffer in \
+                     whole words",
+                    t.buf.size()
+                )));
+            }
+        }
+        self.start_upload(dests, bytes, bytes, bytes as u64, label)
+    }
+
+    /// `stride`: staging bytes per tensor (`bytes` and zero padding); `copy`: bytes
+    /// copied into each destination.
+    fn start_upload(
+        self: &Arc<Self>,
+        dests: Vec<(Tensor, u64)>,
+        bytes: usize,
+        stride: usize,
+        copy: u64,
+        label: &str,
+    ) -> Result<TensorUpload> {
+        let n = dests.len();
         let size = ((n * stride) as u64).max(4);
         let pooled = self
             .staging
@@ -87,13 +127,16 @@ impl Gpu {
         let view = staging
             .get_mapped_range_mut(..size)
             .map_err(|e| Error::Gpu(format!("{label}: staging memory not mapped: {e}")))?;
+        let (tensors, offsets) = dests.into_iter().unzip();
         Ok(TensorUpload {
             gpu: self.clone(),
             staging,
             view: Some(view),
             tensors,
+            offsets,
             bytes,
             stride,
+            copy,
         })
     }
 }
@@ -130,9 +173,9 @@ impl TensorUpload {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("upload"),
             });
-        for (i, t) in self.tensors.iter().enumerate() {
+        for (i, (t, off)) in self.tensors.iter().zip(&self.offsets).enumerate() {
             let at = (i * self.stride) as u64;
-            enc.copy_buffer_to_buffer(&staging, at, &t.buf, 0, self.stride as u64);
+            enc.copy_buffer_to_buffer(&staging, at, &t.buf, *off, self.copy);
         }
         g.queue.submit([enc.finish()]);
         // Mapped again once the copies have run (seen by the next poll: any wait or read

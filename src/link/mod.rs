@@ -82,7 +82,8 @@ impl DocCache {
             lease: None,
         }
     }
-    fn leased(tokens: Vec<u32>, lease: pool::Lease) -> DocCache {
+    /// A cache in the rows `lease` holds (filled by the caller).
+    pub fn leased(tokens: Vec<u32>, lease: pool::Lease) -> DocCache {
         DocCache {
             tokens,
             k: lease.slab.k.clone(),

@@ -112,6 +112,13 @@ pub struct Lease {
     len: usize,
 }
 
+impl Lease {
+    /// The slab's per-layer K and V tensors and the first row held.
+    pub fn rows(&self) -> (&[Tensor], &[Tensor], usize) {
+        (&self.slab.k, &self.slab.v, self.start)
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         self.slab.free().release(self.start, self.len);
