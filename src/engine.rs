@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor, TensorUpload};
-use crate::kv::store::{EntryHeader, PayloadSink};
+use crate::kv::store::PayloadSink;
 use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru, SharedStore};
 use crate::link::pool::Lease;
 use crate::link::{self, DocCache, DocPool, LinkConfig, Mode, PromptPlan, Timings};
@@ -707,29 +707,45 @@ impl Engine {
 
     /// Upload a document cache read from another store (the browser's).
     fn upload_doc(&self, tokens: &[u32], kv: &DocKv) -> Result<DocCache> {
-        self.check_doc_shape(tokens, kv.n_tokens, kv.n_layers, kv.kv_dim)?;
-        let g = self.gpu();
-        let shape = [kv.n_tokens, kv.kv_dim];
-        let up = |b: &Vec<u8>| Tensor::from_f16_bytes(g, &shape, b, "doc kv");
-        DocCache::new(
-            tokens.to_vec(),
-            kv.k.iter().map(up).collect::<Result<_>>()?,
-            kv.v.iter().map(up).collect::<Result<_>>()?,
-        )
-        .into_pool(&self.pool)
+        let mut sink = self.upload_sink(tokens, kv.n_tokens, kv.n_layers, kv.kv_dim)?;
+        let want = kv.n_tokens * kv.kv_dim * 2;
+        if kv.k.len() != kv.n_layers || kv.v.len() != kv.n_layers {
+            return Err(Error::Input(format!(
+                "document cache has {} K and {} V layers, {} expected",
+                kv.k.len(),
+                kv.v.len(),
+                kv.n_layers
+            )));
+        }
+        for (part, bytes) in kv.k.iter().chain(&kv.v).enumerate() {
+            if bytes.len() != want || part >= 2 * kv.n_layers {
+                return Err(Error::Input(format!(
+                    "document cache part {part} has {} bytes, {want} expected",
+                    bytes.len()
+                )));
+            }
+            sink.write(part, 0, bytes);
+        }
+        sink.finish()
     }
 
     /// A sink that uploads a disk-store entry as it is read: file -> (L2-sized chunk) ->
     /// pooled staging memory -> GPU buffers, with no host copy of the whole cache.
-    fn upload_sink(&self, tokens: &[u32], h: &EntryHeader) -> Result<UploadSink> {
-        self.check_doc_shape(tokens, h.n_tokens, h.n_layers, h.kv_dim)?;
+    fn upload_sink(
+        &self,
+        tokens: &[u32],
+        n_tokens: usize,
+        n_layers: usize,
+        kv_dim: usize,
+    ) -> Result<UploadSink> {
+        self.check_doc_shape(tokens, n_tokens, n_layers, kv_dim)?;
         // One staging buffer per document, or per group of layers for a cache too big
         // for one buffer; straight into pool rows where the pool has room.
-        let n = 2 * h.n_layers;
-        let part_bytes = (h.n_tokens * h.kv_dim * 2).max(4) as u64;
+        let n = 2 * n_layers;
+        let part_bytes = (n_tokens * kv_dim * 2).max(4) as u64;
         let max = UPLOAD_BYTES.min(self.gpu().limits.max_buffer_size);
         let per = ((max / part_bytes) as usize).clamp(1, n.max(1));
-        let lease = self.pool.lease(h.n_tokens)?;
+        let lease = self.pool.lease(n_tokens)?;
         let uploads = (0..n)
             .step_by(per)
             .map(|i| {
@@ -737,23 +753,23 @@ impl Engine {
                 match &lease {
                     Some(l) => {
                         let (k, v, at) = l.rows();
-                        let rb = (h.kv_dim * 2) as u64;
+                        let rb = (kv_dim * 2) as u64;
                         let dests = parts
                             .map(|p| {
-                                let t = if p < h.n_layers {
+                                let t = if p < n_layers {
                                     &k[p]
                                 } else {
-                                    &v[p - h.n_layers]
+                                    &v[p - n_layers]
                                 };
                                 (t.clone(), at as u64 * rb)
                             })
                             .collect();
                         self.gpu()
-                            .upload_into(dests, h.n_tokens * h.kv_dim * 2, "doc kv")
+                            .upload_into(dests, n_tokens * kv_dim * 2, "doc kv")
                     }
                     None => self
                         .gpu()
-                        .upload_f16(parts.len(), &[h.n_tokens, h.kv_dim], "doc kv"),
+                        .upload_f16(parts.len(), &[n_tokens, kv_dim], "doc kv"),
                 }
             })
             .collect::<Result<_>>()?;
@@ -818,7 +834,7 @@ impl Engine {
                 &self.fingerprint,
                 &self.tokenizer_fingerprint,
                 d,
-                |h| self.upload_sink(d, h),
+                |h| self.upload_sink(d, h.n_tokens, h.n_layers, h.kv_dim),
             )
         };
         #[cfg(not(target_arch = "wasm32"))]
