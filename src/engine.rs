@@ -651,6 +651,11 @@ impl Engine {
             .used_bytes()
     }
 
+    /// The GPU memory pool the resident document caches live in.
+    pub fn doc_pool(&self) -> &DocPool {
+        &self.pool
+    }
+
     /// Drop a document's cache from the GPU, the disk store and the shared tier (those
     /// configured). Returns whether any held it.
     pub fn forget_doc(&self, key: &DocKey) -> Result<bool> {

@@ -369,6 +369,10 @@ fn health_and_metrics() {
     }
     let bytes: f64 = metric(&m, "kvlink_gpu_doc_cache_bytes").unwrap();
     assert!(bytes > 0.0);
+    // the resident caches live in the pool: at least their bytes, in at least one slab
+    let pool: f64 = metric(&m, "kvlink_gpu_pool_bytes").unwrap();
+    assert!(pool >= bytes, "pool {pool} < resident {bytes}");
+    assert!(metric(&m, "kvlink_gpu_pool_slabs").unwrap() >= 1.0);
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {

@@ -69,6 +69,9 @@ pub struct Metrics {
 pub struct Gauges {
     pub queue_depth: usize,
     pub gpu_cache_bytes: u64,
+    /// GPU memory the document-cache pool's slabs take, and how many there are.
+    pub gpu_pool_bytes: u64,
+    pub gpu_pool_slabs: usize,
     pub documents: usize,
 }
 
@@ -170,6 +173,16 @@ impl Metrics {
             out,
             "# HELP kvlink_gpu_doc_cache_bytes Bytes of document caches resident on the GPU.\n# TYPE kvlink_gpu_doc_cache_bytes gauge\nkvlink_gpu_doc_cache_bytes {}",
             g.gpu_cache_bytes
+        );
+        let _ = writeln!(
+            out,
+            "# HELP kvlink_gpu_pool_bytes GPU memory of the document-cache pool (its slabs).\n# TYPE kvlink_gpu_pool_bytes gauge\nkvlink_gpu_pool_bytes {}",
+            g.gpu_pool_bytes
+        );
+        let _ = writeln!(
+            out,
+            "# HELP kvlink_gpu_pool_slabs Slabs of the document-cache pool (gather dispatches per layer at most).\n# TYPE kvlink_gpu_pool_slabs gauge\nkvlink_gpu_pool_slabs {}",
+            g.gpu_pool_slabs
         );
         let _ = writeln!(
             out,

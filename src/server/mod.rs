@@ -236,6 +236,8 @@ async fn metrics_text(AxState(st): AxState<Arc<State>>) -> Response {
     let g = metrics::Gauges {
         queue_depth: st.queue.load(Ordering::SeqCst),
         gpu_cache_bytes: st.engine.doc_cache_bytes(),
+        gpu_pool_bytes: st.engine.doc_pool().bytes(),
+        gpu_pool_slabs: st.engine.doc_pool().slabs(),
         documents: st.docs.lock().unwrap_or_else(|e| e.into_inner()).len(),
     };
     (
