@@ -22,7 +22,6 @@ pub use shared::SharedStore;
 pub use store::{DiskStore, EntryInfo, Lookup, PruneStats, StoreStats};
 
 use crate::{Error, Result};
-use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::Hash;
 
@@ -234,19 +233,13 @@ pub fn checksum64(data: &[u8]) -> u64 {
 // ---------------------------------------------------------------------------------------
 
 /// LRU index with a byte budget (GPU-independent; the values are whatever the caller
-/// keeps, e.g. GPU buffers). `used_bytes() <= budget_bytes()` always holds.
-pub struct Lru<K, V> {
+/// keeps, e.g. GPU buffers). `used_bytes() <= budget_bytes()` always holds. The recency
+/// order is the `lru` crate's; this adds the byte accounting and eviction by budget.
+pub struct Lru<K: Hash + Eq, V> {
     budget_bytes: u64,
     used: u64,
-    tick: u64,
-    map: HashMap<K, LruEntry<V>>,
-    order: BTreeMap<u64, K>,
-}
-
-struct LruEntry<V> {
-    value: V,
-    bytes: u64,
-    tick: u64,
+    /// value and its bytes, most recently used first
+    map: lru::LruCache<K, (V, u64)>,
 }
 
 impl<K: Eq + Hash + Clone, V> Lru<K, V> {
@@ -254,9 +247,7 @@ impl<K: Eq + Hash + Clone, V> Lru<K, V> {
         Lru {
             budget_bytes,
             used: 0,
-            tick: 0,
-            map: HashMap::new(),
-            order: BTreeMap::new(),
+            map: lru::LruCache::unbounded(),
         }
     }
 
@@ -277,27 +268,17 @@ impl<K: Eq + Hash + Clone, V> Lru<K, V> {
     }
 
     pub fn contains(&self, k: &K) -> bool {
-        self.map.contains_key(k)
-    }
-
-    fn next_tick(&mut self) -> u64 {
-        self.tick += 1;
-        self.tick
+        self.map.contains(k)
     }
 
     /// Looks up `k` and marks it most recently used.
     pub fn get(&mut self, k: &K) -> Option<&V> {
-        let t = self.next_tick();
-        let e = self.map.get_mut(k)?;
-        let key = self.order.remove(&e.tick).expect("lru order out of sync");
-        e.tick = t;
-        self.order.insert(t, key);
-        Some(&e.value)
+        self.map.get(k).map(|e| &e.0)
     }
 
     /// Looks up `k` without changing its recency.
     pub fn peek(&self, k: &K) -> Option<&V> {
-        self.map.get(k).map(|e| &e.value)
+        self.map.peek(k).map(|e| &e.0)
     }
 
     /// Inserts `k` as most recently used and returns what had to go, oldest first:
@@ -319,33 +300,22 @@ impl<K: Eq + Hash + Clone, V> Lru<K, V> {
                 None => break,
             }
         }
-        let t = self.next_tick();
-        self.order.insert(t, k.clone());
-        self.map.insert(
-            k,
-            LruEntry {
-                value: v,
-                bytes,
-                tick: t,
-            },
-        );
+        self.map.put(k, (v, bytes));
         self.used += bytes;
         evicted
     }
 
     pub fn remove(&mut self, k: &K) -> Option<V> {
-        let e = self.map.remove(k)?;
-        self.order.remove(&e.tick);
-        self.used -= e.bytes;
-        Some(e.value)
+        let (v, bytes) = self.map.pop(k)?;
+        self.used -= bytes;
+        Some(v)
     }
 
     /// Removes and returns the least recently used entry.
     pub fn pop_lru(&mut self) -> Option<(K, V)> {
-        let (_, k) = self.order.pop_first()?;
-        let e = self.map.remove(&k).expect("lru order out of sync");
-        self.used -= e.bytes;
-        Some((k, e.value))
+        let (k, (v, bytes)) = self.map.pop_lru()?;
+        self.used -= bytes;
+        Some((k, v))
     }
 
     /// Changes the budget, returning the entries evicted to meet it (oldest first).
@@ -363,7 +333,7 @@ impl<K: Eq + Hash + Clone, V> Lru<K, V> {
 
     /// Keys from least to most recently used.
     pub fn keys_lru_order(&self) -> impl Iterator<Item = &K> {
-        self.order.values()
+        self.map.iter().rev().map(|(k, _)| k)
     }
 
     /// Removes everything, returning the entries (oldest first).
@@ -376,7 +346,7 @@ impl<K: Eq + Hash + Clone, V> Lru<K, V> {
     }
 }
 
-impl<K, V> fmt::Debug for Lru<K, V> {
+impl<K: Hash + Eq, V> fmt::Debug for Lru<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lru")
             .field("budget_bytes", &self.budget_bytes)
