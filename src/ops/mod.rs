@@ -851,26 +851,24 @@ pub fn rotate_keys(
     need_dtype(kc, DType::F16, "rotate_keys cache")?;
     need_len(kc, (slot0 + n) * kv_heads * head_dim, "rotate_keys cache")?;
     need_len(deltas, n, "rotate_keys deltas")?;
+    let shape = [n, kv_heads, head_dim, slot0, interleaved as usize];
+    key_turn(step, ROTATE_KEYS, shape, &[kc, deltas, inv_freq])
+}
+
+/// The dispatch of the key-rotating kernels (rotate_keys, assemble_kv): one thread per
+/// (slot, head, quarter of head_dim); `shape` is their parameters
+/// `[slots, kv_heads, head_dim, slot0, interleaved]`.
+fn key_turn(step: &mut Step, k: Kernel, shape: [usize; 5], bufs: &[&Tensor]) -> Result<()> {
+    let [n, kv_heads, head_dim, ..] = shape;
     need(head_dim.is_multiple_of(4), || {
-        format!("rotate_keys: head_dim {head_dim} must be a multiple of 4")
+        format!("{}: head_dim {head_dim} must be a multiple of 4", k.entry)
     })?;
     let threads = n * kv_heads * head_dim / 4;
     if threads == 0 {
         return Ok(());
     }
-    let params = [
-        n as u32,
-        kv_heads as u32,
-        head_dim as u32,
-        slot0 as u32,
-        interleaved as u32,
-    ];
-    step.dispatch(
-        ROTATE_KEYS,
-        &params,
-        &[kc, deltas, inv_freq],
-        grid_1d(threads.div_ceil(256) as u32),
-    );
+    let params = shape.map(|x| x as u32);
+    step.dispatch(k, &params, bufs, grid_1d(threads.div_ceil(256) as u32));
     Ok(())
 }
 
@@ -917,27 +915,8 @@ pub fn assemble_kv(
     need_len(vc, (slot0 + n) * kvd, "assemble_kv cache v")?;
     need_len(table, 2 * n, "assemble_kv table")?;
     need_len(inv_freq, head_dim / 2, "assemble_kv inv_freq")?;
-    need(head_dim.is_multiple_of(4), || {
-        format!("assemble_kv: head_dim {head_dim} must be a multiple of 4")
-    })?;
-    let threads = n * kv_heads * head_dim / 4;
-    if threads == 0 {
-        return Ok(());
-    }
-    let params = [
-        n as u32,
-        kv_heads as u32,
-        head_dim as u32,
-        slot0 as u32,
-        interleaved as u32,
-    ];
-    step.dispatch(
-        ASSEMBLE_KV,
-        &params,
-        &[ks, vs, table, inv_freq, kc, vc],
-        grid_1d(threads.div_ceil(256) as u32),
-    );
-    Ok(())
+    let shape = [n, kv_heads, head_dim, slot0, interleaved as usize];
+    key_turn(step, ASSEMBLE_KV, shape, &[ks, vs, table, inv_freq, kc, vc])
 }
 
 /// Store `t` new keys/values (f32 `[t, kv_dim]`) into the f16 cache at `slots[i]`.
