@@ -1103,3 +1103,65 @@ fn get_with_streams_parts_in_order_and_finishes_only_verified_hits() {
         "a sink failure is not the entry's fault"
     );
 }
+
+/// A shared tier in memory, for what writes to one.
+#[derive(Default)]
+struct MemShared(std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>);
+
+impl kvlink::kv::SharedStore for MemShared {
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+    fn get(&self, key: &DocKey) -> kvlink::Result<Option<Vec<u8>>> {
+        Ok(self.0.lock().unwrap().get(&key.to_string()).cloned())
+    }
+    fn put(&self, key: &DocKey, entry: &[u8]) -> kvlink::Result<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), entry.to_vec());
+        Ok(())
+    }
+    fn remove(&self, key: &DocKey) -> kvlink::Result<bool> {
+        Ok(self.0.lock().unwrap().remove(&key.to_string()).is_some())
+    }
+}
+
+#[test]
+fn push_copies_intact_entries_under_their_header_keys() {
+    use kvlink::kv::shared::push_store;
+    let td = TempDir::new("push");
+    let store = DiskStore::open(td.path()).unwrap();
+    let (a, _) = put_seed(&store, 1);
+    let (b, _) = put_seed(&store, 2);
+    let (c, _) = put_seed(&store, 3);
+    // b corrupt; c's file renamed to another key's name
+    let pb = store.path_for(&b);
+    let mut raw = fs::read(&pb).unwrap();
+    let mid = raw.len() / 2;
+    raw[mid] ^= 0x40;
+    fs::write(&pb, &raw).unwrap();
+    let other = DocKey::new(MODEL, TOK, &tokens(77, 5));
+    let c_bytes = fs::read(store.path_for(&c)).unwrap();
+    fs::create_dir_all(store.path_for(&other).parent().unwrap()).unwrap();
+    fs::rename(store.path_for(&c), store.path_for(&other)).unwrap();
+    let mem = MemShared::default();
+    let mut calls = Vec::new();
+    let st = push_store(&store, &mem, &mut |d, n| calls.push((d, n))).unwrap();
+    assert_eq!((st.pushed, st.skipped), (2, 1), "{st:?}");
+    assert_eq!(calls.last(), Some(&(3, 3)));
+    let got = mem.0.lock().unwrap().clone();
+    let keys: Vec<&String> = got.keys().collect();
+    let mut want = [a.to_string(), c.to_string()];
+    want.sort();
+    assert_eq!(keys, want.iter().collect::<Vec<_>>());
+    assert_eq!(got[&a.to_string()], fs::read(store.path_for(&a)).unwrap());
+    assert_eq!(got[&c.to_string()], c_bytes);
+    assert_eq!(
+        st.pushed_bytes,
+        (got[&a.to_string()].len() + c_bytes.len()) as u64
+    );
+    // what was pushed reads back as the disk entry it came from
+    assert!(kvlink::kv::store::check_entry(&got[&a.to_string()]).is_ok());
+    assert!(kvlink::kv::store::check_entry(&raw).is_err());
+}

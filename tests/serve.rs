@@ -866,3 +866,66 @@ fn redis_tier_shared_between_two_servers() {
         "no warning about redis:\n{log}"
     );
 }
+
+/// `kvlink store push` fills a Redis tier with a disk store's intact entries.
+#[test]
+fn store_push_fills_redis_from_a_disk_store() {
+    use kvlink::kv::{DiskStore, DocKey, DocKv};
+    let Some(redis) = RedisServer::start() else {
+        common::skip(
+            "redis",
+            "store_push_fills_redis_from_a_disk_store",
+            "redis-server is not installed (apt-get install redis-server)",
+        );
+        return;
+    };
+    let dir = TempDir::new("push-cli");
+    let store = DiskStore::open(dir.path()).unwrap();
+    let mut keys = Vec::new();
+    for seed in 0..3u32 {
+        let t: Vec<u32> = (0..9).map(|i| seed * 100 + i).collect();
+        let key = DocKey::new("model-fp", "tok-fp", &t);
+        let mut kv = DocKv::zeros(t.len(), 2, 8);
+        kv.k[0][0] = seed as u8 + 1;
+        store.put(&key, "model-fp", "tok-fp", &t, &kv).unwrap();
+        keys.push(key);
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvlink"))
+        .args(["store", "push", "--json", "--to", &redis.url, "--store"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["pushed"].as_u64(), v["skipped"].as_u64()),
+        (Some(3), Some(0)),
+        "{v}"
+    );
+    let got = redis.entries();
+    for k in &keys {
+        let want = std::fs::read(store.path_for(k)).unwrap();
+        assert_eq!(got.get(&k.to_string()), Some(&want), "entry {k}");
+    }
+    // a --to that is not Redis, or no store there: clear errors
+    for (to, store_dir) in [
+        ("http://x", dir.path().to_path_buf()),
+        (redis.url.as_str(), dir.path().join("none")),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvlink"))
+            .args(["store", "push", "--to", to, "--store"])
+            .arg(&store_dir)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("redis://") || err.contains("no document store"),
+            "{err}"
+        );
+    }
+}

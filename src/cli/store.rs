@@ -3,9 +3,12 @@
 use super::rag::store_cap;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use kvlink::kv::redis::RedisStore;
+use kvlink::kv::shared::push_store;
 use kvlink::kv::DiskStore;
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 #[derive(Subcommand)]
 pub enum StoreCmd {
@@ -19,6 +22,27 @@ pub enum StoreCmd {
     /// `precompute` do the same by themselves when they open the store (unless a prune
     /// finished in the last 10 minutes) and as they write it.
     Prune(StorePruneArgs),
+    /// Copy every intact entry of the disk store to a shared Redis tier, so that other
+    /// servers (`--store redis://...`) start with the caches this machine already has.
+    /// Corrupt entries and those of another cache format are reported and left out.
+    Push(StorePushArgs),
+}
+
+#[derive(Args)]
+pub struct StorePushArgs {
+    /// The store (default: <cache dir>/kv).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// The shared tier to fill.
+    #[arg(long, value_name = "redis://HOST:PORT")]
+    pub to: String,
+    /// Expiry of the pushed entries in hours (0: never), as `--store-ttl-hours` of the
+    /// servers. Default: 168 (a week).
+    #[arg(long, value_name = "HOURS")]
+    pub store_ttl_hours: Option<f64>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -140,6 +164,52 @@ pub fn store(cmd: &StoreCmd) -> Result<()> {
                 );
             }
         }
+        StoreCmd::Push(a) => push(a)?,
+    }
+    Ok(())
+}
+
+fn push(a: &StorePushArgs) -> Result<()> {
+    let dir = a.store.clone().unwrap_or_else(DiskStore::default_dir);
+    if !dir.is_dir() {
+        anyhow::bail!("no document store at {}", dir.display());
+    }
+    if !RedisStore::is_url(&a.to) {
+        anyhow::bail!("--to must be a redis:// URL, got {:?}", a.to);
+    }
+    let hours = a.store_ttl_hours.unwrap_or(168.0);
+    if !(hours.is_finite() && hours >= 0.0) {
+        anyhow::bail!("--store-ttl-hours must be 0 or more, got {hours}");
+    }
+    let shared = RedisStore::open(&a.to, Duration::from_secs_f64(hours * 3600.0))?;
+    shared.ping()?;
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("pushing [{bar:25}] {pos}/{len} ({elapsed}, eta {eta})")
+            .expect("valid template"),
+    );
+    if a.json {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let st = push_store(&DiskStore::inspect(&dir), &shared, &mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })
+    .with_context(|| format!("pushing {} to {}", dir.display(), a.to))?;
+    pb.finish_and_clear();
+    if a.json {
+        let v = serde_json::json!({"dir": dir, "to": a.to, "pushed": st.pushed,
+            "pushed_bytes": st.pushed_bytes, "skipped": st.skipped});
+        println!("{v}");
+    } else {
+        println!(
+            "{} -> {}: pushed {} entries ({:.3} GB), skipped {}",
+            dir.display(),
+            a.to,
+            st.pushed,
+            st.pushed_bytes as f64 / 1e9,
+            st.skipped
+        );
     }
     Ok(())
 }

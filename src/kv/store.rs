@@ -980,6 +980,29 @@ pub fn decode_entry(
     }
 }
 
+/// The header of one entry file's bytes, if they are an intact entry of this cache
+/// format (magic, version, length, checksum); why not otherwise.
+pub fn check_entry(bytes: &[u8]) -> std::result::Result<EntryHeader, String> {
+    let mut r = bytes;
+    let h = match read_header_hashed(&mut r, bytes.len() as u64, &mut Xxh64::new(0)) {
+        Ok((h, _)) => h,
+        Err(ReadErr::Version(v)) => return Err(version_mismatch(v)),
+        Err(ReadErr::Corrupt(why)) => return Err(why),
+        Err(ReadErr::Io(e)) => return Err(e.to_string()),
+        Err(ReadErr::Sink(e)) => return Err(e.to_string()),
+    };
+    match decode_entry(
+        bytes,
+        &h.model_fingerprint,
+        &h.tokenizer_fingerprint,
+        &h.token_ids,
+    ) {
+        Lookup::Hit(_) => Ok(h),
+        Lookup::Corrupt(why) | Lookup::Mismatch(why) => Err(why),
+        Lookup::Miss => Err("no entry".into()),
+    }
+}
+
 fn version_mismatch(v: u32) -> String {
     format!("entry has cache format version {v}, this build uses {CACHE_FORMAT_VERSION}")
 }
