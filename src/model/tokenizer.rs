@@ -104,7 +104,7 @@ pub mod token_type {
 }
 
 /// Tokenizer-related GGUF metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`).
-/// Filled by `GgufTokenizerMeta::from_gguf` (in `gguf.rs`) or by hand in tests.
+/// Filled by `GgufTokenizerMeta::from_gguf` (in `gguf/tokenizer_meta.rs`) or by hand in tests.
 #[derive(Clone, Debug, Default)]
 pub struct GgufTokenizerMeta {
     /// File it came from (for error messages).
