@@ -139,9 +139,9 @@ pub fn log_softmax(x: &[f32]) -> Vec<f32> {
 
 /// The `k` most likely tokens of a logits row as JSON objects `{id, token, logprob}`,
 /// most likely first (ties by id): the `top` list of `kvlink logits` and the browser's
-/// `logits()`.
+/// `logits()`. `piece` gives a token's text (the tokenizer's `token_piece`).
 pub fn top_logprobs_json(
-    tokenizer: &crate::model::Tokenizer,
+    piece: impl Fn(u32) -> String,
     logits: &[f32],
     k: usize,
 ) -> Vec<serde_json::Value> {
@@ -153,7 +153,7 @@ pub fn top_logprobs_json(
         .map(|&i| {
             serde_json::json!({
                 "id": i,
-                "token": tokenizer.token_piece(i as u32),
+                "token": piece(i as u32),
                 "logprob": lp[i],
             })
         })

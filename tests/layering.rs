@@ -46,8 +46,6 @@ const DEBTS: &[(&str, &str)] = &[
     ("gpu", "web"),
     // The store's default directory comes from model::paths::cache_dir.
     ("kv", "model"),
-    // Sampling formats its JSON with the tokenizer's token text.
-    ("sampling", "model"),
 ];
 
 fn layer(m: &str) -> Option<u32> {

@@ -625,7 +625,7 @@ fn logits(
         let (plan, lg, _) = engine.request_logits(&req)?;
         (plan.tokens, plan.segments, plan.positions, lg)
     };
-    let tops = kvlink::sampling::top_logprobs_json(&engine.tokenizer, &lg, top);
+    let tops = kvlink::sampling::top_logprobs_json(|i| engine.tokenizer.token_piece(i), &lg, top);
     if json {
         println!(
             "{}",

@@ -277,7 +277,8 @@ impl Kvlink {
             .last()
             .ok_or_else(|| js_err(Error::Gpu("no logits were read".into())))?;
         let lg = words_to_f32(words, DType::F32, vocab);
-        let tops = crate::sampling::top_logprobs_json(&engine.tokenizer, &lg, top);
+        let tops =
+            crate::sampling::top_logprobs_json(|i| engine.tokenizer.token_piece(i), &lg, top);
         Ok(to_js(&serde_json::json!({ "tokens": ids, "top": tops })))
     }
 }
