@@ -12,6 +12,7 @@ use std::path::Path;
 /// and lower layers' modules).
 const LAYERS: &[(&str, u32)] = &[
     ("error", 0),
+    ("paths", 0),
     // Pure storage and numerics: bytes of KV caches, sampling from logits.
     ("kv", 1),
     ("sampling", 1),
@@ -44,8 +45,6 @@ const ROOT_REEXPORTS: &[(&str, &str)] = &[
 const DEBTS: &[(&str, &str)] = &[
     // The browser's deferred reads: gpu::Gpu::read_* call crate::web::readback.
     ("gpu", "web"),
-    // The store's default directory comes from model::paths::cache_dir.
-    ("kv", "model"),
 ];
 
 fn layer(m: &str) -> Option<u32> {

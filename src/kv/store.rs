@@ -327,9 +327,9 @@ fn thread_tag() -> String {
 }
 
 impl DiskStore {
-    /// `crate::model::paths::cache_dir()/kv`.
+    /// `crate::paths::cache_dir()/kv`.
     pub fn default_dir() -> PathBuf {
-        crate::model::paths::cache_dir().join("kv")
+        crate::paths::cache_dir().join("kv")
     }
 
     /// Opens the store at [`DiskStore::default_dir`] with the default cap.
