@@ -712,7 +712,6 @@ impl Engine {
 
     /// Upload a document cache read from another store (the browser's).
     fn upload_doc(&self, tokens: &[u32], kv: &DocKv) -> Result<DocCache> {
-        let mut sink = self.upload_sink(tokens, kv.n_tokens, kv.n_layers, kv.kv_dim)?;
         let want = kv.n_tokens * kv.kv_dim * 2;
         if kv.k.len() != kv.n_layers || kv.v.len() != kv.n_layers {
             return Err(Error::Input(format!(
@@ -722,13 +721,15 @@ impl Engine {
                 kv.n_layers
             )));
         }
-        for (part, bytes) in kv.k.iter().chain(&kv.v).enumerate() {
-            if bytes.len() != want || part >= 2 * kv.n_layers {
-                return Err(Error::Input(format!(
-                    "document cache part {part} has {} bytes, {want} expected",
-                    bytes.len()
-                )));
-            }
+        let parts = kv.k.iter().chain(&kv.v);
+        if let Some((part, b)) = parts.clone().enumerate().find(|(_, b)| b.len() != want) {
+            return Err(Error::Input(format!(
+                "document cache part {part} has {} bytes, {want} expected",
+                b.len()
+            )));
+        }
+        let mut sink = self.upload_sink(tokens, kv.n_tokens, kv.n_layers, kv.kv_dim)?;
+        for (part, bytes) in parts.enumerate() {
             sink.write(part, 0, bytes);
         }
         sink.finish()
@@ -922,7 +923,8 @@ impl Engine {
                     });
                     match lookup {
                         Lookup::Hit(dc) => {
-                            let dc = Arc::new(dc.into_pool(&self.pool)?);
+                            // (in pool rows already, if the pool had room: see upload_sink)
+                            let dc = Arc::new(dc);
                             lru.insert(k.clone(), dc.clone(), dc.bytes());
                             found.insert(k, (dc, CacheSource::Disk));
                             continue;
