@@ -59,8 +59,10 @@ shift || true
 if [ "$mode" = --test ]; then
   [ $# -gt 0 ] || { echo "usage: $0 --test NAME... | -- COMMAND..."; exit 2; }
   cargo build --locked --bin kvlink
-  run "${CARGO_TARGET_DIR:-target}/debug/kvlink" devices | grep -q "cooperative-matrix: true" ||
-    skip "this lavapipe has no cooperative matrices"
+  # Capture first: `cmd | grep -q` would close the pipe early and, under pipefail, fail.
+  devices=$(run "${CARGO_TARGET_DIR:-target}/debug/kvlink" devices 2>&1) || true
+  grep -q "cooperative-matrix: true" <<<"$devices" || {
+    echo "$devices" >&2; skip "this lavapipe has no cooperative matrices"; }
   out=$(cargo test --locked --no-run "${@/#/--test=}" 2>&1) || { echo "$out"; exit 1; }
   status=0
   for name in "$@"; do

@@ -166,6 +166,44 @@ fn devices_lists_an_adapter() {
     }
 }
 
+/// A reader that hangs up early (`kvlink devices | grep -q x`) ends the command quietly:
+/// no "failed printing to stdout" panic, and on Unix the SIGPIPE death of any filter.
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    use std::process::Stdio;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvlink"));
+    cmd.arg("devices")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        cmd.env("XDG_RUNTIME_DIR", runtime_dir());
+    }
+    let mut child = cmd.spawn().expect("run the kvlink binary");
+    drop(child.stdout.take()); // the reader is gone before anything is printed
+    let out = child.wait_with_output().expect("wait for kvlink");
+    let err = stderr(&out);
+    assert!(
+        !err.contains("panicked"),
+        "kvlink panicked on a closed stdout:\n{err}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(libc_sigpipe()),
+            "{:?}\n{err}",
+            out.status
+        );
+    }
+}
+
+/// SIGPIPE's number on the Unix systems CI runs on (Linux, macOS, the BSDs).
+#[cfg(unix)]
+fn libc_sigpipe() -> i32 {
+    13
+}
+
 #[test]
 fn info_json_describes_smollm2() {
     let m = model();
