@@ -1,7 +1,9 @@
 // Attention of T new queries over the KV cache, grouped-query heads, KVLink mask (§2):
-// the query in cache slot t attends key slot s iff s <= t and
+// the query in cache slot t attends key slot s iff start(t) <= s <= t and
 // (seg[s] == seg[t] or seg[t] == 0). Plain causal attention is the case seg == 0.
-// seg[cap + t] is the first slot of t's segment: a document query starts there.
+// start(t) = seg[cap + t]: the first slot of t's document, or for a segment-0 query the
+// first slot of its sequence (0 in a cache of one request; a batch's sequences side by
+// side in one cache each start at their own base, so this kernel serves them together).
 // One workgroup per (query, head); keys in chunks of 64 (one score per thread), online
 // softmax across chunks; each thread accumulates head_dim / 64 output dims.
 // Q: f32 [T, heads, head_dim] (RoPE applied). Kc, Vc: f16 pairs [slots, kv_heads, head_dim].
@@ -25,7 +27,7 @@ var<workgroup> q: array<f32, 256>;
 var<workgroup> sc: array<f32, 64>;
 var<workgroup> red: array<f32, 64>;
 var<workgroup> wts: u32;
-var<workgroup> wfirst: u32;
+var<workgroup> wstart: u32;
 
 @compute @workgroup_size(64)
 fn attention(@builtin(workgroup_id) wg: vec3<u32>,
@@ -42,11 +44,12 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>,
     for (var d = li; d < hd; d += C) { q[d] = Q[qb + d]; }
     if (li == 0u) {
         wts = qslot[t];
-        wfirst = seg[p.cap + qslot[t]] / C; // first chunk holding keys of t's segment
+        wstart = seg[p.cap + qslot[t]]; // first slot t may see
     }
     let ts = workgroupUniformLoad(&wts); // uniform: it bounds a loop with barriers
     let tseg = seg[ts];
-    let first = workgroupUniformLoad(&wfirst);
+    let start = workgroupUniformLoad(&wstart);
+    let first = start / C;
 
     var m = -3.4e38;
     var l = 0.0;
@@ -56,7 +59,7 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>,
     for (var c = first; c < nchunks; c++) {
         let s = c * C + li;
         var score = -3.4e38;
-        if (s <= ts && (tseg == 0u || seg[s] == tseg)) {
+        if (s >= start && s <= ts && (tseg == 0u || seg[s] == tseg)) {
             let kb = (s * kv_stride + kvh * hd) / 2u;
             var dot = 0.0;
             for (var j = 0u; j < hd / 2u; j++) {

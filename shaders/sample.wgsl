@@ -1,5 +1,5 @@
-// Greedy sampling on the GPU: out[0] = argmax over logits[off .. off + n] (lowest index
-// on ties), so only one token id crosses to the host.
+// Greedy sampling on the GPU: out[r] = argmax over logits[off + r n .. off + (r + 1) n]
+// (lowest index on ties), one workgroup per row r, so only token ids cross to the host.
 
 struct Params { n: u32, off: u32 }
 
@@ -11,11 +11,12 @@ var<workgroup> best_v: array<f32, 256>;
 var<workgroup> best_i: array<u32, 256>;
 
 @compute @workgroup_size(256)
-fn argmax(@builtin(local_invocation_index) li: u32) {
+fn argmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let row0 = p.off + wg.x * p.n;
     var bv = -3.4e38;
     var bi = 0xffffffffu;
     for (var i = li; i < p.n; i += 256u) {
-        let v = logits[p.off + i];
+        let v = logits[row0 + i];
         if (v > bv) { bv = v; bi = i; } // strided ascending: first max wins
     }
     best_v[li] = bv;
@@ -32,5 +33,5 @@ fn argmax(@builtin(local_invocation_index) li: u32) {
         }
         workgroupBarrier();
     }
-    if (li == 0u) { out[0] = best_i[0]; }
+    if (li == 0u) { out[wg.x] = best_i[0]; }
 }

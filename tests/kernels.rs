@@ -691,6 +691,86 @@ fn attention_matches_cpu_with_segment_mask() {
     }
 }
 
+/// Several sequences side by side in one cache (the batch decoder's layout), each with
+/// its own prefix, documents (the same ids in every sequence) and question, and free
+/// slots between them holding other keys: `attention_sequences` must give every query
+/// exactly what attention over its own sequence alone gives (the CPU reference run on
+/// that sequence's slots only).
+#[test]
+fn attention_sequences_keeps_sequences_apart() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    for &(heads, kvh, hd) in &[(9, 3, 64), (4, 2, 32), (2, 1, 128)] {
+        let kv_dim = kvh * hd;
+        let lens = [70usize, 131, 1, 45];
+        let gap = 13;
+        let slots: usize = lens.iter().sum::<usize>() + gap * (lens.len() + 1);
+        let kc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0)
+            .into_iter()
+            .map(f16r)
+            .collect();
+        let vc: Vec<f32> = rand_vec(&mut rng, slots * kv_dim, 1.0)
+            .into_iter()
+            .map(f16r)
+            .collect();
+        // Gaps: segment 0 with start 0, what a stale or foreign slot could look like.
+        let mut ids = vec![0u32; slots];
+        let mut starts = vec![0u32; slots];
+        let (mut qslot, mut want_rows) = (Vec::new(), Vec::new());
+        let mut q_all = Vec::new();
+        let mut base = gap;
+        for &n in &lens {
+            let segs: Vec<u32> = (0..n)
+                .map(|s| {
+                    if s < n / 5 || s >= n * 4 / 5 {
+                        0
+                    } else {
+                        1 + (s * 3 / n) as u32
+                    }
+                })
+                .collect();
+            ops::sequence_segments(
+                &segs,
+                base as u32,
+                &mut ids[base..base + n],
+                &mut starts[base..base + n],
+            );
+            // Queries: the last slot (a question), the middle (a document) and a random one.
+            let local: Vec<u32> = vec![(n - 1) as u32, (n / 2) as u32, rng.below(n as u32)];
+            let q = rand_vec(&mut rng, local.len() * heads * hd, 1.0);
+            let sub = |c: &[f32]| c[base * kv_dim..(base + n) * kv_dim].to_vec();
+            want_rows.extend(cpu_attention(
+                &q,
+                &sub(&kc),
+                &sub(&vc),
+                &local,
+                &segs,
+                heads,
+                kvh,
+                hd,
+            ));
+            qslot.extend(local.iter().map(|&l| base as u32 + l));
+            q_all.extend(q);
+            base += n + gap;
+        }
+        let t = qslot.len();
+        let words: Vec<u32> = ids.iter().chain(&starts).copied().collect();
+        let qt = Tensor::from_f32(g, &[t, heads, hd], &q_all, "q").unwrap();
+        let kct = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &kc, "kc").unwrap();
+        let vct = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vc, "vc").unwrap();
+        let qs = Tensor::from_u32(g, &[t], &qslot, "qslot").unwrap();
+        let seg = Tensor::from_u32(g, &[2 * slots], &words, "seg").unwrap();
+        let out = nan_tensor(t * heads * hd);
+        run(|s| {
+            ops::attention_sequences(s, &qt, t, heads, kvh, hd, &kct, &vct, &qs, &seg, &out)
+                .unwrap()
+        });
+        let got = g.read_f32(&out).unwrap();
+        let what = format!("attention_sequences h={heads}/{kvh} hd={hd}");
+        assert_close(&got, &want_rows, 1e-4, 1e-3, &what);
+    }
+}
+
 #[test]
 fn embed_gathers_rows_across_split_table() {
     let g = gpu();
@@ -754,6 +834,35 @@ fn argmax_finds_first_maximum() {
         let out = Tensor::from_u32(g, &[1], &[0xdead], "out").unwrap();
         run(|s| ops::argmax(s, &xt, 3, n, &out).unwrap());
         assert_eq!(g.read_u32(&out).unwrap()[0], j as u32, "argmax n={n}");
+    }
+}
+
+/// Row-wise argmax (the batch decoder's greedy step): each row's first maximum, found
+/// independently of the other rows (a larger value in a neighbouring row never leaks).
+#[test]
+fn argmax_rows_finds_each_rows_first_maximum() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    for &(n, rows) in &[(1usize, 3usize), (300, 5), (49152, 4)] {
+        let off = 5;
+        let mut x = rand_vec(&mut rng, off + n * rows, 5.0);
+        let mut want = Vec::new();
+        for r in 0..rows {
+            let j = rng.below(n as u32) as usize;
+            x[off + r * n + j] = 10.0 + r as f32; // later rows hold larger maxima
+            if j + 3 < n {
+                x[off + r * n + j + 3] = 10.0 + r as f32; // a tie: the first wins
+            }
+            want.push(j as u32);
+        }
+        let xt = Tensor::from_f32(g, &[x.len()], &x, "x").unwrap();
+        let out = Tensor::from_u32(g, &[rows], &vec![0xdead; rows], "out").unwrap();
+        run(|s| ops::argmax_rows(s, &xt, off, n, rows, &out).unwrap());
+        assert_eq!(
+            g.read_u32(&out).unwrap(),
+            want,
+            "argmax_rows n={n} rows={rows}"
+        );
     }
 }
 

@@ -148,6 +148,11 @@ impl Tensor {
         gpu.queue
             .write_buffer(&self.buf, 0, bytemuck::cast_slice(data));
     }
+    /// Overwrite `data.len()` words from word `at` (queued like [`Tensor::write_u32`]).
+    pub fn write_u32_at(&self, gpu: &Gpu, at: usize, data: &[u32]) {
+        gpu.queue
+            .write_buffer(&self.buf, (at * 4) as u64, bytemuck::cast_slice(data));
+    }
     pub fn write_f32(&self, gpu: &Gpu, data: &[f32]) {
         gpu.queue
             .write_buffer(&self.buf, 0, bytemuck::cast_slice(data));

@@ -6,6 +6,7 @@
 //! into place with its keys turned by its position delta, see [`pool`]) -> prefill of
 //! the seg-0 tokens after the prefix -> sample -> decode.
 
+pub mod batch;
 pub mod plan;
 pub mod pool;
 

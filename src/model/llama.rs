@@ -153,6 +153,25 @@ impl KvCache {
         Ok(())
     }
 
+    /// Set the segments of one sequence among several in this cache (the batch
+    /// decoder's arena): slots `base..base + segs.len()` get `segs`, their starts are
+    /// relative to `base` ([`crate::ops::sequence_segments`]), so that a segment-0 query
+    /// of this sequence sees nothing below `base`.
+    pub fn set_sequence_segments(&self, gpu: &Gpu, base: usize, segs: &[u32]) -> Result<()> {
+        if base + segs.len() > self.capacity {
+            return Err(Error::Input(format!(
+                "slots {base}..{} of a cache of {} slots",
+                base + segs.len(),
+                self.capacity
+            )));
+        }
+        let (mut ids, mut starts) = (vec![0; segs.len()], vec![0; segs.len()]);
+        crate::ops::sequence_segments(segs, base as u32, &mut ids, &mut starts);
+        self.seg.write_u32_at(gpu, base, &ids);
+        self.seg.write_u32_at(gpu, self.capacity + base, &starts);
+        Ok(())
+    }
+
     /// Bytes of GPU memory held.
     pub fn bytes(&self) -> u64 {
         self.k
@@ -464,7 +483,7 @@ impl Llama {
                 idx: u(2 * rows, "slots+pos")?,
                 last: f(logit_rows * c.hidden_size, "last")?,
                 logits: f(logit_rows * c.vocab_size, "logits")?,
-                token_out: u(4, "token_out")?,
+                token_out: u(logit_rows.max(4), "token_out")?,
             });
         }
         Ok(s)
@@ -480,6 +499,31 @@ impl Llama {
         batch: &Batch,
         logits: Logits,
         greedy: bool,
+    ) -> Result<ForwardOut> {
+        self.forward_with(cache, batch, logits, greedy, false)
+    }
+
+    /// One forward over rows that belong to different sequences sharing `cache`, each in
+    /// its own slot range with its segments set by [`KvCache::set_sequence_segments`]
+    /// (the batch decoder, `link::DecodeBatch`): a row sees only its own sequence.
+    /// Every row's logits are computed; with `greedy` each row's argmax comes back in
+    /// [`ForwardOut::tokens`] (and no logits), else the logits of every row.
+    pub fn forward_sequences(
+        &self,
+        cache: &mut KvCache,
+        batch: &Batch,
+        greedy: bool,
+    ) -> Result<ForwardOut> {
+        self.forward_with(cache, batch, Logits::All, greedy, true)
+    }
+
+    fn forward_with(
+        &self,
+        cache: &mut KvCache,
+        batch: &Batch,
+        logits: Logits,
+        greedy: bool,
+        shared: bool,
     ) -> Result<ForwardOut> {
         let t = batch.len();
         let c = &self.cfg;
@@ -512,8 +556,13 @@ impl Llama {
             Logits::Last => 1,
             Logits::All => t,
         };
+        // Rows of several sequences: greedy means every row's argmax, read alone.
+        let (logit_rows, greedy_rows) = match (shared, greedy) {
+            (true, true) => (0, t),
+            _ => (logit_rows, greedy as usize),
+        };
         let g = &*self.gpu;
-        let guard = self.scratch(t, logit_rows.max(1))?;
+        let guard = self.scratch(t, logit_rows.max(greedy_rows).max(1))?;
         let s = guard.as_ref().expect("scratch allocated");
         s.tokens.write_u32(g, batch.tokens);
         let mut idx = Vec::with_capacity(2 * t);
@@ -526,15 +575,17 @@ impl Llama {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let capture = capture.filter(|_| logit_rows > 0 || greedy);
+        let capture = capture.filter(|_| (logit_rows > 0 || greedy) && !shared);
         let mut st = Step::new(g);
         let rec = Record {
             t,
-            decode_at: (t == 1).then(|| (batch.slots[0], batch.positions[0])),
+            decode_at: (t == 1 && !shared).then(|| (batch.slots[0], batch.positions[0])),
             tokens: &s.tokens,
             logits,
             logit_rows,
             greedy,
+            greedy_rows,
+            shared,
             capture: capture.as_deref(),
             token_out: &s.token_out,
         };
@@ -555,7 +606,13 @@ impl Llama {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(rec);
         }
-        if greedy {
+        if shared && greedy {
+            let ids = g.read_u32(&s.token_out)?;
+            out.tokens = ids[..t]
+                .iter()
+                .map(|&id| self.checked_token(id))
+                .collect::<Result<_>>()?;
+        } else if greedy {
             out.token = Some(self.checked_token(g.read_u32(&s.token_out)?[0])?);
         }
         if logit_rows > 0 {
@@ -628,6 +685,8 @@ impl Llama {
             logits: Logits::None,
             logit_rows: 0,
             greedy: true,
+            greedy_rows: 1,
+            shared: false,
             capture: None,
             token_out: &pipe.token,
         };
@@ -709,7 +768,12 @@ impl Llama {
                     vc,
                 )?;
             }
-            ops::attention(
+            let attention = if r.shared {
+                ops::attention_sequences
+            } else {
+                ops::attention
+            };
+            attention(
                 st,
                 &s.q,
                 t,
@@ -751,7 +815,14 @@ impl Llama {
             ops::matmul(st, &s.act, 0, t, &l.w_down, None, &s.x, 0, true)?;
         }
         let head = &self.lm_head;
-        if logit_rows > 0 || greedy {
+        if r.greedy_rows > 1 || (r.shared && greedy) {
+            // Every row's logits (in s.logits), then every row's argmax.
+            let (x, nw) = (&s.x, &self.final_norm);
+            let (rows, vocab) = (r.greedy_rows, c.vocab_size);
+            ops::rms_norm(st, x, 0, rows, nw, &s.last, 0, eps)?;
+            ops::matmul(st, &s.last, 0, rows, head, None, &s.logits, 0, false)?;
+            ops::argmax_rows(st, &s.logits, 0, vocab, rows, r.token_out)?;
+        } else if logit_rows > 0 || greedy {
             let (row0, rows) = if logits == Logits::All {
                 (0, t)
             } else {
@@ -831,6 +902,10 @@ struct Record<'a> {
     logits: Logits,
     logit_rows: usize,
     greedy: bool,
+    /// Rows whose argmax is wanted (the batch decoder: every row).
+    greedy_rows: usize,
+    /// Rows of several sequences sharing the cache ([`Llama::forward_sequences`]).
+    shared: bool,
     capture: Option<&'a MassCapture>,
     token_out: &'a Tensor,
 }
@@ -841,4 +916,6 @@ pub struct ForwardOut {
     pub logits: Vec<f32>,
     pub rows: usize,
     pub token: Option<u32>,
+    /// Every row's greedy token ([`Llama::forward_sequences`]).
+    pub tokens: Vec<u32>,
 }

@@ -953,14 +953,51 @@ pub fn kv_write(
 /// segment id occurs (0 for segment 0), where a document query starts scanning keys.
 pub fn segment_words(segs: &[u32], capacity: usize) -> Vec<u32> {
     let mut words = vec![0u32; 2 * capacity];
-    words[..segs.len()].copy_from_slice(segs);
+    let (ids, starts) = words.split_at_mut(capacity);
+    sequence_segments(segs, 0, &mut ids[..segs.len()], &mut starts[..segs.len()]);
+    words
+}
+
+/// The segment ids and starts of one sequence whose slots begin at `base` of a cache
+/// that holds several side by side ([`attention_sequences`]): `ids[i] = segs[i]`, and
+/// `starts[i]` is `base` plus the first index of `segs[i]` for a document, `base` for
+/// segment 0 (a segment-0 query sees its own sequence from its start, nothing below).
+pub fn sequence_segments(segs: &[u32], base: u32, ids: &mut [u32], starts: &mut [u32]) {
+    ids.copy_from_slice(segs);
     let mut first = std::collections::HashMap::new();
     for (i, &s) in segs.iter().enumerate() {
-        if s != 0 {
-            words[capacity + i] = *first.entry(s).or_insert(i as u32);
-        }
+        starts[i] = if s != 0 {
+            base + *first.entry(s).or_insert(i as u32)
+        } else {
+            base
+        };
     }
-    words
+}
+
+/// The shape checks every attention entry point shares.
+#[allow(clippy::too_many_arguments)]
+fn check_attention(
+    q: &Tensor,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    qslot: &Tensor,
+    seg: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    need(heads.is_multiple_of(kv_heads), || {
+        format!("attention: {heads} heads not a multiple of {kv_heads} kv heads")
+    })?;
+    need(head_dim <= 256 && head_dim.is_multiple_of(2), || {
+        format!("attention: head_dim {head_dim} must be even and <= 256")
+    })?;
+    need_len(q, t * heads * head_dim, "attention q")?;
+    need_len(out, t * heads * head_dim, "attention out")?;
+    need_len(qslot, t, "attention qslot")?;
+    need(seg.numel().is_multiple_of(2) && seg.numel() >= 2, || {
+        "attention: the segment buffer holds ids then starts (2 x slots)".into()
+    })
 }
 
 /// Attention of `t` queries (f32 `[t, heads, head_dim]`, in cache slots `qslot`) over the
@@ -979,22 +1016,10 @@ pub fn attention(
     seg: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
-    need(heads.is_multiple_of(kv_heads), || {
-        format!("attention: {heads} heads not a multiple of {kv_heads} kv heads")
-    })?;
-    need(head_dim <= 256 && head_dim.is_multiple_of(2), || {
-        format!("attention: head_dim {head_dim} must be even and <= 256")
-    })?;
-    need_len(q, t * heads * head_dim, "attention q")?;
-    need_len(out, t * heads * head_dim, "attention out")?;
-    need_len(qslot, t, "attention qslot")?;
+    check_attention(q, t, heads, kv_heads, head_dim, qslot, seg, out)?;
     if t == 0 {
         return Ok(());
     }
-    need(seg.numel().is_multiple_of(2) && seg.numel() >= 2, || {
-        "attention: the segment buffer holds ids then starts (2 x slots)".into()
-    })?;
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let cap = seg.numel() / 2;
     let big_wg_memory = step.gpu().limits.max_compute_workgroup_storage_size >= 32 << 10;
     let rows = t * (heads / kv_heads);
@@ -1030,19 +1055,74 @@ pub fn attention(
             step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, k, br, splits,
         );
     }
+    // Head sizes without a flash variant: one workgroup per (query, head). (A
+    // barrier-free one-invocation-per-(query, head) variant gave NaNs on llvmpipe past
+    // ~1k keys, so CPU adapters run this one too.)
+    row_attention(
+        step,
+        [q, kc, vc, qslot, seg, out],
+        t,
+        heads,
+        kv_heads,
+        head_dim,
+    )
+}
+
+/// [`attention`] for queries of several sequences that share one cache, each in its own
+/// slot range: a segment-0 query sees the slots from its sequence's start
+/// ([`sequence_segments`]) to itself, so rows of different requests decode together.
+/// One workgroup per (query, head), each scanning only its own keys. (The tiled
+/// kernels bound a workgroup's keys by all of its rows and take segment-0 starts as 0:
+/// they serve one sequence per cache.)
+#[allow(clippy::too_many_arguments)]
+pub fn attention_sequences(
+    step: &mut Step,
+    q: &Tensor,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    kc: &Tensor,
+    vc: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    check_attention(q, t, heads, kv_heads, head_dim, qslot, seg, out)?;
+    if t == 0 {
+        return Ok(());
+    }
+    row_attention(
+        step,
+        [q, kc, vc, qslot, seg, out],
+        t,
+        heads,
+        kv_heads,
+        head_dim,
+    )
+}
+
+/// attention.wgsl: one workgroup per (query, head).
+fn row_attention(
+    step: &mut Step,
+    bufs: [&Tensor; 6],
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let cap = bufs[4].numel() / 2;
     let params = [
         t as u32,
         heads as u32,
         kv_heads as u32,
         head_dim as u32,
         scale.to_bits(),
-        cap as u32,
+        u32_of(cap, "attention cache slots")?,
     ];
-    // Head sizes without a flash variant: one workgroup per (query, head). (A
-    // barrier-free one-invocation-per-(query, head) variant gave NaNs on llvmpipe past
-    // ~1k keys, so CPU adapters run this one too.)
-    let bufs = [q, kc, vc, qslot, seg, out];
-    step.dispatch(ATTENTION, &params, &bufs, grid_1d((t * heads) as u32));
+    let groups = u32_of(t * heads, "attention rows")?;
+    step.dispatch(ATTENTION, &params, &bufs, grid_1d(groups));
     Ok(())
 }
 
@@ -1399,8 +1479,24 @@ fn elementwise(step: &mut Step, k: Kernel, a: &Tensor, b: &Tensor, n: usize) -> 
 
 /// out[0] = argmax(logits[off .. off + n]).
 pub fn argmax(step: &mut Step, logits: &Tensor, off: usize, n: usize, out: &Tensor) -> Result<()> {
-    need_len(logits, off + n, "argmax logits")?;
-    need(n > 0, || "argmax over nothing".into())?;
-    step.dispatch(ARGMAX, &[n as u32, off as u32], &[logits, out], [1, 1, 1]);
+    argmax_rows(step, logits, off, n, 1, out)
+}
+
+/// `out[r]` = the argmax of row `r` of the `rows` rows of `n` logits from `off` (lowest
+/// index on ties); one workgroup per row.
+pub fn argmax_rows(
+    step: &mut Step,
+    logits: &Tensor,
+    off: usize,
+    n: usize,
+    rows: usize,
+    out: &Tensor,
+) -> Result<()> {
+    need_len(logits, off + n * rows, "argmax logits")?;
+    need_len(out, rows, "argmax out")?;
+    need(n > 0 && rows > 0, || "argmax over nothing".into())?;
+    let params = [u32_of(n, "argmax row")?, u32_of(off, "argmax offset")?];
+    let groups = [u32_of(rows, "argmax rows")?, 1, 1];
+    step.dispatch(ARGMAX, &params, &[logits, out], groups);
     Ok(())
 }
