@@ -166,6 +166,32 @@ fn devices_lists_an_adapter() {
     }
 }
 
+/// `bench batch` end to end on a tiny random model: one row per stream count, each
+/// with a positive rate, and bad counts refused with one line.
+#[test]
+fn bench_batch_reports_every_stream_count() {
+    let args = [
+        "bench",
+        "batch",
+        "--random-model",
+        "tiny",
+        "--prompt-len",
+        "16",
+    ];
+    let json = ok(&[&args[..], &["--streams", "1,3", "--decode", "4", "--json"]].concat());
+    let v: serde_json::Value = serde_json::from_str(&json).expect("bench batch --json");
+    let rows = v["results"].as_array().expect("results");
+    let streams: Vec<u64> = rows.iter().filter_map(|r| r["streams"].as_u64()).collect();
+    assert_eq!(streams, [1, 3], "{json}");
+    for r in rows {
+        assert!(r["tok_s"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+    }
+    assert!(v["alone_tok_s"].as_f64().is_some_and(|x| x > 0.0), "{json}");
+    let bad = kvlink(&[&args[..], &["--streams", "0"]].concat());
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--streams"), "{}", stderr(&bad));
+}
+
 /// A reader that hangs up early (`kvlink devices | grep -q x`) ends the command quietly:
 /// no "failed printing to stdout" panic, and on Unix the SIGPIPE death of any filter.
 #[test]

@@ -371,6 +371,10 @@ pub enum BenchCmd {
     /// The model's GEMM/GEMV shapes under each kernel variant (portable, tensor cores
     /// with several tiles), checked against the CPU, then timed: for tuning on a new GPU.
     Kernels(super::bench_kernels::KernelArgs),
+    /// Batched decode: aggregate greedy decode tok/s of 1, 4, 16 ... sequences decoding
+    /// together in one KV arena (one forward per step for all), each after its own
+    /// prompt, against one sequence decoding alone.
+    Batch(BatchArgs),
     /// Load-test `kvlink serve` on loopback: N requests from C concurrent clients mixing
     /// document registrations and streamed questions over shared documents; errors and
     /// TTFT percentiles. Starts its own server unless --url names one.
@@ -394,6 +398,21 @@ pub struct BenchModel {
     /// Untimed warm-up runs.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+}
+
+#[derive(Args)]
+pub struct BatchArgs {
+    #[command(flatten)]
+    pub bench: BenchModel,
+    /// Concurrent sequences to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub streams: Vec<usize>,
+    /// Prompt tokens per sequence (each its own random prompt).
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    /// Decode steps timed (after two untimed ones).
+    #[arg(long, default_value_t = 64)]
+    pub decode: usize,
 }
 
 #[derive(Args)]
@@ -502,6 +521,7 @@ pub fn bench(adapter: &AdapterChoice, cmd: &BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Ttft(a) => bench_ttft(adapter, a),
         BenchCmd::Speed(a) => bench_speed(adapter, a),
+        BenchCmd::Batch(a) => bench_batch(adapter, a),
         BenchCmd::Kernels(a) => super::bench_kernels::run(adapter, a),
         BenchCmd::Serve(a) => super::serve::load(adapter, a),
     }
@@ -620,6 +640,103 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
             last.prefill.as_secs_f64() * 1e3,
             last.prefill_tokens
         );
+    }
+    Ok(())
+}
+
+fn bench_batch(adapter: &AdapterChoice, a: &BatchArgs) -> Result<()> {
+    use kvlink::link::batch::DecodeBatch;
+    let most = a.streams.iter().copied().max().unwrap_or(0);
+    if most == 0 || a.streams.contains(&0) {
+        bail!("--streams: give counts of at least 1 (e.g. 1,4,16)");
+    }
+    if a.prompt_len == 0 || a.decode == 0 {
+        bail!("--prompt-len and --decode must be at least 1");
+    }
+    let warm = 2;
+    let room = a.prompt_len + a.decode + warm + 1;
+    let engine = bench_engine(adapter, &a.bench, room.div_ceil(256) * 256)?;
+    let vocab = engine.config().vocab_size;
+    let mut batch = DecodeBatch::new(&engine.model, most * room)?;
+    eprintln!(
+        "bench batch: {} prompt tokens each, {} decode steps, arena {} slots ({:.0} MiB) on {}",
+        a.prompt_len,
+        a.decode,
+        batch.slots(),
+        batch.bytes() as f64 / (1 << 20) as f64,
+        engine.gpu().report.name
+    );
+    let mut rows = Vec::new();
+    for &n in &a.streams {
+        // Prefill each sequence alone, then move it into the arena.
+        let mut live = Vec::with_capacity(n);
+        for j in 0..n {
+            let prompt = random_tokens(a.prompt_len, vocab, 50 + j as u64);
+            let plan = PromptPlan::build(&prompt, &[], &[], &engine.link)?;
+            let (plan, cache, out, _) =
+                engine.start_plan(plan, Mode::Full, Instant::now(), room, false, true)?;
+            let first = out.token.context("no first token")?;
+            let id = batch
+                .join(&engine.model, &cache, plan.len(), room)?
+                .context("the arena has no room")?;
+            live.push((id, first));
+        }
+        let mut t0 = Instant::now();
+        for s in 0..warm + a.decode {
+            if s == warm {
+                engine.gpu().wait()?;
+                t0 = Instant::now();
+            }
+            let out = batch.step(&engine.model, &live, true)?;
+            for (l, t) in live.iter_mut().zip(out.tokens) {
+                l.1 = t;
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        for (id, _) in live {
+            batch.leave(id);
+        }
+        let tok_s = (n * a.decode) as f64 / secs;
+        rows.push(serde_json::json!({
+            "streams": n,
+            "step_ms": secs * 1e3 / a.decode as f64,
+            "tok_s": tok_s,
+        }));
+    }
+    // The single-stream reference: the pipelined one-sequence decoder.
+    let ids = random_tokens(a.prompt_len, vocab, 8);
+    let p = GenerateParams {
+        max_tokens: a.decode + 1,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let alone = engine.generate(&ids, &p, |_| true)?.decode_tok_s();
+    let v = serde_json::json!({
+        "adapter": engine.gpu().report.name,
+        "model": engine.description,
+        "prompt_len": a.prompt_len,
+        "decode": a.decode,
+        "alone_tok_s": alone,
+        "results": rows,
+    });
+    if a.bench.json {
+        println!("{v}");
+    } else {
+        println!("| streams | step ms | aggregate tok/s | vs one alone |");
+        println!("|---:|---:|---:|---:|");
+        for r in &rows {
+            let tok_s = r["tok_s"].as_f64().unwrap_or(0.0);
+            println!(
+                "| {} | {:.2} | {:.0} | {:.2}x |",
+                r["streams"],
+                r["step_ms"].as_f64().unwrap_or(0.0),
+                tok_s,
+                tok_s / alone
+            );
+        }
+        println!("one sequence alone (pipelined decoder): {alone:.0} tok/s");
+        println!("adapter: {}", engine.gpu().report.name);
+        print_profile(&engine);
     }
     Ok(())
 }
