@@ -593,6 +593,72 @@ fn loopback_load() {
     assert!(r.engine_ttft_p50_ms > 0.0, "{r}");
 }
 
+/// Generations that arrive together decode together (the batch decoder: one forward
+/// pass per step for all of them, fed more than one row on average) and each gives the
+/// same greedy text as when it runs alone, with the server set to one at a time.
+#[test]
+fn concurrent_generations_batch_and_match_one_at_a_time() {
+    let start = |max_batch: usize| {
+        let engine = Engine::load(
+            common::gpu().clone(),
+            common::model::source().as_ref(),
+            1024,
+            &mut |_, _| {},
+        )
+        .expect("load engine");
+        let cfg = ServerConfig {
+            max_batch,
+            batch_slots: 2048,
+            ..Default::default()
+        };
+        Server::start(engine, cfg, "127.0.0.1:0").expect("start server")
+    };
+    let prompts = [
+        "The capital of France is",
+        "Water boils at",
+        "One, two, three,",
+        "The largest planet is",
+        "My favourite colour is",
+    ];
+    let ask = |base: &str, p: &str| -> String {
+        let body = json!({"prompt": p, "max_tokens": 10, "temperature": 0, "ignore_eos": true});
+        let (st, v) = post(base, "/v1/completions", &body);
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 10, "{v}");
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let alone_server = start(1);
+    let base = format!("http://{}", alone_server.addr);
+    let alone: Vec<String> = prompts.iter().map(|p| ask(&base, p)).collect();
+    let steps = |base: &str| {
+        let m = get(base, "/metrics").1;
+        let n = |name| metric(&m, name).unwrap_or_else(|| panic!("no {name} in\n{m}"));
+        (
+            n("kvlink_decode_steps_total"),
+            n("kvlink_decode_step_rows_total"),
+        )
+    };
+    assert_eq!(steps(&base), (0.0, 0.0), "one at a time: no batch steps");
+
+    let batched = start(4);
+    let base = format!("http://{}", batched.addr);
+    let together: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = prompts.iter().map(|p| sc.spawn(|| ask(&base, p))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, b, "prompt {i} ({:?}): batched text differs", prompts[i]);
+    }
+    let (n, rows) = steps(&base);
+    assert!(
+        n > 0.0 && rows / n > 1.0,
+        "no step fed several generations: {n} steps, {rows} rows"
+    );
+    let m = get(&base, "/metrics").1;
+    assert_eq!(metric(&m, "kvlink_decoding"), Some(0.0), "{m}");
+    assert_eq!(metric(&m, "kvlink_queue_depth"), Some(0.0), "{m}");
+}
+
 /// A `redis-server` of its own on a free loopback port (no persistence), killed on drop.
 struct RedisServer {
     child: std::process::Child,

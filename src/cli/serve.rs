@@ -30,10 +30,20 @@ pub struct ServeArgs {
     /// Most documents one request may name.
     #[arg(long, default_value_t = 16)]
     pub max_documents: usize,
+    /// Generations decoding together at most: each is prefilled alone, then all decode
+    /// in one forward pass per token. 1: one generation after another (each with the
+    /// pipelined single-sequence decoder).
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// KV slots shared by the generations decoding together (their prompts and answers;
+    /// at least --ctx). More wait for room.
+    #[arg(long, default_value_t = 8192)]
+    pub batch_slots: usize,
 }
 
 pub fn serve(adapter: &AdapterChoice, a: &ServeArgs) -> Result<()> {
     anyhow::ensure!(a.max_queue > 0, "--max-queue must be at least 1");
+    anyhow::ensure!(a.max_batch > 0, "--max-batch must be at least 1");
     anyhow::ensure!(
         a.max_body_mb.is_finite() && a.max_body_mb > 0.0,
         "--max-body-mb must be a positive number"
@@ -53,6 +63,8 @@ pub fn serve(adapter: &AdapterChoice, a: &ServeArgs) -> Result<()> {
         max_body_bytes: (a.max_body_mb * 1e6) as usize,
         max_documents: a.max_documents,
         model_name,
+        max_batch: a.max_batch,
+        batch_slots: a.batch_slots,
     };
     let addr = format!("{}:{}", a.host, a.port);
     let server =

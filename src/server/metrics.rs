@@ -58,6 +58,9 @@ struct Inner {
     registered: BTreeMap<&'static str, u64>,
     generated_tokens: u64,
     cancelled: u64,
+    /// Batch decode steps, and the generations they fed in all.
+    decode_steps: u64,
+    decode_step_rows: u64,
 }
 
 #[derive(Default)]
@@ -68,6 +71,8 @@ pub struct Metrics {
 /// Gauges read at scrape time.
 pub struct Gauges {
     pub queue_depth: usize,
+    /// Generations in the batch decoder.
+    pub decoding: usize,
     pub gpu_cache_bytes: u64,
     /// GPU memory the document-cache pool's slabs take, and how many there are.
     pub gpu_pool_bytes: u64,
@@ -96,6 +101,13 @@ impl Metrics {
             m.decode.observe(DECODE_BUCKETS, d);
         }
         m.generated_tokens += tokens as u64;
+    }
+
+    /// One batch decode step over `rows` generations.
+    pub fn decode_step(&self, rows: usize) {
+        let mut m = self.lock();
+        m.decode_steps += 1;
+        m.decode_step_rows += rows as u64;
     }
 
     pub fn cache(&self, gpu: usize, disk: usize, redis: usize, computed: usize) {
@@ -166,8 +178,23 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP kvlink_decode_steps_total Batch decode steps (one forward pass for every generation decoding).\n# TYPE kvlink_decode_steps_total counter\nkvlink_decode_steps_total {}",
+            m.decode_steps
+        );
+        let _ = writeln!(
+            out,
+            "# HELP kvlink_decode_step_rows_total Generations fed by batch decode steps, summed (divided by the steps: the mean batch).\n# TYPE kvlink_decode_step_rows_total counter\nkvlink_decode_step_rows_total {}",
+            m.decode_step_rows
+        );
+        let _ = writeln!(
+            out,
             "# HELP kvlink_queue_depth Engine jobs waiting or running.\n# TYPE kvlink_queue_depth gauge\nkvlink_queue_depth {}",
             g.queue_depth
+        );
+        let _ = writeln!(
+            out,
+            "# HELP kvlink_decoding Generations decoding together in the batch decoder.\n# TYPE kvlink_decoding gauge\nkvlink_decoding {}",
+            g.decoding
         );
         let _ = writeln!(
             out,

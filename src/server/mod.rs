@@ -48,6 +48,12 @@ pub struct ServerConfig {
     pub max_documents: usize,
     /// The `model` reported in responses and by `/v1/models`.
     pub model_name: String,
+    /// Generations decoding together at most (1: one after another, each with the
+    /// pipelined one-sequence decoder).
+    pub max_batch: usize,
+    /// KV slots of the batch decoder's arena (prompts and answers of the generations
+    /// decoding together); at least the context. Allocated on the first generation.
+    pub batch_slots: usize,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +63,8 @@ impl Default for ServerConfig {
             max_body_bytes: 8 << 20,
             max_documents: 16,
             model_name: "kvlink".into(),
+            max_batch: 16,
+            batch_slots: 8192,
         }
     }
 }
@@ -86,6 +94,8 @@ pub(crate) struct State {
     jobs: Mutex<std::sync::mpsc::Sender<Job>>,
     /// Jobs waiting or running.
     queue: AtomicUsize,
+    /// Generations in the batch decoder now.
+    decoding: AtomicUsize,
     docs: Mutex<BTreeMap<String, DocRecord>>,
     metrics: metrics::Metrics,
     next_id: AtomicU64,
@@ -113,6 +123,7 @@ impl Server {
             cfg,
             jobs: Mutex::new(tx),
             queue: AtomicUsize::new(0),
+            decoding: AtomicUsize::new(0),
             docs: Mutex::new(BTreeMap::new()),
             metrics: metrics::Metrics::default(),
             next_id: AtomicU64::new(1),
@@ -235,6 +246,7 @@ async fn health(AxState(st): AxState<Arc<State>>) -> Json<serde_json::Value> {
 async fn metrics_text(AxState(st): AxState<Arc<State>>) -> Response {
     let g = metrics::Gauges {
         queue_depth: st.queue.load(Ordering::SeqCst),
+        decoding: st.decoding.load(Ordering::SeqCst),
         gpu_cache_bytes: st.engine.doc_cache_bytes(),
         gpu_pool_bytes: st.engine.doc_pool().bytes(),
         gpu_pool_slabs: st.engine.doc_pool().slabs(),

@@ -4,8 +4,11 @@
 
 use super::api::ApiError;
 use super::State;
+use crate::link::batch::{DecodeBatch, SeqId};
 use crate::link::Timings;
+use crate::model::llama::KvCache;
 use crate::model::tokenizer::TextStream;
+use crate::sampling::Sampler;
 use crate::{Engine, GenerateParams, Request};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -52,41 +55,101 @@ pub(crate) struct GenSummary {
 
 /// A job's place in the queue, given back before its result goes out (so a client that
 /// has its answer can queue the next request at once) or, at the latest, when dropped.
-pub(crate) struct Slot<'a>(&'a std::sync::atomic::AtomicUsize, bool);
+pub(crate) struct Ticket(Arc<State>, bool);
 
-impl Slot<'_> {
+impl Ticket {
+    fn new(state: &Arc<State>) -> Ticket {
+        Ticket(state.clone(), false)
+    }
+
     pub fn release(&mut self) {
         if !self.1 {
             self.1 = true;
-            self.0.fetch_sub(1, Ordering::SeqCst);
+            self.0.queue.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
-impl Drop for Slot<'_> {
+impl Drop for Ticket {
     fn drop(&mut self) {
         self.release();
     }
 }
 
-/// Run jobs until every sender is gone.
+/// Run jobs until every sender is gone. With `max_batch` > 1 generations decode
+/// together ([`Decoder`]); with 1, one after another with the pipelined one-sequence
+/// decoder (the lowest latency for a single user).
 pub(crate) fn run(engine: Arc<Engine>, state: Arc<State>, rx: std::sync::mpsc::Receiver<Job>) {
-    while let Ok(job) = rx.recv() {
-        let mut slot = Slot(&state.queue, false);
-        // A panic fails its own request (its channel drops: a 500), not the server.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job {
-            Job::Generate(g) => generate(&engine, &state, g, &mut slot),
-            Job::AddDocument { text, reply } => {
-                let r = (!reply.is_closed()).then(|| add_document(&engine, &text));
-                slot.release();
-                if let Some(r) = r {
-                    let _ = reply.send(r);
+    if state.cfg.max_batch <= 1 {
+        while let Ok(job) = rx.recv() {
+            let mut ticket = Ticket::new(&state);
+            guarded(|| match job {
+                Job::Generate(g) => generate(&engine, &state, g, &mut ticket),
+                Job::AddDocument { text, reply } => add_document_job(&engine, text, reply, ticket),
+            });
+        }
+        return;
+    }
+    let mut dec = Decoder {
+        engine: &engine,
+        state: &state,
+        batch: None,
+        active: Vec::new(),
+        waiting: std::collections::VecDeque::new(),
+    };
+    loop {
+        // Take a job while there is room to decode it; wait for one when idle.
+        let busy = dec.active.len() + dec.waiting.len();
+        let job = if busy == 0 {
+            match rx.recv() {
+                Ok(j) => Some(j),
+                Err(_) => return,
+            }
+        } else if busy < state.cfg.max_batch {
+            rx.try_recv().ok()
+        } else {
+            None
+        };
+        if let Some(job) = job {
+            let ticket = Ticket::new(&state);
+            match job {
+                Job::Generate(g) => {
+                    if let Some(a) = guarded(|| dec.start(g, ticket)).flatten() {
+                        dec.waiting.push_back(a);
+                    }
+                }
+                Job::AddDocument { text, reply } => {
+                    guarded(|| add_document_job(&engine, text, reply, ticket));
                 }
             }
-        }));
-        if r.is_err() {
-            eprintln!("kvlink serve: a request panicked in the engine; going on");
         }
+        dec.join_waiting();
+        if !dec.active.is_empty() && guarded(|| dec.step()).is_none() {
+            dec.fail_all(ApiError::internal("the decode step panicked"));
+        }
+        state.decoding.store(dec.active.len(), Ordering::SeqCst);
+    }
+}
+
+/// Run `f`; a panic fails its own work (channels drop: a 500), not the server.
+fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    if r.is_err() {
+        eprintln!("kvlink serve: a request panicked in the engine; going on");
+    }
+    r.ok()
+}
+
+fn add_document_job(
+    engine: &Engine,
+    text: String,
+    reply: oneshot::Sender<Result<Encoded, ApiError>>,
+    mut ticket: Ticket,
+) {
+    let r = (!reply.is_closed()).then(|| add_document(engine, &text));
+    ticket.release();
+    if let Some(r) = r {
+        let _ = reply.send(r);
     }
 }
 
@@ -134,66 +197,105 @@ fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops.iter().filter_map(|s| text.find(s.as_str())).min()
 }
 
-fn generate(engine: &Engine, state: &State, g: GenJob, slot: &mut Slot) {
+/// A generation's streamed text: tokens become text, stop sequences cut it, and what
+/// could still start a stop sequence is held back.
+struct TextOut<'e> {
+    ts: TextStream<'e>,
+    text: String,
+    sent: usize,
+    /// A stop sequence was found.
+    stopped: bool,
+    /// Tokens that became text (not a final end-of-turn token).
+    n: usize,
+}
+
+impl<'e> TextOut<'e> {
+    fn new(engine: &'e Engine) -> TextOut<'e> {
+        TextOut {
+            ts: TextStream::new(&engine.tokenizer),
+            text: String::new(),
+            sent: 0,
+            stopped: false,
+            n: 0,
+        }
+    }
+
+    fn push(&mut self, t: u32, g: &GenJob) {
+        self.n += 1;
+        if let Ok(s) = self.ts.push(t) {
+            self.text.push_str(&s);
+        }
+        self.emit(g, false);
+    }
+
+    /// Send what is known to be final; with `last`, everything.
+    fn emit(&mut self, g: &GenJob, last: bool) {
+        let stops = &g.stops;
+        let end = if let Some(p) = first_stop(&self.text, stops) {
+            self.text.truncate(p);
+            self.stopped = true;
+            p
+        } else if last {
+            self.text.len()
+        } else {
+            self.text.len() - held_back(&self.text, stops)
+        };
+        if end > self.sent {
+            let _ =
+                g.tx.send(GenEvent::Text(self.text[self.sent..end].to_string()));
+            self.sent = end;
+        }
+    }
+
+    /// The end of the stream; the finish reason.
+    fn finish(&mut self, g: &GenJob, eos: bool) -> &'static str {
+        if !self.stopped {
+            if let Ok(rest) = self.ts.finish() {
+                self.text.push_str(&rest);
+            }
+        }
+        self.emit(g, true);
+        if self.stopped || eos {
+            "stop"
+        } else {
+            "length"
+        }
+    }
+}
+
+/// One generation alone: prefill, then the engine's own decode loop.
+fn generate(engine: &Engine, state: &State, g: GenJob, ticket: &mut Ticket) {
     if g.tx.is_closed() {
         state.metrics.cancelled();
         return;
     }
     let queue_ms = g.queued.elapsed().as_secs_f64() * 1e3;
-    let mut ts = TextStream::new(&engine.tokenizer);
-    let mut text = String::new();
-    let mut sent = 0usize;
-    let (mut stopped, mut cancelled, mut n) = (false, false, 0usize);
-    let tx = &g.tx;
-    let stops = &g.stops;
-    let emit = |text: &mut String, sent: &mut usize, stopped: &mut bool, last: bool| {
-        let end = if let Some(p) = first_stop(text, stops) {
-            text.truncate(p);
-            *stopped = true;
-            p
-        } else if last {
-            text.len()
-        } else {
-            text.len() - held_back(text, stops)
-        };
-        if end > *sent {
-            let _ = tx.send(GenEvent::Text(text[*sent..end].to_string()));
-            *sent = end;
-        }
-    };
+    let mut out = TextOut::new(engine);
+    let mut cancelled = false;
     let r = engine.ask(&g.req, &g.params, |t| {
-        if tx.is_closed() {
+        if g.tx.is_closed() {
             cancelled = true;
             return false;
         }
         if g.params.stop_at_eos && engine.tokenizer.is_stop(t) {
             return true;
         }
-        n += 1;
-        if let Ok(s) = ts.push(t) {
-            text.push_str(&s);
-        }
-        emit(&mut text, &mut sent, &mut stopped, false);
-        !stopped
+        out.push(t, &g);
+        !out.stopped
     });
     let stats = match r {
         Ok(s) => s,
         Err(e) => {
-            slot.release();
-            let _ = tx.send(GenEvent::Error(ApiError::from_engine(e)));
+            ticket.release();
+            let _ = g.tx.send(GenEvent::Error(ApiError::from_engine(e)));
             return;
         }
     };
-    let t = &stats.timings;
-    state.metrics.cache(
-        t.cached_docs - t.disk_docs - t.shared_docs,
-        t.disk_docs,
-        t.shared_docs,
-        t.computed_docs,
-    );
+    count_cache_hits(state, &stats.timings);
+    let n = out.n;
     let decode = (n > 1).then(|| stats.generation.decode.as_secs_f64() / (n - 1) as f64);
     state.metrics.generation(
-        t.ttft.as_secs_f64(),
+        stats.timings.ttft.as_secs_f64(),
         decode,
         stats.generation.generated_tokens,
     );
@@ -201,19 +303,9 @@ fn generate(engine: &Engine, state: &State, g: GenJob, slot: &mut Slot) {
         state.metrics.cancelled();
         return;
     }
-    if !stopped {
-        if let Ok(rest) = ts.finish() {
-            text.push_str(&rest);
-        }
-    }
-    emit(&mut text, &mut sent, &mut stopped, true);
-    let finish_reason = if stopped || stats.generation.stop == "eos" {
-        "stop"
-    } else {
-        "length"
-    };
-    slot.release();
-    let _ = tx.send(GenEvent::Done(Box::new(GenSummary {
+    let finish_reason = out.finish(&g, stats.generation.stop == "eos");
+    ticket.release();
+    let _ = g.tx.send(GenEvent::Done(Box::new(GenSummary {
         finish_reason,
         prompt_tokens: stats.generation.prompt_tokens,
         completion_tokens: n,
@@ -221,6 +313,290 @@ fn generate(engine: &Engine, state: &State, g: GenJob, slot: &mut Slot) {
         queue_ms,
         decode_tok_s: stats.generation.decode_tok_s(),
     })));
+}
+
+fn count_cache_hits(state: &State, t: &Timings) {
+    state.metrics.cache(
+        t.cached_docs - t.disk_docs - t.shared_docs,
+        t.disk_docs,
+        t.shared_docs,
+        t.computed_docs,
+    );
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum End {
+    /// The client went away.
+    Cancelled,
+    /// An error already sent to the client.
+    Failed,
+    /// An end-of-turn token (not part of the text).
+    Eos,
+    /// A stop sequence, max_tokens or the context: [`TextOut::finish`] tells which.
+    Done,
+}
+
+/// A generation in the batch decoder: prefilled, with its first token out.
+struct Active<'e> {
+    g: GenJob,
+    ticket: Ticket,
+    /// Its place in the batch; None while it waits for room in the arena.
+    id: Option<SeqId>,
+    /// Its prefilled cache until it joins; slots filled and slots it may fill.
+    cache: Option<KvCache>,
+    len: usize,
+    room: usize,
+    /// The token to feed next.
+    next: u32,
+    sampler: Sampler,
+    greedy: bool,
+    out: TextOut<'e>,
+    timings: Timings,
+    prompt_tokens: usize,
+    queue_ms: f64,
+    /// Tokens generated (the first included, and a final end-of-turn token).
+    generated: usize,
+    decode_from: Instant,
+}
+
+impl Active<'_> {
+    /// Take token `t`: stream it; why to stop after it, if so (the rules of
+    /// `Engine::ask` with the server's stop sequences).
+    fn push(&mut self, t: u32, engine: &Engine) -> Option<End> {
+        self.generated += 1;
+        if self.g.tx.is_closed() {
+            return Some(End::Cancelled);
+        }
+        if self.g.params.stop_at_eos && engine.tokenizer.is_stop(t) {
+            return Some(End::Eos);
+        }
+        self.out.push(t, &self.g);
+        self.next = t;
+        (self.out.stopped || self.generated >= self.g.params.max_tokens).then_some(End::Done)
+    }
+}
+
+/// Generations decoding together: each is prefilled alone when it arrives, then moves
+/// into the shared arena of a [`DecodeBatch`]; every step feeds all of them at once.
+struct Decoder<'e> {
+    engine: &'e Engine,
+    state: &'e State,
+    batch: Option<DecodeBatch>,
+    active: Vec<Active<'e>>,
+    /// Prefilled, waiting for room in the arena (first come, first served).
+    waiting: std::collections::VecDeque<Active<'e>>,
+}
+
+impl<'e> Decoder<'e> {
+    /// Prefill a generation and stream its first token; it then waits to join the
+    /// batch (None if it is already over).
+    fn start(&mut self, g: GenJob, mut ticket: Ticket) -> Option<Active<'e>> {
+        let (engine, state) = (self.engine, self.state);
+        if g.tx.is_closed() {
+            state.metrics.cancelled();
+            return None;
+        }
+        let queue_ms = g.queued.elapsed().as_secs_f64() * 1e3;
+        let fail = |ticket: &mut Ticket, g: &GenJob, e: crate::Error| {
+            ticket.release();
+            let _ = g.tx.send(GenEvent::Error(ApiError::from_engine(e)));
+        };
+        let mut sampler = match Sampler::new(g.params.sampling.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                fail(&mut ticket, &g, e);
+                return None;
+            }
+        };
+        let greedy = sampler.params().is_greedy();
+        let max = g.params.max_tokens;
+        let (plan, cache, first_out, mut tm) =
+            match engine.start_request(&g.req, max, !greedy, greedy) {
+                Ok(s) => s,
+                Err(e) => {
+                    fail(&mut ticket, &g, e);
+                    return None;
+                }
+            };
+        let first = match first_out.token {
+            Some(t) => Ok(t),
+            None => sampler.sample(&first_out.logits),
+        };
+        let first = match first {
+            Ok(t) => t,
+            Err(e) => {
+                fail(&mut ticket, &g, e);
+                return None;
+            }
+        };
+        tm.ttft = tm.ttft.max(tm.lookup + tm.assemble + tm.prefill);
+        count_cache_hits(state, &tm);
+        let len = plan.len();
+        // Slots it may fill: the tokens still to feed, within its cache (the context).
+        let room = (len + max.saturating_sub(1)).min(cache.capacity);
+        let mut a = Active {
+            g,
+            ticket,
+            id: None,
+            cache: Some(cache),
+            len,
+            room,
+            next: first,
+            sampler,
+            greedy,
+            out: TextOut::new(engine),
+            timings: tm,
+            prompt_tokens: len,
+            queue_ms,
+            generated: 0,
+            decode_from: Instant::now(),
+        };
+        if max == 0 {
+            self.finish(a, End::Done);
+            return None;
+        }
+        if let Some(end) = a.push(first, engine) {
+            self.finish(a, end);
+            return None;
+        }
+        if room <= len {
+            self.finish(a, End::Done); // no slot left to decode into: the context is full
+            return None;
+        }
+        Some(a)
+    }
+
+    /// Move waiting generations into the arena while it has room.
+    fn join_waiting(&mut self) {
+        let engine = self.engine;
+        while let Some(mut a) = self.waiting.pop_front() {
+            if a.g.tx.is_closed() {
+                self.finish(a, End::Cancelled);
+                continue;
+            }
+            let batch = match self.arena() {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = a.g.tx.send(GenEvent::Error(ApiError::from_engine(e)));
+                    continue;
+                }
+            };
+            let cache = a
+                .cache
+                .as_ref()
+                .expect("a waiting generation has its cache");
+            match batch.join(&engine.model, cache, a.len, a.room) {
+                Ok(Some(id)) => {
+                    a.id = Some(id);
+                    a.cache = None; // its slots now live in the arena
+                    self.active.push(a);
+                }
+                Ok(None) => {
+                    self.waiting.push_front(a);
+                    return;
+                }
+                Err(e) => {
+                    a.ticket.release();
+                    let _ = a.g.tx.send(GenEvent::Error(ApiError::from_engine(e)));
+                }
+            }
+        }
+    }
+
+    /// The arena, made on first use: `--batch-slots`, at least one full context.
+    fn arena(&mut self) -> crate::Result<&mut DecodeBatch> {
+        if self.batch.is_none() {
+            let slots = self.state.cfg.batch_slots.max(self.engine.context);
+            self.batch = Some(DecodeBatch::new(&self.engine.model, slots)?);
+        }
+        Ok(self.batch.as_mut().expect("made above"))
+    }
+
+    /// One decode step for every active generation; those that end leave the batch.
+    fn step(&mut self) {
+        let engine = self.engine;
+        let inputs: Vec<(SeqId, u32)> = self
+            .active
+            .iter()
+            .map(|a| (a.id.expect("active generations are in the batch"), a.next))
+            .collect();
+        let greedy = self.active.iter().all(|a| a.greedy);
+        let batch = self
+            .batch
+            .as_mut()
+            .expect("the arena exists while any is active");
+        let out = match batch.step(&engine.model, &inputs, greedy) {
+            Ok(o) => o,
+            Err(e) => return self.fail_all(ApiError::from_engine(e)),
+        };
+        self.state.metrics.decode_step(inputs.len());
+        let vocab = engine.config().vocab_size;
+        let mut ended = Vec::new();
+        for (i, a) in self.active.iter_mut().enumerate() {
+            a.len += 1;
+            let t = if greedy {
+                Ok(out.tokens[i])
+            } else {
+                a.sampler.sample(&out.logits[i * vocab..(i + 1) * vocab])
+            };
+            let end = match t {
+                Ok(t) => a.push(t, engine).or((a.len >= a.room).then_some(End::Done)),
+                Err(e) => {
+                    a.ticket.release();
+                    let _ = a.g.tx.send(GenEvent::Error(ApiError::from_engine(e)));
+                    Some(End::Failed)
+                }
+            };
+            if let Some(end) = end {
+                ended.push((i, end));
+            }
+        }
+        for (i, end) in ended.into_iter().rev() {
+            let a = self.active.swap_remove(i);
+            self.finish(a, end);
+        }
+    }
+
+    /// Every active generation fails with `err` (a GPU error: the arena goes too).
+    fn fail_all(&mut self, err: ApiError) {
+        for mut a in self.active.drain(..) {
+            a.ticket.release();
+            let _ = a.g.tx.send(GenEvent::Error(err.clone()));
+        }
+        self.batch = None;
+    }
+
+    /// A generation ends: out of the batch, metrics, the summary to its client.
+    fn finish(&mut self, mut a: Active<'e>, end: End) {
+        if let (Some(id), Some(b)) = (a.id, self.batch.as_mut()) {
+            b.leave(id);
+        }
+        if end == End::Failed {
+            return;
+        }
+        let state = self.state;
+        let n = a.out.n;
+        let decode = a.decode_from.elapsed().as_secs_f64();
+        let per_token = (n > 1).then(|| decode / (n - 1) as f64);
+        state
+            .metrics
+            .generation(a.timings.ttft.as_secs_f64(), per_token, a.generated);
+        if end == End::Cancelled {
+            state.metrics.cancelled();
+            return;
+        }
+        let finish_reason = a.out.finish(&a.g, end == End::Eos);
+        a.ticket.release();
+        let _ = a.g.tx.send(GenEvent::Done(Box::new(GenSummary {
+            finish_reason,
+            prompt_tokens: a.prompt_tokens,
+            completion_tokens: n,
+            timings: a.timings.clone(),
+            queue_ms: a.queue_ms,
+            decode_tok_s: a.generated.saturating_sub(1) as f64 / decode.max(1e-9),
+        })));
+    }
 }
 
 #[cfg(test)]
