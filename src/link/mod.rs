@@ -9,9 +9,11 @@
 pub mod batch;
 pub mod plan;
 pub mod pool;
+pub mod tiers;
 
 pub use plan::{DocSpan, LinkConfig, PromptPlan};
 pub use pool::DocPool;
+pub use tiers::{CacheSource, DocTiers};
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Step, Tensor};
