@@ -104,8 +104,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         store.put(
             &engine.doc_key(d),
-            &engine.fingerprint,
-            &engine.tokenizer_fingerprint,
+            engine.fingerprint(),
+            engine.tokenizer_fingerprint(),
             d,
             &kv,
         )?;
@@ -170,8 +170,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         store
             .get(
                 &engine.doc_key(d),
-                &engine.fingerprint,
-                &engine.tokenizer_fingerprint,
+                engine.fingerprint(),
+                engine.tokenizer_fingerprint(),
                 d,
             )
             .unwrap()
@@ -187,8 +187,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             store
                 .get_with(
                     &engine.doc_key(d),
-                    &engine.fingerprint,
-                    &engine.tokenizer_fingerprint,
+                    engine.fingerprint(),
+                    engine.tokenizer_fingerprint(),
                     d,
                     |_: &EntryHeader| Ok(Discard),
                 )

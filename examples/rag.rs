@@ -62,9 +62,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     for pass in ["cold", "warm"] {
-        let mut stream = kvlink::model::tokenizer::TextStream::new(&engine.tokenizer);
+        let mut stream = kvlink::model::tokenizer::TextStream::new(engine.tokenizer());
         let stats = engine.ask(&request, &params, |t| {
-            if !engine.tokenizer.is_stop(t) {
+            if !engine.tokenizer().is_stop(t) {
                 print!("{}", stream.push(t).unwrap_or_default());
                 let _ = std::io::stdout().flush();
             }

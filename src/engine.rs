@@ -1,46 +1,39 @@
 //! The engine: a loaded model with its tokenizer on a GPU, and generation.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Tensor, TensorUpload};
-use crate::kv::store::PayloadSink;
-use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru, SharedStore};
-use crate::link::pool::Lease;
-use crate::link::{self, DocCache, DocPool, LinkConfig, Mode, PromptPlan, Timings};
+use crate::gpu::Gpu;
+use crate::kv::{DiskStore, DocKey, DocKv, SharedStore};
+pub use crate::link::CacheSource;
+use crate::link::{self, DocCache, DocPool, DocTiers, LinkConfig, Mode, PromptPlan, Timings};
 use crate::model::llama::{Batch, KvCache, Llama, Logits};
 use crate::model::{ModelConfig, Tokenizer, WeightSource};
 use crate::sampling::{Sampler, SamplingParams};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use web_time::Instant;
 
 /// Default context window when the model allows more (KV memory grows with it).
 pub const DEFAULT_CONTEXT: usize = 4096;
-/// A disk hit's K/V goes to the GPU through staging buffers of at most this size (one
-/// per document unless the document's cache is larger).
-const UPLOAD_BYTES: u64 = 256 << 20;
 /// Prefill processes at most this many tokens per forward call (bounds activation memory).
 pub const PREFILL_CHUNK: usize = 512;
 
+/// A loaded model with its tokenizer on a GPU: plans requests, gets their documents'
+/// caches from the tiers ([`DocTiers`]), has `link` assemble and prefill them, and
+/// decodes. A thin orchestrator: the scheduler is in [`crate::link`], the caches in
+/// [`DocTiers`], the arithmetic in [`Llama`].
 pub struct Engine {
-    pub model: Llama,
-    pub tokenizer: Tokenizer,
+    model: Llama,
+    tokenizer: Tokenizer,
     /// Tokens of context (KV cache capacity) per sequence.
-    pub context: usize,
-    pub description: String,
-    pub fingerprint: String,
+    context: usize,
+    description: String,
+    fingerprint: String,
     /// Link tokens and markers (KVLink fine-tuned models); default: none.
-    pub link: LinkConfig,
+    link: LinkConfig,
     /// Fingerprint of the tokenizer (part of every document cache key).
-    pub tokenizer_fingerprint: String,
-    /// Document caches resident on the GPU (LRU under a byte budget).
-    docs: Mutex<Lru<DocKey, Arc<DocCache>>>,
-    /// The GPU memory those caches live in (see [`link::pool`]), under the same budget.
-    pool: DocPool,
-    /// Document caches on disk, if enabled.
-    store: Mutex<Option<DiskStore>>,
-    /// Document caches shared with other processes (Redis), behind the disk store.
-    shared: Mutex<Option<Arc<dyn SharedStore>>>,
+    tokenizer_fingerprint: String,
+    /// Document caches: GPU-resident, on disk, shared with other processes.
+    tiers: DocTiers,
     /// Attention capture is per engine: one capturing request at a time.
     capture_lock: Mutex<()>,
 }
@@ -95,17 +88,6 @@ impl AttentionCapture {
         let g = self.groups.len();
         self.mass[((token * self.layers + layer) * self.heads + head) * g + group]
     }
-}
-
-/// Where a document's cache came from for a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CacheSource {
-    Gpu,
-    Disk,
-    /// The shared tier ([`SharedStore`], e.g. Redis).
-    Shared,
-    Computed,
 }
 
 /// What `ask` reports besides the streamed tokens.
@@ -183,30 +165,70 @@ impl Engine {
         }
         let link = src.link_config().unwrap_or_default();
         link.validate(cfg.input_vocab(), 1)?;
-        let pool = DocPool::new(
-            gpu.clone(),
-            cfg.num_hidden_layers,
-            cfg.kv_dim(),
+        let model = Llama::load(gpu, src, progress)?;
+        let fingerprint = src.fingerprint();
+        let tokenizer_fingerprint = format!(
+            "{:016x}",
+            crate::kv::fnv1a64(tokenizer.to_hf_json()?.as_bytes())
+        );
+        let tiers = DocTiers::new(
+            &model,
+            &fingerprint,
+            &tokenizer_fingerprint,
             DEFAULT_DOC_CACHE_BYTES,
         );
-        let model = Llama::load(gpu, src, progress)?;
         Ok(Engine {
             model,
             context,
             description: src.describe(),
-            fingerprint: src.fingerprint(),
+            fingerprint,
             link,
-            tokenizer_fingerprint: format!(
-                "{:016x}",
-                crate::kv::fnv1a64(tokenizer.to_hf_json()?.as_bytes())
-            ),
+            tokenizer_fingerprint,
             tokenizer,
-            docs: Mutex::new(Lru::new(DEFAULT_DOC_CACHE_BYTES)),
-            pool,
-            store: Mutex::new(None),
-            shared: Mutex::new(None),
+            tiers,
             capture_lock: Mutex::new(()),
         })
+    }
+
+    /// The model on the GPU.
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Tokens of context (KV cache capacity) per sequence.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// What was loaded (model file, adapter), for reports.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// The model's fingerprint (weights and adapter; part of every document cache key).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The tokenizer's fingerprint (part of every document cache key).
+    pub fn tokenizer_fingerprint(&self) -> &str {
+        &self.tokenizer_fingerprint
+    }
+
+    /// Link tokens and markers (from a KVLink adapter's `kvlink.json`; default: none).
+    pub fn link(&self) -> &LinkConfig {
+        &self.link
+    }
+
+    /// Use other link tokens and markers (checked against the model's vocabulary).
+    pub fn set_link(&mut self, link: LinkConfig) -> Result<()> {
+        link.validate(self.model.cfg.input_vocab(), 1)?;
+        self.link = link;
+        Ok(())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -582,460 +604,80 @@ impl Engine {
     /// Share document caches with other processes through `shared` (None: not), looked
     /// up after the GPU and the disk store; see [`crate::kv::shared`].
     pub fn set_shared_store(&self, shared: Option<Arc<dyn SharedStore>>) {
-        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = shared;
+        self.tiers.set_shared(shared);
     }
 
     pub fn shared_store(&self) -> Option<Arc<dyn SharedStore>> {
-        self.shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// A document's entry from the shared tier, checked as a disk entry is: `None` for a
-    /// miss, and for a failure, a corrupt or a mismatched entry (warned about; the store
-    /// is a cache).
-    fn read_shared(&self, sh: &dyn SharedStore, k: &DocKey, tokens: &[u32]) -> Option<DocKv> {
-        let bytes = match sh.get(k) {
-            Ok(b) => b?,
-            Err(e) => {
-                eprintln!(
-                    "kvlink: warning: could not read document cache {k} from {e}; going on \
-                     without it"
-                );
-                return None;
-            }
-        };
-        match crate::kv::store::decode_entry(
-            &bytes,
-            &self.fingerprint,
-            &self.tokenizer_fingerprint,
-            tokens,
-        ) {
-            Lookup::Hit(kv) => Some(kv),
-            Lookup::Corrupt(why) => {
-                eprintln!(
-                    "kvlink: warning: document cache {k} in {} was corrupt ({why}); \
-                     recomputing it",
-                    sh.describe()
-                );
-                None
-            }
-            Lookup::Miss | Lookup::Mismatch(_) => None,
-        }
+        self.tiers.shared()
     }
 
     /// Keep document caches on disk in `store` (None: GPU memory only).
     pub fn set_store(&self, store: Option<DiskStore>) {
-        *self.store.lock().unwrap_or_else(|e| e.into_inner()) = store;
+        self.tiers.set_store(store);
     }
 
     pub fn store(&self) -> Option<DiskStore> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.tiers.store()
     }
 
     /// GPU memory budget for resident document caches (evicts beyond it).
     pub fn set_doc_cache_budget(&self, bytes: u64) {
-        self.docs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_budget(bytes);
-        self.pool.set_budget(bytes);
+        self.tiers.set_budget(bytes);
     }
 
     /// Bytes of document caches resident on the GPU now.
     pub fn doc_cache_bytes(&self) -> u64 {
-        self.docs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .used_bytes()
+        self.tiers.resident_bytes()
     }
 
     /// The GPU memory pool the resident document caches live in.
     pub fn doc_pool(&self) -> &DocPool {
-        &self.pool
+        self.tiers.pool()
+    }
+
+    /// The document-cache tiers (GPU, disk store, shared store) and their lookup path.
+    pub fn doc_tiers(&self) -> &DocTiers {
+        &self.tiers
     }
 
     /// Drop a document's cache from the GPU, the disk store and the shared tier (those
     /// configured). Returns whether any held it.
     pub fn forget_doc(&self, key: &DocKey) -> Result<bool> {
-        let gpu = self
-            .docs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key)
-            .is_some();
-        let disk = match self.store() {
-            Some(s) => s.remove(key)?,
-            None => false,
-        };
-        // The shared tier is a cache too: a failure to reach it is not this call's.
-        let shared = match self.shared_store() {
-            Some(sh) => sh.remove(key).unwrap_or_else(|e| {
-                eprintln!("kvlink: warning: could not remove document cache {key}: {e}");
-                false
-            }),
-            None => false,
-        };
-        Ok(gpu || disk || shared)
+        self.tiers.forget(key)
     }
 
     /// Whether a document's cache is resident on the GPU now.
     pub fn doc_resident(&self, key: &DocKey) -> bool {
-        self.docs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(key)
+        self.tiers.resident(key)
     }
 
     /// The cache key of a document's token ids under this model and tokenizer.
     pub fn doc_key(&self, tokens: &[u32]) -> DocKey {
-        DocKey::new(&self.fingerprint, &self.tokenizer_fingerprint, tokens)
-    }
-
-    /// The shape check of a document cache for this model.
-    fn check_doc_shape(
-        &self,
-        tokens: &[u32],
-        n_tokens: usize,
-        n_layers: usize,
-        kv_dim: usize,
-    ) -> Result<()> {
-        let c = self.config();
-        if n_layers != c.num_hidden_layers || kv_dim != c.kv_dim() || n_tokens != tokens.len() {
-            return Err(Error::Input(
-                "document cache does not match the model's shape".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Upload a document cache read from another store (the browser's).
-    fn upload_doc(&self, tokens: &[u32], kv: &DocKv) -> Result<DocCache> {
-        let want = kv.n_tokens * kv.kv_dim * 2;
-        if kv.k.len() != kv.n_layers || kv.v.len() != kv.n_layers {
-            return Err(Error::Input(format!(
-                "document cache has {} K and {} V layers, {} expected",
-                kv.k.len(),
-                kv.v.len(),
-                kv.n_layers
-            )));
-        }
-        let parts = kv.k.iter().chain(&kv.v);
-        if let Some((part, b)) = parts.clone().enumerate().find(|(_, b)| b.len() != want) {
-            return Err(Error::Input(format!(
-                "document cache part {part} has {} bytes, {want} expected",
-                b.len()
-            )));
-        }
-        let mut sink = self.upload_sink(tokens, kv.n_tokens, kv.n_layers, kv.kv_dim)?;
-        for (part, bytes) in parts.enumerate() {
-            sink.write(part, 0, bytes);
-        }
-        sink.finish()
-    }
-
-    /// A sink that uploads a disk-store entry as it is read: file -> (L2-sized chunk) ->
-    /// pooled staging memory -> GPU buffers, with no host copy of the whole cache.
-    fn upload_sink(
-        &self,
-        tokens: &[u32],
-        n_tokens: usize,
-        n_layers: usize,
-        kv_dim: usize,
-    ) -> Result<UploadSink> {
-        self.check_doc_shape(tokens, n_tokens, n_layers, kv_dim)?;
-        // One staging buffer per document, or per group of layers for a cache too big
-        // for one buffer; straight into pool rows where the pool has room.
-        let n = 2 * n_layers;
-        let part_bytes = (n_tokens * kv_dim * 2).max(4) as u64;
-        let max = UPLOAD_BYTES.min(self.gpu().limits.max_buffer_size);
-        let per = ((max / part_bytes) as usize).clamp(1, n.max(1));
-        let lease = self.pool.lease(n_tokens)?;
-        let uploads = (0..n)
-            .step_by(per)
-            .map(|i| {
-                let parts = i..(i + per).min(n);
-                match &lease {
-                    Some(l) => {
-                        let (k, v, at) = l.rows();
-                        let rb = (kv_dim * 2) as u64;
-                        let dests = parts
-                            .map(|p| {
-                                let t = if p < n_layers {
-                                    &k[p]
-                                } else {
-                                    &v[p - n_layers]
-                                };
-                                (t.clone(), at as u64 * rb)
-                            })
-                            .collect();
-                        self.gpu()
-                            .upload_into(dests, n_tokens * kv_dim * 2, "doc kv")
-                    }
-                    None => self
-                        .gpu()
-                        .upload_f16(parts.len(), &[n_tokens, kv_dim], "doc kv"),
-                }
-            })
-            .collect::<Result<_>>()?;
-        Ok(UploadSink {
-            tokens: tokens.to_vec(),
-            uploads,
-            per,
-            lease,
-        })
+        self.tiers.key(tokens)
     }
 
     /// Make a document cache read from another store (the browser's) resident on the
     /// GPU, as a disk-store hit would.
     pub fn insert_doc(&self, tokens: &[u32], kv: &DocKv) -> Result<Arc<DocCache>> {
-        let dc = Arc::new(self.upload_doc(tokens, kv)?);
-        self.docs.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            self.doc_key(tokens),
-            dc.clone(),
-            dc.bytes(),
-        );
-        Ok(dc)
+        self.tiers.insert(tokens, kv)
     }
 
     /// Make `kv` resident under `key` whatever the key says (tests: a hash collision or a
     /// stale key, which [`Engine::doc_caches`] must refuse to serve).
     #[doc(hidden)]
     pub fn insert_doc_with_key(&self, key: DocKey, tokens: &[u32], kv: &DocKv) -> Result<()> {
-        let dc = Arc::new(self.upload_doc(tokens, kv)?);
-        let bytes = dc.bytes();
-        self.docs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, dc, bytes);
-        Ok(())
+        self.tiers.insert_with_key(key, tokens, kv)
     }
 
-    /// Read a document cache back from the GPU for the disk store.
-    fn download_doc(&self, dc: &DocCache) -> Result<DocKv> {
-        let (k, v) = dc.download(self.gpu())?;
-        Ok(DocKv {
-            n_tokens: dc.len(),
-            n_layers: k.len(),
-            kv_dim: self.config().kv_dim(),
-            k,
-            v,
-        })
-    }
-
-    /// Look documents up in the disk store and upload the hits. Reading, checksumming
-    /// and uploading hundreds of MB of K/V is the slow part of a disk hit, so each
-    /// document is read and copied into staging memory on its own thread (natively; one
-    /// after another in the browser), each starting its GPU copies as soon as it is done.
-    fn read_stored(
-        &self,
-        store: &DiskStore,
-        keys: &[DocKey],
-        docs: &[(usize, &[u32])],
-    ) -> Vec<Result<Lookup<DocCache>>> {
-        let get = |&(i, d): &(usize, &[u32])| {
-            store.get_with(
-                &keys[i],
-                &self.fingerprint,
-                &self.tokenizer_fingerprint,
-                d,
-                |h| self.upload_sink(d, h.n_tokens, h.n_layers, h.kv_dim),
-            )
-        };
-        #[cfg(not(target_arch = "wasm32"))]
-        if docs.len() > 1 {
-            let threads = std::thread::available_parallelism()
-                .map_or(4, |n| n.get())
-                .min(16);
-            let per = docs.len().div_ceil(threads);
-            return std::thread::scope(|s| {
-                let handles: Vec<_> = docs
-                    .chunks(per)
-                    .map(|c| {
-                        (
-                            c.len(),
-                            s.spawn(move || c.iter().map(get).collect::<Vec<_>>()),
-                        )
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|(n, h)| {
-                        h.join().unwrap_or_else(|_| {
-                            (0..n)
-                                .map(|_| Err(Error::Gpu("document cache reader panicked".into())))
-                                .collect()
-                        })
-                    })
-                    .collect()
-            });
-        }
-        docs.iter().map(get).collect()
-    }
-
-    /// Caches for documents: GPU-resident, else from the disk store, else from the shared
-    /// tier (a hit there is written to the disk store too), else encoded (all missing
-    /// documents in one batch) and written to the disk store and the shared tier. Returns
-    /// the caches and, per document, where each came from.
+    /// Caches for documents, from the first tier that has each (see [`DocTiers::lookup`]);
+    /// the missing ones are encoded. Returns, per document, where each came from.
     pub fn doc_caches(&self, docs: &[&[u32]]) -> Result<(Vec<Arc<DocCache>>, Vec<CacheSource>)> {
-        let mut lru = self.docs.lock().unwrap_or_else(|e| e.into_inner());
-        let store = self.store();
-        let keys: Vec<DocKey> = docs.iter().map(|d| self.doc_key(d)).collect();
-        let mut found: HashMap<&DocKey, (Arc<DocCache>, CacheSource)> = HashMap::new();
-        let mut candidates: Vec<(usize, &[u32])> = Vec::new();
-        for (i, (d, k)) in docs.iter().zip(&keys).enumerate() {
-            if found.contains_key(k) || candidates.iter().any(|(j, _)| keys[*j] == *k) {
-                continue;
-            }
-            if let Some(dc) = lru.get(k).cloned() {
-                // The key is a hash: as the disk store does, serve a resident cache only
-                // for exactly these token ids (a collision or stale key is a miss).
-                if dc.tokens == *d {
-                    // Keep its disk entry recent too, so that the store's LRU eviction
-                    // does not drop a document that is used all the time from the GPU
-                    // (at most every few minutes: most hits cost no system call).
-                    if let Some(store) = &store {
-                        store.touch(k);
-                    }
-                    found.insert(k, (dc, CacheSource::Gpu));
-                    continue;
-                }
-                lru.remove(k);
-            }
-            candidates.push((i, d));
-        }
-        let mut missing: Vec<(usize, &[u32])> = Vec::new();
-        match &store {
-            None => missing = candidates,
-            Some(store) => {
-                let lookups = self.read_stored(store, &keys, &candidates);
-                for ((i, d), lookup) in candidates.into_iter().zip(lookups) {
-                    let k = &keys[i];
-                    // The store is a cache: a read that fails (permissions, I/O) is a
-                    // miss, reported, and the request goes on.
-                    let lookup = lookup.unwrap_or_else(|e| {
-                        eprintln!(
-                            "kvlink: warning: could not read document cache {k} from the \
-                             store ({e}); recomputing it"
-                        );
-                        Lookup::Miss
-                    });
-                    match lookup {
-                        Lookup::Hit(dc) => {
-                            // (in pool rows already, if the pool had room: see upload_sink)
-                            let dc = Arc::new(dc);
-                            lru.insert(k.clone(), dc.clone(), dc.bytes());
-                            found.insert(k, (dc, CacheSource::Disk));
-                            continue;
-                        }
-                        Lookup::Corrupt(why) => {
-                            eprintln!(
-                                "kvlink: document cache {k} was corrupt ({why}); recomputing it"
-                            );
-                        }
-                        Lookup::Miss | Lookup::Mismatch(_) => {}
-                    }
-                    missing.push((i, d));
-                }
-            }
-        }
-        let shared = self.shared_store();
-        if let Some(sh) = &shared {
-            let mut still = Vec::new();
-            for (i, d) in missing {
-                let k = &keys[i];
-                let Some(kv) = self.read_shared(sh.as_ref(), k, d) else {
-                    still.push((i, d));
-                    continue;
-                };
-                let dc = Arc::new(self.upload_doc(d, &kv)?);
-                if let Some(store) = &store {
-                    if let Err(e) =
-                        store.put(k, &self.fingerprint, &self.tokenizer_fingerprint, d, &kv)
-                    {
-                        eprintln!(
-                            "kvlink: warning: could not write document cache {k} to the store \
-                             {} ({e}); going on without it",
-                            store.dir().display()
-                        );
-                    }
-                }
-                lru.insert(k.clone(), dc.clone(), dc.bytes());
-                found.insert(k, (dc, CacheSource::Shared));
-            }
-            missing = still;
-        }
-        let batch: Vec<&[u32]> = missing.iter().map(|(_, d)| *d).collect();
-        for ((i, d), dc) in missing.iter().zip(link::encode_documents(
-            &self.model,
-            &batch,
-            PREFILL_CHUNK,
-            Some(&self.pool),
-        )?) {
-            let dc = Arc::new(dc);
-            let kv = if store.is_some() || shared.is_some() {
-                Some(self.download_doc(&dc)?)
-            } else {
-                None
-            };
-            if let (Some(store), Some(kv)) = (&store, &kv) {
-                // A store that cannot be written (disk full, read-only) costs the reuse
-                // of this document later, not this answer.
-                if let Err(e) = store.put(
-                    &keys[*i],
-                    &self.fingerprint,
-                    &self.tokenizer_fingerprint,
-                    d,
-                    kv,
-                ) {
-                    eprintln!(
-                        "kvlink: warning: could not write document cache {} to the store \
-                         {} ({e}); answering without storing it",
-                        keys[*i],
-                        store.dir().display()
-                    );
-                }
-            }
-            if let (Some(sh), Some(kv)) = (&shared, &kv) {
-                // The disk store's entry bytes (same format, same checks on reading).
-                let now_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
-                let r = crate::kv::store::encode_entry(
-                    &self.fingerprint,
-                    &self.tokenizer_fingerprint,
-                    d,
-                    kv,
-                    now_ms,
-                )
-                .and_then(|bytes| sh.put(&keys[*i], &bytes));
-                if let Err(e) = r {
-                    eprintln!(
-                        "kvlink: warning: could not write document cache {} to {} ({e}); \
-                         answering without sharing it",
-                        keys[*i],
-                        sh.describe()
-                    );
-                }
-            }
-            lru.insert(keys[*i].clone(), dc.clone(), dc.bytes());
-            found.insert(&keys[*i], (dc, CacheSource::Computed));
-        }
-        let mut out = Vec::with_capacity(docs.len());
-        let mut src = Vec::with_capacity(docs.len());
-        for k in &keys {
-            let (dc, s) = &found[k];
-            out.push(dc.clone());
-            src.push(*s);
-        }
-        Ok((out, src))
+        self.tiers.lookup(&self.model, docs, PREFILL_CHUNK)
     }
 
     /// Forget all GPU-resident document caches.
     pub fn clear_doc_caches(&self) {
-        self.docs.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        self.pool.trim();
+        self.tiers.clear();
     }
 
     /// Plan, fetch caches and prefill a request up to its first token.
@@ -1230,41 +872,6 @@ impl Engine {
             mode: req.mode,
             timings: tm,
             generation: stats,
-        })
-    }
-}
-
-/// See [`Engine::upload_sink`].
-struct UploadSink {
-    tokens: Vec<u32>,
-    /// K of every layer, then V of every layer (the store's part order), `per` parts in
-    /// each upload.
-    uploads: Vec<TensorUpload>,
-    per: usize,
-    /// The pool rows the uploads fill, if the pool had room.
-    lease: Option<Lease>,
-}
-
-impl PayloadSink for UploadSink {
-    type Output = DocCache;
-
-    fn write(&mut self, part: usize, offset: usize, bytes: &[u8]) {
-        self.uploads[part / self.per].write(part % self.per, offset, bytes);
-    }
-
-    fn finish(self) -> Result<DocCache> {
-        // Submits this document's copies now, while other threads still read theirs.
-        let mut k: Vec<Tensor> = self
-            .uploads
-            .into_iter()
-            .flat_map(TensorUpload::finish)
-            .collect();
-        Ok(match self.lease {
-            Some(lease) => DocCache::leased(self.tokens, lease),
-            None => {
-                let v = k.split_off(k.len() / 2);
-                DocCache::new(self.tokens, k, v)
-            }
         })
     }
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::tempdir::TempDir;
+use common::tempdir::tempdir;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -125,7 +125,7 @@ fn expect_bad_model(path: &Path, want: &[&str]) {
 
 #[test]
 fn missing_model_path() {
-    let tmp = TempDir::new("missing");
+    let tmp = tempdir("missing");
     let p = tmp.path().join("no-such-model.gguf");
     expect_bad_model(&p, &["not found", "no-such-model.gguf"]);
     // A path that looks like a Hub name gets a hint about downloading it first.
@@ -138,14 +138,14 @@ fn missing_model_path() {
 
 #[test]
 fn directory_without_config_json() {
-    let tmp = TempDir::new("noconfig");
+    let tmp = tempdir("noconfig");
     std::fs::write(tmp.path().join("README.md"), "not a model").unwrap();
     expect_bad_model(tmp.path(), &["config.json"]);
 }
 
 #[test]
 fn truncated_gguf() {
-    let tmp = TempDir::new("trunc");
+    let tmp = tempdir("trunc");
     let bytes = std::fs::read(common::model::model_path()).unwrap();
     // Cut inside the metadata (the tokenizer arrays)...
     let p = tmp.path().join("model.gguf");
@@ -159,7 +159,7 @@ fn truncated_gguf() {
 
 #[test]
 fn random_bytes_named_gguf() {
-    let tmp = TempDir::new("random");
+    let tmp = tempdir("random");
     let mut rng = common::Rng::new();
     let mut bytes: Vec<u8> = (0..100_000).map(|_| rng.next_u64() as u8).collect();
     if &bytes[..4] == b"GGUF" {
@@ -227,7 +227,7 @@ fn retype(dir: &Path, name: &str, dtype: &str) {
 
 #[test]
 fn corrupt_hf_folders() {
-    let tmp = TempDir::new("hf");
+    let tmp = tempdir("hf");
     let good = tmp.path().join("good");
     let o = kvlink(&["convert", "--model", &model(), "--out", s(&good)]);
     assert!(

@@ -84,7 +84,7 @@ fn batched_greedy_decode_equals_decoding_alone() {
     let room = |i: usize| started[i].0.len() + reqs[i].1;
     // Room for the first three at once, not for a fourth: the last one must reuse.
     let slots = room(0) + room(1) + room(2);
-    let mut batch = DecodeBatch::new(&e.model, slots).expect("arena");
+    let mut batch = DecodeBatch::new(e.model(), slots).expect("arena");
     let mut live: Vec<Live> = Vec::new();
     let mut got: Vec<Vec<u32>> = vec![Vec::new(); reqs.len()];
     let mut waiting: Vec<usize> = (0..reqs.len()).collect();
@@ -97,7 +97,7 @@ fn batched_greedy_decode_equals_decoding_alone() {
             let (plan, cache, out, _) = &started[i];
             let id = if reqs[i].2 <= step {
                 batch
-                    .join(&e.model, cache, plan.len(), room(i))
+                    .join(e.model(), cache, plan.len(), room(i))
                     .expect("join")
             } else {
                 None
@@ -132,7 +132,7 @@ fn batched_greedy_decode_equals_decoding_alone() {
             .iter()
             .map(|l| (l.id, *l.tokens.last().unwrap()))
             .collect();
-        let out = batch.step(&e.model, &inputs, true).expect("step");
+        let out = batch.step(e.model(), &inputs, true).expect("step");
         assert_eq!(out.tokens.len(), live.len());
         for (l, t) in live.iter_mut().zip(out.tokens) {
             l.tokens.push(t);
@@ -153,28 +153,28 @@ fn batch_refuses_what_it_cannot_do() {
     let req = request(&[], "Hello", Mode::Full);
     let (plan, cache, _, _) = e.start_request(&req, 4, false, true).expect("prefill");
     let n = plan.len();
-    let mut batch = DecodeBatch::new(&e.model, n + 2).expect("arena");
+    let mut batch = DecodeBatch::new(e.model(), n + 2).expect("arena");
     // More room than the arena has: an error, not a wait.
-    assert!(batch.join(&e.model, &cache, n, n + 3).is_err());
+    assert!(batch.join(e.model(), &cache, n, n + 3).is_err());
     // Fewer slots than filled, or more filled than the cache holds: errors.
-    assert!(batch.join(&e.model, &cache, n, n - 1).is_err());
-    assert!(batch.join(&e.model, &cache, n + 1, n + 2).is_err());
-    let id = batch.join(&e.model, &cache, n, n + 2).unwrap().unwrap();
+    assert!(batch.join(e.model(), &cache, n, n - 1).is_err());
+    assert!(batch.join(e.model(), &cache, n + 1, n + 2).is_err());
+    let id = batch.join(e.model(), &cache, n, n + 2).unwrap().unwrap();
     // No room left for a second one now: None (wait), not an error.
-    assert!(batch.join(&e.model, &cache, n, n).unwrap().is_none());
-    assert!(batch.step(&e.model, &[], true).is_err());
-    assert!(batch.step(&e.model, &[(id, 1), (id, 2)], true).is_err());
-    batch.step(&e.model, &[(id, 1)], true).unwrap();
-    let out = batch.step(&e.model, &[(id, 2)], false).unwrap();
+    assert!(batch.join(e.model(), &cache, n, n).unwrap().is_none());
+    assert!(batch.step(e.model(), &[], true).is_err());
+    assert!(batch.step(e.model(), &[(id, 1), (id, 2)], true).is_err());
+    batch.step(e.model(), &[(id, 1)], true).unwrap();
+    let out = batch.step(e.model(), &[(id, 2)], false).unwrap();
     assert_eq!(out.logits.len(), e.config().vocab_size);
     // Both reserved slots are used: a third step is refused.
-    assert!(batch.step(&e.model, &[(id, 3)], true).is_err());
+    assert!(batch.step(e.model(), &[(id, 3)], true).is_err());
     assert_eq!(batch.seq_room_left(id), Some(0));
     assert!(batch.leave(id));
     assert!(!batch.leave(id));
-    assert!(batch.step(&e.model, &[(id, 3)], true).is_err());
+    assert!(batch.step(e.model(), &[(id, 3)], true).is_err());
     // Out-of-vocabulary tokens are refused like everywhere else.
-    let id = batch.join(&e.model, &cache, n, n + 1).unwrap().unwrap();
+    let id = batch.join(e.model(), &cache, n, n + 1).unwrap().unwrap();
     let vocab = e.config().input_vocab() as u32;
-    assert!(batch.step(&e.model, &[(id, vocab)], true).is_err());
+    assert!(batch.step(e.model(), &[(id, vocab)], true).is_err());
 }

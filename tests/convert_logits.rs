@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::tempdir::TempDir;
+use common::tempdir::tempdir;
 
 use kvlink::model::open_model;
 use kvlink::sampling::{argmax, log_softmax};
@@ -41,7 +41,7 @@ fn compare(a: &[f32], b: &[f32]) -> (f32, u32, u32) {
 #[test]
 fn converted_hf_folder_matches_gguf() {
     let gguf = common::model::source();
-    let tmp = TempDir::new("hf");
+    let tmp = tempdir("hf");
     let out = tmp.path().join("model");
     kvlink::model::convert::write_hf_folder(gguf.as_ref(), &out, |_, _| {})
         .expect("convert the GGUF to an HF folder");
@@ -55,7 +55,7 @@ fn converted_hf_folder_matches_gguf() {
     let e_hf = Engine::load(gpu.clone(), hf.as_ref(), 512, &mut |_, _| {}).expect("load HF");
 
     // Tokenizers and chat templates agree.
-    let (ta, tb) = (&e_gguf.tokenizer, &e_hf.tokenizer);
+    let (ta, tb) = (&e_gguf.tokenizer(), &e_hf.tokenizer());
     assert_eq!(ta.vocab_size(), tb.vocab_size());
     assert_eq!(ta.bos_token, tb.bos_token);
     assert_eq!(ta.eos_token, tb.eos_token);

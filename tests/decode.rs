@@ -38,7 +38,7 @@ fn generate(
 
 /// Greedy tokens one synchronous forward call at a time (no pipelining).
 fn stepwise(e: &Engine, ids: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = e.model.new_cache(e.context).unwrap();
+    let mut cache = e.model().new_cache(e.context()).unwrap();
     let pos: Vec<i32> = (0..ids.len() as i32).collect();
     let slots: Vec<u32> = (0..ids.len() as u32).collect();
     let batch = Batch {
@@ -47,7 +47,7 @@ fn stepwise(e: &Engine, ids: &[u32], n: usize) -> Vec<u32> {
         slots: &slots,
     };
     let mut tok = e
-        .model
+        .model()
         .forward(&mut cache, &batch, Logits::None, true)
         .unwrap()
         .token
@@ -61,7 +61,7 @@ fn stepwise(e: &Engine, ids: &[u32], n: usize) -> Vec<u32> {
             slots: &[p],
         };
         tok = e
-            .model
+            .model()
             .forward(&mut cache, &batch, Logits::None, true)
             .unwrap()
             .token

@@ -229,7 +229,7 @@ fn perplexity_text_and_chunks() {
 fn chunked_perplexity_with_one_chunk_equals_plain() {
     let engine = common::model::engine();
     let ids = engine
-        .tokenizer
+        .tokenizer()
         .encode(
             "The river flows through the old town and past the mill, where the baker \
              buys his flour every morning before the market opens.",
@@ -299,9 +299,9 @@ fn hotpotqa_end_to_end_and_resume() {
         let body: Vec<u32> = toks
             .iter()
             .copied()
-            .filter(|&t| !engine.tokenizer.is_stop(t))
+            .filter(|&t| !engine.tokenizer().is_stop(t))
             .collect();
-        let text = engine.tokenizer.decode(&body).unwrap();
+        let text = engine.tokenizer().decode(&body).unwrap();
         let rec = all
             .iter()
             .find(|x| x.id == r.id && x.mode == "full")

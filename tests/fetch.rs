@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::tempdir::TempDir;
+use common::tempdir::tempdir;
 use std::path::Path;
 use std::process::Command;
 
@@ -32,7 +32,7 @@ fn a_damaged_model_is_refused_and_the_pinned_one_accepted() {
         real.display()
     );
     let name = real.file_name().unwrap();
-    let dir = TempDir::new("fetch-model");
+    let dir = tempdir("fetch-model");
     let models = dir.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
 
@@ -55,7 +55,7 @@ fn a_damaged_model_is_refused_and_the_pinned_one_accepted() {
 
 #[test]
 fn damaged_eval_data_is_refused() {
-    let dir = TempDir::new("fetch-data");
+    let dir = tempdir("fetch-data");
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("hotpotqa.json"), b"[]").unwrap();

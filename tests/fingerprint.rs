@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::tempdir::TempDir;
+use common::tempdir::tempdir;
 use kvlink::model::convert::write_hf_folder;
 use kvlink::model::hf::HfModel;
 use kvlink::model::random::RandomModel;
@@ -38,14 +38,14 @@ fn sidecars(dir: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn fingerprint_covers_every_byte_and_is_remembered() {
     let model = common::model::model_path();
-    let cache = TempDir::new("fp-cache");
+    let cache = tempdir("fp-cache");
     std::env::set_var("KVLINK_CACHE", cache.path());
     let side = kvlink::model::fingerprint::sidecar_dir();
     assert!(side.starts_with(cache.path()));
 
     // GGUF: a copy of the test model, one weight byte changed between the sample points
     // an earlier fingerprint read (4096 chunks of 64 bytes, evenly spaced).
-    let td = TempDir::new("fp-gguf");
+    let td = tempdir("fp-gguf");
     let p = td.path().join("m.gguf");
     fs::copy(&model, &p).unwrap();
     set_mtime(&p, Duration::from_secs(3600));
@@ -89,7 +89,7 @@ fn fingerprint_covers_every_byte_and_is_remembered() {
     assert_eq!(sidecars(&side).len(), n);
 
     // HF folder: one byte in the middle of the weights.
-    let hf = TempDir::new("fp-hf");
+    let hf = tempdir("fp-hf");
     let dir = hf.path().join("m");
     let src = RandomModel::new("tiny", 3).unwrap();
     write_hf_folder(&src, &dir, |_, _| {}).unwrap();

@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::tempdir::TempDir;
+use common::tempdir::tempdir;
 use common::Rng;
 use kvlink::fuzz::{self, TARGETS};
 use std::path::{Path, PathBuf};
@@ -202,7 +202,7 @@ fn replay(target: &str) {
     let n = env_u64("KVLINK_FUZZ_MUTATIONS")
         .map(|n| n as usize)
         .unwrap_or_else(|| default_mutations(target));
-    let scratch = TempDir::new(&format!("fuzz-{target}"));
+    let scratch = tempdir(&format!("fuzz-{target}"));
     let mut failures = Vec::new();
     let mut seeds_parsed = 0;
     for (name, data) in &seeds {

@@ -62,7 +62,7 @@ fn a_lost_device_fails_every_later_call() {
     let src = common::model::source();
     let e = kvlink::Engine::load(g.clone(), src.as_ref(), 256, &mut |_, _| {}).unwrap();
     let ids = e
-        .tokenizer
+        .tokenizer()
         .encode("The capital of France is", true)
         .unwrap();
     let before = e.next_logits(&ids).unwrap();

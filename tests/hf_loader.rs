@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::tempdir::TempDir;
+use common::tempdir::{tempdir, TempDir};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ fn bf16_round(x: f32) -> f32 {
 
 /// Convert a random model into `<tmp>/model` and return (tmp, model dir).
 fn converted(shape: &str, seed: u64) -> (TempDir, PathBuf, RandomModel) {
-    let tmp = TempDir::new(shape);
+    let tmp = tempdir(shape);
     let out = tmp.path().join("model");
     let src = RandomModel::new(shape, seed).unwrap();
     let mut calls = Vec::new();
@@ -423,7 +423,7 @@ fn missing_tokenizer_json() {
 
 #[test]
 fn open_model_paths() {
-    let tmp = TempDir::new("paths");
+    let tmp = tempdir("paths");
     let missing = tmp.path().join("nope");
     let e = err_of(open_model(&missing));
     assert!(e.to_string().contains("model not found"), "{e}");
@@ -673,7 +673,7 @@ impl WeightSource for Broken {
 
 #[test]
 fn failed_convert_leaves_nothing() {
-    let tmp = TempDir::new("broken");
+    let tmp = tempdir("broken");
     let out = tmp.path().join("model");
     let e = write_hf_folder(
         &Broken(RandomModel::new("tiny", 0).unwrap()),

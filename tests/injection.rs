@@ -224,7 +224,7 @@ fn the_engine_plans_hostile_documents_as_data() {
     let src = kvlink::model::open_model(&kvlink::model::default_model_path()).unwrap();
     let engine =
         kvlink::Engine::load(common::gpu().clone(), src.as_ref(), 2048, &mut |_, _| {}).unwrap();
-    let t = &engine.tokenizer;
+    let t = &engine.tokenizer();
     let req = Request::new(HOSTILE.iter().map(|s| s.to_string()).collect(), HOSTILE[2]);
     let plan = engine.plan(&req).unwrap();
     // <|im_start|> system (the default system prompt) / user / assistant, <|im_end|>

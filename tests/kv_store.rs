@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::tempdir::TempDir;
+use common::tempdir::tempdir;
 use common::Rng;
 
 use kvlink::kv::store::{EntryHeader, PayloadSink, PRUNE_AT_OPEN_AFTER, PRUNE_MARKER};
@@ -156,7 +156,7 @@ fn doc_kv_validate_and_bytes() {
 
 #[test]
 fn round_trip_and_layout() {
-    let td = TempDir::new("roundtrip");
+    let td = tempdir("roundtrip");
     let store = DiskStore::open(td.path().join("kv")).unwrap();
     let t = tokens(2, 17);
     let kv = random_kv(2, 17, 3, 24);
@@ -227,7 +227,7 @@ fn round_trip_and_layout() {
 
 #[test]
 fn put_rejects_inconsistent_input() {
-    let td = TempDir::new("putreject");
+    let td = tempdir("putreject");
     let store = DiskStore::open(td.path()).unwrap();
     let t = tokens(3, 4);
     let kv = random_kv(3, 4, 2, 8);
@@ -250,7 +250,7 @@ fn put_rejects_inconsistent_input() {
 
 #[test]
 fn reuse_across_instances() {
-    let td = TempDir::new("reopen");
+    let td = tempdir("reopen");
     let t = tokens(4, 33);
     let kv = random_kv(4, 33, 4, 16);
     let key = DocKey::new(MODEL, TOK, &t);
@@ -293,7 +293,7 @@ fn child_writer() {
 
 #[test]
 fn reuse_across_processes() {
-    let td = TempDir::new("xproc");
+    let td = tempdir("xproc");
     let store = DiskStore::open(td.path()).unwrap();
     let tp = tokens(10, 21);
     store
@@ -329,7 +329,7 @@ fn reuse_across_processes() {
 
 #[test]
 fn wrong_model_tokenizer_or_tokens_refused() {
-    let td = TempDir::new("mismatch");
+    let td = tempdir("mismatch");
     let store = DiskStore::open(td.path()).unwrap();
     let t = tokens(5, 12);
     let kv = random_kv(5, 12, 2, 16);
@@ -375,7 +375,7 @@ fn wrong_model_tokenizer_or_tokens_refused() {
 
 #[test]
 fn wrong_format_version_refused() {
-    let td = TempDir::new("version");
+    let td = tempdir("version");
     let store = DiskStore::open(td.path()).unwrap();
     let t = tokens(8, 9);
     let key = DocKey::new(MODEL, TOK, &t);
@@ -403,7 +403,7 @@ fn wrong_format_version_refused() {
 
 #[test]
 fn corrupt_payload_detected_and_moved_aside() {
-    let td = TempDir::new("corrupt");
+    let td = tempdir("corrupt");
     let store = DiskStore::open(td.path()).unwrap();
     let t = tokens(9, 20);
     let kv = random_kv(9, 20, 3, 16);
@@ -440,7 +440,7 @@ fn corrupt_payload_detected_and_moved_aside() {
 
 #[test]
 fn truncated_and_garbage_files_are_corrupt() {
-    let td = TempDir::new("trunc");
+    let td = tempdir("trunc");
     let store = DiskStore::open(td.path()).unwrap();
     let t = tokens(12, 10);
     let kv = random_kv(12, 10, 2, 8);
@@ -497,7 +497,7 @@ fn truncated_and_garbage_files_are_corrupt() {
 
 #[test]
 fn reads_never_panic_or_hit_on_mutated_bytes() {
-    let td = TempDir::new("fuzz");
+    let td = tempdir("fuzz");
     let store = DiskStore::open(td.path()).unwrap();
     let t = tokens(13, 3);
     let kv = random_kv(13, 3, 2, 4);
@@ -541,7 +541,7 @@ fn reads_never_panic_or_hit_on_mutated_bytes() {
 
 #[test]
 fn concurrent_writers_and_readers() {
-    let td = TempDir::new("concurrent");
+    let td = tempdir("concurrent");
     let store = DiskStore::open(td.path()).unwrap();
     let t = tokens(14, 64);
     let key = DocKey::new(MODEL, TOK, &t);
@@ -597,7 +597,7 @@ fn concurrent_writers_and_readers() {
 
 #[test]
 fn prune_removes_oldest_first() {
-    let td = TempDir::new("prune");
+    let td = tempdir("prune");
     let store = DiskStore::open(td.path()).unwrap();
     let base = SystemTime::now() - Duration::from_secs(1000);
     let mut keys = Vec::new();
@@ -668,9 +668,9 @@ fn dead_pid() -> u32 {
 
 #[test]
 fn put_keeps_the_store_under_its_cap_evicting_least_recently_used() {
-    let td = TempDir::new("cap");
+    let td = tempdir("cap");
     // Measure one entry (all have the same size here), then cap at three of them.
-    let probe = TempDir::new("cap-probe");
+    let probe = tempdir("cap-probe");
     let (k, _) = put_seed(&DiskStore::open(probe.path()).unwrap(), 0);
     let size = fs::metadata(DiskStore::open(probe.path()).unwrap().path_for(&k))
         .unwrap()
@@ -705,8 +705,8 @@ fn put_keeps_the_store_under_its_cap_evicting_least_recently_used() {
 
 #[test]
 fn a_put_over_the_cap_prunes_to_a_low_water_mark() {
-    let td = TempDir::new("cap-slack");
-    let probe = TempDir::new("cap-slack-probe");
+    let td = tempdir("cap-slack");
+    let probe = tempdir("cap-slack-probe");
     let ps = DiskStore::open(probe.path()).unwrap();
     let (k, _) = put_seed(&ps, 0);
     let size = fs::metadata(ps.path_for(&k)).unwrap().len();
@@ -723,7 +723,7 @@ fn a_put_over_the_cap_prunes_to_a_low_water_mark() {
 
 #[test]
 fn put_larger_than_the_cap_is_refused_clearly() {
-    let td = TempDir::new("cap-small");
+    let td = tempdir("cap-small");
     let store = DiskStore::open_with_cap(td.path(), 1000).unwrap();
     let t = tokens(5, 64);
     let err = store
@@ -742,7 +742,7 @@ fn put_larger_than_the_cap_is_refused_clearly() {
 
 #[test]
 fn open_prunes_dead_writers_temp_files_and_corrupt_files_only() {
-    let td = TempDir::new("stale");
+    let td = tempdir("stale");
     let store = DiskStore::open(td.path()).unwrap();
     let (key, t) = put_seed(&store, 1);
     let shard = store.path_for(&key).parent().unwrap().to_path_buf();
@@ -789,7 +789,7 @@ fn mtime(p: &Path) -> SystemTime {
 
 #[test]
 fn open_skips_the_scan_when_the_last_prune_is_recent() {
-    let td = TempDir::new("open-recent");
+    let td = tempdir("open-recent");
     let store = DiskStore::open(td.path()).unwrap();
     let (a, _) = put_seed(&store, 1);
     let (b, _) = put_seed(&store, 2);
@@ -841,7 +841,7 @@ fn open_skips_the_scan_when_the_last_prune_is_recent() {
 
 #[test]
 fn touch_refreshes_the_lru_order_at_most_every_interval() {
-    let td = TempDir::new("touch");
+    let td = tempdir("touch");
     let every = Duration::from_millis(400);
     let store = DiskStore::open(td.path()).unwrap().with_touch_after(every);
     let (a, _) = put_seed(&store, 1);
@@ -885,7 +885,7 @@ fn touch_refreshes_the_lru_order_at_most_every_interval() {
 
 #[test]
 fn prune_is_skipped_while_another_process_prunes() {
-    let td = TempDir::new("prune-lock");
+    let td = tempdir("prune-lock");
     let store = DiskStore::open(td.path()).unwrap();
     put_seed(&store, 2);
     let lock = fs::File::options()
@@ -1045,7 +1045,7 @@ impl PayloadSink for Recorder {
 
 #[test]
 fn get_with_streams_parts_in_order_and_finishes_only_verified_hits() {
-    let td = TempDir::new("getwith");
+    let td = tempdir("getwith");
     let store = DiskStore::open(td.path()).unwrap();
     // Layers of 300 * 512 * 2 bytes: more than one read chunk each.
     let t = tokens(21, 300);
@@ -1130,7 +1130,7 @@ impl kvlink::kv::SharedStore for MemShared {
 #[test]
 fn push_copies_intact_entries_under_their_header_keys() {
     use kvlink::kv::shared::push_store;
-    let td = TempDir::new("push");
+    let td = tempdir("push");
     let store = DiskStore::open(td.path()).unwrap();
     let (a, _) = put_seed(&store, 1);
     let (b, _) = put_seed(&store, 2);

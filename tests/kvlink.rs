@@ -139,7 +139,7 @@ fn bad_requests_are_refused() {
     assert!(e.plan(&empty).unwrap_err().to_string().contains("empty"));
     let no_q = Request::new(vec!["doc".into()], " ");
     assert!(e.plan(&no_q).is_err());
-    let long = Request::new(vec!["word ".repeat(e.context + 10)], "q?");
+    let long = Request::new(vec!["word ".repeat(e.context() + 10)], "q?");
     assert!(e.plan(&long).unwrap_err().to_string().contains("context"));
     let many = Request::new(vec!["some words here ".repeat(40); 200], "q?");
     assert!(e.plan(&many).unwrap_err().to_string().contains("context"));
@@ -315,7 +315,7 @@ fn pooled_caches_in_several_slabs_assemble_like_own_buffers() {
     use kvlink::link::{assemble_and_prefill, encode_documents, DocCache, DocPool};
     use kvlink::model::llama::Logits;
     let e = engine();
-    let m = &e.model;
+    let m = &e.model();
     let mut rng = Rng::new();
     let docs: Vec<String> = (0..4)
         .map(|_| {

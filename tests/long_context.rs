@@ -14,7 +14,10 @@ fn long_ids(n: usize) -> Vec<u32> {
     let text = "The river flows through the old city, past the castle and the library. \
                 In 1898 Marie Curie discovered radium and later won two Nobel prizes. ";
     let e = engine();
-    let mut ids = e.tokenizer.encode(&text.repeat(n / 20 + 1), true).unwrap();
+    let mut ids = e
+        .tokenizer()
+        .encode(&text.repeat(n / 20 + 1), true)
+        .unwrap();
     ids.truncate(n);
     ids
 }
@@ -33,9 +36,9 @@ fn chunked_prefill_equals_one_call() {
     let slots: Vec<u32> = (0..ids.len() as u32).collect();
     let mut out = Vec::new();
     for chunk in [512usize, 2048] {
-        let mut cache = e.model.new_cache(2048).unwrap();
+        let mut cache = e.model().new_cache(2048).unwrap();
         let o = run_chunked(
-            &e.model,
+            e.model(),
             &mut cache,
             &ids,
             &pos,
@@ -62,7 +65,7 @@ fn chunked_prefill_equals_one_call() {
     // The tensor-core kernels round activations to f16: the chunked and one-call batches
     // split their sums differently (split-K, attention splits), which can flip an f16
     // rounding and shifts logprobs at the 1e-2 level; f32 kernels stay under 1e-3.
-    let tol = if e.model.gpu().coop.is_some() {
+    let tol = if e.model().gpu().coop.is_some() {
         2e-2
     } else {
         1e-3
@@ -115,9 +118,9 @@ fn chunked_prefill_equals_one_call_tiny_model() {
     let slots: Vec<u32> = (0..ids.len() as u32).collect();
     let mut out = Vec::new();
     for chunk in [512usize, 2048, 100] {
-        let mut cache = e.model.new_cache(2048).unwrap();
+        let mut cache = e.model().new_cache(2048).unwrap();
         let o = run_chunked(
-            &e.model,
+            e.model(),
             &mut cache,
             &ids,
             &pos,

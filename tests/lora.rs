@@ -10,7 +10,7 @@
 mod common;
 
 use common::reference::RefModel;
-use common::tempdir::TempDir;
+use common::tempdir::tempdir;
 use common::Rng;
 use kvlink::model::llama::{Batch, Logits};
 use kvlink::model::lora::{LoraAdapter, LoraModel};
@@ -355,11 +355,11 @@ fn load_engine(src: &dyn WeightSource) -> Engine {
 
 /// Logits of every row of a causal prefill of `ids`.
 fn all_rows(e: &Engine, ids: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = e.model.new_cache(64).unwrap();
+    let mut cache = e.model().new_cache(64).unwrap();
     let pos: Vec<i32> = (0..ids.len() as i32).collect();
     let slots: Vec<u32> = (0..ids.len() as u32).collect();
     let out = e
-        .model
+        .model()
         .forward(
             &mut cache,
             &Batch {
@@ -424,7 +424,7 @@ fn spec(dtype: Dtype, link: Option<(serde_json::Value, usize)>) -> Spec {
 /// steps that feed extra ids, against the reference on the test's own merge.
 fn check_against_reference(base: &'static dyn WeightSource, spec: &Spec, seed_tag: &str) {
     let mut rng = Rng::new();
-    let tmp = TempDir::new(seed_tag);
+    let tmp = tempdir(seed_tag);
     let dir = tmp.path().join("adapter");
     let tensors = write_adapter(&dir, base.config(), spec, &mut rng);
     let lora = LoraModel::open(Box::new(ForwardTo(base)), &dir).unwrap();
@@ -457,7 +457,7 @@ fn check_against_reference(base: &'static dyn WeightSource, spec: &Spec, seed_ta
         assert!(d > 0.05, "the adapter barely changes the logits ({d})");
     }
     // Decode: one token at a time, extra ids included (the fused decode path).
-    let mut cache = e.model.new_cache(64).unwrap();
+    let mut cache = e.model().new_cache(64).unwrap();
     let mut seq = ids[..4].to_vec();
     let p4: Vec<i32> = (0..4).collect();
     let s4: Vec<u32> = (0..4).collect();
@@ -466,7 +466,7 @@ fn check_against_reference(base: &'static dyn WeightSource, spec: &Spec, seed_ta
         positions: &p4,
         slots: &s4,
     };
-    e.model
+    e.model()
         .forward(&mut cache, &batch, Logits::None, false)
         .unwrap();
     let next = [if spec.extra > 0 { v + 1 } else { 3 }, rng.below(v)];
@@ -474,7 +474,7 @@ fn check_against_reference(base: &'static dyn WeightSource, spec: &Spec, seed_ta
         let p = seq.len();
         seq.push(tok);
         let out = e
-            .model
+            .model()
             .forward(
                 &mut cache,
                 &Batch {
@@ -497,7 +497,7 @@ fn check_against_reference(base: &'static dyn WeightSource, spec: &Spec, seed_ta
     // Ids past the grown vocabulary are refused, not read out of bounds.
     let bad = c.input_vocab() as u32;
     let err = e
-        .model
+        .model()
         .forward(
             &mut cache,
             &Batch {
@@ -574,16 +574,16 @@ fn adapter_link_tokens_drive_kvlink_requests() {
     let base = leak(tied(RandomModel::new("tiny", 14).unwrap()));
     let (link, extra) = tiny_link(base.config(), 2, 4);
     let s = spec(Dtype::F16, Some((link, extra)));
-    let tmp = TempDir::new("link");
+    let tmp = tempdir("link");
     let dir = tmp.path().join("adapter");
     let tensors = write_adapter(&dir, base.config(), &s, &mut rng);
     let lora = LoraModel::open(Box::new(ForwardTo(base)), &dir).unwrap();
     let e = load_engine(&lora);
     let v = base.config().vocab_size as u32;
-    assert_eq!(e.link.k, 2);
-    assert_eq!(e.link.link_base, Some(v));
-    assert_eq!(e.link.kv_start, Some(v + 8));
-    assert_eq!(e.link.kv_end, Some(v + 9));
+    assert_eq!(e.link().k, 2);
+    assert_eq!(e.link().link_base, Some(v));
+    assert_eq!(e.link().kv_start, Some(v + 8));
+    assert_eq!(e.link().kv_end, Some(v + 9));
     let mut req = Request::new(
         vec!["alpha beta gamma\n".into(), "delta epsilon\n".into()],
         "which?",
@@ -607,8 +607,8 @@ fn adapter_link_tokens_drive_kvlink_requests() {
     assert!(err.contains("at most 4 slots"), "{err}");
     // The tokenizer never has to decode the extra ids: no panic, empty text.
     for id in [v, v + 9] {
-        assert_eq!(e.tokenizer.decode(&[id]).unwrap_or_default(), "");
-        let _ = e.tokenizer.token_piece(id);
+        assert_eq!(e.tokenizer().decode(&[id]).unwrap_or_default(), "");
+        let _ = e.tokenizer().token_piece(id);
     }
 }
 
@@ -625,9 +625,9 @@ fn no_adapter_is_unchanged_and_zero_b_gives_the_base_logits() {
         assert_close(g, w, &format!("no adapter, row {i}"));
     }
     assert_eq!(plain.config().extra_vocab, 0);
-    assert!(plain.link == Default::default());
+    assert!(*plain.link() == kvlink::link::LinkConfig::default());
 
-    let tmp = TempDir::new("zero-b");
+    let tmp = tempdir("zero-b");
     let dir = tmp.path().join("adapter");
     let mut s = spec(Dtype::F16, Some(tiny_link(base.config(), 2, 4)));
     s.zero_b = true;
@@ -642,14 +642,14 @@ fn no_adapter_is_unchanged_and_zero_b_gives_the_base_logits() {
             "zero-B adapter row {i} differs from the base by {d}"
         );
     }
-    assert_ne!(e.fingerprint, plain.fingerprint);
+    assert_ne!(e.fingerprint(), plain.fingerprint());
 }
 
 #[test]
 fn fingerprint_follows_the_adapter() {
     let mut rng = Rng::new();
     let base = leak(RandomModel::new("tiny", 16).unwrap());
-    let tmp = TempDir::new("fp");
+    let tmp = tempdir("fp");
     let (d1, d2) = (tmp.path().join("a1"), tmp.path().join("a2"));
     let s = spec(Dtype::F16, None);
     write_adapter(&d1, base.config(), &s, &mut rng);
@@ -691,7 +691,7 @@ fn bad_adapters_are_refused_with_clear_errors() {
     let mut rng = Rng::new();
     let base = leak(RandomModel::new("tiny", 17).unwrap());
     let cfg = base.config().clone();
-    let tmp = TempDir::new("bad");
+    let tmp = tempdir("bad");
     let good = spec(Dtype::F16, Some(tiny_link(&cfg, 2, 4)));
     let mut n = 0;
     // Write a good adapter, let `edit` break it, and return the error's message.
@@ -957,17 +957,17 @@ fn smollm2_gguf_with_adapter_matches_reference() {
     s.modules = vec!["q_proj", "k_proj", "v_proj", "o_proj"];
     s.r = 8;
     s.alpha = 16.0;
-    let tmp = TempDir::new("smollm2");
+    let tmp = tempdir("smollm2");
     let dir = tmp.path().join("adapter");
     let tensors = write_adapter(&dir, &c, &s, &mut rng);
     let lora = LoraModel::open(Box::new(ForwardTo(base)), &dir).unwrap();
     let e = load_engine(&lora);
-    assert_eq!(e.link.kv_end, Some(49353));
+    assert_eq!(e.link().kv_end, Some(49353));
     // The GGUF tokenizer has no text for the extra ids: decoding them gives "" (or an
     // error), never a panic.
     for id in [49152u32, 49353] {
-        assert_eq!(e.tokenizer.decode(&[id]).unwrap_or_default(), "");
-        let _ = e.tokenizer.token_piece(id);
+        assert_eq!(e.tokenizer().decode(&[id]).unwrap_or_default(), "");
+        let _ = e.tokenizer().token_piece(id);
     }
     let ids: Vec<u32> = vec![1, 504, 3458, 49152, 260, 49156, 28, 49353, 1345, 30];
     let pos: Vec<i32> = (0..ids.len() as i32).collect();
@@ -1012,7 +1012,7 @@ fn cli_ok(args: &[&str], env_lora: Option<&Path>) -> serde_json::Value {
 #[test]
 fn cli_lora_flag() {
     let mut rng = Rng::new();
-    let tmp = TempDir::new("cli");
+    let tmp = tempdir("cli");
     let model = tmp.path().join("model");
     let base = RandomModel::new("tiny", 18).unwrap();
     kvlink::model::convert::write_hf_folder(&base, &model, |_, _| {}).unwrap();

@@ -58,14 +58,14 @@ fn greedy_capital_of_france_is_paris() {
         true
     })
     .unwrap();
-    let text = e.tokenizer.decode(&out).unwrap();
+    let text = e.tokenizer().decode(&out).unwrap();
     assert!(text.starts_with(" Paris"), "continuation was {text:?}");
 }
 
 #[test]
 fn prompt_longer_than_context_is_an_error() {
     let e = engine();
-    let ids = vec![1u32; e.context + 5];
+    let ids = vec![1u32; e.context() + 5];
     let err = e.next_logits(&ids).unwrap_err().to_string();
     assert!(err.contains("context"), "{err}");
     let bad = vec![u32::MAX];

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::tempdir::TempDir;
+use common::tempdir::{tempdir, TempDir};
 use kvlink::server::{Server, ServerConfig};
 use kvlink::Engine;
 use serde_json::{json, Value};
@@ -28,7 +28,7 @@ fn agent() -> ureq::Agent {
 fn server() -> &'static str {
     static S: OnceLock<(String, Server, TempDir)> = OnceLock::new();
     &S.get_or_init(|| {
-        let dir = TempDir::new("serve-store");
+        let dir = tempdir("serve-store");
         let engine = Engine::load(
             common::gpu().clone(),
             common::model::source().as_ref(),
@@ -149,7 +149,7 @@ fn greedy_chat_matches_kvlink_ask() {
     assert!(v["kvlink"]["ttft_ms"].as_f64().unwrap() > 0.0);
 
     // The same through `kvlink ask` (its own process, no store).
-    let dir = TempDir::new("serve-ask");
+    let dir = tempdir("serve-ask");
     let (fa, fb) = (dir.path().join("a.txt"), dir.path().join("b.txt"));
     std::fs::write(&fa, DOC_A).unwrap();
     std::fs::write(&fb, DOC_B).unwrap();
@@ -674,7 +674,7 @@ impl RedisServer {
             .arg("--version")
             .output()
             .ok()?;
-        let dir = TempDir::new("redis");
+        let dir = tempdir("redis");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -803,7 +803,7 @@ fn redis_tier_shared_between_two_servers() {
         );
         return;
     };
-    let (da, db) = (TempDir::new("redis-a"), TempDir::new("redis-b"));
+    let (da, db) = (tempdir("redis-a"), tempdir("redis-b"));
     let store = |d: &TempDir| d.path().to_str().unwrap().to_string();
     let (sa, sb) = (store(&da), store(&db));
     let a = ServeProcess::start(&["--store", &sa, "--store", &redis.url]);
@@ -945,7 +945,7 @@ fn store_push_fills_redis_from_a_disk_store() {
         );
         return;
     };
-    let dir = TempDir::new("push-cli");
+    let dir = tempdir("push-cli");
     let store = DiskStore::open(dir.path()).unwrap();
     let mut keys = Vec::new();
     for seed in 0..3u32 {

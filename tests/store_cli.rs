@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::tempdir::TempDir;
+use common::tempdir::tempdir;
 use kvlink::kv::{DiskStore, DocKey, DocKv};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -74,7 +74,7 @@ fn answer(stdout: &str) -> String {
 
 #[test]
 fn store_stats_and_prune_commands() {
-    let td = TempDir::new("store-cmd");
+    let td = tempdir("store-cmd");
     let store = DiskStore::open(td.path()).unwrap();
     let mut total = 0;
     for i in 0..3u32 {
@@ -120,7 +120,7 @@ fn store_stats_and_prune_commands() {
 #[test]
 fn concurrent_asks_share_one_store_and_an_unusable_store_is_a_warning() {
     let model = common::model::model_path().display().to_string();
-    let td = TempDir::new("ask-store");
+    let td = tempdir("ask-store");
     let d = docs(td.path());
 
     // A store path that is a file: warned about, and the question is answered.

@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::tempdir::TempDir;
+use common::tempdir::tempdir;
 use common::Rng;
 use kvlink::kv::{DiskStore, DocKey, DocKv, Lookup};
 use std::process::{Child, Command, Stdio};
@@ -149,7 +149,7 @@ fn time_seed() -> u64 {
 
 #[test]
 fn sigkilled_writers_never_leave_a_bad_entry() {
-    let td = TempDir::new("sigkill");
+    let td = tempdir("sigkill");
     let seed =
         std::env::var("KVLINK_CRASH_SEED").map_or_else(|_| time_seed(), |s| s.parse().unwrap());
     eprintln!("seed {seed} (KVLINK_CRASH_SEED to repeat)");
@@ -277,7 +277,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn concurrent_processes_under_a_small_cap_never_read_a_wrong_entry() {
-    let td = TempDir::new("concurrent");
+    let td = tempdir("concurrent");
     let seed = time_seed();
     eprintln!("seed {seed}");
     // The documents take about UNIVERSE * 20 KB; a quarter of that fits.

@@ -5,7 +5,7 @@
 mod common;
 
 use common::model::engine;
-use common::tempdir::TempDir;
+use common::tempdir::tempdir;
 use kvlink::engine::CacheSource;
 use kvlink::kv::{DiskStore, DocKv};
 use std::sync::Mutex;
@@ -14,7 +14,7 @@ use std::sync::Mutex;
 static STORE_LOCK: Mutex<()> = Mutex::new(());
 
 fn doc(text: &str) -> Vec<u32> {
-    engine().tokenizer.encode(text, false).unwrap()
+    engine().tokenizer().encode(text, false).unwrap()
 }
 
 #[test]
@@ -47,7 +47,7 @@ fn gpu_cache_is_served_only_for_its_own_token_ids() {
 fn unwritable_store_is_a_warning_not_an_error() {
     let _g = STORE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let e = engine();
-    let td = TempDir::new("unwritable");
+    let td = tempdir("unwritable");
     let store = DiskStore::open(td.path()).unwrap();
     // Every shard directory name is taken by a file: no entry can be written (as with a
     // full disk or a read-only directory, which root would still write).
@@ -70,7 +70,7 @@ fn unwritable_store_is_a_warning_not_an_error() {
 fn gpu_hits_keep_the_disk_entry_recent_for_lru_eviction() {
     let _g = STORE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let e = engine();
-    let td = TempDir::new("touch");
+    let td = tempdir("touch");
     let every = std::time::Duration::from_millis(300);
     let store = DiskStore::open(td.path()).unwrap().with_touch_after(every);
     e.set_store(Some(store.clone()));

@@ -58,7 +58,7 @@ fn qa_samples_are_the_engines_serving_layout_plus_the_answer() {
         assert_eq!(s.component, Component::QaMem);
         // The engine would reject link ids beyond its vocabulary; the plan's layout does
         // not depend on that check, so compare against the plan built the engine's way.
-        engine.link = LinkConfig::default();
+        engine.set_link(LinkConfig::default()).unwrap();
         let plain_plan = engine.plan(&rec.request(Mode::Kvlink)).unwrap();
         let (prefix, docs, tail) = engine.tokenize_request(&rec.request(Mode::Kvlink)).unwrap();
         let refs: Vec<&[u32]> = docs.iter().map(Vec::as_slice).collect();

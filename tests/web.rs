@@ -245,12 +245,12 @@ async fn document_store_matches_native() {
         )
         .unwrap();
         let e = kvlink::Engine::load(gpu, &src, 512, &mut |_, _| {}).unwrap();
-        let tokens = e.tokenizer.encode(&text, false).unwrap();
+        let tokens = e.tokenizer().encode(&text, false).unwrap();
         (
             e.doc_key(&tokens),
             tokens,
-            e.fingerprint.clone(),
-            e.tokenizer_fingerprint.clone(),
+            e.fingerprint().clone(),
+            e.tokenizer_fingerprint().clone(),
         )
     };
     let ks = key.to_string();

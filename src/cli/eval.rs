@@ -194,7 +194,7 @@ fn qa(
         let v = serde_json::json!({
             "task": task,
             "dataset": path.display().to_string(),
-            "model": engine.description,
+            "model": engine.description(),
             "adapter": adapter_name,
             "offset": a.offset,
             "questions": slice.len(),
@@ -211,7 +211,7 @@ fn qa(
             a.offset,
             end,
             path.display(),
-            engine.description,
+            engine.description(),
             adapter_name,
             a.max_new_tokens,
             if skipped_before > 0 {
@@ -316,7 +316,7 @@ pub fn perplexity(adapter: &AdapterChoice, a: &PerplexityArgs) -> Result<()> {
         .max_windows
         .map(|w| w.saturating_mul(a.ctx))
         .unwrap_or(usize::MAX);
-    let ids = perplexity::tokenize(&engine.tokenizer, &text, need)?;
+    let ids = perplexity::tokenize(engine.tokenizer(), &text, need)?;
     let mut windows: Vec<&[u32]> = ids.chunks_exact(a.ctx).collect();
     if let Some(w) = a.max_windows {
         windows.truncate(w);
@@ -364,7 +364,7 @@ pub fn perplexity(adapter: &AdapterChoice, a: &PerplexityArgs) -> Result<()> {
     if a.json {
         let v = serde_json::json!({
             "text": path.display().to_string(),
-            "model": engine.description,
+            "model": engine.description(),
             "adapter": engine.gpu().report.name,
             "ctx": a.ctx,
             "windows": windows.len(),
@@ -379,7 +379,7 @@ pub fn perplexity(adapter: &AdapterChoice, a: &PerplexityArgs) -> Result<()> {
     }
     println!(
         "{} | {} | {} windows of {} tokens from {}",
-        engine.description,
+        engine.description(),
         engine.gpu().report.name,
         windows.len(),
         a.ctx,

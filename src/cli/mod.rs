@@ -515,11 +515,11 @@ fn generate(
 
 /// Generate and stream text to stdout; stop tokens are not printed.
 fn stream(engine: &Engine, ids: &[u32], params: &GenerateParams) -> Result<kvlink::GenerateStats> {
-    let mut ts = kvlink::model::tokenizer::TextStream::new(&engine.tokenizer);
+    let mut ts = kvlink::model::tokenizer::TextStream::new(engine.tokenizer());
     let mut out = std::io::stdout().lock();
     let mut err = None;
     let st = engine.generate(ids, params, |t| {
-        if params.stop_at_eos && engine.tokenizer.is_stop(t) {
+        if params.stop_at_eos && engine.tokenizer().is_stop(t) {
             return true;
         }
         match ts.push(t) {
@@ -547,7 +547,7 @@ fn chat(adapter: &AdapterChoice, m: &ModelArgs, system: Option<&str>, g: &GenArg
     let params = g.params();
     params.sampling.validate()?;
     let engine = load_engine(adapter, m)?;
-    if engine.tokenizer.chat_template.is_none() {
+    if engine.tokenizer().chat_template.is_none() {
         bail!("this model has no chat template; use `kvlink generate --raw` instead");
     }
     let mut msgs = Vec::new();
@@ -557,7 +557,7 @@ fn chat(adapter: &AdapterChoice, m: &ModelArgs, system: Option<&str>, g: &GenArg
     let stdin = std::io::stdin();
     eprintln!(
         "chatting with {} (empty line or Ctrl-D to quit)",
-        engine.description
+        engine.description()
     );
     loop {
         eprint!("> ");
@@ -568,13 +568,13 @@ fn chat(adapter: &AdapterChoice, m: &ModelArgs, system: Option<&str>, g: &GenArg
         }
         msgs.push(kvlink::model::ChatMessage::new("user", line.trim_end()));
         let ids = engine
-            .tokenizer
-            .encode_chat(&engine.tokenizer.render_chat(&msgs, true)?)?;
+            .tokenizer()
+            .encode_chat(&engine.tokenizer().render_chat(&msgs, true)?)?;
         let mut reply = Vec::new();
-        let mut ts = kvlink::model::tokenizer::TextStream::new(&engine.tokenizer);
+        let mut ts = kvlink::model::tokenizer::TextStream::new(engine.tokenizer());
         let mut out = std::io::stdout().lock();
         engine.generate(&ids, &params, |t| {
-            if engine.tokenizer.is_stop(t) {
+            if engine.tokenizer().is_stop(t) {
                 return true;
             }
             reply.push(t);
@@ -588,7 +588,7 @@ fn chat(adapter: &AdapterChoice, m: &ModelArgs, system: Option<&str>, g: &GenArg
         writeln!(out)?;
         msgs.push(kvlink::model::ChatMessage::new(
             "assistant",
-            engine.tokenizer.decode(&reply)?,
+            engine.tokenizer().decode(&reply)?,
         ));
     }
     Ok(())
@@ -625,7 +625,7 @@ fn logits(
         let (plan, lg, _) = engine.request_logits(&req)?;
         (plan.tokens, plan.segments, plan.positions, lg)
     };
-    let tops = kvlink::sampling::top_logprobs_json(|i| engine.tokenizer.token_piece(i), &lg, top);
+    let tops = kvlink::sampling::top_logprobs_json(|i| engine.tokenizer().token_piece(i), &lg, top);
     if json {
         println!(
             "{}",

@@ -73,7 +73,7 @@ impl DocArgs {
             .as_ref()
             .is_some_and(|d| d.join(kvlink::model::lora::LINK_FILE).is_file());
         let mut link = if adapter_link {
-            engine.link.clone()
+            engine.link().clone()
         } else {
             LinkConfig::default()
         };
@@ -99,8 +99,7 @@ impl DocArgs {
         if self.kv_end.is_some() {
             link.kv_end = self.kv_end;
         }
-        link.validate(engine.config().input_vocab(), 1)?;
-        engine.link = link;
+        engine.set_link(link)?;
         let (urls, mut dirs): (Vec<&PathBuf>, Vec<&PathBuf>) = self
             .store
             .iter()
@@ -198,11 +197,11 @@ pub fn ask(adapter: &AdapterChoice, a: &AskArgs) -> Result<()> {
         raw: a.raw,
         mode,
     };
-    let mut ts = kvlink::model::tokenizer::TextStream::new(&engine.tokenizer);
+    let mut ts = kvlink::model::tokenizer::TextStream::new(engine.tokenizer());
     let mut answer = String::new();
     let mut out = std::io::stdout().lock();
     let on_token = |t| {
-        if params.stop_at_eos && engine.tokenizer.is_stop(t) {
+        if params.stop_at_eos && engine.tokenizer().is_stop(t) {
             return true;
         }
         if let Ok(s) = ts.push(t) {
@@ -324,17 +323,22 @@ pub fn precompute(adapter: &AdapterChoice, a: &PrecomputeArgs) -> Result<()> {
     for chunk in docs.chunks(a.batch.max(1)) {
         let ids = chunk
             .iter()
-            .map(|d| engine.tokenizer.encode_data(d).map_err(anyhow::Error::from))
+            .map(|d| {
+                engine
+                    .tokenizer()
+                    .encode_data(d)
+                    .map_err(anyhow::Error::from)
+            })
             .collect::<Result<Vec<_>>>()?;
         for (i, d) in ids.iter().enumerate() {
             if d.is_empty() {
                 bail!("document {} is empty", fresh + present + i + 1);
             }
-            if d.len() >= engine.context {
+            if d.len() >= engine.context() {
                 bail!(
                     "a document is {} tokens, longer than the context ({}); use --ctx",
                     d.len(),
-                    engine.context
+                    engine.context()
                 );
             }
         }
@@ -553,12 +557,12 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
         .collect();
     let tail = random_tokens(a.question_len, vocab, 2);
     let refs: Vec<&[u32]> = docs.iter().map(|d| d.as_slice()).collect();
-    let plan = PromptPlan::build(&prefix, &refs, &tail, &engine.link)?;
-    if plan.len() >= engine.context {
+    let plan = PromptPlan::build(&prefix, &refs, &tail, engine.link())?;
+    if plan.len() >= engine.context() {
         bail!(
             "the prompt ({} tokens) does not fit the context ({}); pass --ctx",
             plan.len(),
-            engine.context
+            engine.context()
         );
     }
     let run = |mode: Mode| -> Result<(f64, Timings)> {
@@ -604,7 +608,7 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
     let v = serde_json::json!({
         "adapter": engine.gpu().report.name,
         "backend": engine.gpu().report.backend,
-        "model": engine.description,
+        "model": engine.description(),
         "docs": a.docs, "doc_len": a.doc_len, "question_len": a.question_len,
         "prompt_tokens": plan.len(),
         "full_ms": full,
@@ -657,7 +661,7 @@ fn bench_batch(adapter: &AdapterChoice, a: &BatchArgs) -> Result<()> {
     let room = a.prompt_len + a.decode + warm + 1;
     let engine = bench_engine(adapter, &a.bench, room.div_ceil(256) * 256)?;
     let vocab = engine.config().vocab_size;
-    let mut batch = DecodeBatch::new(&engine.model, most * room)?;
+    let mut batch = DecodeBatch::new(engine.model(), most * room)?;
     eprintln!(
         "bench batch: {} prompt tokens each, {} decode steps, arena {} slots ({:.0} MiB) on {}",
         a.prompt_len,
@@ -672,12 +676,12 @@ fn bench_batch(adapter: &AdapterChoice, a: &BatchArgs) -> Result<()> {
         let mut live = Vec::with_capacity(n);
         for j in 0..n {
             let prompt = random_tokens(a.prompt_len, vocab, 50 + j as u64);
-            let plan = PromptPlan::build(&prompt, &[], &[], &engine.link)?;
+            let plan = PromptPlan::build(&prompt, &[], &[], engine.link())?;
             let (plan, cache, out, _) =
                 engine.start_plan(plan, Mode::Full, Instant::now(), room, false, true)?;
             let first = out.token.context("no first token")?;
             let id = batch
-                .join(&engine.model, &cache, plan.len(), room)?
+                .join(engine.model(), &cache, plan.len(), room)?
                 .context("the arena has no room")?;
             live.push((id, first));
         }
@@ -687,7 +691,7 @@ fn bench_batch(adapter: &AdapterChoice, a: &BatchArgs) -> Result<()> {
                 engine.gpu().wait()?;
                 t0 = Instant::now();
             }
-            let out = batch.step(&engine.model, &live, true)?;
+            let out = batch.step(engine.model(), &live, true)?;
             for (l, t) in live.iter_mut().zip(out.tokens) {
                 l.1 = t;
             }
@@ -713,7 +717,7 @@ fn bench_batch(adapter: &AdapterChoice, a: &BatchArgs) -> Result<()> {
     let alone = engine.generate(&ids, &p, |_| true)?.decode_tok_s();
     let v = serde_json::json!({
         "adapter": engine.gpu().report.name,
-        "model": engine.description,
+        "model": engine.description(),
         "prompt_len": a.prompt_len,
         "decode": a.decode,
         "alone_tok_s": alone,
@@ -788,7 +792,7 @@ fn bench_speed(adapter: &AdapterChoice, a: &SpeedArgs) -> Result<()> {
     }
     let v = serde_json::json!({
         "adapter": engine.gpu().report.name,
-        "model": engine.description,
+        "model": engine.description(),
         "results": rows,
     });
     if a.bench.json {

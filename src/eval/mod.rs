@@ -51,7 +51,9 @@ pub fn greedy_answer(engine: &Engine, req: &Request, max_new_tokens: usize) -> R
     let mut tokens = Vec::new();
     loop {
         tokens.push(next);
-        if engine.tokenizer.is_stop(next) || tokens.len() >= max_new_tokens || pos >= cache.capacity
+        if engine.tokenizer().is_stop(next)
+            || tokens.len() >= max_new_tokens
+            || pos >= cache.capacity
         {
             break;
         }
@@ -61,7 +63,7 @@ pub fn greedy_answer(engine: &Engine, req: &Request, max_new_tokens: usize) -> R
             slots: &[pos as u32],
         };
         let o = engine
-            .model
+            .model()
             .forward(&mut cache, &batch, Logits::None, true)?;
         next = o
             .token
@@ -71,9 +73,9 @@ pub fn greedy_answer(engine: &Engine, req: &Request, max_new_tokens: usize) -> R
     let body: Vec<u32> = tokens
         .iter()
         .copied()
-        .filter(|&t| !engine.tokenizer.is_stop(t))
+        .filter(|&t| !engine.tokenizer().is_stop(t))
         .collect();
-    let text = engine.tokenizer.decode(&body)?.trim().to_string();
+    let text = engine.tokenizer().decode(&body)?.trim().to_string();
     Ok(Answer {
         tokens,
         text,

@@ -163,7 +163,7 @@ fn forward_rows(
             positions: &pos,
             slots: &slots,
         };
-        let out = engine.model.forward(cache, &batch, Logits::All, false)?;
+        let out = engine.model().forward(cache, &batch, Logits::All, false)?;
         accumulate(&out.logits, vocab, i, window, tail_from, all, tail);
         i = end;
     }
@@ -197,7 +197,7 @@ pub fn score_window(engine: &Engine, window: &[u32], chunks: Option<usize>) -> R
     let h = n / 2;
     let mut res = WindowNll::default();
     // Plain causal.
-    let mut cache = engine.model.new_cache(n)?;
+    let mut cache = engine.model().new_cache(n)?;
     forward_rows(
         engine,
         &mut cache,
@@ -224,16 +224,16 @@ pub fn score_window(engine: &Engine, window: &[u32], chunks: Option<usize>) -> R
         // link tokens after the chunks, as in its training (`text_mem`); they take
         // `shift` positions before the second half.
         engine
-            .link
+            .link()
             .validate(engine.config().input_vocab(), docs.len())?;
-        let shift = PromptPlan::build(&[], &docs, &[], &engine.link)?.len() - h;
+        let shift = PromptPlan::build(&[], &docs, &[], engine.link())?.len() - h;
         // One forward pass computes every new token (links, markers and the first tail
         // rows), so the logits of all of them come back together.
         let first = rows_per_call(vocab).saturating_sub(shift).clamp(1, n - h);
-        let plan = PromptPlan::build(&[], &docs, &window[h..h + first], &engine.link)?;
+        let plan = PromptPlan::build(&[], &docs, &window[h..h + first], engine.link())?;
         debug_assert_eq!(plan.len(), h + shift + first);
         let (mut cache, out, _, _) = link::assemble_and_prefill(
-            &engine.model,
+            engine.model(),
             &plan,
             None,
             &refs,

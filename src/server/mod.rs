@@ -625,11 +625,11 @@ async fn answer(st: Arc<State>, kind: Kind, mut req: Request, common: Common) ->
         let req2 = req.clone();
         tokio::task::spawn_blocking(move || {
             let plan = engine.plan(&req2)?;
-            if plan.len() + 1 >= engine.context {
+            if plan.len() + 1 >= engine.context() {
                 return Err(crate::Error::Input(format!(
                     "the prompt is {} tokens, which leaves no room to answer in the context ({})",
                     plan.len(),
-                    engine.context
+                    engine.context()
                 )));
             }
             Ok(())

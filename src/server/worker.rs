@@ -155,18 +155,18 @@ fn add_document_job(
 
 fn add_document(engine: &Engine, text: &str) -> Result<Encoded, ApiError> {
     let tokens = engine
-        .tokenizer
+        .tokenizer()
         .encode_data(text)
         .map_err(ApiError::internal)?;
     if tokens.is_empty() {
         return Err(ApiError::invalid("the document is empty", Some("text")));
     }
-    if tokens.len() >= engine.context {
+    if tokens.len() >= engine.context() {
         return Err(ApiError::invalid(
             format!(
                 "the document is {} tokens, longer than the context ({})",
                 tokens.len(),
-                engine.context
+                engine.context()
             ),
             Some("text"),
         )
@@ -212,7 +212,7 @@ struct TextOut<'e> {
 impl<'e> TextOut<'e> {
     fn new(engine: &'e Engine) -> TextOut<'e> {
         TextOut {
-            ts: TextStream::new(&engine.tokenizer),
+            ts: TextStream::new(engine.tokenizer()),
             text: String::new(),
             sent: 0,
             stopped: false,
@@ -277,7 +277,7 @@ fn generate(engine: &Engine, state: &State, g: GenJob, ticket: &mut Ticket) {
             cancelled = true;
             return false;
         }
-        if g.params.stop_at_eos && engine.tokenizer.is_stop(t) {
+        if g.params.stop_at_eos && engine.tokenizer().is_stop(t) {
             return true;
         }
         out.push(t, &g);
@@ -368,7 +368,7 @@ impl Active<'_> {
         if self.g.tx.is_closed() {
             return Some(End::Cancelled);
         }
-        if self.g.params.stop_at_eos && engine.tokenizer.is_stop(t) {
+        if self.g.params.stop_at_eos && engine.tokenizer().is_stop(t) {
             return Some(End::Eos);
         }
         self.out.push(t, &self.g);
@@ -486,7 +486,7 @@ impl<'e> Decoder<'e> {
                 .cache
                 .as_ref()
                 .expect("a waiting generation has its cache");
-            match batch.join(&engine.model, cache, a.len, a.room) {
+            match batch.join(engine.model(), cache, a.len, a.room) {
                 Ok(Some(id)) => {
                     a.id = Some(id);
                     a.cache = None; // its slots now live in the arena
@@ -507,8 +507,8 @@ impl<'e> Decoder<'e> {
     /// The arena, made on first use: `--batch-slots`, at least one full context.
     fn arena(&mut self) -> crate::Result<&mut DecodeBatch> {
         if self.batch.is_none() {
-            let slots = self.state.cfg.batch_slots.max(self.engine.context);
-            self.batch = Some(DecodeBatch::new(&self.engine.model, slots)?);
+            let slots = self.state.cfg.batch_slots.max(self.engine.context());
+            self.batch = Some(DecodeBatch::new(self.engine.model(), slots)?);
         }
         Ok(self.batch.as_mut().expect("made above"))
     }
@@ -526,7 +526,7 @@ impl<'e> Decoder<'e> {
             .batch
             .as_mut()
             .expect("the arena exists while any is active");
-        let out = match batch.step(&engine.model, &inputs, greedy) {
+        let out = match batch.step(engine.model(), &inputs, greedy) {
             Ok(o) => o,
             Err(e) => return self.fail_all(ApiError::from_engine(e)),
         };

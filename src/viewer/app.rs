@@ -418,7 +418,7 @@ impl ViewerApp {
             return;
         };
         if d.tokens.is_none() {
-            d.tokens = engine.tokenizer.encode_data(&d.text).ok();
+            d.tokens = engine.tokenizer().encode_data(&d.text).ok();
         }
         let Some(t) = &d.tokens else { return };
         let key = engine.doc_key(t);
@@ -499,9 +499,9 @@ impl ViewerApp {
                         parts.extend((0..plan.docs.len()).map(|j| plan.doc_tokens(j)));
                         engine.doc_caches(&parts)?;
                     }
-                    let mut ts = kvlink::model::tokenizer::TextStream::new(&engine.tokenizer);
+                    let mut ts = kvlink::model::tokenizer::TextStream::new(engine.tokenizer());
                     let out = attention::ask_with_attention(&engine, &req, &params, |t| {
-                        if !engine.tokenizer.is_stop(t) {
+                        if !engine.tokenizer().is_stop(t) {
                             if let Ok(s) = ts.push(t) {
                                 if !s.is_empty() {
                                     let _ = tx.send(Msg::Text(id, s));
@@ -523,7 +523,7 @@ impl ViewerApp {
                         let pieces = cap
                             .tokens
                             .iter()
-                            .map(|&t| engine.tokenizer.decode(&[t]).unwrap_or_default())
+                            .map(|&t| engine.tokenizer().decode(&[t]).unwrap_or_default())
                             .collect();
                         let _ = tx.send(Msg::Done(id, Box::new(stats), cap, pieces));
                     }
@@ -620,10 +620,10 @@ impl ViewerApp {
                 ui.label(
                     RichText::new(format!(
                         "{} · {} layers × {} heads · ctx {} · {}",
-                        e.description,
+                        e.description(),
                         e.config().num_hidden_layers,
                         e.config().num_attention_heads,
-                        e.context,
+                        e.context(),
                         e.gpu().report.name
                     ))
                     .weak(),
@@ -1100,7 +1100,7 @@ impl ViewerApp {
             "ttft_bars": self.bars_drawn,
             "runs": runs,
             "docs": self.docs.iter().map(|d| serde_json::json!({"name": d.name, "tokens": d.tokens.as_ref().map(|t| t.len()), "state": format!("{:?}", d.state)})).collect::<Vec<_>>(),
-            "model": self.engine.as_ref().map(|e| e.description.clone()),
+            "model": self.engine.as_ref().map(|e| e.description().to_string()),
             "capture_real": CAPTURE_IS_REAL,
             "errors": errors,
             "seconds": st.started.elapsed().as_secs_f64(),

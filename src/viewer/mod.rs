@@ -26,7 +26,7 @@ pub fn export_ask(
     json: Option<&Path>,
     png: Option<&Path>,
 ) -> Result<()> {
-    let piece = |id: u32| engine.tokenizer.decode(&[id]).unwrap_or_default();
+    let piece = |id: u32| engine.tokenizer().decode(&[id]).unwrap_or_default();
     if let Some(p) = json {
         export::write_json(cap, &piece, p)?;
         eprintln!("attention: {}", p.display());

@@ -94,15 +94,15 @@ impl Kvlink {
         let engine = Engine::load(gpu, src.as_ref(), context, &mut |_, _| {})?;
         let c = engine.config();
         let info = serde_json::json!({
-            "description": engine.description,
-            "fingerprint": engine.fingerprint,
+            "description": engine.description(),
+            "fingerprint": engine.fingerprint(),
             "layers": c.num_hidden_layers,
             "hidden": c.hidden_size,
             "vocab": c.vocab_size,
             "extra_vocab": c.extra_vocab,
-            "link": engine.link,
-            "context": engine.context,
-            "weight_bytes": engine.model.weight_bytes(),
+            "link": engine.link(),
+            "context": engine.context(),
+            "weight_bytes": engine.model().weight_bytes(),
             "load_ms": ms(t0.elapsed()),
         });
         let mut st = self.st.borrow_mut();
@@ -206,7 +206,7 @@ impl Kvlink {
         if text.trim().is_empty() {
             return Err(js_err(Error::Input("the document is empty".into())));
         }
-        let tokens = engine.tokenizer.encode_data(&text).map_err(js_err)?;
+        let tokens = engine.tokenizer().encode_data(&text).map_err(js_err)?;
         let source = super::store::doc_cache(&engine, store.as_ref(), &tokens)
             .await
             .map_err(js_err)?;
@@ -278,7 +278,7 @@ impl Kvlink {
             .ok_or_else(|| js_err(Error::Gpu("no logits were read".into())))?;
         let lg = words_to_f32(words, DType::F32, vocab);
         let tops =
-            crate::sampling::top_logprobs_json(|i| engine.tokenizer.token_piece(i), &lg, top);
+            crate::sampling::top_logprobs_json(|i| engine.tokenizer().token_piece(i), &lg, top);
         Ok(to_js(&serde_json::json!({ "tokens": ids, "top": tops })))
     }
 }
@@ -452,7 +452,7 @@ async fn step(s: &Rc<RefCell<StreamState>>) -> Result<JsValue> {
             return Ok(JsValue::UNDEFINED);
         };
         st.generated.push(tok);
-        let is_stop = st.stop_at_eos && st.engine.tokenizer.is_stop(tok);
+        let is_stop = st.stop_at_eos && st.engine.tokenizer().is_stop(tok);
         let more = if is_stop {
             st.stop = "eos";
             false
@@ -468,7 +468,7 @@ async fn step(s: &Rc<RefCell<StreamState>>) -> Result<JsValue> {
     };
     let (text, index, at) = {
         let mut st = s.borrow_mut();
-        let full = st.engine.tokenizer.decode(&st.generated)?;
+        let full = st.engine.tokenizer().decode(&st.generated)?;
         let new = if full.ends_with('\u{FFFD}') {
             String::new()
         } else if let Some(rest) = full.strip_prefix(st.text.as_str()) {
@@ -501,7 +501,7 @@ async fn step(s: &Rc<RefCell<StreamState>>) -> Result<JsValue> {
                 slots: &slots,
             };
             let lg = if greedy { Logits::None } else { Logits::Last };
-            engine.model.forward(&mut cache, &batch, lg, greedy)
+            engine.model().forward(&mut cache, &batch, lg, greedy)
         })
         .await;
         let mut st = s.borrow_mut();

@@ -145,7 +145,7 @@ pub async fn doc_cache(
     if engine.doc_resident(&key) {
         return Ok(source_name(CacheSource::Gpu));
     }
-    let (mfp, tfp) = (&engine.fingerprint, &engine.tokenizer_fingerprint);
+    let (mfp, tfp) = (&engine.fingerprint(), &engine.tokenizer_fingerprint());
     if let Some(store) = store {
         if let Some(bytes) = store.get_bytes(&key).await? {
             match decode_entry(&bytes, mfp, tfp, tokens) {
