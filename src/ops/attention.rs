@@ -1,0 +1,492 @@
+//! Attention over the KV cache with the KVLink segment mask: the segment buffer's
+//! layout, the row, decode, flash and tensor-core kernels and their split-K combine,
+//! attention over several sequences sharing a cache, and the attention-mass capture.
+
+use super::kernels::*;
+use super::{coop, need, need_len, u32_of};
+use crate::error::{Error, Result};
+use crate::gpu::{grid_1d, Kernel, Step, Tensor};
+
+/// The attention kernels' segment buffer for `segs` in a cache of `capacity` slots:
+/// `capacity` segment ids (0 past `segs`), then for each slot the first slot where its
+/// segment id occurs (0 for segment 0), where a document query starts scanning keys.
+pub fn segment_words(segs: &[u32], capacity: usize) -> Vec<u32> {
+    let mut words = vec![0u32; 2 * capacity];
+    let (ids, starts) = words.split_at_mut(capacity);
+    sequence_segments(segs, 0, &mut ids[..segs.len()], &mut starts[..segs.len()]);
+    words
+}
+
+/// The segment ids and starts of one sequence whose slots begin at `base` of a cache
+/// that holds several side by side ([`attention_sequences`]): `ids[i] = segs[i]`, and
+/// `starts[i]` is `base` plus the first index of `segs[i]` for a document, `base` for
+/// segment 0 (a segment-0 query sees its own sequence from its start, nothing below).
+pub fn sequence_segments(segs: &[u32], base: u32, ids: &mut [u32], starts: &mut [u32]) {
+    ids.copy_from_slice(segs);
+    let mut first = std::collections::HashMap::new();
+    for (i, &s) in segs.iter().enumerate() {
+        starts[i] = if s != 0 {
+            base + *first.entry(s).or_insert(i as u32)
+        } else {
+            base
+        };
+    }
+}
+
+/// The shape checks every attention entry point shares.
+#[allow(clippy::too_many_arguments)]
+fn check_attention(
+    q: &Tensor,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    qslot: &Tensor,
+    seg: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    need(heads.is_multiple_of(kv_heads), || {
+        format!("attention: {heads} heads not a multiple of {kv_heads} kv heads")
+    })?;
+    need(head_dim <= 256 && head_dim.is_multiple_of(2), || {
+        format!("attention: head_dim {head_dim} must be even and <= 256")
+    })?;
+    need_len(q, t * heads * head_dim, "attention q")?;
+    need_len(out, t * heads * head_dim, "attention out")?;
+    need_len(qslot, t, "attention qslot")?;
+    need(seg.numel().is_multiple_of(2) && seg.numel() >= 2, || {
+        "attention: the segment buffer holds ids then starts (2 x slots)".into()
+    })
+}
+
+/// Attention of `t` queries (f32 `[t, heads, head_dim]`, in cache slots `qslot`) over the
+/// cache with the KVLink segment mask (`seg` per cache slot; all zeros = causal).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    step: &mut Step,
+    q: &Tensor,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    kc: &Tensor,
+    vc: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    check_attention(q, t, heads, kv_heads, head_dim, qslot, seg, out)?;
+    if t == 0 {
+        return Ok(());
+    }
+    let cap = seg.numel() / 2;
+    let big_wg_memory = step.gpu().limits.max_compute_workgroup_storage_size >= 32 << 10;
+    let rows = t * (heads / kv_heads);
+    if big_wg_memory && rows <= DECODE_ROWS && decode_kernel(head_dim).is_some() {
+        let splits = if step.serial() {
+            1
+        } else {
+            decode_splits(t, heads, cap, head_dim, step.gpu().tuning.decode_splits)
+        };
+        return decode_attention(
+            step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, splits,
+        );
+    }
+    if let Some((shape, br, bc)) = coop::flash_usable(step, head_dim) {
+        let row_tiles = (t * heads / kv_heads).div_ceil(br);
+        let forced = step.gpu().tuning.flash_splits;
+        let mut splits = coop::flash_splits(row_tiles, kv_heads, cap, bc, forced);
+        // Keep the partials (splits x rows x (head_dim + 4) floats) under 64 MiB.
+        while splits > 1 && splits * t * heads * (head_dim + 4) * 4 > 64 << 20 {
+            splits = splits.div_ceil(2);
+        }
+        let bufs = [q, kc, vc, qslot, seg, out];
+        return coop::flash(step, shape, t, heads, kv_heads, head_dim, bufs, splits);
+    }
+    let flash = flash_kernel(head_dim).filter(|_| big_wg_memory);
+    if let Some((k, br)) = flash {
+        let splits = if step.serial() {
+            1
+        } else {
+            attention_splits(t, heads, kv_heads, cap, head_dim, br, 32)
+        };
+        return flash_attention(
+            step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, k, br, splits,
+        );
+    }
+    // Head sizes without a flash variant: one workgroup per (query, head). (A
+    // barrier-free one-invocation-per-(query, head) variant gave NaNs on llvmpipe past
+    // ~1k keys, so CPU adapters run this one too.)
+    row_attention(
+        step,
+        [q, kc, vc, qslot, seg, out],
+        t,
+        heads,
+        kv_heads,
+        head_dim,
+    )
+}
+
+/// [`attention`] for queries of several sequences that share one cache, each in its own
+/// slot range: a segment-0 query sees the slots from its sequence's start
+/// ([`sequence_segments`]) to itself, so rows of different requests decode together.
+/// One workgroup per (query, head), each scanning only its own keys. (The tiled
+/// kernels bound a workgroup's keys by all of its rows and take segment-0 starts as 0:
+/// they serve one sequence per cache.)
+#[allow(clippy::too_many_arguments)]
+pub fn attention_sequences(
+    step: &mut Step,
+    q: &Tensor,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    kc: &Tensor,
+    vc: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    check_attention(q, t, heads, kv_heads, head_dim, qslot, seg, out)?;
+    if t == 0 {
+        return Ok(());
+    }
+    row_attention(
+        step,
+        [q, kc, vc, qslot, seg, out],
+        t,
+        heads,
+        kv_heads,
+        head_dim,
+    )
+}
+
+/// attention.wgsl: one workgroup per (query, head).
+fn row_attention(
+    step: &mut Step,
+    bufs: [&Tensor; 6],
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let cap = bufs[4].numel() / 2;
+    let params = [
+        t as u32,
+        heads as u32,
+        kv_heads as u32,
+        head_dim as u32,
+        scale.to_bits(),
+        u32_of(cap, "attention cache slots")?,
+    ];
+    let groups = u32_of(t * heads, "attention rows")?;
+    step.dispatch(ATTENTION, &params, &bufs, grid_1d(groups));
+    Ok(())
+}
+
+/// The flash-attention kernel for a head size and its rows per workgroup.
+fn flash_kernel(head_dim: usize) -> Option<(Kernel, usize)> {
+    match head_dim {
+        32 => Some((FLASH_D32, 32)),
+        64 => Some((FLASH_D64, 32)),
+        128 => Some((FLASH_D128, 16)),
+        _ => None,
+    }
+}
+
+/// Key splits for a GPU. Split z covers the key tiles [z * per, (z + 1) * per) of the
+/// cache, fixed by the cache size alone, so a row's result does not depend on the other
+/// queries of the batch. Splitting pays when the queries alone leave a large GPU idle
+/// (fewer than ~256 workgroups); at most 64 splits. [`flash_attention`] derives the tiles
+/// per split from the count.
+#[allow(clippy::too_many_arguments)]
+fn attention_splits(
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    cap: usize,
+    head_dim: usize,
+    br: usize,
+    bc: usize,
+) -> usize {
+    let base = (t * heads / kv_heads).div_ceil(br) * kv_heads;
+    let tiles = cap.div_ceil(bc).max(1);
+    if base >= 256 || tiles < 4 {
+        return 1;
+    }
+    let mut per = tiles.div_ceil(64).max(2);
+    // Keep the partials (splits x rows x (head_dim + 4) floats) under 64 MiB.
+    while tiles.div_ceil(per) * t * heads * (head_dim + 4) * 4 > 64 << 20 {
+        per *= 2;
+    }
+    tiles.div_ceil(per)
+}
+
+/// Rows per KV head (queries x grouped heads) up to which [`attention`] takes the decode
+/// kernel: its limit (RMAX in attention_decode.wgsl). Flash tiles 32 rows (16 at D = 128),
+/// so below 16 rows its tile is over half padding; per key and thread flash does 64 FMAs
+/// whatever the rows, the decode kernel at 16 rows 32 (D = 64) or 64 (D = 128), fewer
+/// with fewer rows; and flash spends 4 barriers and a serial 32-key softmax per 32 keys
+/// against the decode kernel's 3 barriers and 4-threads-a-row statistics per 64 keys.
+pub const DECODE_ROWS: usize = 16;
+
+/// Keys per chunk of the decode kernel (one per thread).
+const DECODE_CHUNK: usize = 64;
+
+/// The decode-attention kernel for a head size.
+fn decode_kernel(head_dim: usize) -> Option<Kernel> {
+    match head_dim {
+        32 => Some(DECODE_D32),
+        64 => Some(DECODE_D64),
+        128 => Some(DECODE_D128),
+        _ => None,
+    }
+}
+
+/// Key splits of the decode kernel on a GPU: one per chunk of 64 cache slots, at most 64
+/// (past 4096 slots a split takes several chunks), fixed by the cache size so a row's
+/// result does not depend on the other rows of its batch; fewer where the partials
+/// (splits x rows x (head_dim + 4) floats) would pass 64 MiB.
+/// `KVLINK_DECODE_SPLITS=N` caps the count (fewer splits: fewer workgroups, and with one
+/// split no combine dispatch; for tuning).
+fn decode_splits(t: usize, heads: usize, cap: usize, head_dim: usize, max: usize) -> usize {
+    let mut splits = cap.div_ceil(DECODE_CHUNK).clamp(1, max.min(64));
+    while splits > 1 && splits * t * heads * (head_dim + 4) * 4 > 64 << 20 {
+        splits = splits.div_ceil(2);
+    }
+    splits
+}
+
+/// [`attention`] with the decode kernel (at most [`DECODE_ROWS`] rows per KV head; head
+/// sizes 32, 64, 128) and an explicit number of key splits (> 1 adds the combine pass).
+/// Public so tests can check every split count.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    step: &mut Step,
+    q: &Tensor,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    kc: &Tensor,
+    vc: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    out: &Tensor,
+    splits: usize,
+) -> Result<()> {
+    let kernel = decode_kernel(head_dim).ok_or_else(|| {
+        Error::Input(format!(
+            "decode attention: head_dim {head_dim} is not 32, 64 or 128"
+        ))
+    })?;
+    need(heads.is_multiple_of(kv_heads), || {
+        format!("decode attention: {heads} heads not a multiple of {kv_heads} kv heads")
+    })?;
+    let rows = t * (heads / kv_heads);
+    need(rows <= DECODE_ROWS, || {
+        format!("decode attention: {rows} rows per kv head, at most {DECODE_ROWS}")
+    })?;
+    need((1..=1024).contains(&splits), || {
+        format!("decode attention: {splits} key splits")
+    })?;
+    need_len(q, t * heads * head_dim, "attention q")?;
+    need_len(out, t * heads * head_dim, "attention out")?;
+    need_len(qslot, t, "attention qslot")?;
+    if t == 0 {
+        return Ok(());
+    }
+    let cap = seg.numel() / 2;
+    let per = cap.div_ceil(DECODE_CHUNK).div_ceil(splits).max(1);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let params = [
+        t as u32,
+        heads as u32,
+        kv_heads as u32,
+        u32_of(cap, "attention cache slots")?,
+        scale.to_bits(),
+        splits as u32,
+        rows as u32,
+        per as u32,
+    ];
+    let groups = [kv_heads as u32, splits as u32, 1];
+    let bufs = [q, kc, vc, qslot, seg, out];
+    let span = DECODE_CHUNK * per;
+    split_attention(
+        step, kernel, &params, groups, bufs, t, heads, head_dim, splits, span,
+    )
+}
+
+/// [`attention`] with its flash kernel and an explicit number of key splits (> 1 adds
+/// a combine pass over a scratch buffer). Public so tests can check every split count.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention(
+    step: &mut Step,
+    q: &Tensor,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    kc: &Tensor,
+    vc: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    out: &Tensor,
+    kernel: Kernel,
+    br: usize,
+    splits: usize,
+) -> Result<()> {
+    need((1..=1024).contains(&splits), || {
+        format!("attention: {splits} key splits")
+    })?;
+    let cap = seg.numel() / 2;
+    let per = cap.div_ceil(32).div_ceil(splits).max(1);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let rows = t * (heads / kv_heads);
+    let params = [
+        t as u32,
+        heads as u32,
+        kv_heads as u32,
+        cap as u32,
+        scale.to_bits(),
+        splits as u32,
+        u32_of(rows, "attention rows")?,
+        per as u32,
+    ];
+    let groups = [
+        u32_of(rows.div_ceil(br), "attention row tiles")?,
+        kv_heads as u32,
+        splits as u32,
+    ];
+    let bufs = [q, kc, vc, qslot, seg, out];
+    split_attention(
+        step,
+        kernel,
+        &params,
+        groups,
+        bufs,
+        t,
+        heads,
+        head_dim,
+        splits,
+        32 * per,
+    )
+}
+
+/// Dispatch an attention kernel (flash or decode: bindings Q, K, V, query slots,
+/// segments, O, partials) over `splits` key splits of `span` cache slots each: with one
+/// split it writes O itself; with more it writes partials to a scratch buffer and
+/// attention_combine.wgsl merges them into O.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn split_attention(
+    step: &mut Step,
+    kernel: Kernel,
+    params: &[u32; 8],
+    groups: [u32; 3],
+    [q, kc, vc, qslot, seg, out]: [&Tensor; 6],
+    t: usize,
+    heads: usize,
+    head_dim: usize,
+    splits: usize,
+    span: usize,
+) -> Result<()> {
+    if splits == 1 {
+        let dummy = step.gpu().dummy();
+        step.dispatch(
+            kernel,
+            params,
+            &[q, kc, vc, qslot, seg, out, &dummy],
+            groups,
+        );
+        return Ok(());
+    }
+    let r = t * heads;
+    let part = step
+        .gpu()
+        .scratch("attention splits", splits * r * (head_dim + 4))?;
+    step.dispatch(kernel, params, &[q, kc, vc, qslot, seg, out, &part], groups);
+    combine_splits(
+        step, &part, out, qslot, seg, t, heads, head_dim, splits, span,
+    )
+}
+
+/// attention_combine.wgsl: merge the key splits (each `span` cache slots) of the
+/// attention partials in `part` into `out`.
+#[allow(clippy::too_many_arguments)]
+fn combine_splits(
+    step: &mut Step,
+    part: &Tensor,
+    out: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    t: usize,
+    heads: usize,
+    head_dim: usize,
+    splits: usize,
+    span: usize,
+) -> Result<()> {
+    let (r, d4) = (t * heads, head_dim / 4);
+    let params = [
+        u32_of(r, "attention rows")?,
+        d4 as u32,
+        splits as u32,
+        u32_of(span, "attention split span")?,
+        heads as u32,
+        u32_of(seg.numel() / 2, "attention cache slots")?,
+    ];
+    step.dispatch(
+        ATTENTION_COMBINE,
+        &params,
+        &[part, out, qslot, seg],
+        grid_1d(u32_of((r * d4).div_ceil(64), "attention combine")?),
+    );
+    Ok(())
+}
+
+/// Attention mass per group of key slots for query `row` of a batch, per head:
+/// `out[out_off + h * n_groups + g]` = softmax weight (KVLink mask as in `attention`)
+/// summed over visible keys s with `group[s] == g`. For inspection, not the hot path.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_mass(
+    step: &mut Step,
+    q: &Tensor,
+    row: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    kc: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    group: &Tensor,
+    n_groups: usize,
+    out: &Tensor,
+    out_off: usize,
+) -> Result<()> {
+    need(n_groups > 0, || "attention_mass: no groups".into())?;
+    need_len(q, (row + 1) * heads * head_dim, "attention_mass q")?;
+    need_len(qslot, row + 1, "attention_mass qslot")?;
+    need_len(out, out_off + heads * n_groups, "attention_mass out")?;
+    need(group.numel() * 2 >= seg.numel(), || {
+        "attention_mass: group per slot".into()
+    })?;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let params = [
+        row as u32,
+        heads as u32,
+        kv_heads as u32,
+        head_dim as u32,
+        scale.to_bits(),
+        (seg.numel() / 2) as u32,
+        n_groups as u32,
+        out_off as u32,
+    ];
+    let groups = [heads.div_ceil(32) as u32, 1, 1];
+    step.dispatch(
+        ATTENTION_MASS,
+        &params,
+        &[q, kc, qslot, seg, group, out],
+        groups,
+    );
+    Ok(())
+}
