@@ -42,10 +42,7 @@ const ROOT_REEXPORTS: &[(&str, &str)] = &[
 ];
 
 /// Known reaches up (module, the higher module it names): to be removed, not added to.
-const DEBTS: &[(&str, &str)] = &[
-    // The browser's deferred reads: gpu::Gpu::read_* call crate::web::readback.
-    ("gpu", "web"),
-];
+const DEBTS: &[(&str, &str)] = &[];
 
 fn layer(m: &str) -> Option<u32> {
     LAYERS.iter().find(|(n, _)| *n == m).map(|(_, l)| *l)

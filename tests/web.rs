@@ -249,8 +249,8 @@ async fn document_store_matches_native() {
         (
             e.doc_key(&tokens),
             tokens,
-            e.fingerprint().clone(),
-            e.tokenizer_fingerprint().clone(),
+            e.fingerprint().to_string(),
+            e.tokenizer_fingerprint().to_string(),
         )
     };
     let ks = key.to_string();

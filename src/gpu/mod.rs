@@ -2,6 +2,9 @@
 //! buffers, a pipeline cache, and [`Step`], which records one forward step's dispatches
 //! and copies into a single command encoder. No model knowledge lives here.
 
+/// The browser's deferred GPU reads (a WebGPU map completes only in the event loop).
+#[cfg(all(target_arch = "wasm32", feature = "web"))]
+pub mod readback;
 mod step;
 mod tensor;
 pub mod tuning;
@@ -642,9 +645,9 @@ impl Gpu {
     /// Read a whole tensor back to the host as its raw 32-bit words.
     #[cfg_attr(all(target_arch = "wasm32", feature = "web"), allow(unreachable_code))]
     pub fn read_words(&self, t: &Tensor) -> Result<Vec<u32>> {
-        // The browser cannot block on a map: there the read is deferred (see `web`).
+        // The browser cannot block on a map: there the read is deferred (`readback`).
         #[cfg(all(target_arch = "wasm32", feature = "web"))]
-        return crate::web::readback::defer(self, t);
+        return readback::defer(self, t);
         let bytes = t.byte_len();
         self.check_alive()?;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {

@@ -15,8 +15,9 @@
 //! into `init`, `loadModel`, `addDocument` and `ask` (an async iterator of tokens).
 
 pub mod api;
-pub mod readback;
 pub mod store;
+/// The deferred and awaited GPU reads (they live in [`crate::gpu`]).
+pub use crate::gpu::readback;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;

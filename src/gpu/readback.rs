@@ -57,7 +57,7 @@ pub(crate) fn defer(gpu: &Gpu, t: &Tensor) -> Result<Vec<u32>> {
         }
         None => Err(Error::Gpu(
             "a synchronous GPU read cannot complete in a browser; use the async API \
-             (kvlink::web::readback)"
+             (kvlink::gpu::readback)"
                 .into(),
         )),
     })
