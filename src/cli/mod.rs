@@ -8,7 +8,6 @@ mod store;
 mod train_data;
 #[cfg(feature = "viewer")]
 mod view;
-#[path = "../viewer/mod.rs"]
 mod viewer;
 
 use anyhow::{bail, Context, Result};
