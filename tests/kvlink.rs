@@ -149,12 +149,8 @@ fn bad_requests_are_refused() {
 fn document_caches_persist_on_disk_and_corrupt_entries_are_recomputed() {
     let e = engine();
     let mut rng = Rng::new();
-    let dir = std::env::temp_dir().join(format!(
-        "kvlink-store-{}-{}",
-        std::process::id(),
-        rng.next_u64()
-    ));
-    let store = kvlink::kv::DiskStore::open(&dir).unwrap();
+    let dir = common::tempdir::tempdir("store"); // removed even when an assert fails
+    let store = kvlink::kv::DiskStore::open(dir.path()).unwrap();
     e.set_store(Some(store.clone()));
     let docs: Vec<String> = (0..2)
         .map(|_| format!("{}\n", text(&mut rng, 15)))
@@ -201,7 +197,6 @@ fn document_caches_persist_on_disk_and_corrupt_entries_are_recomputed() {
     let d = diff(&again, &cold).0;
     assert!(d < 2e-3, "recomputed cache changed the logits by {d}");
     e.set_store(None);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -26,9 +26,12 @@ fn agent() -> ureq::Agent {
 
 /// The real-model server (started once; its store lives in a temp dir).
 fn server() -> &'static str {
-    static S: OnceLock<(String, Server, TempDir)> = OnceLock::new();
+    // A static is never dropped: its store goes under the build's temp dir (emptied
+    // here), not the system's, so that runs leave nothing behind in /tmp.
+    static S: OnceLock<(String, Server, std::path::PathBuf)> = OnceLock::new();
     &S.get_or_init(|| {
-        let dir = tempdir("serve-store");
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serve-store");
+        let _ = std::fs::remove_dir_all(&dir);
         let engine = Engine::load(
             common::gpu().clone(),
             common::model::source().as_ref(),
@@ -36,7 +39,7 @@ fn server() -> &'static str {
             &mut |_, _| {},
         )
         .expect("load engine");
-        engine.set_store(Some(kvlink::kv::DiskStore::open(dir.path()).unwrap()));
+        engine.set_store(Some(kvlink::kv::DiskStore::open(&dir).unwrap()));
         let cfg = ServerConfig {
             max_body_bytes: 64 << 10,
             ..Default::default()
