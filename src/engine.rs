@@ -480,14 +480,47 @@ impl Engine {
     }
 }
 
-/// A request prefilled up to its first token: its plan, KV cache, the last row's output
-/// (logits and/or greedy token) and the TTFT breakdown so far.
-pub type Started = (
-    PromptPlan,
-    KvCache,
-    crate::model::llama::ForwardOut,
-    Timings,
-);
+/// How [`Engine::start_request`] prefills a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// Cache slots beyond the prompt, for the tokens to decode (capped by the context).
+    pub extra: usize,
+    /// Read back the last row's logits (to sample the first token, or to inspect them).
+    pub logits: bool,
+    /// Take the last row's argmax on the GPU (the greedy first token).
+    pub greedy: bool,
+}
+
+impl StartOptions {
+    /// For generating up to `max_tokens`: the greedy first token from the GPU, else the
+    /// logits to sample it from.
+    pub fn generate(max_tokens: usize, greedy: bool) -> StartOptions {
+        StartOptions {
+            extra: max_tokens,
+            logits: !greedy,
+            greedy,
+        }
+    }
+
+    /// Only the next-token logits (no room to decode).
+    pub fn logits() -> StartOptions {
+        StartOptions {
+            logits: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// A request prefilled up to its first token.
+pub struct Started {
+    pub plan: PromptPlan,
+    /// Its KV cache: the prompt's slots filled, [`StartOptions::extra`] more free.
+    pub cache: KvCache,
+    /// The last row's logits and/or greedy token.
+    pub out: crate::model::llama::ForwardOut,
+    /// The TTFT breakdown so far.
+    pub timings: Timings,
+}
 
 /// (prefix, documents, tail) token ids of a request.
 pub type TokenizedRequest = (Vec<u32>, Vec<Vec<u32>>, Vec<u32>);
@@ -681,19 +714,13 @@ impl Engine {
     }
 
     /// Plan, fetch caches and prefill a request up to its first token.
-    pub fn start_request(
-        &self,
-        req: &Request,
-        extra: usize,
-        want_logits: bool,
-        greedy: bool,
-    ) -> Result<Started> {
+    pub fn start_request(&self, req: &Request, o: StartOptions) -> Result<Started> {
         let t0 = Instant::now();
         let plan = self.plan(req)?;
         // A conversation's head (earlier turns) is new for nearly every request: it is
         // prefilled, not cached like a document.
         let cache_prefix = req.history.is_empty();
-        self.start_plan_with(plan, req.mode, t0, extra, want_logits, greedy, cache_prefix)
+        self.start_plan_with(plan, req.mode, t0, o, cache_prefix)
     }
 
     /// Like `start_request` for an already built plan; `t0` is when the request began.
@@ -702,24 +729,19 @@ impl Engine {
         plan: PromptPlan,
         mode: Mode,
         t0: Instant,
-        extra: usize,
-        want_logits: bool,
-        greedy: bool,
+        o: StartOptions,
     ) -> Result<Started> {
-        self.start_plan_with(plan, mode, t0, extra, want_logits, greedy, true)
+        self.start_plan_with(plan, mode, t0, o, true)
     }
 
     /// [`Engine::start_plan`]; `cache_prefix`: the prefix's KV is looked up and kept like
     /// a document's (else prefilled with the rest).
-    #[allow(clippy::too_many_arguments)]
     fn start_plan_with(
         &self,
         plan: PromptPlan,
         mode: Mode,
         t0: Instant,
-        extra: usize,
-        want_logits: bool,
-        greedy: bool,
+        o: StartOptions,
         cache_prefix: bool,
     ) -> Result<Started> {
         let mut tm = Timings {
@@ -762,7 +784,7 @@ impl Engine {
         self.gpu().wait()?;
         tm.lookup = t0.elapsed();
         let refs: Vec<&DocCache> = caches.iter().map(|c| c.as_ref()).collect();
-        let extra = extra.min(self.context.saturating_sub(plan.len()));
+        let extra = o.extra.min(self.context.saturating_sub(plan.len()));
         let t1 = Instant::now();
         let (cache, out, assemble, computed) = link::assemble_and_prefill(
             &self.model,
@@ -772,24 +794,25 @@ impl Engine {
             mode,
             extra,
             PREFILL_CHUNK,
-            if want_logits {
-                Logits::Last
-            } else {
-                Logits::None
-            },
-            greedy,
+            if o.logits { Logits::Last } else { Logits::None },
+            o.greedy,
         )?;
         tm.assemble = assemble;
         tm.prefill = t1.elapsed().saturating_sub(assemble);
         tm.prefill_tokens = computed;
         tm.ttft = t0.elapsed();
-        Ok((plan, cache, out, tm))
+        Ok(Started {
+            plan,
+            cache,
+            out,
+            timings: tm,
+        })
     }
 
     /// Next-token logits of a request's prompt, with its plan.
     pub fn request_logits(&self, req: &Request) -> Result<(PromptPlan, Vec<f32>, Timings)> {
-        let (plan, _, out, tm) = self.start_request(req, 0, true, false)?;
-        Ok((plan, out.logits, tm))
+        let s = self.start_request(req, StartOptions::logits())?;
+        Ok((s.plan, s.out.logits, s.timings))
     }
 
     /// Like [`Engine::ask`], and also capture, for every generated token, the attention
@@ -844,8 +867,12 @@ impl Engine {
     ) -> Result<AskStats> {
         let mut sampler = Sampler::new(params.sampling.clone())?;
         let greedy = sampler.params().is_greedy();
-        let (plan, cache, out, mut tm) =
-            self.start_request(req, params.max_tokens, !greedy, greedy)?;
+        let Started {
+            plan,
+            cache,
+            out,
+            timings: mut tm,
+        } = self.start_request(req, StartOptions::generate(params.max_tokens, greedy))?;
         let first = match out.token {
             Some(t) => t,
             None => sampler.sample(&out.logits)?,

@@ -6,6 +6,7 @@
 mod common;
 
 use common::model::engine;
+use kvlink::engine::StartOptions;
 use kvlink::link::batch::{DecodeBatch, SeqId};
 use kvlink::{GenerateParams, Mode, Request};
 
@@ -79,7 +80,11 @@ fn batched_greedy_decode_equals_decoding_alone() {
     // Prefill each alone (as the server does), then decode in the batch.
     let started: Vec<_> = reqs
         .iter()
-        .map(|(r, n, _)| e.start_request(r, *n, false, true).expect("prefill"))
+        .map(|(r, n, _)| {
+            let s = e.start_request(r, StartOptions::generate(*n, true));
+            let s = s.expect("prefill");
+            (s.plan, s.cache, s.out)
+        })
         .collect();
     let room = |i: usize| started[i].0.len() + reqs[i].1;
     // Room for the first three at once, not for a fourth: the last one must reuse.
@@ -94,7 +99,7 @@ fn batched_greedy_decode_equals_decoding_alone() {
         // Join whoever is due and fits.
         let mut still = Vec::new();
         for i in waiting {
-            let (plan, cache, out, _) = &started[i];
+            let (plan, cache, out) = &started[i];
             let id = if reqs[i].2 <= step {
                 batch
                     .join(e.model(), cache, plan.len(), room(i))
@@ -151,7 +156,8 @@ fn batched_greedy_decode_equals_decoding_alone() {
 fn batch_refuses_what_it_cannot_do() {
     let e = engine();
     let req = request(&[], "Hello", Mode::Full);
-    let (plan, cache, _, _) = e.start_request(&req, 4, false, true).expect("prefill");
+    let s = e.start_request(&req, StartOptions::generate(4, true));
+    let (plan, cache) = s.map(|s| (s.plan, s.cache)).expect("prefill");
     let n = plan.len();
     let mut batch = DecodeBatch::new(e.model(), n + 2).expect("arena");
     // More room than the arena has: an error, not a wait.

@@ -4,6 +4,7 @@ use super::{load_engine_from, GenArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use kvlink::engine::StartOptions;
 use kvlink::gpu::AdapterChoice;
 use kvlink::kv::redis::RedisStore;
 use kvlink::kv::DiskStore;
@@ -567,7 +568,13 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
     }
     let run = |mode: Mode| -> Result<(f64, Timings)> {
         let t0 = Instant::now();
-        let (_, _, out, tm) = engine.start_plan(plan.clone(), mode, t0, 1, false, true)?;
+        let o = StartOptions {
+            extra: 1,
+            greedy: true,
+            ..Default::default()
+        };
+        let s = engine.start_plan(plan.clone(), mode, t0, o)?;
+        let (out, tm) = (s.out, s.timings);
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         anyhow::ensure!(out.token.is_some(), "no first token");
         Ok((ms, tm))
@@ -677,8 +684,9 @@ fn bench_batch(adapter: &AdapterChoice, a: &BatchArgs) -> Result<()> {
         for j in 0..n {
             let prompt = random_tokens(a.prompt_len, vocab, 50 + j as u64);
             let plan = PromptPlan::build(&prompt, &[], &[], engine.link())?;
-            let (plan, cache, out, _) =
-                engine.start_plan(plan, Mode::Full, Instant::now(), room, false, true)?;
+            let o = StartOptions::generate(room, true);
+            let s = engine.start_plan(plan, Mode::Full, Instant::now(), o)?;
+            let (plan, cache, out) = (s.plan, s.cache, s.out);
             let first = out.token.context("no first token")?;
             let id = batch
                 .join(engine.model(), &cache, plan.len(), room)?

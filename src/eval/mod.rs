@@ -12,6 +12,7 @@ pub mod perplexity;
 pub mod score;
 pub mod squad;
 
+use crate::engine::{StartOptions, Started};
 use crate::error::{Error, Result};
 use crate::link::{Mode, Timings};
 use crate::model::llama::{Batch, Logits};
@@ -43,7 +44,17 @@ pub fn greedy_answer(engine: &Engine, req: &Request, max_new_tokens: usize) -> R
     if max_new_tokens == 0 {
         return Err(Error::Input("max new tokens must be at least 1".into()));
     }
-    let (plan, mut cache, out, timings) = engine.start_request(req, max_new_tokens, true, true)?;
+    let o = StartOptions {
+        extra: max_new_tokens,
+        logits: true,
+        greedy: true,
+    };
+    let Started {
+        plan,
+        mut cache,
+        out,
+        timings,
+    } = engine.start_request(req, o)?;
     let mut next = out
         .token
         .ok_or_else(|| Error::Gpu("prefill returned no greedy token".into()))?;

@@ -4,6 +4,7 @@
 
 use super::api::ApiError;
 use super::State;
+use crate::engine::StartOptions;
 use crate::link::batch::{DecodeBatch, SeqId};
 use crate::link::Timings;
 use crate::model::llama::KvCache;
@@ -411,14 +412,18 @@ impl<'e> Decoder<'e> {
         };
         let greedy = sampler.params().is_greedy();
         let max = g.params.max_tokens;
-        let (plan, cache, first_out, mut tm) =
-            match engine.start_request(&g.req, max, !greedy, greedy) {
-                Ok(s) => s,
-                Err(e) => {
-                    fail(&mut ticket, &g, e);
-                    return None;
-                }
-            };
+        let crate::engine::Started {
+            plan,
+            cache,
+            out: first_out,
+            timings: mut tm,
+        } = match engine.start_request(&g.req, StartOptions::generate(max, greedy)) {
+            Ok(s) => s,
+            Err(e) => {
+                fail(&mut ticket, &g, e);
+                return None;
+            }
+        };
         let first = match first_out.token {
             Some(t) => Ok(t),
             None => sampler.sample(&first_out.logits),

@@ -5,7 +5,7 @@
 //! runs as on native; only the waits for GPU results are awaited (see [`super::readback`]).
 
 use super::readback::{self, deferred, words_to_f32};
-use crate::engine::{CacheSource, Engine};
+use crate::engine::{CacheSource, Engine, StartOptions};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu};
 use crate::link::Mode;
@@ -344,8 +344,9 @@ impl AskStream {
             mode,
         };
         let plan = engine.plan(&req)?;
-        let ((plan, cache, _, tm), reads) =
-            deferred(|| engine.start_plan(plan, mode, t0, max_tokens, !greedy, greedy)).await?;
+        let start = StartOptions::generate(max_tokens, greedy);
+        let (started, reads) = deferred(|| engine.start_plan(plan, mode, t0, start)).await?;
+        let (plan, cache, tm) = (started.plan, started.cache, started.timings);
         let first = next_token(&engine, &mut sampler, greedy, &reads)?;
         let ttft = t0.elapsed();
         let stats = serde_json::json!({
