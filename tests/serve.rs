@@ -657,6 +657,39 @@ fn concurrent_generations_batch_and_match_one_at_a_time() {
         n > 0.0 && rows / n > 1.0,
         "no step fed several generations: {n} steps, {rows} rows"
     );
+    // Sampled generations in the same batches (their steps read every row's logits back
+    // and sample on the host): they run to length, and the greedy ones beside them still
+    // give their one-at-a-time text.
+    let sampled = |p: &str| -> Value {
+        let body = json!({"prompt": p, "max_tokens": 10, "temperature": 0.9, "seed": 7,
+                          "ignore_eos": true});
+        let (st, v) = post(&base, "/v1/completions", &body);
+        assert_eq!(st, 200, "{v}");
+        v
+    };
+    let (mixed_greedy, mixed_sampled): (Vec<String>, Vec<Value>) = std::thread::scope(|sc| {
+        let g: Vec<_> = prompts[..2]
+            .iter()
+            .map(|p| sc.spawn(|| ask(&base, p)))
+            .collect();
+        let r: Vec<_> = prompts[2..4]
+            .iter()
+            .map(|p| sc.spawn(|| sampled(p)))
+            .collect();
+        (
+            g.into_iter().map(|h| h.join().unwrap()).collect(),
+            r.into_iter().map(|h| h.join().unwrap()).collect(),
+        )
+    });
+    assert_eq!(
+        mixed_greedy[..],
+        alone[..2],
+        "greedy text beside sampled generations"
+    );
+    for v in &mixed_sampled {
+        assert_eq!(v["usage"]["completion_tokens"], 10, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    }
     let m = get(&base, "/metrics").1;
     assert_eq!(metric(&m, "kvlink_decoding"), Some(0.0), "{m}");
     assert_eq!(metric(&m, "kvlink_queue_depth"), Some(0.0), "{m}");
