@@ -132,11 +132,6 @@ impl DecodeBatch {
         }
     }
 
-    /// Slots a sequence has filled (its prompt and the tokens fed so far).
-    pub fn seq_len(&self, id: SeqId) -> Option<usize> {
-        self.seqs.get(&id).map(|s| s.len)
-    }
-
     /// Slots a sequence may still fill.
     pub fn seq_room_left(&self, id: SeqId) -> Option<usize> {
         self.seqs.get(&id).map(|s| s.room - s.len)

@@ -556,13 +556,13 @@ impl Llama {
             Logits::Last => 1,
             Logits::All => t,
         };
-        // Rows of several sequences: greedy means every row's argmax, read alone.
-        let (logit_rows, greedy_rows) = match (shared, greedy) {
-            (true, true) => (0, t),
-            _ => (logit_rows, greedy as usize),
-        };
+        // Rows of several sequences: greedy means every row's argmax, read alone (the
+        // logits stay on the GPU, in scratch rows for all of them).
+        let every_argmax = shared && greedy;
+        let logit_rows = if every_argmax { 0 } else { logit_rows };
         let g = &*self.gpu;
-        let guard = self.scratch(t, logit_rows.max(greedy_rows).max(1))?;
+        let scratch_rows = if every_argmax { t } else { logit_rows.max(1) };
+        let guard = self.scratch(t, scratch_rows)?;
         let s = guard.as_ref().expect("scratch allocated");
         s.tokens.write_u32(g, batch.tokens);
         let mut idx = Vec::with_capacity(2 * t);
@@ -584,7 +584,6 @@ impl Llama {
             logits,
             logit_rows,
             greedy,
-            greedy_rows,
             shared,
             capture: capture.as_deref(),
             token_out: &s.token_out,
@@ -606,7 +605,7 @@ impl Llama {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(rec);
         }
-        if shared && greedy {
+        if every_argmax {
             let ids = g.read_u32(&s.token_out)?;
             out.tokens = ids[..t]
                 .iter()
@@ -685,7 +684,6 @@ impl Llama {
             logits: Logits::None,
             logit_rows: 0,
             greedy: true,
-            greedy_rows: 1,
             shared: false,
             capture: None,
             token_out: &pipe.token,
@@ -815,10 +813,10 @@ impl Llama {
             ops::matmul(st, &s.act, 0, t, &l.w_down, None, &s.x, 0, true)?;
         }
         let head = &self.lm_head;
-        if r.greedy_rows > 1 || (r.shared && greedy) {
+        if r.shared && greedy {
             // Every row's logits (in s.logits), then every row's argmax.
             let (x, nw) = (&s.x, &self.final_norm);
-            let (rows, vocab) = (r.greedy_rows, c.vocab_size);
+            let (rows, vocab) = (t, c.vocab_size);
             ops::rms_norm(st, x, 0, rows, nw, &s.last, 0, eps)?;
             ops::matmul(st, &s.last, 0, rows, head, None, &s.logits, 0, false)?;
             ops::argmax_rows(st, &s.logits, 0, vocab, rows, r.token_out)?;
@@ -902,8 +900,6 @@ struct Record<'a> {
     logits: Logits,
     logit_rows: usize,
     greedy: bool,
-    /// Rows whose argmax is wanted (the batch decoder: every row).
-    greedy_rows: usize,
     /// Rows of several sequences sharing the cache ([`Llama::forward_sequences`]).
     shared: bool,
     capture: Option<&'a MassCapture>,

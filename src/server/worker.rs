@@ -286,11 +286,7 @@ fn generate(engine: &Engine, state: &State, g: GenJob, ticket: &mut Ticket) {
     });
     let stats = match r {
         Ok(s) => s,
-        Err(e) => {
-            ticket.release();
-            let _ = g.tx.send(GenEvent::Error(ApiError::from_engine(e)));
-            return;
-        }
+        Err(e) => return fail(ticket, &g, ApiError::from_engine(e)),
     };
     count_cache_hits(state, &stats.timings);
     let n = out.n;
@@ -314,6 +310,12 @@ fn generate(engine: &Engine, state: &State, g: GenJob, ticket: &mut Ticket) {
         queue_ms,
         decode_tok_s: stats.generation.decode_tok_s(),
     })));
+}
+
+/// A generation fails: its queue place goes back, then the error goes to its client.
+fn fail(ticket: &mut Ticket, g: &GenJob, err: ApiError) {
+    ticket.release();
+    let _ = g.tx.send(GenEvent::Error(err));
 }
 
 fn count_cache_hits(state: &State, t: &Timings) {
@@ -344,9 +346,8 @@ struct Active<'e> {
     ticket: Ticket,
     /// Its place in the batch; None while it waits for room in the arena.
     id: Option<SeqId>,
-    /// Its prefilled cache until it joins; slots filled and slots it may fill.
+    /// Its prefilled cache until it joins, and the slots it may fill in all.
     cache: Option<KvCache>,
-    len: usize,
     room: usize,
     /// The token to feed next.
     next: u32,
@@ -399,42 +400,30 @@ impl<'e> Decoder<'e> {
             return None;
         }
         let queue_ms = g.queued.elapsed().as_secs_f64() * 1e3;
-        let fail = |ticket: &mut Ticket, g: &GenJob, e: crate::Error| {
-            ticket.release();
-            let _ = g.tx.send(GenEvent::Error(ApiError::from_engine(e)));
+        let max = g.params.max_tokens;
+        let prefill = || -> crate::Result<_> {
+            let mut sampler = Sampler::new(g.params.sampling.clone())?;
+            let greedy = sampler.params().is_greedy();
+            let s = engine.start_request(&g.req, StartOptions::generate(max, greedy))?;
+            let first = match s.out.token {
+                Some(t) => t,
+                None => sampler.sample(&s.out.logits)?,
+            };
+            Ok((sampler, greedy, s, first))
         };
-        let mut sampler = match Sampler::new(g.params.sampling.clone()) {
-            Ok(s) => s,
+        let (sampler, greedy, started, first) = match prefill() {
+            Ok(r) => r,
             Err(e) => {
-                fail(&mut ticket, &g, e);
+                fail(&mut ticket, &g, ApiError::from_engine(e));
                 return None;
             }
         };
-        let greedy = sampler.params().is_greedy();
-        let max = g.params.max_tokens;
         let crate::engine::Started {
             plan,
             cache,
-            out: first_out,
             timings: mut tm,
-        } = match engine.start_request(&g.req, StartOptions::generate(max, greedy)) {
-            Ok(s) => s,
-            Err(e) => {
-                fail(&mut ticket, &g, e);
-                return None;
-            }
-        };
-        let first = match first_out.token {
-            Some(t) => Ok(t),
-            None => sampler.sample(&first_out.logits),
-        };
-        let first = match first {
-            Ok(t) => t,
-            Err(e) => {
-                fail(&mut ticket, &g, e);
-                return None;
-            }
-        };
+            ..
+        } = started;
         tm.ttft = tm.ttft.max(tm.lookup + tm.assemble + tm.prefill);
         count_cache_hits(state, &tm);
         let len = plan.len();
@@ -445,7 +434,6 @@ impl<'e> Decoder<'e> {
             ticket,
             id: None,
             cache: Some(cache),
-            len,
             room,
             next: first,
             sampler,
@@ -483,7 +471,7 @@ impl<'e> Decoder<'e> {
             let batch = match self.arena() {
                 Ok(b) => b,
                 Err(e) => {
-                    let _ = a.g.tx.send(GenEvent::Error(ApiError::from_engine(e)));
+                    fail(&mut a.ticket, &a.g, ApiError::from_engine(e));
                     continue;
                 }
             };
@@ -491,7 +479,7 @@ impl<'e> Decoder<'e> {
                 .cache
                 .as_ref()
                 .expect("a waiting generation has its cache");
-            match batch.join(engine.model(), cache, a.len, a.room) {
+            match batch.join(engine.model(), cache, a.prompt_tokens, a.room) {
                 Ok(Some(id)) => {
                     a.id = Some(id);
                     a.cache = None; // its slots now live in the arena
@@ -501,10 +489,7 @@ impl<'e> Decoder<'e> {
                     self.waiting.push_front(a);
                     return;
                 }
-                Err(e) => {
-                    a.ticket.release();
-                    let _ = a.g.tx.send(GenEvent::Error(ApiError::from_engine(e)));
-                }
+                Err(e) => fail(&mut a.ticket, &a.g, ApiError::from_engine(e)),
             }
         }
     }
@@ -539,17 +524,17 @@ impl<'e> Decoder<'e> {
         let vocab = engine.config().vocab_size;
         let mut ended = Vec::new();
         for (i, a) in self.active.iter_mut().enumerate() {
-            a.len += 1;
+            let id = a.id.expect("active generations are in the batch");
+            let full = batch.seq_room_left(id) == Some(0);
             let t = if greedy {
                 Ok(out.tokens[i])
             } else {
                 a.sampler.sample(&out.logits[i * vocab..(i + 1) * vocab])
             };
             let end = match t {
-                Ok(t) => a.push(t, engine).or((a.len >= a.room).then_some(End::Done)),
+                Ok(t) => a.push(t, engine).or(full.then_some(End::Done)),
                 Err(e) => {
-                    a.ticket.release();
-                    let _ = a.g.tx.send(GenEvent::Error(ApiError::from_engine(e)));
+                    fail(&mut a.ticket, &a.g, ApiError::from_engine(e));
                     Some(End::Failed)
                 }
             };
@@ -566,8 +551,7 @@ impl<'e> Decoder<'e> {
     /// Every active generation fails with `err` (a GPU error: the arena goes too).
     fn fail_all(&mut self, err: ApiError) {
         for mut a in self.active.drain(..) {
-            a.ticket.release();
-            let _ = a.g.tx.send(GenEvent::Error(err.clone()));
+            fail(&mut a.ticket, &a.g, err.clone());
         }
         self.batch = None;
     }
