@@ -25,8 +25,8 @@
 #                                 in an earlier lease: `eval tuned adapters/smollm2-135m-kvlink`
 #   scripts/gpu-train.sh collect  copies adapters (a run not done yet: its last checkpoint),
 #                                 logs and results into $OUT
-# EVALS (default "hotpotqa squad ppl") picks the evaluations that `model`, `wait` and `eval`
-# start; PROBE=0 skips setup's throughput probe; RUNS (default "tuned control") picks the
+# EVALS (default "hotpotqa squad ppl"; "none": no evaluation) picks the evaluations that
+# `model`, `wait` and `eval` start; PROBE=0 skips setup's throughput probe; RUNS (default "tuned control") picks the
 # training runs.
 set -uo pipefail
 W=${W:-/tmp/kvlink-train}
@@ -44,6 +44,7 @@ detach() { # detach NAME CMD...: run in its own session, output to $W/NAME.log
 evals() { # evals TAG [--lora DIR]: those of $EVALS (HotpotQA 0-499, SQuAD held-out, chunked perplexity)
     local tag=$1; shift
     local cmds=() e
+    [ "${EVALS:-}" = none ] && return 0
     for e in ${EVALS:-hotpotqa squad ppl}; do
         case $e in
         hotpotqa) cmds+=("$K eval hotpotqa --model $M $* --data $W/data/hqa500.json --limit 500 \
