@@ -3,9 +3,9 @@
 // rule.
 // part: [splits, R, D/4] vec4 outputs, then [splits, R] vec4 (max, sum, -, -).
 // Split z covers the key slots [z * span, (z + 1) * span); a row reads only the splits
-// that meet its visible keys [first slot of its query's segment (0 for segment 0),
-// query slot] (the others hold no key of it), so a decode step over a long cache with
-// few keys used merges a few splits, not all of them.
+// that meet its visible keys [start(query slot) = seg[cap + slot] (its document's first
+// slot, or for segment 0 its sequence's), query slot] (the others hold no key of it), so
+// a decode step over a long cache with few keys used merges a few splits, not all of them.
 
 struct Params { R: u32, d4: u32, splits: u32, span: u32, heads: u32, cap: u32 }
 
@@ -23,7 +23,7 @@ fn attention_combine(@builtin(global_invocation_id) gid: vec3<u32>,
     let r = i / p.d4;
     let c = i % p.d4;
     let ts = qslot[r / p.heads];
-    let first = select(0u, seg[p.cap + ts], seg[ts] != 0u);
+    let first = seg[p.cap + ts];
     let z0 = first / p.span;
     let z1 = min(ts / p.span + 1u, p.splits);
     let ml = p.splits * p.R * p.d4;

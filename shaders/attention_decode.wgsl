@@ -1,7 +1,8 @@
-// Decode attention: the few queries of a decode step (rows = T x grouped heads <= RMAX
-// per KV head) over the KV cache, with flash_attention.wgsl's inputs, parameters, mask
-// and split-K output. Query slot t sees key slot s iff s <= t and (seg[s] == seg[t] or
-// seg[t] == 0); seg[cap + t] is the first slot of t's segment.
+// Decode attention: the few queries of a decode step (rows = queries x grouped heads
+// <= RMAX per workgroup) over the KV cache, with flash_attention.wgsl's inputs, mask and
+// split-K output. Query slot t sees key slot s iff start(t) <= s <= t and (seg[s] ==
+// seg[t] or seg[t] == 0); start(t) = seg[cap + t] is the first slot of t's document, or
+// for a segment-0 query the first slot of its sequence (0 in a cache of one request).
 //
 // The host prepends `const D: u32` (head_dim: 32, 64 or 128). A row is one (query,
 // head) pair; a workgroup takes all rows of one KV head and the keys of one split.
@@ -11,7 +12,9 @@
 // pass. Per chunk of C keys: scores -> per-row max by NQ threads a row -> exp and sums
 // -> P.V with threads over (row, 8-dim column); three barriers, online softmax across
 // the chunks of a split.
-// Grid: x = KV heads, y = key splits. Split z owns the absolute chunks
+// Grid: x = KV heads, y = key splits, z = groups of TQ queries (one group: the queries
+// of one sequence share their K and V reads; a batch of sequences side by side in one
+// cache takes a group per query, so each reads only its own keys). Split z owns the absolute chunks
 // [z * per, (z + 1) * per) of the cache, fixed by the cache size, so a row's result does
 // not depend on the other rows of its batch; only chunks that meet the rows' visible
 // range [first slot of the earliest segment, last query slot] are read. One split
@@ -21,7 +24,7 @@
 
 struct Params {
     T: u32, heads: u32, kv_heads: u32, cap: u32,
-    scale: f32, splits: u32, rows: u32, per: u32, // rows: T * G (<= RMAX); per: chunks per split
+    scale: f32, splits: u32, tq: u32, per: u32, // tq: queries per group (tq * G <= RMAX); per: chunks per split
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -49,6 +52,7 @@ var<workgroup> Vs: array<vec4<u32>, C * D8>; // the chunk's V rows (f16 pairs)
 var<workgroup> red: array<f32, RMAX * NQ>; // per (row, quarter): chunk max; at the end: sum
 var<workgroup> rts: array<u32, RMAX>;      // each row's query slot
 var<workgroup> rsg: array<u32, RMAX>;      // each row's segment
+var<workgroup> rst: array<u32, RMAX>;      // each row's first visible slot
 var<workgroup> span: array<u32, 4>;        // chunks [span0, span1); keys [span2, span3]
 
 fn unpack8(w: vec4<u32>) -> array<vec4<f32>, 2> {
@@ -62,23 +66,26 @@ fn attention_decode(@builtin(workgroup_id) wg: vec3<u32>,
     let kvh = wg.x;
     let z = wg.y;
     let G = p.heads / p.kv_heads;
-    let R = p.rows;
+    let t0 = wg.z * p.tq;            // this group's first query
+    let nq = min(p.tq, p.T - t0);
+    let R = nq * G;                   // its rows: (query, grouped head) pairs
 
     for (var i = li; i < R * D4; i += NT) {
         let j = i / D4;
-        Qs[i] = Q[((j / G) * p.heads + kvh * G + j % G) * D4 + i % D4] * p.scale;
+        Qs[i] = Q[((t0 + j / G) * p.heads + kvh * G + j % G) * D4 + i % D4] * p.scale;
     }
     if (li < R) {
-        let ts = qslot[li / G];
+        let ts = qslot[t0 + li / G];
         rts[li] = ts;
         rsg[li] = seg[ts];
+        rst[li] = seg[p.cap + ts];
     }
     if (li == 0u) {
         var lo = 0xffffffffu;
         var hi = 0u;
-        for (var t = 0u; t < p.T; t++) {
+        for (var t = t0; t < t0 + nq; t++) {
             let ts = qslot[t];
-            let first = select(0u, seg[p.cap + ts], seg[ts] != 0u); // both loads at once
+            let first = seg[p.cap + ts];
             lo = min(lo, first);
             hi = max(hi, ts);
         }
@@ -98,7 +105,7 @@ fn attention_decode(@builtin(workgroup_id) wg: vec3<u32>,
 
     if (c0 == c1) { // an idle split (never with one split: a query sees itself)
         if (li < R) {
-            let o = (li / G) * p.heads + kvh * G + li % G;
+            let o = (t0 + li / G) * p.heads + kvh * G + li % G;
             part[ml + z * Rt + o] = vec4<f32>(NEG, 0.0, 0.0, 0.0);
         }
         return;
@@ -144,7 +151,7 @@ fn attention_decode(@builtin(workgroup_id) wg: vec3<u32>,
         for (var r = 0u; r < RMAX; r++) {
             if (r < R) {
                 let sg = rsg[r];
-                let vis = live && s <= rts[r] && (sg == 0u || sk == sg);
+                let vis = live && s >= rst[r] && s <= rts[r] && (sg == 0u || sk == sg);
                 S[r * C + li] = select(NEG, sc[r], vis);
             }
         }
@@ -202,7 +209,7 @@ fn attention_decode(@builtin(workgroup_id) wg: vec3<u32>,
         if (r < R) {
             var l = 0.0;
             for (var q = 0u; q < NQ; q++) { l += red[r * NQ + q]; }
-            let o = (r / G) * p.heads + kvh * G + r % G;
+            let o = (t0 + r / G) * p.heads + kvh * G + r % G;
             if (p.splits == 1u) {
                 let inv = 1.0 / l;
                 O[o * D4 + 2u * c] = acc[2u * i] * inv;

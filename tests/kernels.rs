@@ -760,14 +760,36 @@ fn attention_sequences_keeps_sequences_apart() {
         let vct = Tensor::from_f32_as_f16(g, &[slots, kv_dim], &vc, "vc").unwrap();
         let qs = Tensor::from_u32(g, &[t], &qslot, "qslot").unwrap();
         let seg = Tensor::from_u32(g, &[2 * slots], &words, "seg").unwrap();
-        let out = nan_tensor(t * heads * hd);
-        run(|s| {
-            ops::attention_sequences(s, &qt, t, heads, kvh, hd, &kct, &vct, &qs, &seg, &out)
+        // What the batch decoder runs, then each kernel it may take: the decode kernel
+        // with a group per query at several key splits, and the row kernel; last the
+        // decode kernel with as many queries of different sequences in one workgroup as
+        // fit (each row bounded by its own start).
+        let full = ops::DECODE_ROWS / (heads / kvh);
+        let kernels: [(&str, usize, usize); 6] = [
+            ("attention_sequences", 0, 0),
+            ("decode_attention group 1, splits 1", 1, 1),
+            ("decode_attention group 1, splits 3", 3, 1),
+            ("decode_attention group 1, splits 16", 16, 1),
+            ("attention_rows", 0, 0),
+            ("decode_attention full groups, splits 3", 3, full),
+        ];
+        for (i, (name, splits, group)) in kernels.iter().enumerate() {
+            let out = nan_tensor(t * heads * hd);
+            run(|s| {
+                let (q, kc, vc) = (&qt, &kct, &vct);
+                match i {
+                    0 => ops::attention_sequences(s, q, t, heads, kvh, hd, kc, vc, &qs, &seg, &out),
+                    4 => ops::attention_rows(s, q, t, heads, kvh, hd, kc, vc, &qs, &seg, &out),
+                    _ => ops::decode_attention(
+                        s, q, t, heads, kvh, hd, kc, vc, &qs, &seg, &out, *splits, *group,
+                    ),
+                }
                 .unwrap()
-        });
-        let got = g.read_f32(&out).unwrap();
-        let what = format!("attention_sequences h={heads}/{kvh} hd={hd}");
-        assert_close(&got, &want_rows, 1e-4, 1e-3, &what);
+            });
+            let got = g.read_f32(&out).unwrap();
+            let what = format!("{name} h={heads}/{kvh} hd={hd}");
+            assert_close(&got, &want_rows, 1e-4, 1e-3, &what);
+        }
     }
 }
 
@@ -1612,7 +1634,7 @@ fn decode_attention_matches_cpu() {
             let out = nan_tensor(t * heads * hd);
             run(|s| {
                 ops::decode_attention(
-                    s, &c.q, t, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &out, splits,
+                    s, &c.q, t, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &out, splits, t,
                 )
                 .unwrap()
             });
@@ -1645,11 +1667,11 @@ fn decode_attention_row_is_independent_of_batch() {
         let one = nan_tensor(heads * hd);
         run(|s| {
             ops::decode_attention(
-                s, &c.q, 2, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &two, splits,
+                s, &c.q, 2, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &two, splits, 2,
             )
             .unwrap();
             ops::decode_attention(
-                s, &q1, 1, heads, kvh, hd, &c.kc, &c.vc, &qslot1, &c.seg, &one, splits,
+                s, &q1, 1, heads, kvh, hd, &c.kc, &c.vc, &qslot1, &c.seg, &one, splits, 1,
             )
             .unwrap();
         });

@@ -89,7 +89,7 @@ pub fn attention(
             decode_splits(t, heads, cap, head_dim, step.gpu().tuning.decode_splits)
         };
         return decode_attention(
-            step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, splits,
+            step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, splits, t,
         );
     }
     if let Some((shape, br, bc)) = coop::flash_usable(step, head_dim) {
@@ -130,11 +130,55 @@ pub fn attention(
 /// [`attention`] for queries of several sequences that share one cache, each in its own
 /// slot range: a segment-0 query sees the slots from its sequence's start
 /// ([`sequence_segments`]) to itself, so rows of different requests decode together.
-/// One workgroup per (query, head), each scanning only its own keys. (The tiled
-/// kernels bound a workgroup's keys by all of its rows and take segment-0 starts as 0:
-/// they serve one sequence per cache.)
+/// The decode kernel with one query per workgroup group (each reads only its own keys,
+/// split over the cache), where the head size and workgroup memory allow; else one
+/// workgroup per (query, head). (The tiled kernels bound a workgroup's keys by all of
+/// its rows and take segment-0 starts as 0: they serve one sequence per cache.)
 #[allow(clippy::too_many_arguments)]
 pub fn attention_sequences(
+    step: &mut Step,
+    q: &Tensor,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    kc: &Tensor,
+    vc: &Tensor,
+    qslot: &Tensor,
+    seg: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    check_attention(q, t, heads, kv_heads, head_dim, qslot, seg, out)?;
+    if t == 0 {
+        return Ok(());
+    }
+    let big_wg_memory = step.gpu().limits.max_compute_workgroup_storage_size >= 32 << 10;
+    if big_wg_memory && heads / kv_heads <= DECODE_ROWS && decode_kernel(head_dim).is_some() {
+        let cap = seg.numel() / 2;
+        let splits = if step.serial() {
+            1
+        } else {
+            decode_splits(t, heads, cap, head_dim, step.gpu().tuning.decode_splits)
+        };
+        return decode_attention(
+            step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, splits, 1,
+        );
+    }
+    row_attention(
+        step,
+        [q, kc, vc, qslot, seg, out],
+        t,
+        heads,
+        kv_heads,
+        head_dim,
+    )
+}
+
+/// [`attention`] (or [`attention_sequences`]: the kernel bounds each query by its own
+/// start) with attention.wgsl, one workgroup per (query, head): the fallback for head
+/// sizes without a decode or flash variant. Public so tests can check it.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_rows(
     step: &mut Step,
     q: &Tensor,
     t: usize,
@@ -258,8 +302,11 @@ fn decode_splits(t: usize, heads: usize, cap: usize, head_dim: usize, max: usize
     splits
 }
 
-/// [`attention`] with the decode kernel (at most [`DECODE_ROWS`] rows per KV head; head
-/// sizes 32, 64, 128) and an explicit number of key splits (> 1 adds the combine pass).
+/// [`attention`] with the decode kernel (head sizes 32, 64, 128) and an explicit number
+/// of key splits (> 1 adds the combine pass). The queries go in groups of `group`
+/// (group x grouped heads at most [`DECODE_ROWS`] rows), a workgroup per (KV head, key
+/// split, group): the queries of one sequence share a group and their key reads
+/// (`group` = t), queries of different sequences in one cache take a group each (1).
 /// Public so tests can check every split count.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention(
@@ -275,6 +322,7 @@ pub fn decode_attention(
     seg: &Tensor,
     out: &Tensor,
     splits: usize,
+    group: usize,
 ) -> Result<()> {
     let kernel = decode_kernel(head_dim).ok_or_else(|| {
         Error::Input(format!(
@@ -284,9 +332,10 @@ pub fn decode_attention(
     need(heads.is_multiple_of(kv_heads), || {
         format!("decode attention: {heads} heads not a multiple of {kv_heads} kv heads")
     })?;
-    let rows = t * (heads / kv_heads);
+    let group = group.min(t).max(1);
+    let rows = group * (heads / kv_heads);
     need(rows <= DECODE_ROWS, || {
-        format!("decode attention: {rows} rows per kv head, at most {DECODE_ROWS}")
+        format!("decode attention: {rows} rows per workgroup, at most {DECODE_ROWS}")
     })?;
     need((1..=1024).contains(&splits), || {
         format!("decode attention: {splits} key splits")
@@ -307,10 +356,14 @@ pub fn decode_attention(
         u32_of(cap, "attention cache slots")?,
         scale.to_bits(),
         splits as u32,
-        rows as u32,
+        group as u32,
         per as u32,
     ];
-    let groups = [kv_heads as u32, splits as u32, 1];
+    let groups = [
+        kv_heads as u32,
+        splits as u32,
+        u32_of(t.div_ceil(group), "decode attention query groups")?,
+    ];
     let bufs = [q, kc, vc, qslot, seg, out];
     let span = DECODE_CHUNK * per;
     split_attention(
