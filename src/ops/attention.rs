@@ -80,14 +80,7 @@ pub fn attention(
         return Ok(());
     }
     let cap = seg.numel() / 2;
-    let big_wg_memory = step.gpu().limits.max_compute_workgroup_storage_size >= 32 << 10;
-    let rows = t * (heads / kv_heads);
-    if big_wg_memory && rows <= DECODE_ROWS && decode_kernel(head_dim).is_some() {
-        let splits = if step.serial() {
-            1
-        } else {
-            decode_splits(t, heads, cap, head_dim, step.gpu().tuning.decode_splits)
-        };
+    if let Some(splits) = decode_fits(step, t, t, heads, kv_heads, head_dim, cap) {
         return decode_attention(
             step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, splits, t,
         );
@@ -103,7 +96,7 @@ pub fn attention(
         let bufs = [q, kc, vc, qslot, seg, out];
         return coop::flash(step, shape, t, heads, kv_heads, head_dim, bufs, splits);
     }
-    let flash = flash_kernel(head_dim).filter(|_| big_wg_memory);
+    let flash = flash_kernel(head_dim).filter(|_| big_wg_memory(step));
     if let Some((k, br)) = flash {
         let splits = if step.serial() {
             1
@@ -117,14 +110,36 @@ pub fn attention(
     // Head sizes without a flash variant: one workgroup per (query, head). (A
     // barrier-free one-invocation-per-(query, head) variant gave NaNs on llvmpipe past
     // ~1k keys, so CPU adapters run this one too.)
-    row_attention(
-        step,
-        [q, kc, vc, qslot, seg, out],
-        t,
-        heads,
-        kv_heads,
-        head_dim,
+    attention_rows(
+        step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out,
     )
+}
+
+/// Whether 32 KiB of workgroup memory (the decode and flash kernels) is there.
+fn big_wg_memory(step: &Step) -> bool {
+    step.gpu().limits.max_compute_workgroup_storage_size >= 32 << 10
+}
+
+/// The key splits of the decode kernel for `t` queries in groups of `group`, or None
+/// where it cannot serve (head size, workgroup memory, too many rows per workgroup).
+fn decode_fits(
+    step: &Step,
+    t: usize,
+    group: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    cap: usize,
+) -> Option<usize> {
+    let rows = group * (heads / kv_heads);
+    if !(big_wg_memory(step) && rows <= DECODE_ROWS && decode_kernel(head_dim).is_some()) {
+        return None;
+    }
+    Some(if step.serial() {
+        1
+    } else {
+        decode_splits(t, heads, cap, head_dim, step.gpu().tuning.decode_splits)
+    })
 }
 
 /// [`attention`] for queries of several sequences that share one cache, each in its own
@@ -149,29 +164,15 @@ pub fn attention_sequences(
     out: &Tensor,
 ) -> Result<()> {
     check_attention(q, t, heads, kv_heads, head_dim, qslot, seg, out)?;
-    if t == 0 {
-        return Ok(());
-    }
-    let big_wg_memory = step.gpu().limits.max_compute_workgroup_storage_size >= 32 << 10;
-    if big_wg_memory && heads / kv_heads <= DECODE_ROWS && decode_kernel(head_dim).is_some() {
-        let cap = seg.numel() / 2;
-        let splits = if step.serial() {
-            1
-        } else {
-            decode_splits(t, heads, cap, head_dim, step.gpu().tuning.decode_splits)
-        };
-        return decode_attention(
+    let cap = seg.numel() / 2;
+    match decode_fits(step, t, 1, heads, kv_heads, head_dim, cap) {
+        Some(splits) => decode_attention(
             step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, splits, 1,
-        );
+        ),
+        None => attention_rows(
+            step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out,
+        ),
     }
-    row_attention(
-        step,
-        [q, kc, vc, qslot, seg, out],
-        t,
-        heads,
-        kv_heads,
-        head_dim,
-    )
 }
 
 /// [`attention`] (or [`attention_sequences`]: the kernel bounds each query by its own
@@ -195,25 +196,7 @@ pub fn attention_rows(
     if t == 0 {
         return Ok(());
     }
-    row_attention(
-        step,
-        [q, kc, vc, qslot, seg, out],
-        t,
-        heads,
-        kv_heads,
-        head_dim,
-    )
-}
-
-/// attention.wgsl: one workgroup per (query, head).
-fn row_attention(
-    step: &mut Step,
-    bufs: [&Tensor; 6],
-    t: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-) -> Result<()> {
+    let bufs = [q, kc, vc, qslot, seg, out];
     let scale = 1.0 / (head_dim as f32).sqrt();
     let cap = bufs[4].numel() / 2;
     let params = [

@@ -577,6 +577,9 @@ impl<'e> Decoder<'e> {
         }
         let finish_reason = a.out.finish(&a.g, end == End::Eos);
         a.ticket.release();
+        // The gauge before the reply: a client that reads /metrics once its generation
+        // is done must not still count it.
+        state.decoding.store(self.active.len(), Ordering::SeqCst);
         let _ = a.g.tx.send(GenEvent::Done(Box::new(GenSummary {
             finish_reason,
             prompt_tokens: a.prompt_tokens,
