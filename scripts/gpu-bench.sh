@@ -29,6 +29,9 @@ run "$B" bench ttft --random-model llama-3.2-1b --docs 10 --doc-len 256 --questi
 run "$B" bench speed --random-model smollm2-135m --prefill 512,2048 --decode 128 --decode-ctx 512 --repeats 3
 run "$B" bench batch --random-model llama-3.2-1b --streams 1,4,16 --prompt-len 512 --decode 64
 run "$B" bench ttft --random-model smollm2-135m --docs 10 --doc-len 256 --question-len 32 --repeats 5
+# The batch GEMV for products of a few rows (off by default until this A/B says so).
+KVLINK_GEMV_BATCH=64 run "$B" bench batch --random-model llama-3.2-1b --streams 1,4,16 --prompt-len 512 --decode 64
+KVLINK_GEMV_BATCH=64 run "$B" bench ttft --random-model llama-3.2-1b --docs 20 --doc-len 512 --question-len 32 --repeats 5 --no-disk
 # The portable kernels on the same adapter (no tensor cores), for the A/B.
 KVLINK_COOPMAT=off run "$B" bench speed --random-model llama-3.2-1b --prefill 2048 --decode 0 --repeats 3
 KVLINK_COOPMAT=off run "$B" bench ttft --random-model llama-3.2-1b --docs 20 --doc-len 512 --question-len 32 --repeats 3 --no-disk

@@ -123,6 +123,7 @@ fn coop_shaders_validate_with_naga() {
     for k in ops::coop::all_kernels()
         .into_iter()
         .chain(ops::subgroup_gemv_kernels())
+        .chain(ops::gemv_batch_kernels())
     {
         let module = naga::front::wgsl::parse_str(k.source)
             .unwrap_or_else(|e| panic!("{}: {}", k.name, e.emit_to_string(k.source)));
@@ -1600,6 +1601,40 @@ fn matmul_split_k_matches_cpu() {
                     }
                 });
             }
+        }
+    }
+}
+
+/// The batch GEMV (matmul_gemv_rows.wgsl: a few rows, each weight read once for all)
+/// against the CPU: 2 to 19 rows (more than one pass of 8), 1, 2 and 4 weight rows per
+/// subgroup, parts of a split matrix, bias and accumulate, N not a multiple of a
+/// workgroup's rows.
+#[test]
+fn gemv_batch_matches_cpu() {
+    let g = gpu();
+    let Some(sgs) = g.subgroup_size() else {
+        common::skip(
+            "subgroups",
+            "gemv_batch_matches_cpu",
+            "no fixed-size subgroups",
+        );
+        return;
+    };
+    let mut rng = Rng::new();
+    for &(m, n, k, split) in &[
+        (2, 70, 64, 1000),
+        (8, 130, 200, 50),
+        (9, 33, 1000, 1000),
+        (19, 257, 136, 100),
+    ] {
+        for rows in [1, 2, 4] {
+            let (bias, acc) = (rows != 2, rows == 4);
+            let c = GemmCase::new(&mut rng, (m, n, k), split, bias, acc);
+            let what = format!("batch GEMV {m}x{n}x{k} rows per subgroup {rows}");
+            c.check(false, &what, |s, params, bufs| {
+                s.set_gemv_rows(Some(rows));
+                ops::gemv_batch(s, sgs, params, params[1] as usize, bufs);
+            });
         }
     }
 }

@@ -176,6 +176,11 @@ pub struct Tuning {
     pub skinny_gemm: bool,
     /// Force the vec4 GEMV variant: 1, 2 or 4 rows per thread (`KVLINK_GEMV_ROWS`).
     pub gemv_rows: Option<usize>,
+    /// Products of 2..=N rows (a batch decode step, a short question) on the subgroup
+    /// GEMV that reads each weight once for all rows, instead of a GEMM; 0 (the default
+    /// until it is timed against the tensor-core GEMM) keeps the GEMMs
+    /// (`KVLINK_GEMV_BATCH=N`, 0..=64).
+    pub gemv_batch: usize,
     /// Most key splits of the decode attention, 1..=64 (`KVLINK_DECODE_SPLITS`).
     pub decode_splits: usize,
     /// Tensor-core flash attention where usable (`KVLINK_COOP_FLASH=off`).
@@ -207,6 +212,7 @@ impl Default for Tuning {
             profile: Profile::Off,
             skinny_gemm: true,
             gemv_rows: None,
+            gemv_batch: 0,
             decode_splits: 64,
             coop_flash: true,
             flash_layout: None,
@@ -220,7 +226,7 @@ impl Default for Tuning {
 }
 
 /// The environment variables [`Tuning::from_env`] reads.
-pub const ENV_VARS: [&str; 16] = [
+pub const ENV_VARS: [&str; 17] = [
     "KVLINK_KERNELS",
     "KVLINK_COOPMAT",
     "KVLINK_SUBGROUPS",
@@ -229,6 +235,7 @@ pub const ENV_VARS: [&str; 16] = [
     "KVLINK_PROFILE",
     "KVLINK_SKINNY",
     "KVLINK_GEMV_ROWS",
+    "KVLINK_GEMV_BATCH",
     "KVLINK_DECODE_SPLITS",
     "KVLINK_COOP_FLASH",
     "KVLINK_FLASH_LAYOUT",
@@ -291,6 +298,12 @@ impl Tuning {
                     t.gemv_rows = match v.parse() {
                         Ok(r @ (1 | 2 | 4)) => Some(r),
                         _ => return Err(bad("1, 2 or 4")),
+                    }
+                }
+                "KVLINK_GEMV_BATCH" => {
+                    t.gemv_batch = match v.parse() {
+                        Ok(n @ 0..=64) => n,
+                        _ => return Err(bad("the most rows from 0 (off) to 64")),
                     }
                 }
                 "KVLINK_DECODE_SPLITS" => {
@@ -384,6 +397,7 @@ mod tests {
             ("KVLINK_PROFILE", "2"),
             ("KVLINK_SKINNY", "off"),
             ("KVLINK_GEMV_ROWS", "4"),
+            ("KVLINK_GEMV_BATCH", "16"),
             ("KVLINK_DECODE_SPLITS", "8"),
             ("KVLINK_COOP_FLASH", "off"),
             ("KVLINK_FLASH_LAYOUT", "2, 3"),
@@ -398,7 +412,10 @@ mod tests {
         assert!(!t.coopmat && !t.subgroups && !t.zero_workgroup_memory && !t.skinny_gemm);
         assert_eq!(t.shader_checks, ShaderChecks::Bounds);
         assert_eq!(t.profile, Profile::Shapes);
-        assert_eq!((t.gemv_rows, t.decode_splits), (Some(4), 8));
+        assert_eq!(
+            (t.gemv_rows, t.gemv_batch, t.decode_splits),
+            (Some(4), 16, 8)
+        );
         assert!(!t.coop_flash && !t.flash_vec_tiles);
         assert_eq!((t.flash_layout, t.flash_splits), (Some((2, 3)), Some(16)));
         assert_eq!(t.coop_wide, "2,2,2,2d".parse().unwrap());
@@ -416,6 +433,7 @@ mod tests {
             ("KVLINK_KERNELS", "fast"),
             ("KVLINK_COOPMAT", "no"),
             ("KVLINK_GEMV_ROWS", "3"),
+            ("KVLINK_GEMV_BATCH", "65"),
             ("KVLINK_DECODE_SPLITS", "0"),
             ("KVLINK_DECODE_SPLITS", "65"),
             ("KVLINK_FLASH_LAYOUT", "9,1"),

@@ -54,6 +54,8 @@ pub fn matmul(
         ];
         if m == 1 {
             matvec(step, &params, pn, k, [x, part, b, y], None);
+        } else if let Some(sgs) = gemv_batch_fits(step, m, k, x_row0 * k) {
+            gemv_batch(step, sgs, &params, pn, [x, part, b, y]);
         } else if step.serial() {
             let blocks = pn.div_ceil(4) * m.div_ceil(4);
             let groups = grid_1d(u32_of(blocks.div_ceil(64), "matmul blocks")?);
@@ -70,6 +72,57 @@ pub fn matmul(
         }
     }
     Ok(())
+}
+
+/// X rows per pass of the batch GEMV (matmul_gemv_rows.wgsl's `MR`).
+const GEMV_BATCH_PASS: u32 = 8;
+
+/// The subgroup size when the batch GEMV takes a product of `m` rows: on
+/// ([`crate::gpu::Tuning::gemv_batch`] >= m), fixed-size subgroups, K % 8 == 0, aligned X.
+fn gemv_batch_fits(step: &Step, m: usize, k: usize, x_off: usize) -> Option<u32> {
+    if m > step.gpu().tuning.gemv_batch || !vec4_gemv(step, k, x_off) {
+        return None;
+    }
+    step.gpu().subgroup_size().filter(|_| step.subgroup_gemv())
+}
+
+/// matmul_gemv_rows.wgsl for `rows` weight rows per subgroup of `sgs` invocations.
+fn gemv_batch_kernel(rows: u32, sgs: u32) -> Kernel {
+    static KERNELS: std::sync::Mutex<Vec<((u32, u32), Kernel)>> = std::sync::Mutex::new(Vec::new());
+    Kernel::generated(&KERNELS, (rows, sgs), "matmul_gemv_rows", || {
+        let name = format!("matmul_gemv_rows.wgsl::matmul_gemv_rows r{rows} sg{sgs}");
+        let src = format!(
+            "const RPW: u32 = {rows}u;\nconst SGS: u32 = {sgs}u;\nconst MR: u32 = {GEMV_BATCH_PASS}u;\n{}",
+            include_str!("../../shaders/matmul_gemv_rows.wgsl")
+        );
+        (name, src)
+    })
+}
+
+/// The batch GEMV over `outputs` weight rows (matmul.wgsl's parameters; callers check
+/// [`gemv_batch_fits`], or the tests: subgroups of `sgs`, K % 8 == 0, aligned X).
+pub fn gemv_batch(
+    step: &mut Step,
+    sgs: u32,
+    params: &[u32; 8],
+    outputs: usize,
+    bufs: [&Tensor; 4],
+) {
+    let per_wg = 256 / sgs as usize;
+    let rows = step
+        .gemv_rows()
+        .unwrap_or_else(|| gemv_rows(outputs, per_wg));
+    let groups = grid_1d(outputs.div_ceil(per_wg * rows) as u32);
+    step.dispatch(gemv_batch_kernel(rows as u32, sgs), params, &bufs, groups);
+}
+
+/// The batch GEMV's variants for validation tests (rows 1, 2, 4 at subgroup sizes 8
+/// and 32).
+pub fn gemv_batch_kernels() -> Vec<Kernel> {
+    [8, 32]
+        .iter()
+        .flat_map(|&s| [1, 2, 4].map(|r| gemv_batch_kernel(r, s)))
+        .collect()
 }
 
 /// Whether the skinny GEMM takes a product of `m` rows: GPU adapters with 32 KiB of
