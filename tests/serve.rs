@@ -623,16 +623,19 @@ fn concurrent_generations_batch_and_match_one_at_a_time() {
         "The largest planet is",
         "My favourite colour is",
     ];
-    let ask = |base: &str, p: &str| -> String {
-        let body = json!({"prompt": p, "max_tokens": 10, "temperature": 0, "ignore_eos": true});
+    let ask_n = |base: &str, p: &str, n: usize| -> String {
+        let body = json!({"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": true});
         let (st, v) = post(base, "/v1/completions", &body);
         assert_eq!(st, 200, "{v}");
-        assert_eq!(v["usage"]["completion_tokens"], 10, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], n, "{v}");
         v["choices"][0]["text"].as_str().unwrap().to_string()
     };
+    let ask = |base: &str, p: &str| ask_n(base, p, 10);
     let alone_server = start(1);
     let base = format!("http://{}", alone_server.addr);
     let alone: Vec<String> = prompts.iter().map(|p| ask(&base, p)).collect();
+    // Long enough for several of the lone decoder's chunks (16 tokens each).
+    let long_alone = ask_n(&base, prompts[0], 40);
     let steps = |base: &str| {
         let m = get(base, "/metrics").1;
         let n = |name| metric(&m, name).unwrap_or_else(|| panic!("no {name} in\n{m}"));
@@ -645,6 +648,52 @@ fn concurrent_generations_batch_and_match_one_at_a_time() {
 
     let batched = start(4);
     let base = format!("http://{}", batched.addr);
+    // One generation alone on the batching server decodes on the pipelined decoder, on
+    // its own cache (no batch step), and gives the same text.
+    assert_eq!(
+        ask_n(&base, prompts[0], 40),
+        long_alone,
+        "a lone generation on the batching server"
+    );
+    assert_eq!(
+        steps(&base),
+        (0.0, 0.0),
+        "a lone generation takes no batch step"
+    );
+    // A lone generation (streamed) joins the arena mid-way when a second one comes:
+    // both keep their one-at-a-time text.
+    std::thread::scope(|sc| {
+        let body = json!({"prompt": prompts[0], "max_tokens": 40, "temperature": 0,
+                          "ignore_eos": true, "stream": true});
+        let r = agent()
+            .post(format!("{base}/v1/completions"))
+            .header("content-type", "application/json")
+            .send(body.to_string())
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let (mut text, mut second) = (String::new(), None);
+        for l in BufReader::new(r.into_body().into_reader()).lines() {
+            let l = l.unwrap();
+            let Some(d) = l.strip_prefix("data: ") else {
+                continue;
+            };
+            if d == "[DONE]" {
+                break;
+            }
+            let v: Value = serde_json::from_str(d).unwrap();
+            text += v["choices"][0]["text"].as_str().unwrap_or("");
+            // The first chunk: the lone generation is decoding; now the second comes.
+            second.get_or_insert_with(|| sc.spawn(|| ask(&base, prompts[1])));
+        }
+        assert_eq!(
+            text, long_alone,
+            "the lone generation after joining the arena"
+        );
+        let second = second.expect("a streamed chunk").join().unwrap();
+        assert_eq!(second, alone[1], "the generation that joined it");
+    });
+    let (n, _) = steps(&base);
+    assert!(n > 0.0, "the two did not decode in batch steps");
     let together: Vec<String> = std::thread::scope(|sc| {
         let hs: Vec<_> = prompts.iter().map(|p| sc.spawn(|| ask(&base, p))).collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()

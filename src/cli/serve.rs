@@ -31,8 +31,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16)]
     pub max_documents: usize,
     /// Generations decoding together at most: each is prefilled alone, then all decode
-    /// in one forward pass per token. 1: one generation after another (each with the
-    /// pipelined single-sequence decoder).
+    /// in one forward pass per token (a greedy one with nothing else to decode keeps to
+    /// the pipelined single-sequence decoder). 1: one generation after another.
     #[arg(long, default_value_t = 16)]
     pub max_batch: usize,
     /// KV slots shared by the generations decoding together (their prompts and answers;

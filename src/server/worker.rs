@@ -111,6 +111,7 @@ pub(crate) fn run(engine: Arc<Engine>, state: Arc<State>, rx: std::sync::mpsc::R
         } else {
             None
         };
+        let took = job.is_some();
         if let Some(job) = job {
             let ticket = Ticket::new(&state);
             match job {
@@ -124,9 +125,18 @@ pub(crate) fn run(engine: Arc<Engine>, state: Arc<State>, rx: std::sync::mpsc::R
                 }
             }
         }
-        dec.join_waiting();
-        if !dec.active.is_empty() && guarded(|| dec.step()).is_none() {
-            dec.fail_all(ApiError::internal("the decode step panicked"));
+        if dec.lone() {
+            // One greedy generation and nothing else: it decodes on its own cache with
+            // the pipelined decoder, a few tokens at a time while the queue stays empty,
+            // and joins the arena once another generation comes.
+            if !took && guarded(|| dec.solo()).is_none() {
+                dec.waiting.clear(); // its channel dropped: a 500
+            }
+        } else {
+            dec.join_waiting();
+            if !dec.active.is_empty() && guarded(|| dec.step()).is_none() {
+                dec.fail_all(ApiError::internal("the decode step panicked"));
+            }
         }
         state.decoding.store(dec.active.len(), Ordering::SeqCst);
     }
@@ -349,6 +359,8 @@ struct Active<'e> {
     /// Its prefilled cache until it joins, and the slots it may fill in all.
     cache: Option<KvCache>,
     room: usize,
+    /// Slots of its own cache filled (the prompt, then tokens decoded alone).
+    filled: usize,
     /// The token to feed next.
     next: u32,
     sampler: Sampler,
@@ -377,6 +389,42 @@ impl Active<'_> {
         self.next = t;
         (self.out.stopped || self.generated >= self.g.params.max_tokens).then_some(End::Done)
     }
+}
+
+/// Tokens a lone generation decodes before the worker looks at its queue again.
+const SOLO_STEPS: usize = 16;
+
+/// Up to [`SOLO_STEPS`] greedy steps of `a` on its own cache, pipelined as
+/// `Engine::generate` decodes: each step takes the previous step's token on the GPU and
+/// is queued before that token is read back. Why it ended, if it did (a step queued
+/// past the end writes only a slot of its own cache, within its room).
+fn solo_steps(engine: &Engine, a: &mut Active) -> crate::Result<Option<End>> {
+    let model = engine.model();
+    let mut cache = a.cache.take().expect("a waiting generation has its cache");
+    let base = a.filled;
+    let steps = SOLO_STEPS.min(a.room.saturating_sub(base));
+    let mut pipe = model.decode_pipe()?;
+    let mut inflight = std::collections::VecDeque::new();
+    if steps > 0 {
+        inflight.push_back(model.decode_async(&mut pipe, &mut cache, base, Some(a.next))?);
+    }
+    let mut end = None;
+    for i in 0..steps {
+        if i + 1 < steps {
+            let p = model.decode_async(&mut pipe, &mut cache, base + i + 1, None)?;
+            inflight.push_back(p);
+        }
+        let pending = inflight.pop_front().expect("step i was queued");
+        let t = model.read_token(pending)?;
+        a.filled = base + i + 1;
+        let full = a.filled >= a.room;
+        end = a.push(t, engine).or(full.then_some(End::Done));
+        if end.is_some() {
+            break;
+        }
+    }
+    a.cache = Some(cache);
+    Ok(end)
 }
 
 /// Generations decoding together: each is prefilled alone when it arrives, then moves
@@ -435,6 +483,7 @@ impl<'e> Decoder<'e> {
             id: None,
             cache: Some(cache),
             room,
+            filled: len,
             next: first,
             sampler,
             greedy,
@@ -460,6 +509,28 @@ impl<'e> Decoder<'e> {
         Some(a)
     }
 
+    /// Whether the one generation there is greedy and alone (nothing decoding, nothing
+    /// else waiting): it then decodes on its own ([`Decoder::solo`]).
+    fn lone(&self) -> bool {
+        self.active.is_empty() && self.waiting.len() == 1 && self.waiting[0].greedy
+    }
+
+    /// Up to [`SOLO_STEPS`] tokens of the lone generation on its own cache with the
+    /// pipelined decoder (a batch step of one row costs more), then back to the queue.
+    fn solo(&mut self) {
+        let Some(mut a) = self.waiting.pop_front() else {
+            return;
+        };
+        if a.g.tx.is_closed() {
+            return self.finish(a, End::Cancelled);
+        }
+        match solo_steps(self.engine, &mut a) {
+            Ok(Some(end)) => self.finish(a, end),
+            Ok(None) => self.waiting.push_front(a),
+            Err(e) => fail(&mut a.ticket, &a.g, ApiError::from_engine(e)),
+        }
+    }
+
     /// Move waiting generations into the arena while it has room.
     fn join_waiting(&mut self) {
         let engine = self.engine;
@@ -479,7 +550,7 @@ impl<'e> Decoder<'e> {
                 .cache
                 .as_ref()
                 .expect("a waiting generation has its cache");
-            match batch.join(engine.model(), cache, a.prompt_tokens, a.room) {
+            match batch.join(engine.model(), cache, a.filled, a.room) {
                 Ok(Some(id)) => {
                     a.id = Some(id);
                     a.cache = None; // its slots now live in the arena
