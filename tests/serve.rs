@@ -66,6 +66,28 @@ fn post(base: &str, path: &str, v: &Value) -> (u16, Value) {
     post_raw(base, path, v.to_string().into_bytes())
 }
 
+/// POST a streaming request (200 expected) and hand every server-sent event to `each`
+/// until `[DONE]`; whether `[DONE]` came.
+fn post_stream(base: &str, path: &str, body: &Value, mut each: impl FnMut(Value)) -> bool {
+    let r = agent()
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 200);
+    for line in BufReader::new(r.into_body().into_reader()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            return true;
+        }
+        each(serde_json::from_str(data).unwrap());
+    }
+    false
+}
+
 fn get(base: &str, path: &str) -> (u16, String) {
     let mut r = agent()
         .get(format!("{base}{path}"))
@@ -191,31 +213,15 @@ fn greedy_chat_matches_kvlink_ask() {
     // Streaming: the deltas add up to the same text, then [DONE].
     let mut stream_body = body.clone();
     stream_body["stream"] = json!(true);
-    let r = agent()
-        .post(format!("{base}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .send(stream_body.to_string())
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
     let mut text = String::new();
-    let mut done = false;
     let mut last = Value::Null;
-    for line in BufReader::new(r.into_body().into_reader()).lines() {
-        let line = line.unwrap();
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            done = true;
-            break;
-        }
-        let v: Value = serde_json::from_str(data).unwrap();
+    let done = post_stream(base, "/v1/chat/completions", &stream_body, |v| {
         assert_eq!(v["object"], "chat.completion.chunk");
         if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
             text.push_str(t);
         }
         last = v;
-    }
+    });
     assert!(done, "no [DONE]");
     assert_eq!(text, answer, "streamed vs whole");
     assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
@@ -665,26 +671,13 @@ fn concurrent_generations_batch_and_match_one_at_a_time() {
     std::thread::scope(|sc| {
         let body = json!({"prompt": prompts[0], "max_tokens": 40, "temperature": 0,
                           "ignore_eos": true, "stream": true});
-        let r = agent()
-            .post(format!("{base}/v1/completions"))
-            .header("content-type", "application/json")
-            .send(body.to_string())
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200);
         let (mut text, mut second) = (String::new(), None);
-        for l in BufReader::new(r.into_body().into_reader()).lines() {
-            let l = l.unwrap();
-            let Some(d) = l.strip_prefix("data: ") else {
-                continue;
-            };
-            if d == "[DONE]" {
-                break;
-            }
-            let v: Value = serde_json::from_str(d).unwrap();
+        let done = post_stream(&base, "/v1/completions", &body, |v| {
             text += v["choices"][0]["text"].as_str().unwrap_or("");
             // The first chunk: the lone generation is decoding; now the second comes.
             second.get_or_insert_with(|| sc.spawn(|| ask(&base, prompts[1])));
-        }
+        });
+        assert!(done, "no [DONE]");
         assert_eq!(
             text, long_alone,
             "the lone generation after joining the arena"
