@@ -9,7 +9,8 @@
 #                                 throughput probe (random SmolLM2-shaped base, both runs at once)
 #   scripts/gpu-train.sh stash P.. copies carried files or folders P into $W (more model parts
 #                                 when the working tree leaves no room for halves; adapters)
-#   scripts/gpu-train.sh model    .gpu/model.part2 (or the last part): joins every part in
+#   scripts/gpu-train.sh model    .gpu/model.part2 (or the last part; data.tar.xz too if setup
+#                                 had no room for it): joins every part in
 #                                 name order into the GGUF, checks it, starts the base evals
 #   scripts/gpu-train.sh train    .gpu/samples.safetensors.xz: starts the tuned and control runs
 #                                 (STEPS, BATCH_TOKENS, GRAD_ACCUM, LR, WARMUP, SEED from the
@@ -25,7 +26,10 @@
 #                                 in an earlier lease: `eval tuned adapters/smollm2-135m-kvlink`
 #   scripts/gpu-train.sh collect  copies adapters (a run not done yet: its last checkpoint),
 #                                 logs and results into $OUT
-# EVALS (default "hotpotqa squad ppl"; "none": no evaluation) picks the evaluations that
+# LOSS_WEIGHT (token, sample) and EXPORT_EVERY go to the trainer's --loss-weight and --export-every;
+# collect takes COLLECT_TUNED / COLLECT_CONTROL (default adapter, e.g. adapter-step300).
+# EVALS (default "hotpotqa squad ppl"; "none": no evaluation; "val": HotpotQA validation
+# questions 500-999, full and kvlink, for picking checkpoints) picks the evaluations that
 # `model`, `wait` and `eval` start; PROBE=0 skips setup's throughput probe; RUNS (default "tuned control") picks the
 # training runs.
 set -uo pipefail
@@ -49,11 +53,13 @@ evals() { # evals TAG [--lora DIR]: those of $EVALS (HotpotQA 0-499, SQuAD held-
         case $e in
         hotpotqa) cmds+=("$K eval hotpotqa --model $M $* --data $W/data/hqa500.json --limit 500 \
             --out $W/res/$tag-hotpotqa.jsonl --json > $W/res/$tag-hotpotqa.summary.json") ;;
+        val) cmds+=("$K eval hotpotqa --model $M $* --data $W/data/hqa-val.json --limit 500 --modes full,kvlink \
+            --out $W/res/$tag-val.jsonl --json > $W/res/$tag-val.summary.json") ;;
         squad) cmds+=("$K eval squad --model $M $* --data $W/data/squad-v2-dev.json \
             --out $W/res/$tag-squad.jsonl --json > $W/res/$tag-squad.summary.json") ;;
         ppl) cmds+=("for c in 4 16; do $K perplexity --model $M $* --text $W/data/wiki.utf8 --ctx 1024 \
             --max-windows 8 --chunks \$c --json > $W/res/$tag-ppl-\$c.json || exit 1; done") ;;
-        *) echo "unknown evaluation $e (EVALS: hotpotqa squad ppl)"; return 1 ;;
+        *) echo "unknown evaluation $e (EVALS: hotpotqa squad ppl val)"; return 1 ;;
         esac
     done
     local joined=${cmds[0]} c
@@ -96,6 +102,8 @@ setup)
     ;;
 model)
     cp .gpu/model.part* "$W/" 2>/dev/null
+    # the evaluation data, when setup's call had no room for it
+    [ -f .gpu/data.tar.xz ] && mkdir -p "$W/data" "$W/res" && tar -xJf .gpu/data.tar.xz -C "$W/data"
     cat $(ls "$W"/model.part* | sort) > "$M" && rm -f "$W"/model.part*
     got=$(sha256sum "$M" | cut -d' ' -f1)
     [ "$got" = "$MODEL_SHA" ] || { echo "model sha256 $got != $MODEL_SHA"; exit 1; }
@@ -113,7 +121,8 @@ train)
         detach "train-$r" env PYTHONPATH="$W/train:/tmp/site" python3 -m kvlink_train.train --model "$M" --samples "$W/samples.safetensors" \
             --run "$W/run-$r" --steps "${STEPS:?}" --warmup "${WARMUP:-30}" \
             --batch-tokens "${BATCH_TOKENS:-32768}" --grad-accum "${GRAD_ACCUM:-2}" \
-            --lr "${LR:-2e-4}" --seed "${SEED:-0}" --save-every 50 --quiet $extra
+            --lr "${LR:-2e-4}" --seed "${SEED:-0}" --save-every 50 --loss-weight "${LOSS_WEIGHT:-token}" \
+            --export-every "${EXPORT_EVERY:-0}" --quiet $extra
     done
     sleep 45; progress
     ;;
@@ -157,7 +166,8 @@ collect)
         # a run cut short by the lease: its last checkpoint, exported
         [ ! -d "$W/run-$r/adapter" ] && [ -f "$W/run-$r/ckpt.pt" ] &&
             (cd "$W" && PYTHONPATH="$W/train:/tmp/site" python3 -m kvlink_train.export "run-$r" "run-$r/adapter")
-        [ -d "$W/run-$r/adapter" ] && tar -C "$W/run-$r" -cf "$OUT/adapter-$r.tar" adapter log.jsonl
+        pick=COLLECT_${r^^}; pick=${!pick:-adapter}  # e.g. COLLECT_TUNED=adapter-step300
+        [ -d "$W/run-$r/$pick" ] && tar -C "$W/run-$r" -cf "$OUT/adapter-$r.tar" "$pick" log.jsonl
     done
     tar -C "$W" -cJf "$OUT/results.tar.xz" res $(cd "$W" && ls ./*.log ./*.exit 2>/dev/null)
     ls -la "$OUT"

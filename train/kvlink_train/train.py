@@ -21,8 +21,11 @@ from .export import export_adapter, read_trainable
 from .model import KVLinkLlama
 
 # Arguments that must not change between a run and its resumption.
-FIXED = ["control", "init_adapter", "steps", "batch_tokens", "grad_accum", "lr", "extra_lr", "warmup", "min_lr_ratio",
+FIXED = ["control", "init_adapter", "loss_weight", "steps", "batch_tokens", "grad_accum", "lr", "extra_lr", "warmup", "min_lr_ratio",
          "lora_r", "lora_alpha", "lora_dropout", "seed", "pad_to", "beta2", "weight_decay"]
+
+# What a checkpoint written before an argument existed ran with.
+FIXED_DEFAULTS = {"loss_weight": "token"}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -40,12 +43,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of lr")
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--loss-weight", choices=["token", "sample"], default="token",
+                   help="token: every labelled token weighs the same (samples with long answers dominate); "
+                        "sample: every sample weighs the same, its tokens share its weight (a QA answer of "
+                        "five tokens counts as much as a continuation of 800)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pad-to", type=int, default=8, help="pad batch length to a multiple of this")
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--export-every", type=int, default=0,
+                   help="also export RUN/adapter-step<N> every N steps (checkpoints to pick on validation data)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="save and stop before this wall time (0 = none)")
     p.add_argument("--stop-at-step", type=int, default=0, help="save and stop once this step is reached")
     p.add_argument("--resume", action="store_true", help="continue RUN/ckpt.pt if it exists")
@@ -58,6 +67,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--export", default=None, help="adapter folder written at the end (default RUN/adapter)")
     p.add_argument("--quiet", action="store_true", help="log to RUN/log.jsonl only")
     a = p.parse_args(argv)
+    if a.export_every < 0 or a.save_every < 0:
+        p.exit(2, f"{p.prog}: --save-every and --export-every must be >= 0\n")
     if not a.lr > 0 or (a.extra_lr is not None and not a.extra_lr >= 0):
         p.exit(2, f"{p.prog}: --lr must be > 0 and --extra-lr >= 0 (got {a.lr}, {a.extra_lr})\n")
     return a
@@ -97,7 +108,7 @@ class Trainer:
             if not args.resume:
                 raise SystemExit(f"{self.ckpt_path} exists: pass --resume to continue it, or use another --run")
             ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-            bad = [k for k in FIXED if ck["args"].get(k) != getattr(args, k)]
+            bad = [k for k in FIXED if ck["args"].get(k, FIXED_DEFAULTS.get(k)) != getattr(args, k)]
             if bad:
                 raise SystemExit(f"--resume with changed arguments {bad}: "
                                  + ", ".join(f"{k}={ck['args'].get(k)!r}" for k in bad))
@@ -192,6 +203,8 @@ class Trainer:
         t = time.time()
         batches = [collate(self.samples, self.next_batch(), a.pad_to, self.device) for _ in range(a.grad_accum)]
         n_lab = sum(int((b["targets"] >= 0).sum()) for b in batches)
+        # --loss-weight sample: the step's loss is the mean over samples of each sample's mean
+        n_rows = sum(int((b["targets"] >= 0).any(dim=1).sum()) for b in batches)
         lr = lr_at(self.step, a.lr, a.warmup, a.steps, a.min_lr_ratio)
         for g in self.opt.param_groups:
             g["lr"] = lr * g["base_lr"] / a.lr
@@ -204,7 +217,11 @@ class Trainer:
         for b in batches:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 s, row, tok = self.model.loss_sums(b["ids"], b["seg"], b["pos"], b["targets"])
-            (s / max(1, n_lab)).backward()
+            if a.loss_weight == "sample":
+                per_row = torch.zeros(b["ids"].shape[0], device=tok.device).index_add_(0, row, torch.ones_like(tok))
+                (tok.float() / per_row[row]).sum().div(max(1, n_rows)).backward()
+            else:
+                (s / max(1, n_lab)).backward()
             loss_total += s.detach()
             c = b["comp"][row].clamp(max=nc - 1)
             comp_sum.index_add_(0, c, tok.detach())
@@ -246,6 +263,9 @@ class Trainer:
             recent.append(time.time() - t)
             if a.save_every and self.step % a.save_every == 0 and self.step < a.steps:
                 self.save()
+            if a.export_every and self.step % a.export_every == 0 and self.step < a.steps:
+                export_adapter(self.model.trainable_state(), self.meta,
+                               os.path.join(a.run, f"adapter-step{self.step}"))
         self.save()
         if status == "done":
             out = a.export or os.path.join(a.run, "adapter")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -242,3 +243,56 @@ def test_bad_lr_is_refused(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(args(tiny, tmp_path / "z", "--steps", "1", "--lr", "0"))
     assert "--lr must be > 0" in capsys.readouterr().err
+
+
+def _unit_grad(m) -> torch.Tensor:
+    g = torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad])
+    return g / g.norm()
+
+
+@pytest.mark.parametrize("weight", ["token", "sample"])
+def test_loss_weight(tiny, tmp_path, weight):
+    # one micro-batch holds every sample; the step's gradient (clipped, so compared as a
+    # direction) must be that of the mean over tokens, or of the mean over samples of each
+    # sample's mean, computed here one sample at a time
+    t = Trainer(parse_args(args(tiny, tmp_path / weight, "--steps", "1", "--lr", "1e-12", "--batch-tokens", "100000",
+                                "--loss-weight", weight)))
+    t.t_train = time.time()
+    t.train_step()
+    got = _unit_grad(t.model)
+    s = t.samples
+    labelled = [int(s.sample(i)[3].sum()) for i in range(len(s))]
+    assert min(labelled) > 0 and max(labelled) > 2 * min(labelled), labelled  # the weightings differ
+    losses = {}
+    for w in ("token", "sample"):
+        t.model.zero_grad(set_to_none=True)
+        total = torch.zeros(())
+        for i in range(len(s)):
+            b = collate(s, [i], 8, t.device)
+            ls, _, tok = t.model.loss_sums(b["ids"], b["seg"], b["pos"], b["targets"])
+            total = total + (ls / sum(labelled) if w == "token" else tok.mean() / len(s))
+        total.backward()
+        losses[w] = _unit_grad(t.model)
+    other = "sample" if weight == "token" else "token"
+    assert torch.allclose(got, losses[weight], atol=1e-4), (got - losses[weight]).abs().max()
+    assert not torch.allclose(got, losses[other], atol=1e-2)
+
+
+def test_export_every_and_old_checkpoints(tiny, tmp_path):
+    from safetensors.torch import load_file
+    run = tmp_path / "ex"
+    main(args(tiny, run, "--steps", "4", "--lr", "1e-2", "--export-every", "2", "--save-every", "3"))
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("adapter")) == ["adapter", "adapter-step2"]
+    a = load_file(str(run / "adapter-step2" / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    assert (run / "adapter-step2" / "adapter_config.json").exists()
+    # a checkpoint from before --loss-weight existed resumes as token weighting, and only so
+    part = tmp_path / "part"
+    main(args(tiny, part, "--steps", "4", "--stop-at-step", "2"))
+    ck = torch.load(part / "ckpt.pt", weights_only=False)
+    del ck["args"]["loss_weight"]
+    torch.save(ck, part / "ckpt.pt")
+    with pytest.raises(SystemExit, match="loss_weight"):
+        main(args(tiny, part, "--steps", "4", "--resume", "--loss-weight", "sample"))
+    assert main(args(tiny, part, "--steps", "4", "--resume")) == "done"
