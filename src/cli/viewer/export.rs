@@ -75,14 +75,14 @@ impl Canvas {
         self.rect(x + w.saturating_sub(1), y, 1, h, c);
     }
 
-    /// Draw `s` with the 5x7 font at `scale` (advance 6*scale per character).
+    /// Draw `s` with the 8x8 font at `scale` (advance GLYPH*scale per character).
     pub fn text(&mut self, x: usize, y: usize, s: &str, scale: usize, c: [u8; 3]) {
         for (i, ch) in s.chars().enumerate() {
             let g = glyph(ch);
-            let x0 = x + i * 6 * scale;
+            let x0 = x + i * GLYPH * scale;
             for (row, bits) in g.iter().enumerate() {
-                for col in 0..5 {
-                    if bits & (0x10 >> col) != 0 {
+                for col in 0..GLYPH {
+                    if bits & (1 << col) != 0 {
                         self.rect(x0 + col * scale, y + row * scale, scale, scale, c);
                     }
                 }
@@ -104,8 +104,11 @@ impl Canvas {
 }
 
 pub fn text_width(s: &str, scale: usize) -> usize {
-    s.chars().count() * 6 * scale
+    s.chars().count() * GLYPH * scale
 }
+
+/// Glyph cell size in pixels at scale 1 (width = advance = height).
+const GLYPH: usize = 8;
 
 /// A perceptual color scale (viridis, 5 stops) for `t` in 0..=1.
 pub fn colormap(t: f32) -> [u8; 3] {
@@ -134,8 +137,8 @@ pub fn colormap(t: f32) -> [u8; 3] {
 /// Render a `[layer][group]` matrix as a heatmap with labels, values in the cells and
 /// a color bar. Colors scale from 0 to the matrix maximum.
 pub fn heatmap(title: &str, groups: &[String], m: &[Vec<f32>]) -> Canvas {
-    const S: usize = 2; // font scale: 10x14 px glyphs
-    const CH: usize = 7 * S + 6; // cell height
+    const S: usize = 2; // font scale: 16x16 px glyph cells
+    const CH: usize = GLYPH * S + 6; // cell height
     let label = |g: &str| -> String { g.chars().take(10).collect() };
     let cw = groups
         .iter()
@@ -145,13 +148,13 @@ pub fn heatmap(title: &str, groups: &[String], m: &[Vec<f32>]) -> Canvas {
         .max(text_width("0.000", S))
         + 12;
     let left = text_width("L00", S) + 16;
-    let top = 14 * S + 16 + 7 * S + 12;
+    let top = 2 * GLYPH * S + 16 + GLYPH * S + 12;
     let bar_w = 24;
     let right = 16 + bar_w + 8 + text_width("0.000", S) + 16;
     let grid_w = cw * groups.len();
     let grid_h = CH * m.len();
     let w = (left + grid_w + right).max(text_width(title, S) + 32);
-    let h = top + grid_h + 16 + 7 * S + 16;
+    let h = top + grid_h + 16 + GLYPH * S + 16;
     let white = [255, 255, 255];
     let black = [20, 20, 20];
     let grey = [110, 110, 110];
@@ -168,7 +171,7 @@ pub fn heatmap(title: &str, groups: &[String], m: &[Vec<f32>]) -> Canvas {
     for (j, g) in groups.iter().enumerate() {
         let l = label(g);
         let x = left + j * cw + (cw - text_width(&l, S)) / 2;
-        c.text(x, top - 7 * S - 6, &l, S, black);
+        c.text(x, top - GLYPH * S - 6, &l, S, black);
     }
     for (l, row) in m.iter().enumerate() {
         let y = top + l * CH;
@@ -196,7 +199,7 @@ pub fn heatmap(title: &str, groups: &[String], m: &[Vec<f32>]) -> Canvas {
     c.text(bx + bar_w + 8, top, &format!("{max:.3}"), S, black);
     c.text(
         bx + bar_w + 8,
-        top + grid_h.saturating_sub(7 * S),
+        top + grid_h.saturating_sub(GLYPH * S),
         "0",
         S,
         black,
@@ -227,69 +230,13 @@ pub fn write_png(cap: &AttentionCapture, what: &str, path: &Path) -> Result<()> 
     capture_heatmap(cap, what).write_png(path)
 }
 
-/// 5x7 glyphs, one byte per row, bit 4 = leftmost column. Lower case is drawn as upper
-/// case; unknown characters as a box.
-fn glyph(ch: char) -> [u8; 7] {
-    match ch.to_ascii_uppercase() {
-        ' ' => [0; 7],
-        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1E],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
-        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
-        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
-        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
-        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
-        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
-        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
-        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
-        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
-        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
-        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
-        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
-        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
-        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
-        ',' => [0, 0, 0, 0, 0x0C, 0x04, 0x08],
-        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
-        '-' => [0, 0, 0, 0x1F, 0, 0, 0],
-        '_' => [0, 0, 0, 0, 0, 0, 0x1F],
-        '+' => [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0],
-        '=' => [0, 0, 0x1F, 0, 0x1F, 0, 0],
-        '/' => [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
-        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-        '\'' => [0x04, 0x04, 0x08, 0, 0, 0, 0],
-        '"' => [0x0A, 0x0A, 0, 0, 0, 0, 0],
-        '?' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0, 0x04],
-        '!' => [0x04, 0x04, 0x04, 0x04, 0x04, 0, 0x04],
-        '#' => [0x0A, 0x0A, 0x1F, 0x0A, 0x1F, 0x0A, 0x0A],
-        '<' => [0x02, 0x04, 0x08, 0x10, 0x08, 0x04, 0x02],
-        '>' => [0x08, 0x04, 0x02, 0x01, 0x02, 0x04, 0x08],
-        '[' => [0x0E, 0x08, 0x08, 0x08, 0x08, 0x08, 0x0E],
-        ']' => [0x0E, 0x02, 0x02, 0x02, 0x02, 0x02, 0x0E],
-        '|' => [0x04, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-        _ => [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F],
+/// The 8x8 glyph of `ch` (font8x8's public-domain basic Latin set: one byte per row, bit 0
+/// = leftmost column); characters outside it are drawn as a box.
+fn glyph(ch: char) -> [u8; 8] {
+    const BOX: [u8; 8] = [0x7F, 0x41, 0x41, 0x41, 0x41, 0x41, 0x7F, 0];
+    match u8::try_from(ch) {
+        Ok(b) if b.is_ascii_graphic() || b == b' ' => font8x8::legacy::BASIC_LEGACY[b as usize],
+        _ => BOX,
     }
 }
 
@@ -327,6 +274,42 @@ mod tests {
         let v = capture_json(&c, &|id| format!("t{id}"));
         assert_eq!(v["mass_shape"], serde_json::json!([2, 3, 2, 4]));
         assert_eq!(v["tokens"][1]["text"], "t6");
+    }
+
+    #[test]
+    fn text_stays_in_its_box_and_letters_differ() {
+        let draw = |s: &str| {
+            let mut c = Canvas::new(40, 20, [0; 3]);
+            c.text(2, 3, s, 1, [255; 3]);
+            c
+        };
+        let ink = |c: &Canvas| {
+            let mut v = vec![];
+            for y in 0..c.h {
+                for x in 0..c.w {
+                    if c.px[y * c.w + x] != [0; 3] {
+                        v.push((x, y));
+                    }
+                }
+            }
+            v
+        };
+        for s in ["Ab", "0.5", "L12", "é"] {
+            let p = ink(&draw(s));
+            assert!(!p.is_empty(), "{s} draws nothing");
+            let w = text_width(s, 1);
+            assert!(p
+                .iter()
+                .all(|&(x, y)| (2..2 + w).contains(&x) && (3..3 + GLYPH).contains(&y)));
+        }
+        assert_eq!(ink(&draw(" ")), vec![]);
+        assert_ne!(ink(&draw("a")), ink(&draw("A")));
+        assert_ne!(ink(&draw("0")), ink(&draw("8")));
+        // scale 2 doubles every pixel
+        let mut c2 = Canvas::new(80, 40, [0; 3]);
+        c2.text(0, 0, "K", 2, [255; 3]);
+        let one = ink(&draw("K"));
+        assert_eq!(ink(&c2).len(), 4 * one.len());
     }
 
     #[test]
