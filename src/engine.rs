@@ -440,41 +440,17 @@ impl Engine {
         t1: Instant,
     ) -> Result<()> {
         let mut pipe = self.model.decode_pipe()?;
-        // Step j (j >= 1) reads token j - 1 at slot pos0 + j - 1 and yields token j; it
-        // is needed only while j < max_tokens and its slot fits the cache.
-        let cap = cache.capacity;
-        let needed = |j: usize| j < params.max_tokens && pos0 + j - 1 < cap;
-        let mut inflight = std::collections::VecDeque::new();
-        if needed(1) {
-            inflight.push_back(self.model.decode_async(
-                &mut pipe,
-                &mut cache,
-                pos0,
-                Some(first),
-            )?);
+        // Tokens 1.. (the first is `first`), while under max_tokens and in the cache.
+        let steps = (params.max_tokens.saturating_sub(1)).min(cache.capacity.saturating_sub(pos0));
+        let mut stop = self.emit(first, params, stats, on_token);
+        if stop.is_none() {
+            self.model
+                .decode_greedy(&mut pipe, &mut cache, pos0, first, steps, &mut |t| {
+                    stop = self.emit(t, params, stats, on_token);
+                    stop.is_none()
+                })?;
         }
-        let mut next = first;
-        let mut j = 0;
-        loop {
-            // Queue the step after the one in flight before handing `next` out.
-            let eos = params.stop_at_eos && self.tokenizer.is_stop(next);
-            if !eos && needed(j + 2) && inflight.len() == 1 {
-                let p = self
-                    .model
-                    .decode_async(&mut pipe, &mut cache, pos0 + j + 1, None)?;
-                inflight.push_back(p);
-            }
-            if let Some(reason) = self.emit(next, params, stats, on_token) {
-                stats.stop = reason;
-                break;
-            }
-            let Some(pending) = inflight.pop_front() else {
-                stats.stop = "context";
-                break;
-            };
-            next = self.model.read_token(pending)?;
-            j += 1;
-        }
+        stats.stop = stop.unwrap_or("context");
         stats.decode = t1.elapsed();
         Ok(())
     }

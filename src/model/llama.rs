@@ -704,6 +704,47 @@ impl Llama {
         self.checked_token(p.wait(&self.gpu)?)
     }
 
+    /// Greedy decoding on the pipelined path: step `i` feeds the token at slot `pos0 + i`
+    /// (`first`, then the previous step's argmax, which stays on the GPU) and yields the
+    /// next token, which `take` sees; `steps` steps at most, fewer once `take` returns
+    /// false. Step i + 1 is queued before step i's token is read back, so the host's
+    /// recording and readback overlap the GPU's work; at most one step runs past a stop
+    /// (its slot, within `pos0 + steps`, is simply overwritten later). Returns the
+    /// number of tokens `take` saw.
+    pub fn decode_greedy(
+        &self,
+        pipe: &mut DecodePipe,
+        cache: &mut KvCache,
+        pos0: usize,
+        first: u32,
+        steps: usize,
+        take: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<usize> {
+        if pos0 + steps > cache.capacity {
+            return Err(Error::Input(format!(
+                "{steps} decode steps from slot {pos0} overflow a cache of {} slots",
+                cache.capacity
+            )));
+        }
+        let mut inflight = std::collections::VecDeque::with_capacity(2);
+        if steps > 0 {
+            inflight.push_back(self.decode_async(pipe, cache, pos0, Some(first))?);
+        }
+        let mut done = 0;
+        while let Some(pending) = inflight.pop_front() {
+            if done + 1 < steps {
+                let next = self.decode_async(pipe, cache, pos0 + done + 1, None)?;
+                inflight.push_back(next);
+            }
+            let t = self.read_token(pending)?;
+            done += 1;
+            if !take(t) {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
     /// A GPU argmax: the kernel returns an id past the vocabulary when every logit is NaN.
     fn checked_token(&self, id: u32) -> Result<u32> {
         if id as usize >= self.cfg.vocab_size {

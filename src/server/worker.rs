@@ -7,7 +7,7 @@ use super::State;
 use crate::engine::StartOptions;
 use crate::link::batch::{DecodeBatch, SeqId};
 use crate::link::Timings;
-use crate::model::llama::KvCache;
+use crate::model::llama::{DecodePipe, KvCache};
 use crate::model::tokenizer::TextStream;
 use crate::sampling::Sampler;
 use crate::{Engine, GenerateParams, Request};
@@ -363,6 +363,8 @@ struct Active<'e> {
     filled: usize,
     /// The token to feed next.
     next: u32,
+    /// Its pipelined decoder's buffers while it decodes alone (made on first use).
+    pipe: Option<DecodePipe>,
     sampler: Sampler,
     greedy: bool,
     out: TextOut<'e>,
@@ -401,29 +403,21 @@ const SOLO_STEPS: usize = 16;
 fn solo_steps(engine: &Engine, a: &mut Active) -> crate::Result<Option<End>> {
     let model = engine.model();
     let mut cache = a.cache.take().expect("a waiting generation has its cache");
+    let mut pipe = match a.pipe.take() {
+        Some(p) => p,
+        None => model.decode_pipe()?,
+    };
     let base = a.filled;
     let steps = SOLO_STEPS.min(a.room.saturating_sub(base));
-    let mut pipe = model.decode_pipe()?;
-    let mut inflight = std::collections::VecDeque::new();
-    if steps > 0 {
-        inflight.push_back(model.decode_async(&mut pipe, &mut cache, base, Some(a.next))?);
-    }
     let mut end = None;
-    for i in 0..steps {
-        if i + 1 < steps {
-            let p = model.decode_async(&mut pipe, &mut cache, base + i + 1, None)?;
-            inflight.push_back(p);
-        }
-        let pending = inflight.pop_front().expect("step i was queued");
-        let t = model.read_token(pending)?;
-        a.filled = base + i + 1;
+    model.decode_greedy(&mut pipe, &mut cache, base, a.next, steps, &mut |t| {
+        a.filled += 1;
         let full = a.filled >= a.room;
         end = a.push(t, engine).or(full.then_some(End::Done));
-        if end.is_some() {
-            break;
-        }
-    }
+        end.is_none()
+    })?;
     a.cache = Some(cache);
+    a.pipe = Some(pipe);
     Ok(end)
 }
 
@@ -485,6 +479,7 @@ impl<'e> Decoder<'e> {
             room,
             filled: len,
             next: first,
+            pipe: None,
             sampler,
             greedy,
             out: TextOut::new(engine),
@@ -554,6 +549,7 @@ impl<'e> Decoder<'e> {
                 Ok(Some(id)) => {
                     a.id = Some(id);
                     a.cache = None; // its slots now live in the arena
+                    a.pipe = None;
                     self.active.push(a);
                 }
                 Ok(None) => {
