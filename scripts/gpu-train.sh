@@ -27,7 +27,9 @@
 #   scripts/gpu-train.sh collect  copies adapters (a run not done yet: its last checkpoint),
 #                                 logs and results into $OUT
 # LOSS_WEIGHT (token, sample) and EXPORT_EVERY go to the trainer's --loss-weight and --export-every;
-# collect takes COLLECT_TUNED / COLLECT_CONTROL (default adapter, e.g. adapter-step300).
+# collect takes COLLECT_TUNED / COLLECT_CONTROL (default: what `pick` chose, else adapter).
+#   scripts/gpu-train.sh valwatch S  validation evals of each tuned checkpoint as it appears
+#   scripts/gpu-train.sh pick     the validation winner; starts its and the control's test evals
 # EVALS (default "hotpotqa squad ppl"; "none": no evaluation; "val": HotpotQA validation
 # questions 500-999, full and kvlink, for picking checkpoints) picks the evaluations that
 # `model`, `wait` and `eval` start; PROBE=0 skips setup's throughput probe; RUNS (default "tuned control") picks the
@@ -144,6 +146,64 @@ wait)
     done
     progress
     ;;
+valwatch)
+    # HotpotQA validation (500-999, full + kvlink) of every tuned checkpoint as it appears
+    # (EXPORT_EVERY), of the final adapter, and of the adapter the run started from
+    # (INIT_TUNED), for up to S seconds; returns once all are evaluated.
+    end=$((SECONDS + ${2:-500}))
+    while :; do
+        cands=("$W"/run-tuned/adapter-step*)
+        [ -f "$W/run-tuned/DONE" ] && cands+=("$W/run-tuned/adapter")
+        [ -n "${INIT_TUNED:-}" ] && cands+=("$W/$INIT_TUNED")
+        pending=0
+        for d in "${cands[@]}"; do
+            [ -f "$d/adapter_config.json" ] || continue
+            case $d in
+            "$W/run-tuned/adapter") tag=val-final ;;
+            "$W/run-tuned/adapter-step"*) tag=val-s${d##*adapter-step} ;;
+            *) tag=val-start ;;
+            esac
+            # an export still being written: its config file comes last
+            [ $(( $(date +%s) - $(stat -c %Y "$d/adapter_config.json") )) -lt 5 ] && { pending=1; continue; }
+            [ -f "$W/eval-$tag.log" ] || { EVALS=val evals "$tag" --lora "$d"; echo "started $tag"; }
+            [ -f "$W/eval-$tag.exit" ] || pending=1
+        done
+        [ -f "$W/run-tuned/DONE" ] && [ $pending = 0 ] && break
+        [ $SECONDS -ge $end ] && break
+        sleep 20
+    done
+    date; progress
+    for f in "$W"/res/val-*-val.summary.json; do
+        [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+            print(sys.argv[1].split('/')[-1], *[f\"{m['mode']} {m['em']:.3f}\" for m in d['modes']])" "$f"
+    done
+    ;;
+pick)
+    # The validation winner (kvlink EM, then full EM, then the later checkpoint): its
+    # name goes to $W/PICK; unless it is the starting adapter, the test evaluations of
+    # it and of the control at the same step start (tags pick-tuned, pick-control).
+    pick=$(python3 - "$W" <<'PY'
+import glob, json, os, re, sys
+W = sys.argv[1]
+rows = []
+for f in glob.glob(f"{W}/res/val-*-val.summary.json"):
+    tag = os.path.basename(f)[4:-len("-val.summary.json")]
+    em = {m["mode"]: m["em"] for m in json.load(open(f))["modes"]}
+    order = -1 if tag == "start" else (10**9 if tag == "final" else int(tag[1:]))
+    rows.append((em.get("kvlink", 0), em.get("full", 0), order, tag))
+for r in sorted(rows):
+    print(f"{r[3]:>8}: kvlink {r[0]:.3f} full {r[1]:.3f}", file=sys.stderr)
+best = max(rows)[3]
+print({"start": "start", "final": "adapter"}.get(best, "adapter-step" + best[1:]))
+PY
+)
+    echo "pick: $pick"; echo "$pick" > "$W/PICK"
+    if [ "$pick" != start ]; then
+        evals pick-tuned --lora "$W/run-tuned/$pick"
+        [ -d "$W/run-control/$pick" ] && evals pick-control --lora "$W/run-control/$pick"
+    fi
+    sleep 5; progress
+    ;;
 stash)
     shift; cp -r "$@" "$W/" && ls -la "$W"
     ;;
@@ -166,7 +226,8 @@ collect)
         # a run cut short by the lease: its last checkpoint, exported
         [ ! -d "$W/run-$r/adapter" ] && [ -f "$W/run-$r/ckpt.pt" ] &&
             (cd "$W" && PYTHONPATH="$W/train:/tmp/site" python3 -m kvlink_train.export "run-$r" "run-$r/adapter")
-        pick=COLLECT_${r^^}; pick=${!pick:-adapter}  # e.g. COLLECT_TUNED=adapter-step300
+        # COLLECT_TUNED=adapter-step300, else pick's choice, else the final adapter
+        pick=COLLECT_${r^^}; pick=${!pick:-$(cat "$W/PICK" 2>/dev/null || echo adapter)}
         [ -d "$W/run-$r/$pick" ] && tar -C "$W/run-$r" -cf "$OUT/adapter-$r.tar" "$pick" log.jsonl
     done
     tar -C "$W" -cJf "$OUT/results.tar.xz" res $(cd "$W" && ls ./*.log ./*.exit 2>/dev/null)
