@@ -611,6 +611,22 @@ struct AttnCase {
 }
 
 impl AttnCase {
+    /// Its operands for an attention call writing `out`.
+    fn attn<'a>(&'a self, heads: usize, kvh: usize, hd: usize, out: &'a Tensor) -> ops::Attn<'a> {
+        ops::Attn {
+            q: &self.q,
+            t: self.t,
+            heads,
+            kv_heads: kvh,
+            head_dim: hd,
+            kc: &self.kc,
+            vc: &self.vc,
+            qslot: &self.qslot,
+            seg: &self.seg,
+            out,
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn new(
         rng: &mut Rng,
@@ -679,10 +695,7 @@ fn attention_matches_cpu_with_segment_mask() {
             }
             let out = nan_tensor(c.t * heads * hd);
             run_gemm(g.prefers_serial_kernels() && !coop, coop, |s| {
-                ops::attention(
-                    s, &c.q, c.t, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &out,
-                )
-                .unwrap()
+                ops::attention(s, &c.attn(heads, kvh, hd, &out)).unwrap()
             });
             let got = g.read_f32(&out).unwrap();
             let what = format!("attention slots={slots} h={heads}/{kvh} hd={hd} coop={coop}");
@@ -777,13 +790,22 @@ fn attention_sequences_keeps_sequences_apart() {
         for (i, (name, splits, group)) in kernels.iter().enumerate() {
             let out = nan_tensor(t * heads * hd);
             run(|s| {
-                let (q, kc, vc) = (&qt, &kct, &vct);
+                let a = ops::Attn {
+                    q: &qt,
+                    t,
+                    heads,
+                    kv_heads: kvh,
+                    head_dim: hd,
+                    kc: &kct,
+                    vc: &vct,
+                    qslot: &qs,
+                    seg: &seg,
+                    out: &out,
+                };
                 match i {
-                    0 => ops::attention_sequences(s, q, t, heads, kvh, hd, kc, vc, &qs, &seg, &out),
-                    4 => ops::attention_rows(s, q, t, heads, kvh, hd, kc, vc, &qs, &seg, &out),
-                    _ => ops::decode_attention(
-                        s, q, t, heads, kvh, hd, kc, vc, &qs, &seg, &out, *splits, *group,
-                    ),
+                    0 => ops::attention_sequences(s, &a),
+                    4 => ops::attention_rows(s, &a),
+                    _ => ops::decode_attention(s, &a, *splits, *group),
                 }
                 .unwrap()
             });
@@ -1414,12 +1436,7 @@ fn flash_attention_splits_match_cpu() {
         };
         for splits in [1, 3, 16] {
             let out = nan_tensor(t * heads * hd);
-            run(|s| {
-                ops::flash_attention(
-                    s, &c.q, t, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &out, k, br, splits,
-                )
-                .unwrap()
-            });
+            run(|s| ops::flash_attention(s, &c.attn(heads, kvh, hd, &out), k, br, splits).unwrap());
             let got = g.read_f32(&out).unwrap();
             let what = format!("flash slots={slots} h={heads}/{kvh} hd={hd} t={t} splits={splits}");
             assert_close(&got, &c.want, 1e-4, 1e-3, &what);
@@ -1450,8 +1467,7 @@ fn coop_flash_attention_matches_cpu() {
         for splits in [1, 3, 16] {
             let out = nan_tensor(t * heads * hd);
             run_gemm(false, true, |s| {
-                let bufs = [&c.q, &c.kc, &c.vc, &c.qslot, &c.seg, &out];
-                ops::coop::flash(s, shape, t, heads, kvh, hd, bufs, splits).unwrap()
+                ops::coop::flash(s, shape, &c.attn(heads, kvh, hd, &out), splits).unwrap()
             });
             let got = g.read_f32(&out).unwrap();
             let what =
@@ -1667,12 +1683,7 @@ fn decode_attention_matches_cpu() {
         let t = c.t;
         for splits in [1, 2, 5, 16] {
             let out = nan_tensor(t * heads * hd);
-            run(|s| {
-                ops::decode_attention(
-                    s, &c.q, t, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &out, splits, t,
-                )
-                .unwrap()
-            });
+            run(|s| ops::decode_attention(s, &c.attn(heads, kvh, hd, &out), splits, t).unwrap());
             let got = g.read_f32(&out).unwrap();
             let what =
                 format!("decode slots={slots} h={heads}/{kvh} hd={hd} q={qs:?} splits={splits}");
@@ -1701,14 +1712,14 @@ fn decode_attention_row_is_independent_of_batch() {
         let two = nan_tensor(2 * heads * hd);
         let one = nan_tensor(heads * hd);
         run(|s| {
-            ops::decode_attention(
-                s, &c.q, 2, heads, kvh, hd, &c.kc, &c.vc, &c.qslot, &c.seg, &two, splits, 2,
-            )
-            .unwrap();
-            ops::decode_attention(
-                s, &q1, 1, heads, kvh, hd, &c.kc, &c.vc, &qslot1, &c.seg, &one, splits, 1,
-            )
-            .unwrap();
+            ops::decode_attention(s, &c.attn(heads, kvh, hd, &two), splits, 2).unwrap();
+            let alone = ops::Attn {
+                q: &q1,
+                t: 1,
+                qslot: &qslot1,
+                ..c.attn(heads, kvh, hd, &one)
+            };
+            ops::decode_attention(s, &alone, splits, 1).unwrap();
         });
         let two = g.read_f32(&two).unwrap();
         let one = g.read_f32(&one).unwrap();

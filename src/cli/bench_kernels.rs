@@ -295,7 +295,19 @@ fn attention_cases(
             }
             let record = |s: &mut Step| -> kvlink::Result<()> {
                 s.set_coop(coop);
-                ops::attention(s, &qt, t, heads, kvh, hd, &kt, &vt, &st, &seg, &out)
+                let a = ops::Attn {
+                    q: &qt,
+                    t,
+                    heads,
+                    kv_heads: kvh,
+                    head_dim: hd,
+                    kc: &kt,
+                    vc: &vt,
+                    qslot: &st,
+                    seg: &seg,
+                    out: &out,
+                };
+                ops::attention(s, &a)
             };
             out.write_f32(g, &vec![f32::NAN; t * heads * hd]);
             let mut s = Step::new(g);

@@ -812,19 +812,19 @@ impl Llama {
             } else {
                 ops::attention
             };
-            attention(
-                st,
-                &s.q,
+            let operands = ops::Attn {
+                q: &s.q,
                 t,
-                nh,
-                nkv,
-                hd,
-                &cache.k[i],
-                &cache.v[i],
-                &s.idx,
-                &cache.seg,
-                &s.att,
-            )?;
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                kc: &cache.k[i],
+                vc: &cache.v[i],
+                qslot: &s.idx,
+                seg: &cache.seg,
+                out: &s.att,
+            };
+            attention(st, &operands)?;
             if let Some(cap) = r.capture {
                 let n = cap.n_groups;
                 ops::attention_mass(

@@ -33,68 +33,100 @@ pub fn sequence_segments(segs: &[u32], base: u32, ids: &mut [u32], starts: &mut 
     }
 }
 
-/// The shape checks every attention entry point shares.
-#[allow(clippy::too_many_arguments)]
-fn check_attention(
-    q: &Tensor,
-    t: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    qslot: &Tensor,
-    seg: &Tensor,
-    out: &Tensor,
-) -> Result<()> {
-    need(heads.is_multiple_of(kv_heads), || {
-        format!("attention: {heads} heads not a multiple of {kv_heads} kv heads")
-    })?;
-    need(head_dim <= 256 && head_dim.is_multiple_of(2), || {
-        format!("attention: head_dim {head_dim} must be even and <= 256")
-    })?;
-    need_len(q, t * heads * head_dim, "attention q")?;
-    need_len(out, t * heads * head_dim, "attention out")?;
-    need_len(qslot, t, "attention qslot")?;
-    need(seg.numel().is_multiple_of(2) && seg.numel() >= 2, || {
-        "attention: the segment buffer holds ids then starts (2 x slots)".into()
-    })
+/// The operands of one attention call: `t` queries (f32 `[t, heads, head_dim]`, in cache
+/// slots `qslot`) over the cache `kc`/`vc` with the KVLink segment mask (`seg`, laid out
+/// by [`segment_words`]; all zeros = causal), the result in `out` (same shape as `q`).
+#[derive(Clone, Copy)]
+pub struct Attn<'a> {
+    pub q: &'a Tensor,
+    pub t: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub kc: &'a Tensor,
+    pub vc: &'a Tensor,
+    pub qslot: &'a Tensor,
+    pub seg: &'a Tensor,
+    pub out: &'a Tensor,
 }
 
-/// Attention of `t` queries (f32 `[t, heads, head_dim]`, in cache slots `qslot`) over the
-/// cache with the KVLink segment mask (`seg` per cache slot; all zeros = causal).
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
-    step: &mut Step,
-    q: &Tensor,
-    t: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    kc: &Tensor,
-    vc: &Tensor,
-    qslot: &Tensor,
-    seg: &Tensor,
-    out: &Tensor,
-) -> Result<()> {
-    check_attention(q, t, heads, kv_heads, head_dim, qslot, seg, out)?;
-    if t == 0 {
+impl Attn<'_> {
+    /// The shape checks every attention kernel shares.
+    pub(super) fn check(&self) -> Result<()> {
+        let (t, heads, kv_heads, head_dim) = (self.t, self.heads, self.kv_heads, self.head_dim);
+        need(kv_heads > 0 && heads.is_multiple_of(kv_heads), || {
+            format!("attention: {heads} heads not a multiple of {kv_heads} kv heads")
+        })?;
+        need(head_dim <= 256 && head_dim.is_multiple_of(2), || {
+            format!("attention: head_dim {head_dim} must be even and <= 256")
+        })?;
+        need_len(self.q, t * heads * head_dim, "attention q")?;
+        need_len(self.out, t * heads * head_dim, "attention out")?;
+        need_len(self.qslot, t, "attention qslot")?;
+        need(
+            self.seg.numel().is_multiple_of(2) && self.seg.numel() >= 2,
+            || "attention: the segment buffer holds ids then starts (2 x slots)".into(),
+        )
+    }
+
+    /// Cache slots (the segment buffer holds ids then starts).
+    pub(super) fn cap(&self) -> usize {
+        self.seg.numel() / 2
+    }
+
+    /// Query rows per KV head.
+    pub(super) fn rows(&self) -> usize {
+        self.t * (self.heads / self.kv_heads)
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    /// The bindings of the attention kernels: Q, K, V, query slots, segments, O.
+    fn bufs(&self) -> [&Tensor; 6] {
+        [self.q, self.kc, self.vc, self.qslot, self.seg, self.out]
+    }
+
+    /// The parameters of the split kernels (flash, decode, tensor-core flash):
+    /// t, heads, kv_heads, cache slots, scale, splits, `extra`, key tiles per split.
+    pub(super) fn split_params(&self, splits: usize, extra: usize, per: usize) -> Result<[u32; 8]> {
+        need((1..=1024).contains(&splits), || {
+            format!("attention: {splits} key splits")
+        })?;
+        Ok([
+            self.t as u32,
+            self.heads as u32,
+            self.kv_heads as u32,
+            u32_of(self.cap(), "attention cache slots")?,
+            self.scale().to_bits(),
+            splits as u32,
+            u32_of(extra, "attention rows")?,
+            u32_of(per, "attention key tiles per split")?,
+        ])
+    }
+}
+
+/// Attention of [`Attn`]'s queries over the cache with the KVLink segment mask: the decode
+/// kernel for few rows, else tensor-core flash, else flash, else one workgroup per row.
+pub fn attention(step: &mut Step, a: &Attn) -> Result<()> {
+    a.check()?;
+    if a.t == 0 {
         return Ok(());
     }
-    let cap = seg.numel() / 2;
-    if let Some(splits) = decode_fits(step, t, t, heads, kv_heads, head_dim, cap) {
-        return decode_attention(
-            step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, splits, t,
-        );
+    let (t, heads, kv_heads, head_dim, cap) = (a.t, a.heads, a.kv_heads, a.head_dim, a.cap());
+    if let Some(splits) = decode_fits(step, a, t) {
+        return decode_attention(step, a, splits, t);
     }
     if let Some((shape, br, bc)) = coop::flash_usable(step, head_dim) {
-        let row_tiles = (t * heads / kv_heads).div_ceil(br);
+        let row_tiles = a.rows().div_ceil(br);
         let forced = step.gpu().tuning.flash_splits;
         let mut splits = coop::flash_splits(row_tiles, kv_heads, cap, bc, forced);
         // Keep the partials (splits x rows x (head_dim + 4) floats) under 64 MiB.
         while splits > 1 && splits * t * heads * (head_dim + 4) * 4 > 64 << 20 {
             splits = splits.div_ceil(2);
         }
-        let bufs = [q, kc, vc, qslot, seg, out];
-        return coop::flash(step, shape, t, heads, kv_heads, head_dim, bufs, splits);
+        return coop::flash(step, shape, a, splits);
     }
     let flash = flash_kernel(head_dim).filter(|_| big_wg_memory(step));
     if let Some((k, br)) = flash {
@@ -103,16 +135,12 @@ pub fn attention(
         } else {
             attention_splits(t, heads, kv_heads, cap, head_dim, br, 32)
         };
-        return flash_attention(
-            step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, k, br, splits,
-        );
+        return flash_attention(step, a, k, br, splits);
     }
     // Head sizes without a flash variant: one workgroup per (query, head). (A
     // barrier-free one-invocation-per-(query, head) variant gave NaNs on llvmpipe past
     // ~1k keys, so CPU adapters run this one too.)
-    attention_rows(
-        step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out,
-    )
+    attention_rows(step, a)
 }
 
 /// Whether 32 KiB of workgroup memory (the decode and flash kernels) is there.
@@ -120,25 +148,18 @@ fn big_wg_memory(step: &Step) -> bool {
     step.gpu().limits.max_compute_workgroup_storage_size >= 32 << 10
 }
 
-/// The key splits of the decode kernel for `t` queries in groups of `group`, or None
+/// The key splits of the decode kernel for `a`'s queries in groups of `group`, or None
 /// where it cannot serve (head size, workgroup memory, too many rows per workgroup).
-fn decode_fits(
-    step: &Step,
-    t: usize,
-    group: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    cap: usize,
-) -> Option<usize> {
-    let rows = group * (heads / kv_heads);
-    if !(big_wg_memory(step) && rows <= DECODE_ROWS && decode_kernel(head_dim).is_some()) {
+fn decode_fits(step: &Step, a: &Attn, group: usize) -> Option<usize> {
+    let rows = group * (a.heads / a.kv_heads);
+    if !(big_wg_memory(step) && rows <= DECODE_ROWS && decode_kernel(a.head_dim).is_some()) {
         return None;
     }
     Some(if step.serial() {
         1
     } else {
-        decode_splits(t, heads, cap, head_dim, step.gpu().tuning.decode_splits)
+        let max = step.gpu().tuning.decode_splits;
+        decode_splits(a.t, a.heads, a.cap(), a.head_dim, max)
     })
 }
 
@@ -149,66 +170,32 @@ fn decode_fits(
 /// split over the cache), where the head size and workgroup memory allow; else one
 /// workgroup per (query, head). (The tiled kernels bound a workgroup's keys by all of
 /// its rows and take segment-0 starts as 0: they serve one sequence per cache.)
-#[allow(clippy::too_many_arguments)]
-pub fn attention_sequences(
-    step: &mut Step,
-    q: &Tensor,
-    t: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    kc: &Tensor,
-    vc: &Tensor,
-    qslot: &Tensor,
-    seg: &Tensor,
-    out: &Tensor,
-) -> Result<()> {
-    check_attention(q, t, heads, kv_heads, head_dim, qslot, seg, out)?;
-    let cap = seg.numel() / 2;
-    match decode_fits(step, t, 1, heads, kv_heads, head_dim, cap) {
-        Some(splits) => decode_attention(
-            step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out, splits, 1,
-        ),
-        None => attention_rows(
-            step, q, t, heads, kv_heads, head_dim, kc, vc, qslot, seg, out,
-        ),
+pub fn attention_sequences(step: &mut Step, a: &Attn) -> Result<()> {
+    a.check()?;
+    match decode_fits(step, a, 1) {
+        Some(splits) => decode_attention(step, a, splits, 1),
+        None => attention_rows(step, a),
     }
 }
 
 /// [`attention`] (or [`attention_sequences`]: the kernel bounds each query by its own
 /// start) with attention.wgsl, one workgroup per (query, head): the fallback for head
 /// sizes without a decode or flash variant. Public so tests can check it.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_rows(
-    step: &mut Step,
-    q: &Tensor,
-    t: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    kc: &Tensor,
-    vc: &Tensor,
-    qslot: &Tensor,
-    seg: &Tensor,
-    out: &Tensor,
-) -> Result<()> {
-    check_attention(q, t, heads, kv_heads, head_dim, qslot, seg, out)?;
-    if t == 0 {
+pub fn attention_rows(step: &mut Step, a: &Attn) -> Result<()> {
+    a.check()?;
+    if a.t == 0 {
         return Ok(());
     }
-    let bufs = [q, kc, vc, qslot, seg, out];
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let cap = bufs[4].numel() / 2;
     let params = [
-        t as u32,
-        heads as u32,
-        kv_heads as u32,
-        head_dim as u32,
-        scale.to_bits(),
-        u32_of(cap, "attention cache slots")?,
+        a.t as u32,
+        a.heads as u32,
+        a.kv_heads as u32,
+        a.head_dim as u32,
+        a.scale().to_bits(),
+        u32_of(a.cap(), "attention cache slots")?,
     ];
-    let groups = u32_of(t * heads, "attention rows")?;
-    step.dispatch(ATTENTION, &params, &bufs, grid_1d(groups));
+    let groups = u32_of(a.t * a.heads, "attention rows")?;
+    step.dispatch(ATTENTION, &params, &a.bufs(), grid_1d(groups));
     Ok(())
 }
 
@@ -291,142 +278,73 @@ fn decode_splits(t: usize, heads: usize, cap: usize, head_dim: usize, max: usize
 /// split, group): the queries of one sequence share a group and their key reads
 /// (`group` = t), queries of different sequences in one cache take a group each (1).
 /// Public so tests can check every split count.
-#[allow(clippy::too_many_arguments)]
-pub fn decode_attention(
-    step: &mut Step,
-    q: &Tensor,
-    t: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    kc: &Tensor,
-    vc: &Tensor,
-    qslot: &Tensor,
-    seg: &Tensor,
-    out: &Tensor,
-    splits: usize,
-    group: usize,
-) -> Result<()> {
+pub fn decode_attention(step: &mut Step, a: &Attn, splits: usize, group: usize) -> Result<()> {
+    let head_dim = a.head_dim;
     let kernel = decode_kernel(head_dim).ok_or_else(|| {
         Error::Input(format!(
             "decode attention: head_dim {head_dim} is not 32, 64 or 128"
         ))
     })?;
-    need(heads.is_multiple_of(kv_heads), || {
-        format!("decode attention: {heads} heads not a multiple of {kv_heads} kv heads")
-    })?;
-    let group = group.min(t).max(1);
-    let rows = group * (heads / kv_heads);
+    a.check()?;
+    let group = group.min(a.t).max(1);
+    let rows = group * (a.heads / a.kv_heads);
     need(rows <= DECODE_ROWS, || {
         format!("decode attention: {rows} rows per workgroup, at most {DECODE_ROWS}")
     })?;
-    need((1..=1024).contains(&splits), || {
-        format!("decode attention: {splits} key splits")
-    })?;
-    need_len(q, t * heads * head_dim, "attention q")?;
-    need_len(out, t * heads * head_dim, "attention out")?;
-    need_len(qslot, t, "attention qslot")?;
-    if t == 0 {
+    let per = a
+        .cap()
+        .div_ceil(DECODE_CHUNK)
+        .div_ceil(splits.max(1))
+        .max(1);
+    let params = a.split_params(splits, group, per)?;
+    if a.t == 0 {
         return Ok(());
     }
-    let cap = seg.numel() / 2;
-    let per = cap.div_ceil(DECODE_CHUNK).div_ceil(splits).max(1);
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let params = [
-        t as u32,
-        heads as u32,
-        kv_heads as u32,
-        u32_of(cap, "attention cache slots")?,
-        scale.to_bits(),
-        splits as u32,
-        group as u32,
-        per as u32,
-    ];
     let groups = [
-        kv_heads as u32,
+        a.kv_heads as u32,
         splits as u32,
-        u32_of(t.div_ceil(group), "decode attention query groups")?,
+        u32_of(a.t.div_ceil(group), "decode attention query groups")?,
     ];
-    let bufs = [q, kc, vc, qslot, seg, out];
-    let span = DECODE_CHUNK * per;
-    split_attention(
-        step, kernel, &params, groups, bufs, t, heads, head_dim, splits, span,
-    )
+    split_attention(step, kernel, &params, groups, a, splits, DECODE_CHUNK * per)
 }
 
 /// [`attention`] with its flash kernel and an explicit number of key splits (> 1 adds
 /// a combine pass over a scratch buffer). Public so tests can check every split count.
-#[allow(clippy::too_many_arguments)]
 pub fn flash_attention(
     step: &mut Step,
-    q: &Tensor,
-    t: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    kc: &Tensor,
-    vc: &Tensor,
-    qslot: &Tensor,
-    seg: &Tensor,
-    out: &Tensor,
+    a: &Attn,
     kernel: Kernel,
     br: usize,
     splits: usize,
 ) -> Result<()> {
-    need((1..=1024).contains(&splits), || {
-        format!("attention: {splits} key splits")
-    })?;
-    let cap = seg.numel() / 2;
-    let per = cap.div_ceil(32).div_ceil(splits).max(1);
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let rows = t * (heads / kv_heads);
-    let params = [
-        t as u32,
-        heads as u32,
-        kv_heads as u32,
-        cap as u32,
-        scale.to_bits(),
-        splits as u32,
-        u32_of(rows, "attention rows")?,
-        per as u32,
-    ];
+    a.check()?;
+    let per = a.cap().div_ceil(32).div_ceil(splits.max(1)).max(1);
+    let params = a.split_params(splits, a.rows(), per)?;
+    if a.t == 0 {
+        return Ok(());
+    }
     let groups = [
-        u32_of(rows.div_ceil(br), "attention row tiles")?,
-        kv_heads as u32,
+        u32_of(a.rows().div_ceil(br), "attention row tiles")?,
+        a.kv_heads as u32,
         splits as u32,
     ];
-    let bufs = [q, kc, vc, qslot, seg, out];
-    split_attention(
-        step,
-        kernel,
-        &params,
-        groups,
-        bufs,
-        t,
-        heads,
-        head_dim,
-        splits,
-        32 * per,
-    )
+    split_attention(step, kernel, &params, groups, a, splits, 32 * per)
 }
 
 /// Dispatch an attention kernel (flash or decode: bindings Q, K, V, query slots,
 /// segments, O, partials) over `splits` key splits of `span` cache slots each: with one
 /// split it writes O itself; with more it writes partials to a scratch buffer and
 /// attention_combine.wgsl merges them into O.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn split_attention(
     step: &mut Step,
     kernel: Kernel,
     params: &[u32; 8],
     groups: [u32; 3],
-    [q, kc, vc, qslot, seg, out]: [&Tensor; 6],
-    t: usize,
-    heads: usize,
-    head_dim: usize,
+    a: &Attn,
     splits: usize,
     span: usize,
 ) -> Result<()> {
+    let [q, kc, vc, qslot, seg, out] = a.bufs();
     if splits == 1 {
         let dummy = step.gpu().dummy();
         step.dispatch(
@@ -437,44 +355,25 @@ pub(super) fn split_attention(
         );
         return Ok(());
     }
-    let r = t * heads;
+    let r = a.t * a.heads;
     let part = step
         .gpu()
-        .scratch("attention splits", splits * r * (head_dim + 4))?;
+        .scratch("attention splits", splits * r * (a.head_dim + 4))?;
     step.dispatch(kernel, params, &[q, kc, vc, qslot, seg, out, &part], groups);
-    combine_splits(
-        step, &part, out, qslot, seg, t, heads, head_dim, splits, span,
-    )
-}
-
-/// attention_combine.wgsl: merge the key splits (each `span` cache slots) of the
-/// attention partials in `part` into `out`.
-#[allow(clippy::too_many_arguments)]
-fn combine_splits(
-    step: &mut Step,
-    part: &Tensor,
-    out: &Tensor,
-    qslot: &Tensor,
-    seg: &Tensor,
-    t: usize,
-    heads: usize,
-    head_dim: usize,
-    splits: usize,
-    span: usize,
-) -> Result<()> {
-    let (r, d4) = (t * heads, head_dim / 4);
+    // attention_combine.wgsl merges the splits (each `span` slots) into O.
+    let d4 = a.head_dim / 4;
     let params = [
         u32_of(r, "attention rows")?,
         d4 as u32,
         splits as u32,
         u32_of(span, "attention split span")?,
-        heads as u32,
-        u32_of(seg.numel() / 2, "attention cache slots")?,
+        a.heads as u32,
+        u32_of(a.cap(), "attention cache slots")?,
     ];
     step.dispatch(
         ATTENTION_COMBINE,
         &params,
-        &[part, out, qslot, seg],
+        &[&part, out, qslot, seg],
         grid_1d(u32_of((r * d4).div_ceil(64), "attention combine")?),
     );
     Ok(())

@@ -628,17 +628,8 @@ fn expand(
 /// [`super::attention`] on the tensor-core flash kernel (callers check [`flash_usable`])
 /// with an explicit number of key splits (> 1 adds the combine pass). Bindings as
 /// flash_attention.wgsl: Q, K cache, V cache, query slots, segments, O.
-#[allow(clippy::too_many_arguments)]
-pub fn flash(
-    step: &mut Step,
-    shape: CoopShape,
-    t: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    bufs: [&Tensor; 6],
-    splits: usize,
-) -> Result<()> {
+pub fn flash(step: &mut Step, shape: CoopShape, a: &super::Attn, splits: usize) -> Result<()> {
+    let head_dim = a.head_dim;
     let (_, br, bc) = flash_usable(step, head_dim).ok_or_else(|| {
         crate::Error::Input(format!(
             "tensor-core attention cannot take head_dim {head_dim}"
@@ -646,47 +637,16 @@ pub fn flash(
     })?;
     let kern = flash_kernel(shape, head_dim, &step.gpu().tuning)
         .expect("flash_usable checked the head size");
-    need((1..=1024).contains(&splits), || {
-        format!("attention: {splits} key splits")
-    })?;
-    need(heads.is_multiple_of(kv_heads), || {
-        format!("attention: {heads} heads not a multiple of {kv_heads} kv heads")
-    })?;
-    let [q, _, _, qslot, seg, out] = bufs;
-    super::need_len(q, t * heads * head_dim, "attention q")?;
-    super::need_len(out, t * heads * head_dim, "attention out")?;
-    super::need_len(qslot, t, "attention qslot")?;
-    if t == 0 {
+    a.check()?;
+    let per = a.cap().div_ceil(bc).div_ceil(splits.max(1)).max(1);
+    let params = a.split_params(splits, a.rows(), per)?;
+    if a.t == 0 {
         return Ok(());
     }
-    let cap = seg.numel() / 2;
-    let per = cap.div_ceil(bc).div_ceil(splits).max(1);
-    let rows = t * (heads / kv_heads);
-    let params = [
-        t as u32,
-        heads as u32,
-        kv_heads as u32,
-        u32_of(cap, "attention cache slots")?,
-        (1.0 / (head_dim as f32).sqrt()).to_bits(),
-        splits as u32,
-        u32_of(rows, "attention rows")?,
-        per as u32,
-    ];
     let groups = [
-        u32_of(rows.div_ceil(br), "attention row tiles")?,
-        kv_heads as u32,
+        u32_of(a.rows().div_ceil(br), "attention row tiles")?,
+        a.kv_heads as u32,
         splits as u32,
     ];
-    super::split_attention(
-        step,
-        kern,
-        &params,
-        groups,
-        bufs,
-        t,
-        heads,
-        head_dim,
-        splits,
-        bc * per,
-    )
+    super::split_attention(step, kern, &params, groups, a, splits, bc * per)
 }
