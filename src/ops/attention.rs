@@ -317,8 +317,21 @@ pub fn flash_attention(
     br: usize,
     splits: usize,
 ) -> Result<()> {
+    tiled_attention(step, a, kernel, br, 32, splits)
+}
+
+/// A tiled flash kernel (flash_attention.wgsl or the tensor-core flash_coop.wgsl) with
+/// `br` query rows and `bc` keys per tile: a workgroup per (row tile, KV head, split).
+pub(super) fn tiled_attention(
+    step: &mut Step,
+    a: &Attn,
+    kernel: Kernel,
+    br: usize,
+    bc: usize,
+    splits: usize,
+) -> Result<()> {
     a.check()?;
-    let per = a.cap().div_ceil(32).div_ceil(splits.max(1)).max(1);
+    let per = a.cap().div_ceil(bc).div_ceil(splits.max(1)).max(1);
     let params = a.split_params(splits, a.rows(), per)?;
     if a.t == 0 {
         return Ok(());
@@ -328,14 +341,14 @@ pub fn flash_attention(
         a.kv_heads as u32,
         splits as u32,
     ];
-    split_attention(step, kernel, &params, groups, a, splits, 32 * per)
+    split_attention(step, kernel, &params, groups, a, splits, bc * per)
 }
 
 /// Dispatch an attention kernel (flash or decode: bindings Q, K, V, query slots,
 /// segments, O, partials) over `splits` key splits of `span` cache slots each: with one
 /// split it writes O itself; with more it writes partials to a scratch buffer and
 /// attention_combine.wgsl merges them into O.
-pub(super) fn split_attention(
+fn split_attention(
     step: &mut Step,
     kernel: Kernel,
     params: &[u32; 8],

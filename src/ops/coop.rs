@@ -637,16 +637,5 @@ pub fn flash(step: &mut Step, shape: CoopShape, a: &super::Attn, splits: usize) 
     })?;
     let kern = flash_kernel(shape, head_dim, &step.gpu().tuning)
         .expect("flash_usable checked the head size");
-    a.check()?;
-    let per = a.cap().div_ceil(bc).div_ceil(splits.max(1)).max(1);
-    let params = a.split_params(splits, a.rows(), per)?;
-    if a.t == 0 {
-        return Ok(());
-    }
-    let groups = [
-        u32_of(a.rows().div_ceil(br), "attention row tiles")?,
-        a.kv_heads as u32,
-        splits as u32,
-    ];
-    super::split_attention(step, kern, &params, groups, a, splits, bc * per)
+    super::tiled_attention(step, a, kern, br, bc, splits)
 }

@@ -225,7 +225,7 @@ mod attention;
 mod elementwise;
 mod matmul;
 mod position;
-use attention::split_attention;
+use attention::tiled_attention;
 pub use attention::*;
 pub use elementwise::*;
 pub use matmul::*;
