@@ -256,29 +256,8 @@ pub fn ask(adapter: &AdapterChoice, a: &AskArgs) -> Result<()> {
     Ok(())
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 pub fn print_timings(t: &Timings, mode: Mode, engine: &Engine) {
-    eprintln!(
-        "[{mode}] TTFT {:.1} ms = lookup {:.1} + assembly {:.1} + prefill/first token {:.1} | \
-         {} prompt tokens, {} computed | docs: {} cached ({} from disk, {} from redis, {} \
-         tokens), {} computed ({} tokens) | {}",
-        ms(t.ttft),
-        ms(t.lookup),
-        ms(t.assemble),
-        ms(t.prefill),
-        t.prompt_tokens,
-        t.prefill_tokens,
-        t.cached_docs,
-        t.disk_docs,
-        t.shared_docs,
-        t.cached_doc_tokens,
-        t.computed_docs,
-        t.computed_doc_tokens,
-        engine.gpu().report.name
-    );
+    eprintln!("[{mode}] TTFT {t} | {}", engine.gpu().report.name);
 }
 
 #[derive(Args)]

@@ -199,6 +199,31 @@ pub struct Timings {
     pub prompt_tokens: usize,
 }
 
+impl std::fmt::Display for Timings {
+    /// "TTFT = lookup + assembly + prefill | tokens | documents by tier", one line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        write!(
+            f,
+            "{:.1} ms = lookup {:.1} + assembly {:.1} + prefill/first token {:.1} | {} prompt \
+             tokens, {} computed | docs: {} cached ({} from disk, {} from redis, {} tokens), \
+             {} computed ({} tokens)",
+            ms(self.ttft),
+            ms(self.lookup),
+            ms(self.assemble),
+            ms(self.prefill),
+            self.prompt_tokens,
+            self.prefill_tokens,
+            self.cached_docs,
+            self.disk_docs,
+            self.shared_docs,
+            self.cached_doc_tokens,
+            self.computed_docs,
+            self.computed_doc_tokens,
+        )
+    }
+}
+
 mod ms {
     pub fn serialize<S: serde::Serializer>(
         d: &std::time::Duration,
@@ -520,5 +545,35 @@ pub fn assemble_and_prefill(
             let computed = if prefix.is_some() { 0 } else { p } + idx.len();
             Ok((cache, out, assemble, computed))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timings_line_names_every_part() {
+        let t = Timings {
+            lookup: Duration::from_micros(1_250),
+            assemble: Duration::from_micros(800),
+            prefill: Duration::from_micros(5_400),
+            ttft: Duration::from_micros(7_450),
+            cached_docs: 3,
+            disk_docs: 1,
+            shared_docs: 2,
+            computed_docs: 1,
+            cached_doc_tokens: 900,
+            computed_doc_tokens: 300,
+            prefill_tokens: 340,
+            prompt_tokens: 1240,
+            prefix_cached: true,
+        };
+        assert_eq!(
+            t.to_string(),
+            "7.5 ms = lookup 1.2 + assembly 0.8 + prefill/first token 5.4 | 1240 prompt tokens, \
+             340 computed | docs: 3 cached (1 from disk, 2 from redis, 900 tokens), 1 computed \
+             (300 tokens)"
+        );
     }
 }

@@ -800,19 +800,7 @@ impl ViewerApp {
         let mut lines = Vec::new();
         for (_, s) in &done {
             let t = &s.timings;
-            lines.push(format!(
-                "{}: {:.1} ms = lookup {:.1} + assembly {:.1} + prefill/first token {:.1} · {} prompt tokens, {} computed · docs {} cached ({} disk), {} computed",
-                s.mode,
-                ms(t.ttft),
-                ms(t.lookup),
-                ms(t.assemble),
-                ms(t.prefill),
-                t.prompt_tokens,
-                t.prefill_tokens,
-                t.cached_docs,
-                t.disk_docs,
-                t.computed_docs
-            ));
+            lines.push(format!("{}: {t}", s.mode));
         }
         for l in lines {
             ui.label(RichText::new(l).monospace().small());
