@@ -75,7 +75,10 @@ progress() {
     for f in "$W"/eval-*.log; do
         [ -f "$f" ] && echo "$(basename "$f"): $(tr '\r' '\n' < "$f" | grep -v '^\s*$' | tail -n 1 | cut -c1-200)"
     done
-    ls "$W"/*.exit 2>/dev/null | while read -r e; do echo "$(basename "$e"): $(cat "$e")"; done
+    for e in "$W"/*.exit; do
+        [ -f "$e" ] && echo "$(basename "$e"): $(cat "$e")"
+    done
+    return 0  # a report: callers chain on the phase, not on whether an .exit file exists yet
 }
 case "${1:?phase}" in
 setup)
@@ -182,21 +185,31 @@ pick)
     # The validation winner (kvlink EM, then full EM, then the later checkpoint): its
     # name goes to $W/PICK; unless it is the starting adapter, the test evaluations of
     # it and of the control at the same step start (tags pick-tuned, pick-control).
+    for l in "$W"/eval-val-*.log; do
+        [ -f "${l%.log}.exit" ] || { echo "pick: $(basename "$l" .log) is still running (valwatch first)"; exit 1; }
+    done
     pick=$(python3 - "$W" <<'PY'
-import glob, json, os, re, sys
+import glob, json, os, sys
 W = sys.argv[1]
 rows = []
 for f in glob.glob(f"{W}/res/val-*-val.summary.json"):
     tag = os.path.basename(f)[4:-len("-val.summary.json")]
-    em = {m["mode"]: m["em"] for m in json.load(open(f))["modes"]}
+    try:
+        em = {m["mode"]: m["em"] for m in json.load(open(f))["modes"]}
+    except (ValueError, KeyError) as e:  # a failed evaluation: say so, pick among the rest
+        print(f"{tag}: no summary ({e})", file=sys.stderr)
+        continue
     order = -1 if tag == "start" else (10**9 if tag == "final" else int(tag[1:]))
     rows.append((em.get("kvlink", 0), em.get("full", 0), order, tag))
 for r in sorted(rows):
     print(f"{r[3]:>8}: kvlink {r[0]:.3f} full {r[1]:.3f}", file=sys.stderr)
+if not rows:
+    sys.exit("pick: no validation summaries")
 best = max(rows)[3]
 print({"start": "start", "final": "adapter"}.get(best, "adapter-step" + best[1:]))
 PY
 )
+    [ -n "$pick" ] || exit 1
     echo "pick: $pick"; echo "$pick" > "$W/PICK"
     if [ "$pick" != start ]; then
         evals pick-tuned --lora "$W/run-tuned/$pick"
