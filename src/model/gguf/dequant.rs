@@ -232,32 +232,31 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
 /// `data` is row-major `[rows, cols]` (a bias is `cols == 1`). Panics if the sizes are
 /// inconsistent (callers check).
 pub fn permute_qk_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
-    let hd = rows / n_head;
-    let half = hd / 2;
-    let mut out = vec![0f32; data.len()];
-    for h in 0..n_head {
-        for j in 0..2 {
-            for i in 0..half {
-                let hf = h * hd + j * half + i;
-                let gg = h * hd + i * 2 + j;
-                out[gg * cols..(gg + 1) * cols].copy_from_slice(&data[hf * cols..(hf + 1) * cols]);
-            }
-        }
-    }
-    out
+    move_qk_rows(data, rows, cols, n_head, |hf, gg| (hf, gg))
 }
 
 /// Inverse of [`permute_qk_rows`]: GGUF row order -> HF row order.
 pub fn unpermute_qk_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+    move_qk_rows(data, rows, cols, n_head, |hf, gg| (gg, hf))
+}
+
+/// Copy row `from` to row `to` for every (HF row, GGUF row) pair mapped by `dir`.
+fn move_qk_rows(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    n_head: usize,
+    dir: impl Fn(usize, usize) -> (usize, usize),
+) -> Vec<f32> {
     let hd = rows / n_head;
     let half = hd / 2;
     let mut out = vec![0f32; data.len()];
     for h in 0..n_head {
         for j in 0..2 {
             for i in 0..half {
-                let hf = h * hd + j * half + i;
-                let gg = h * hd + i * 2 + j;
-                out[hf * cols..(hf + 1) * cols].copy_from_slice(&data[gg * cols..(gg + 1) * cols]);
+                let (from, to) = dir(h * hd + j * half + i, h * hd + i * 2 + j);
+                out[to * cols..(to + 1) * cols]
+                    .copy_from_slice(&data[from * cols..(from + 1) * cols]);
             }
         }
     }
