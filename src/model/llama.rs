@@ -707,10 +707,11 @@ impl Llama {
     /// Greedy decoding on the pipelined path: step `i` feeds the token at slot `pos0 + i`
     /// (`first`, then the previous step's argmax, which stays on the GPU) and yields the
     /// next token, which `take` sees; `steps` steps at most, fewer once `take` returns
-    /// false. Step i + 1 is queued before step i's token is read back, so the host's
-    /// recording and readback overlap the GPU's work; at most one step runs past a stop
-    /// (its slot, within `pos0 + steps`, is simply overwritten later). Returns the
-    /// number of tokens `take` saw.
+    /// false. Two steps stay queued: step i + 1 runs while step i's token is read back,
+    /// and step i + 2 is queued before `take` sees that token, so neither the readback nor
+    /// the caller's work leaves the GPU idle; at most two steps run past a stop (their
+    /// slots, within `pos0 + steps`, are simply overwritten later). Returns the number of
+    /// tokens `take` saw.
     pub fn decode_greedy(
         &self,
         pipe: &mut DecodePipe,
@@ -727,17 +728,20 @@ impl Llama {
             )));
         }
         let mut inflight = std::collections::VecDeque::with_capacity(2);
-        if steps > 0 {
-            inflight.push_back(self.decode_async(pipe, cache, pos0, Some(first))?);
+        let mut queued = 0;
+        while queued < steps.min(2) {
+            let token = (queued == 0).then_some(first);
+            inflight.push_back(self.decode_async(pipe, cache, pos0 + queued, token)?);
+            queued += 1;
         }
         let mut done = 0;
         while let Some(pending) = inflight.pop_front() {
-            if done + 1 < steps {
-                let next = self.decode_async(pipe, cache, pos0 + done + 1, None)?;
-                inflight.push_back(next);
-            }
             let t = self.read_token(pending)?;
             done += 1;
+            if queued < steps {
+                inflight.push_back(self.decode_async(pipe, cache, pos0 + queued, None)?);
+                queued += 1;
+            }
             if !take(t) {
                 break;
             }
