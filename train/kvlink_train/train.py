@@ -204,7 +204,8 @@ class Trainer:
         batches = [collate(self.samples, self.next_batch(), a.pad_to, self.device) for _ in range(a.grad_accum)]
         n_lab = sum(int((b["targets"] >= 0).sum()) for b in batches)
         # --loss-weight sample: the step's loss is the mean over samples of each sample's mean
-        n_rows = sum(int((b["targets"] >= 0).any(dim=1).sum()) for b in batches)
+        sample = a.loss_weight == "sample"
+        n_rows = sum(int((b["targets"] >= 0).any(dim=1).sum()) for b in batches) if sample else 0
         lr = lr_at(self.step, a.lr, a.warmup, a.steps, a.min_lr_ratio)
         for g in self.opt.param_groups:
             g["lr"] = lr * g["base_lr"] / a.lr
@@ -217,8 +218,8 @@ class Trainer:
         for b in batches:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 s, row, tok = self.model.loss_sums(b["ids"], b["seg"], b["pos"], b["targets"])
-            if a.loss_weight == "sample":
-                per_row = torch.zeros(b["ids"].shape[0], device=tok.device).index_add_(0, row, torch.ones_like(tok))
+            if sample:
+                per_row = torch.bincount(row, minlength=b["ids"].shape[0])
                 (tok.float() / per_row[row]).sum().div(max(1, n_rows)).backward()
             else:
                 (s / max(1, n_lab)).backward()
