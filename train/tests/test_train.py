@@ -196,7 +196,10 @@ def test_chunked_ce_matches(tiny):
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad]))
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    # chunking reorders f32 sums whose terms reach the gradient's scale: a few ulps of
+    # the largest element, absolute (a small element can carry a large one's rounding)
+    scale = grads[0].abs().max()
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6 * float(scale))
 
 
 def test_bf16_path_and_max_minutes(tiny, tmp_path):
