@@ -1,7 +1,10 @@
 //! Batched decode (`link::batch::DecodeBatch`) on the real SmolLM2 model: requests that
 //! join a shared arena at different steps, decode together and leave, produce exactly
 //! the greedy tokens each produces alone (`Engine::ask`), including a request that
-//! reuses the slots another left; and the batch refuses what it cannot do.
+//! reuses the slots another left; the same when steps are pipelined (each fed on the GPU
+//! by the step before, queued before that step's tokens are read), with a sequence that
+//! leaves while a step of it is queued and another that joins into its slots; and the
+//! batch refuses what it cannot do.
 
 mod common;
 
@@ -152,6 +155,109 @@ fn batched_greedy_decode_equals_decoding_alone() {
     }
 }
 
+/// Pipelined as the server runs it: a step is queued, fed on the GPU by the step before,
+/// before that step's tokens are read. `b` ends while a step of it is queued and leaves;
+/// `c` (the same request) joins into the slots it gave back, which drains the queued step
+/// and restarts with tokens from the host. Every sequence's tokens equal its tokens alone.
+#[test]
+fn pipelined_batch_decode_equals_decoding_alone() {
+    let e = engine();
+    let m = e.model();
+    let docs = [
+        "Marie Curie was a physicist and chemist who discovered radium and polonium.",
+        "The Eiffel Tower is in Paris and was finished in 1889.",
+    ];
+    let reqs = [
+        (
+            request(&docs, "What did Marie Curie discover?", Mode::Kvlink),
+            12,
+        ),
+        (request(&[], "Name three colours.", Mode::Full), 5),
+        (request(&[], "Name three colours.", Mode::Full), 5),
+    ];
+    let want: Vec<Vec<u32>> = reqs.iter().map(|(r, n)| alone(r, *n)).collect();
+    let started: Vec<_> = reqs
+        .iter()
+        .map(|(r, n)| {
+            let s = e.start_request(r, StartOptions::generate(*n, true));
+            let s = s.expect("prefill");
+            (s.plan, s.cache, s.out)
+        })
+        .collect();
+    let room = |i: usize| started[i].0.len() + reqs[i].1;
+    // Exactly room for two: c fits only into the slots b gave back.
+    let mut batch = DecodeBatch::new(m, room(0) + room(1)).expect("arena");
+    let join = |batch: &mut DecodeBatch, i: usize| {
+        let (plan, cache, out) = &started[i];
+        let id = batch.join(m, cache, plan.len(), room(i)).expect("join");
+        Live {
+            which: i,
+            id: id.expect("room in the arena"),
+            tokens: vec![out.token.expect("greedy first token")],
+        }
+    };
+    let mut live = vec![join(&mut batch, 0), join(&mut batch, 1)];
+    let mut pipe = batch.pipe(m).expect("pipe");
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); reqs.len()];
+    // The queued step whose tokens are unread, with its sequences in row order.
+    let mut queued: Option<(kvlink::model::llama::PendingToken, Vec<SeqId>)> = None;
+    let mut followed = 0;
+    let mut c_joined = false;
+    for _ in 0..100 {
+        if live.is_empty() {
+            break;
+        }
+        let ids: Vec<SeqId> = live.iter().map(|l| l.id).collect();
+        let follow = queued.as_ref().is_some_and(|(_, q)| *q == ids)
+            && ids.iter().all(|&id| batch.seq_room_left(id) > Some(0));
+        if !follow {
+            // Drain: read the queued step, then feed tokens from the host.
+            if let Some((p, q)) = queued.take() {
+                let tokens = m.read_tokens(p).expect("read");
+                for (id, t) in q.iter().zip(tokens) {
+                    if let Some(l) = live.iter_mut().find(|l| l.id == *id) {
+                        l.tokens.push(t);
+                    }
+                }
+            }
+        } else {
+            followed += 1;
+        }
+        let host: Vec<u32> = live.iter().map(|l| *l.tokens.last().unwrap()).collect();
+        let tokens = (!follow).then_some(host.as_slice());
+        let p = batch.step_async(m, &mut pipe, &ids, tokens).expect("step");
+        // Read the older step, if one was queued before this one.
+        if let Some((older, q)) = queued.replace((p, ids)) {
+            let tokens = m.read_tokens(older).expect("read");
+            for (id, t) in q.iter().zip(tokens) {
+                if let Some(l) = live.iter_mut().find(|l| l.id == *id) {
+                    l.tokens.push(t);
+                }
+            }
+        }
+        // Whoever has its tokens leaves, even with a step of it queued.
+        live.retain_mut(|l| {
+            if l.tokens.len() < reqs[l.which].1 {
+                return true;
+            }
+            got[l.which] = std::mem::take(&mut l.tokens);
+            assert!(batch.leave(l.id));
+            false
+        });
+        if got[1].len() == reqs[1].1 && !c_joined {
+            live.push(join(&mut batch, 2));
+            c_joined = true;
+        }
+    }
+    assert!(followed > 5, "too few steps fed on the GPU: {followed}");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g, w,
+            "request {i}: pipelined tokens differ from decoding alone"
+        );
+    }
+}
+
 #[test]
 fn batch_refuses_what_it_cannot_do() {
     let e = engine();
@@ -183,4 +289,23 @@ fn batch_refuses_what_it_cannot_do() {
     let id = batch.join(e.model(), &cache, n, n + 1).unwrap().unwrap();
     let vocab = e.config().input_vocab() as u32;
     assert!(batch.step(e.model(), &[(id, vocab)], true).is_err());
+    // A pipelined step: the first needs its tokens, in the right number; a step that
+    // takes its tokens from the GPU must be of the previous step's sequences.
+    let mut pipe = batch.pipe(e.model()).unwrap();
+    assert!(batch.step_async(e.model(), &mut pipe, &[id], None).is_err());
+    assert!(batch
+        .step_async(e.model(), &mut pipe, &[id], Some(&[1, 2]))
+        .is_err());
+    assert!(batch
+        .step_async(e.model(), &mut pipe, &[id], Some(&[vocab]))
+        .is_err());
+    let p = batch
+        .step_async(e.model(), &mut pipe, &[id], Some(&[1]))
+        .unwrap();
+    assert_eq!(e.model().read_tokens(p).unwrap().len(), 1);
+    assert!(batch.leave(id));
+    let other = batch.join(e.model(), &cache, n, n + 1).unwrap().unwrap();
+    assert!(batch
+        .step_async(e.model(), &mut pipe, &[other], None)
+        .is_err());
 }

@@ -185,6 +185,7 @@ fn bench_batch_reports_every_stream_count() {
     assert_eq!(streams, [1, 3], "{json}");
     for r in rows {
         assert!(r["tok_s"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+        assert!(r["waited_tok_s"].as_f64().is_some_and(|x| x > 0.0), "{r}");
     }
     assert!(v["alone_tok_s"].as_f64().is_some_and(|x| x > 0.0), "{json}");
     let bad = kvlink(&[&args[..], &["--streams", "0"]].concat());

@@ -357,7 +357,9 @@ pub enum BenchCmd {
     Kernels(super::bench_kernels::KernelArgs),
     /// Batched decode: aggregate greedy decode tok/s of 1, 4, 16 ... sequences decoding
     /// together in one KV arena (one forward per step for all), each after its own
-    /// prompt, against one sequence decoding alone.
+    /// prompt, against one sequence decoding alone. Steps are pipelined as the server
+    /// runs them (the next queued on the GPU before this one's tokens are read); the
+    /// step time with each step waited for is shown beside.
     Batch(BatchArgs),
     /// Load-test `kvlink serve` on loopback: N requests from C concurrent clients mixing
     /// document registrations and streamed questions over shared documents; errors and
@@ -657,41 +659,68 @@ fn bench_batch(adapter: &AdapterChoice, a: &BatchArgs) -> Result<()> {
         engine.gpu().report.name
     );
     let mut rows = Vec::new();
-    for &n in &a.streams {
+    // Decode `n` sequences together for `warm + a.decode` steps, each step waited for
+    // or pipelined (queued on the GPU before the previous step's tokens are read);
+    // seconds for the timed steps.
+    let mut run = |n: usize, pipelined: bool| -> Result<f64> {
+        let model = engine.model();
         // Prefill each sequence alone, then move it into the arena.
-        let mut live = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
+        let mut next = Vec::with_capacity(n);
         for j in 0..n {
             let prompt = random_tokens(a.prompt_len, vocab, 50 + j as u64);
             let plan = PromptPlan::build(&prompt, &[], &[], engine.link())?;
             let o = StartOptions::generate(room, true);
             let s = engine.start_plan(plan, Mode::Full, Instant::now(), o)?;
             let (plan, cache, out) = (s.plan, s.cache, s.out);
-            let first = out.token.context("no first token")?;
+            next.push(out.token.context("no first token")?);
             let id = batch
-                .join(engine.model(), &cache, plan.len(), room)?
+                .join(model, &cache, plan.len(), room)?
                 .context("the arena has no room")?;
-            live.push((id, first));
+            ids.push(id);
         }
+        let mut pipe = batch.pipe(model)?;
+        let mut queued = std::collections::VecDeque::new();
         let mut t0 = Instant::now();
         for s in 0..warm + a.decode {
             if s == warm {
+                for p in queued.drain(..) {
+                    model.read_tokens(p)?;
+                }
                 engine.gpu().wait()?;
                 t0 = Instant::now();
             }
-            let out = batch.step(engine.model(), &live, true)?;
-            for (l, t) in live.iter_mut().zip(out.tokens) {
-                l.1 = t;
+            if pipelined {
+                let first = (s == 0).then_some(next.as_slice());
+                queued.push_back(batch.step_async(model, &mut pipe, &ids, first)?);
+                if queued.len() == 2 {
+                    let p = queued.pop_front().expect("two queued");
+                    model.read_tokens(p)?;
+                }
+            } else {
+                let live: Vec<_> = ids.iter().copied().zip(next.iter().copied()).collect();
+                next = batch.step(model, &live, true)?.tokens;
             }
         }
+        for p in queued {
+            model.read_tokens(p)?;
+        }
         let secs = t0.elapsed().as_secs_f64();
-        for (id, _) in live {
+        for id in ids {
             batch.leave(id);
         }
+        Ok(secs)
+    };
+    for &n in &a.streams {
+        let secs = run(n, true)?;
+        let waited = run(n, false)?;
         let tok_s = (n * a.decode) as f64 / secs;
         rows.push(serde_json::json!({
             "streams": n,
             "step_ms": secs * 1e3 / a.decode as f64,
             "tok_s": tok_s,
+            "waited_step_ms": waited * 1e3 / a.decode as f64,
+            "waited_tok_s": (n * a.decode) as f64 / waited,
         }));
     }
     // The single-stream reference: the pipelined one-sequence decoder.
@@ -713,16 +742,19 @@ fn bench_batch(adapter: &AdapterChoice, a: &BatchArgs) -> Result<()> {
     if a.bench.json {
         println!("{v}");
     } else {
-        println!("| streams | step ms | aggregate tok/s | vs one alone |");
-        println!("|---:|---:|---:|---:|");
+        println!(
+            "| streams | step ms | aggregate tok/s | vs one alone | step ms, each waited for |"
+        );
+        println!("|---:|---:|---:|---:|---:|");
         for r in &rows {
             let tok_s = r["tok_s"].as_f64().unwrap_or(0.0);
             println!(
-                "| {} | {:.2} | {:.0} | {:.2}x |",
+                "| {} | {:.2} | {:.0} | {:.2}x | {:.2} |",
                 r["streams"],
                 r["step_ms"].as_f64().unwrap_or(0.0),
                 tok_s,
-                tok_s / alone
+                tok_s / alone,
+                r["waited_step_ms"].as_f64().unwrap_or(0.0),
             );
         }
         println!("one sequence alone (pipelined decoder): {alone:.0} tok/s");

@@ -9,10 +9,13 @@
 //! sequence one token at its next slot, and attention lets a row see only its own
 //! sequence ([`crate::ops::attention_sequences`]). Sequences join and leave between
 //! steps; the arena's free slots are handed out first fit ([`super::pool::FreeList`]).
+//! Greedy steps can be pipelined ([`DecodeBatch::step_async`]): each step's argmaxes
+//! stay on the GPU as the next step's inputs, so the next step is queued before the
+//! host reads this one's tokens.
 
 use super::pool::FreeList;
 use crate::gpu::Step;
-use crate::model::llama::{Batch, ForwardOut, KvCache, Llama};
+use crate::model::llama::{Batch, DecodePipe, ForwardOut, KvCache, Llama, PendingToken};
 use crate::{Error, Result};
 use std::collections::HashMap;
 
@@ -137,23 +140,13 @@ impl DecodeBatch {
         self.seqs.get(&id).map(|s| s.room - s.len)
     }
 
-    /// One decode step: each `(sequence, token)` feeds the token at the sequence's next
-    /// slot. With `greedy`, [`ForwardOut::tokens`] holds each input's argmax in order;
-    /// else [`ForwardOut::logits`] holds each input's row of logits.
-    pub fn step(
-        &mut self,
-        model: &Llama,
-        inputs: &[(SeqId, u32)],
-        greedy: bool,
-    ) -> Result<ForwardOut> {
-        if inputs.is_empty() {
-            return Err(Error::Input("a decode step of no sequences".into()));
-        }
-        let mut tokens = Vec::with_capacity(inputs.len());
-        let mut positions = Vec::with_capacity(inputs.len());
-        let mut slots = Vec::with_capacity(inputs.len());
-        for (i, (id, tok)) in inputs.iter().enumerate() {
-            if inputs[..i].iter().any(|(o, _)| o == id) {
+    /// Slots and RoPE positions of the next token of each sequence in `ids` (each once,
+    /// each with a slot left).
+    fn next_slots(&self, ids: &[SeqId]) -> Result<(Vec<u32>, Vec<i32>)> {
+        let mut slots = Vec::with_capacity(ids.len());
+        let mut positions = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            if ids[..i].contains(id) {
                 return Err(Error::Input(format!("{id:?} twice in one decode step")));
             }
             let s = self
@@ -166,21 +159,93 @@ impl DecodeBatch {
                     s.room
                 )));
             }
-            tokens.push(*tok);
             positions.push(s.len as i32);
             slots.push((s.base + s.len) as u32);
         }
+        Ok((slots, positions))
+    }
+
+    /// Count one more filled slot for each of `ids`.
+    fn advance(&mut self, ids: impl IntoIterator<Item = SeqId>) {
+        for id in ids {
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.len += 1;
+            }
+        }
+    }
+
+    /// A [`BatchPipe`] for [`DecodeBatch::step_async`].
+    pub fn pipe(&self, model: &Llama) -> Result<BatchPipe> {
+        Ok(BatchPipe {
+            pipe: model.decode_pipe_rows(self.seqs.len().max(1))?,
+            last: Vec::new(),
+        })
+    }
+
+    /// One greedy decode step of the sequences `ids`, submitted without waiting
+    /// ([`Llama::read_tokens`] waits for it and gives each row's token, in order). Each
+    /// sequence feeds `tokens[i]`, or with None the token the pipe's previous step
+    /// produced for it, which stays on the GPU: then `ids` must be that step's, in the
+    /// same order. So the next step is queued before this one's tokens are read, and
+    /// the GPU never waits for the host. A sequence that turns out to have ended when its
+    /// tokens are read may leave with a step of it still queued: that step writes only
+    /// its own slots, before anything that later joins into them.
+    pub fn step_async(
+        &mut self,
+        model: &Llama,
+        pipe: &mut BatchPipe,
+        ids: &[SeqId],
+        tokens: Option<&[u32]>,
+    ) -> Result<PendingToken> {
+        if tokens.is_none() && ids != pipe.last.as_slice() {
+            return Err(Error::Input(
+                "a decode step takes its tokens from the previous one only for the same \
+                 sequences in the same order"
+                    .into(),
+            ));
+        }
+        let (slots, positions) = self.next_slots(ids)?;
+        let p = model.decode_sequences_async(
+            &mut pipe.pipe,
+            &mut self.arena,
+            &slots,
+            &positions,
+            tokens,
+        )?;
+        self.advance(ids.iter().copied());
+        pipe.last = ids.to_vec();
+        Ok(p)
+    }
+
+    /// One decode step: each `(sequence, token)` feeds the token at the sequence's next
+    /// slot. With `greedy`, [`ForwardOut::tokens`] holds each input's argmax in order;
+    /// else [`ForwardOut::logits`] holds each input's row of logits.
+    pub fn step(
+        &mut self,
+        model: &Llama,
+        inputs: &[(SeqId, u32)],
+        greedy: bool,
+    ) -> Result<ForwardOut> {
+        if inputs.is_empty() {
+            return Err(Error::Input("a decode step of no sequences".into()));
+        }
+        let ids: Vec<SeqId> = inputs.iter().map(|&(id, _)| id).collect();
+        let tokens: Vec<u32> = inputs.iter().map(|&(_, t)| t).collect();
+        let (slots, positions) = self.next_slots(&ids)?;
         let batch = Batch {
             tokens: &tokens,
             positions: &positions,
             slots: &slots,
         };
         let out = model.forward_sequences(&mut self.arena, &batch, greedy)?;
-        for (id, _) in inputs {
-            if let Some(s) = self.seqs.get_mut(id) {
-                s.len += 1;
-            }
-        }
+        self.advance(ids);
         Ok(out)
     }
+}
+
+/// The pipelined decoder's state for a [`DecodeBatch`]: the GPU token buffer steps pass
+/// on and the sequences of the last step queued.
+pub struct BatchPipe {
+    pipe: DecodePipe,
+    last: Vec<SeqId>,
 }

@@ -535,16 +535,7 @@ impl Llama {
                 "forward: tokens, positions and slots differ in length".into(),
             ));
         }
-        if let Some(&bad) = batch
-            .tokens
-            .iter()
-            .find(|&&x| x as usize >= c.input_vocab())
-        {
-            return Err(Error::Input(format!(
-                "token id {bad} is outside the model's vocabulary ({})",
-                c.input_vocab()
-            )));
-        }
+        self.check_tokens(batch.tokens)?;
         if let Some(&s) = batch.slots.iter().find(|&&s| s as usize >= cache.capacity) {
             return Err(Error::Input(format!(
                 "cache slot {s} is beyond the cache capacity {}",
@@ -624,23 +615,21 @@ impl Llama {
         Ok(out)
     }
 
-    /// A [`DecodePipe`] for [`Llama::decode_async`].
+    /// A [`DecodePipe`] for [`Llama::decode_async`] (one row a step).
     pub fn decode_pipe(&self) -> Result<DecodePipe> {
-        let g = &*self.gpu;
-        let ring = (0..3)
-            .map(|i| {
-                Arc::new(g.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(&format!("decode token {i}")),
-                    size: 16,
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                }))
-            })
-            .collect();
+        self.decode_pipe_rows(1)
+    }
+
+    /// A [`DecodePipe`] for steps of up to `rows` rows
+    /// ([`Llama::decode_sequences_async`]); it grows when a step brings its own tokens.
+    pub fn decode_pipe_rows(&self, rows: usize) -> Result<DecodePipe> {
+        let rows = rows.max(1);
         Ok(DecodePipe {
-            token: Tensor::zeros(g, &[4], DType::U32, "decode token")?,
-            ring,
+            token: Tensor::zeros(&self.gpu, &[rows.max(4)], DType::U32, "decode token")?,
+            rows,
+            ring: Vec::new(),
             next: 0,
+            last_rows: None,
         })
     }
 
@@ -656,7 +645,6 @@ impl Llama {
         pos: usize,
         token: Option<u32>,
     ) -> Result<PendingToken> {
-        let c = &self.cfg;
         if pos >= cache.capacity {
             return Err(Error::Input(format!(
                 "cache slot {pos} is beyond the cache capacity {}",
@@ -664,14 +652,12 @@ impl Llama {
             )));
         }
         let g = &*self.gpu;
-        if let Some(tok) = token {
-            if tok as usize >= c.input_vocab() {
-                return Err(Error::Input(format!(
-                    "token id {tok} is outside the model's vocabulary ({})",
-                    c.input_vocab()
-                )));
+        match token {
+            Some(tok) => {
+                self.check_tokens(&[tok])?;
+                pipe.token.write_u32(g, &[tok]);
             }
-            pipe.token.write_u32(g, &[tok]);
+            None => pipe.follow(1)?,
         }
         let guard = self.scratch(1, 1)?;
         let s = guard.as_ref().expect("scratch allocated");
@@ -689,19 +675,94 @@ impl Llama {
             token_out: &pipe.token,
         };
         self.record(&mut st, s, cache, &rec)?;
-        let buf = pipe.ring[pipe.next].clone();
-        pipe.next = (pipe.next + 1) % pipe.ring.len();
-        st.copy_to_buffer(&pipe.token, &buf, 4);
-        let index = st
-            .submit()
-            .ok_or_else(|| Error::Gpu("decode step recorded nothing".into()))?;
+        let p = pipe.submit(g, st, 1)?;
         cache.len = cache.len.max(pos + 1);
-        Ok(PendingToken { buf, index })
+        Ok(p)
+    }
+
+    /// One greedy step over rows of several sequences sharing `cache` (as
+    /// [`Llama::forward_sequences`]), submitted without waiting: row i feeds `tokens[i]`,
+    /// or with None the argmax row i of the pipe's previous step produced, which stays on
+    /// the GPU (that step must have had as many rows, in the same order: the caller's
+    /// contract, as for [`Llama::decode_async`]). [`Llama::read_tokens`] waits for it.
+    pub fn decode_sequences_async(
+        &self,
+        pipe: &mut DecodePipe,
+        cache: &mut KvCache,
+        slots: &[u32],
+        positions: &[i32],
+        tokens: Option<&[u32]>,
+    ) -> Result<PendingToken> {
+        let t = slots.len();
+        if t == 0 || positions.len() != t || tokens.is_some_and(|x| x.len() != t) {
+            return Err(Error::Input(format!(
+                "decode step: {t} slots, {} positions, {:?} tokens",
+                positions.len(),
+                tokens.map(<[u32]>::len)
+            )));
+        }
+        if let Some(&s) = slots.iter().find(|&&s| s as usize >= cache.capacity) {
+            return Err(Error::Input(format!(
+                "cache slot {s} is beyond the cache capacity {}",
+                cache.capacity
+            )));
+        }
+        let g = &*self.gpu;
+        match tokens {
+            Some(ids) => {
+                self.check_tokens(ids)?;
+                pipe.reserve(g, t)?;
+                pipe.token.write_u32(g, ids);
+            }
+            None => pipe.follow(t)?,
+        }
+        let guard = self.scratch(t, t)?;
+        let s = guard.as_ref().expect("scratch allocated");
+        let mut idx = Vec::with_capacity(2 * t);
+        idx.extend_from_slice(slots);
+        idx.extend(positions.iter().map(|&p| p as u32));
+        s.idx.write_u32(g, &idx);
+        let mut st = Step::new(g);
+        let rec = Record {
+            t,
+            decode_at: None,
+            tokens: &pipe.token,
+            logits: Logits::All,
+            logit_rows: 0,
+            greedy: true,
+            shared: true,
+            capture: None,
+            token_out: &pipe.token,
+        };
+        self.record(&mut st, s, cache, &rec)?;
+        let p = pipe.submit(g, st, t)?;
+        let end = slots.iter().map(|&x| x as usize + 1).max().unwrap_or(0);
+        cache.len = cache.len.max(end);
+        Ok(p)
     }
 
     /// Wait for a step of [`Llama::decode_async`] and read its token.
     pub fn read_token(&self, p: PendingToken) -> Result<u32> {
-        self.checked_token(p.wait(&self.gpu)?)
+        self.checked_token(p.wait(&self.gpu)?[0])
+    }
+
+    /// Wait for a step of [`Llama::decode_sequences_async`] and read every row's token.
+    pub fn read_tokens(&self, p: PendingToken) -> Result<Vec<u32>> {
+        p.wait(&self.gpu)?
+            .into_iter()
+            .map(|id| self.checked_token(id))
+            .collect()
+    }
+
+    /// Refuse token ids past the input vocabulary.
+    fn check_tokens(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.cfg.input_vocab();
+        match ids.iter().find(|&&x| x as usize >= vocab) {
+            Some(bad) => Err(Error::Input(format!(
+                "token id {bad} is outside the model's vocabulary ({vocab})"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Greedy decoding on the pipelined path: step `i` feeds the token at slot `pos0 + i`
@@ -892,24 +953,93 @@ impl Llama {
     }
 }
 
-/// The state of a pipelined greedy decode ([`Llama::decode_async`]): the token buffer
-/// the steps pass on the GPU, and small mappable buffers the host reads tokens from.
+/// The state of a pipelined greedy decode ([`Llama::decode_async`],
+/// [`Llama::decode_sequences_async`]): the token buffer the steps pass on the GPU (each
+/// step's argmaxes become the next step's inputs), and small mappable buffers the host
+/// reads tokens from.
 pub struct DecodePipe {
     token: Tensor,
+    /// Rows `token` holds.
+    rows: usize,
     ring: Vec<Arc<wgpu::Buffer>>,
     next: usize,
+    /// Rows of the last step queued (None before the first): a step that takes its
+    /// tokens from the GPU must have as many.
+    last_rows: Option<usize>,
 }
 
-/// A decode step in flight: its argmax lands in `buf` when submission `index` is done.
+/// Readback buffers a pipe cycles through: enough for the steps a caller keeps queued
+/// (two) plus the one it reads.
+const PIPE_RING: usize = 3;
+
+impl DecodePipe {
+    /// A step of `rows` rows takes its tokens from the previous step.
+    fn follow(&self, rows: usize) -> Result<()> {
+        match self.last_rows {
+            Some(r) if r == rows => Ok(()),
+            Some(r) => Err(Error::Input(format!(
+                "a decode step of {rows} rows cannot take its tokens from a step of {r}"
+            ))),
+            None => Err(Error::Input(
+                "the first decode step of a pipe needs its tokens".into(),
+            )),
+        }
+    }
+
+    /// Room for `rows` rows of tokens (only before a step that brings its own).
+    fn reserve(&mut self, gpu: &Gpu, rows: usize) -> Result<()> {
+        if rows > self.rows {
+            self.token = Tensor::zeros(gpu, &[rows.max(4)], DType::U32, "decode token")?;
+            self.rows = rows;
+        }
+        Ok(())
+    }
+
+    /// Copy the step's tokens out for the host and submit it.
+    fn submit(&mut self, gpu: &Gpu, mut st: Step, rows: usize) -> Result<PendingToken> {
+        let size = (4 * self.rows.max(4)) as u64;
+        if self.ring.len() < PIPE_RING {
+            self.ring
+                .resize_with(PIPE_RING, || Self::readback(gpu, size));
+        }
+        // A buffer still held by an unread step, or too small, is replaced, never
+        // overwritten under it.
+        let slot = &mut self.ring[self.next];
+        if Arc::strong_count(slot) > 1 || slot.size() < size {
+            *slot = Self::readback(gpu, size);
+        }
+        let buf = slot.clone();
+        self.next = (self.next + 1) % PIPE_RING;
+        st.copy_to_buffer(&self.token, &buf, 4 * rows as u64);
+        let index = st
+            .submit()
+            .ok_or_else(|| Error::Gpu("decode step recorded nothing".into()))?;
+        self.last_rows = Some(rows);
+        Ok(PendingToken { buf, index, rows })
+    }
+
+    fn readback(gpu: &Gpu, size: u64) -> Arc<wgpu::Buffer> {
+        Arc::new(gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("decode tokens"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }))
+    }
+}
+
+/// A decode step in flight: its argmaxes (`rows` of them) land in `buf` when submission
+/// `index` is done.
 pub struct PendingToken {
     buf: Arc<wgpu::Buffer>,
     index: wgpu::SubmissionIndex,
+    rows: usize,
 }
 
 impl PendingToken {
-    /// Wait for this step only (later submissions keep running) and read its token
-    /// (unchecked: [`Llama::read_token`] checks it).
-    fn wait(self, gpu: &Gpu) -> Result<u32> {
+    /// Wait for this step only (later submissions keep running) and read its tokens
+    /// (unchecked: [`Llama::read_tokens`] checks them).
+    fn wait(self, gpu: &Gpu) -> Result<Vec<u32>> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.buf.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
@@ -923,15 +1053,15 @@ impl PendingToken {
         rx.recv()
             .map_err(|_| Error::Gpu("decode readback callback never ran".into()))?
             .map_err(|e| Error::Gpu(format!("decode readback failed: {e}")))?;
-        let id = {
+        let ids = {
             let view = self
                 .buf
                 .get_mapped_range(..)
                 .map_err(|e| Error::Gpu(format!("decode readback map failed: {e}")))?;
-            bytemuck::cast_slice::<u8, u32>(&view[..4])[0]
+            bytemuck::cast_slice::<u8, u32>(&view[..4 * self.rows]).to_vec()
         };
         self.buf.unmap();
-        Ok(id)
+        Ok(ids)
     }
 }
 

@@ -5,9 +5,9 @@
 use super::api::ApiError;
 use super::State;
 use crate::engine::StartOptions;
-use crate::link::batch::{DecodeBatch, SeqId};
+use crate::link::batch::{BatchPipe, DecodeBatch, SeqId};
 use crate::link::Timings;
-use crate::model::llama::{DecodePipe, KvCache};
+use crate::model::llama::{DecodePipe, KvCache, PendingToken};
 use crate::model::tokenizer::TextStream;
 use crate::sampling::Sampler;
 use crate::{Engine, GenerateParams, Request};
@@ -95,6 +95,8 @@ pub(crate) fn run(engine: Arc<Engine>, state: Arc<State>, rx: std::sync::mpsc::R
         engine: &engine,
         state: &state,
         batch: None,
+        pipe: None,
+        inflight: None,
         active: Vec::new(),
         waiting: std::collections::VecDeque::new(),
     };
@@ -427,6 +429,10 @@ struct Decoder<'e> {
     engine: &'e Engine,
     state: &'e State,
     batch: Option<DecodeBatch>,
+    /// The batch's pipelined decoder (made on first use) and the greedy step queued on
+    /// it whose tokens are not read yet, with its sequences in row order.
+    pipe: Option<BatchPipe>,
+    inflight: Option<(PendingToken, Vec<SeqId>)>,
     active: Vec<Active<'e>>,
     /// Prefilled, waiting for room in the arena (first come, first served).
     waiting: std::collections::VecDeque<Active<'e>>,
@@ -571,19 +577,114 @@ impl<'e> Decoder<'e> {
     }
 
     /// One decode step for every active generation; those that end leave the batch.
+    /// Greedy steps are pipelined: the step queued last (its tokens unread) feeds the
+    /// next one on the GPU, which is queued before those tokens are read, so the GPU
+    /// computes while the host streams. What changes the rows (a join, a leave, a
+    /// sampling generation, a sequence at the end of its room) drains the queued step
+    /// first.
     fn step(&mut self) {
+        if self.inflight.is_some() && !self.can_follow() {
+            let (p, ids) = self.inflight.take().expect("checked above");
+            self.read(p, &ids);
+        }
+        if self.active.is_empty() {
+            return;
+        }
+        if !self.active.iter().all(|a| a.greedy) {
+            return self.step_now();
+        }
+        let model = self.engine.model();
+        let ids: Vec<SeqId> = self
+            .active
+            .iter()
+            .map(|a| a.id.expect("active generations are in the batch"))
+            .collect();
+        let tokens: Option<Vec<u32>> = self
+            .inflight
+            .is_none()
+            .then(|| self.active.iter().map(|a| a.next).collect());
+        let batch = self
+            .batch
+            .as_mut()
+            .expect("the arena exists while any is active");
+        let queued = match &mut self.pipe {
+            Some(p) => Ok(p),
+            None => batch.pipe(model).map(|p| self.pipe.insert(p)),
+        }
+        .and_then(|pipe| batch.step_async(model, pipe, &ids, tokens.as_deref()));
+        let p = match queued {
+            Ok(p) => p,
+            Err(e) => return self.fail_all(ApiError::from_engine(e)),
+        };
+        self.state.metrics.decode_step(ids.len());
+        if let Some((older, older_ids)) = self.inflight.replace((p, ids)) {
+            self.read(older, &older_ids);
+        }
+    }
+
+    /// Whether the next greedy step can take its tokens from the queued one on the GPU:
+    /// the same generations in the same order, all greedy, each with a slot left.
+    fn can_follow(&self) -> bool {
+        let (Some((_, ids)), Some(batch)) = (&self.inflight, &self.batch) else {
+            return false;
+        };
+        ids.len() == self.active.len()
+            && self.active.iter().zip(ids).all(|(a, &id)| {
+                a.greedy && a.id == Some(id) && batch.seq_room_left(id).is_some_and(|r| r > 0)
+            })
+    }
+
+    /// Wait for a queued greedy step of the sequences `ids` and hand each generation
+    /// still active its token (a generation that ended since has left: its token goes).
+    fn read(&mut self, p: PendingToken, ids: &[SeqId]) {
+        let engine = self.engine;
+        let tokens = match engine.model().read_tokens(p) {
+            Ok(t) => t,
+            Err(e) => return self.fail_all(ApiError::from_engine(e)),
+        };
+        let batch = self
+            .batch
+            .as_ref()
+            .expect("the arena exists while any is active");
+        // A row is at the end of its room when it has no slot left and no later step of
+        // it is queued (one queued means it had a slot left after this one).
+        let queued: &[SeqId] = self.inflight.as_ref().map_or(&[], |(_, q)| q);
+        let mut ended = Vec::new();
+        for (i, a) in self.active.iter_mut().enumerate() {
+            let id = a.id.expect("active generations are in the batch");
+            let Some(row) = ids.iter().position(|&x| x == id) else {
+                continue; // joined after this step
+            };
+            let full = batch.seq_room_left(id) == Some(0) && !queued.contains(&id);
+            if let Some(end) = a.push(tokens[row], engine).or(full.then_some(End::Done)) {
+                ended.push((i, end));
+            }
+        }
+        self.finish_ended(ended);
+    }
+
+    /// Generations that ended (index into `active`, why) leave, last index first.
+    fn finish_ended(&mut self, ended: Vec<(usize, End)>) {
+        for (i, end) in ended.into_iter().rev() {
+            let a = self.active.swap_remove(i);
+            self.finish(a, end);
+        }
+    }
+
+    /// One decode step, waited for: every row's logits come back and each generation
+    /// samples its own token (some of the batch do not decode greedily).
+    fn step_now(&mut self) {
         let engine = self.engine;
         let inputs: Vec<(SeqId, u32)> = self
             .active
             .iter()
             .map(|a| (a.id.expect("active generations are in the batch"), a.next))
             .collect();
-        let greedy = self.active.iter().all(|a| a.greedy);
         let batch = self
             .batch
             .as_mut()
             .expect("the arena exists while any is active");
-        let out = match batch.step(engine.model(), &inputs, greedy) {
+        let out = match batch.step(engine.model(), &inputs, false) {
             Ok(o) => o,
             Err(e) => return self.fail_all(ApiError::from_engine(e)),
         };
@@ -593,12 +694,7 @@ impl<'e> Decoder<'e> {
         for (i, a) in self.active.iter_mut().enumerate() {
             let id = a.id.expect("active generations are in the batch");
             let full = batch.seq_room_left(id) == Some(0);
-            let t = if greedy {
-                Ok(out.tokens[i])
-            } else {
-                a.sampler.sample(&out.logits[i * vocab..(i + 1) * vocab])
-            };
-            let end = match t {
+            let end = match a.sampler.sample(&out.logits[i * vocab..(i + 1) * vocab]) {
                 Ok(t) => a.push(t, engine).or(full.then_some(End::Done)),
                 Err(e) => {
                     fail(&mut a.ticket, &a.g, ApiError::from_engine(e));
@@ -609,10 +705,7 @@ impl<'e> Decoder<'e> {
                 ended.push((i, end));
             }
         }
-        for (i, end) in ended.into_iter().rev() {
-            let a = self.active.swap_remove(i);
-            self.finish(a, end);
-        }
+        self.finish_ended(ended);
     }
 
     /// Every active generation fails with `err` (a GPU error: the arena goes too).
@@ -621,6 +714,8 @@ impl<'e> Decoder<'e> {
             fail(&mut a.ticket, &a.g, err.clone());
         }
         self.batch = None;
+        self.pipe = None;
+        self.inflight = None;
     }
 
     /// A generation ends: out of the batch, metrics, the summary to its client.
