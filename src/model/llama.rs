@@ -536,12 +536,7 @@ impl Llama {
             ));
         }
         self.check_tokens(batch.tokens)?;
-        if let Some(&s) = batch.slots.iter().find(|&&s| s as usize >= cache.capacity) {
-            return Err(Error::Input(format!(
-                "cache slot {s} is beyond the cache capacity {}",
-                cache.capacity
-            )));
-        }
+        check_slots(batch.slots, cache)?;
         let logit_rows = match logits {
             Logits::None => 0,
             Logits::Last => 1,
@@ -645,39 +640,10 @@ impl Llama {
         pos: usize,
         token: Option<u32>,
     ) -> Result<PendingToken> {
-        if pos >= cache.capacity {
-            return Err(Error::Input(format!(
-                "cache slot {pos} is beyond the cache capacity {}",
-                cache.capacity
-            )));
-        }
-        let g = &*self.gpu;
-        match token {
-            Some(tok) => {
-                self.check_tokens(&[tok])?;
-                pipe.token.write_u32(g, &[tok]);
-            }
-            None => pipe.follow(1)?,
-        }
-        let guard = self.scratch(1, 1)?;
-        let s = guard.as_ref().expect("scratch allocated");
-        s.idx.write_u32(g, &[pos as u32, pos as u32]);
-        let mut st = Step::new(g);
-        let rec = Record {
-            t: 1,
-            decode_at: Some((pos as u32, pos as i32)),
-            tokens: &pipe.token,
-            logits: Logits::None,
-            logit_rows: 0,
-            greedy: true,
-            shared: false,
-            capture: None,
-            token_out: &pipe.token,
-        };
-        self.record(&mut st, s, cache, &rec)?;
-        let p = pipe.submit(g, st, 1)?;
-        cache.len = cache.len.max(pos + 1);
-        Ok(p)
+        let at = [u32_of(pos)?];
+        let tokens = token.map(|t| [t]);
+        let tokens = tokens.as_ref().map(|t| t.as_slice());
+        self.queue_decode(pipe, cache, &at, &[at[0] as i32], tokens, false)
     }
 
     /// One greedy step over rows of several sequences sharing `cache` (as
@@ -693,6 +659,20 @@ impl Llama {
         positions: &[i32],
         tokens: Option<&[u32]>,
     ) -> Result<PendingToken> {
+        self.queue_decode(pipe, cache, slots, positions, tokens, true)
+    }
+
+    /// [`Llama::decode_async`] (one row, `shared` false: the fused decode kernels) and
+    /// [`Llama::decode_sequences_async`] (`shared`).
+    fn queue_decode(
+        &self,
+        pipe: &mut DecodePipe,
+        cache: &mut KvCache,
+        slots: &[u32],
+        positions: &[i32],
+        tokens: Option<&[u32]>,
+        shared: bool,
+    ) -> Result<PendingToken> {
         let t = slots.len();
         if t == 0 || positions.len() != t || tokens.is_some_and(|x| x.len() != t) {
             return Err(Error::Input(format!(
@@ -701,12 +681,7 @@ impl Llama {
                 tokens.map(<[u32]>::len)
             )));
         }
-        if let Some(&s) = slots.iter().find(|&&s| s as usize >= cache.capacity) {
-            return Err(Error::Input(format!(
-                "cache slot {s} is beyond the cache capacity {}",
-                cache.capacity
-            )));
-        }
+        check_slots(slots, cache)?;
         let g = &*self.gpu;
         match tokens {
             Some(ids) => {
@@ -725,12 +700,12 @@ impl Llama {
         let mut st = Step::new(g);
         let rec = Record {
             t,
-            decode_at: None,
+            decode_at: (!shared).then(|| (slots[0], positions[0])),
             tokens: &pipe.token,
             logits: Logits::All,
             logit_rows: 0,
             greedy: true,
-            shared: true,
+            shared,
             capture: None,
             token_out: &pipe.token,
         };
@@ -951,6 +926,22 @@ impl Llama {
         }
         Ok(())
     }
+}
+
+/// Refuse cache slots past the cache's capacity.
+fn check_slots(slots: &[u32], cache: &KvCache) -> Result<()> {
+    match slots.iter().find(|&&s| s as usize >= cache.capacity) {
+        Some(s) => Err(Error::Input(format!(
+            "cache slot {s} is beyond the cache capacity {}",
+            cache.capacity
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A cache slot as the kernels index it.
+fn u32_of(pos: usize) -> Result<u32> {
+    u32::try_from(pos).map_err(|_| Error::Input(format!("cache slot {pos} is out of range")))
 }
 
 /// The state of a pipelined greedy decode ([`Llama::decode_async`],
