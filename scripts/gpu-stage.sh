@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Stage, from a fresh checkout, what the lent GPU machine needs for scripts/gpu-train.sh
+# and scripts/gpu-bench.sh (it has the NVIDIA driver, PyTorch and numpy; no Vulkan loader,
+# no Rust, no network). Everything goes into git-ignored folders that device calls carry:
+#   .gl/   the Vulkan loader packages (Debian amd64 .debs, extracted there by `setup`)
+#   .whl/  the gguf Python package (the trainer's GGUF reader), installed by `setup`
+#   .gpu/  kvlink.xz          release build of this tree
+#          model.part1..3     SmolLM2-135M-Instruct Q4_1 GGUF (scripts/fetch-model.sh) in
+#                             parts of 33 MB: one per call, under the 64 MiB a call carries
+#          data.tar.xz        hqa500.json (HotpotQA 0-499, test), hqa-val.json (500-999,
+#                             validation), squad-v2-dev.json, wiki.utf8
+#          samples.safetensors.xz  training samples of the shipped adapter's last recipe
+#          probe.safetensors.xz    a small sample file for setup's throughput probe
+# Usage: scripts/gpu-stage.sh [--no-build] [--no-samples]
+#   --no-build    keep .gpu/kvlink.xz if present (else build it)
+#   --no-samples  skip the training samples (benchmark- or evaluation-only leases)
+# Environment: MIX, TOKENS, SEED for the samples (default: the 1,350-step recipe).
+set -euo pipefail
+build=1 samples=1
+for a in "$@"; do
+    case "$a" in
+        --no-build) build=0 ;;
+        --no-samples) samples=0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown argument: $a (see --help)" >&2; exit 2 ;;
+    esac
+done
+cd "$(dirname "$0")/.."
+for d in /.gl/ /.whl/ /.gpu/; do
+    grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude
+done
+cache="${KVLINK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvlink}"
+mkdir -p .gl .whl .gpu
+
+echo "== Vulkan loader packages (.gl)"
+if ! ls .gl/libvulkan1_*.deb >/dev/null 2>&1; then
+    lists=$(mktemp -d)
+    o="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=$lists -oAPT::Sandbox::User=root"
+    mkdir -p "$lists/partial"
+    apt-get $o update >/dev/null
+    (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2 >/dev/null 2>&1)
+    rm -rf "$lists"
+fi
+echo "== gguf wheel (.whl)"
+ls .whl/gguf-*.whl >/dev/null 2>&1 || python3 -m pip download --no-deps --quiet gguf -d .whl
+
+echo "== model parts"
+scripts/fetch-model.sh
+model="$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+rm -f .gpu/model.part*
+split -b 33000000 --numeric-suffixes=1 -a 1 "$model" .gpu/model.part
+
+echo "== evaluation and training data"
+scripts/fetch-train-data.sh
+data="$cache/data"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+python3 - "$data/hotpotqa.json" "$tmp" <<'PY'
+import json, sys
+q = json.load(open(sys.argv[1]))
+json.dump(q[:500], open(sys.argv[2] + "/hqa500.json", "w"))
+json.dump(q[500:1000], open(sys.argv[2] + "/hqa-val.json", "w"))
+PY
+cp "$data/squad-v2-dev.json" "$data/wiki.utf8" "$tmp/"
+tar -cJf .gpu/data.tar.xz -C "$tmp" hqa500.json hqa-val.json squad-v2-dev.json wiki.utf8
+
+if [ "$build" = 1 ] || [ ! -f .gpu/kvlink.xz ]; then
+    echo "== release build"
+    cargo build --release --quiet
+    xz -T0 -c target/release/kvlink > .gpu/kvlink.xz
+fi
+bin=target/release/kvlink
+[ -x "$bin" ] || bin="cargo run --release --quiet --"
+
+if [ "$samples" = 1 ]; then
+    echo "== training samples"
+    $bin train-data --out "$tmp/samples.safetensors" --tokens "${TOKENS:-30000000}" \
+        --mix "${MIX:-qa_mem=40,qa=15,sft_mem=12,sft=8,text_mem=17,text=8}" --seed "${SEED:-0}"
+    xz -T0 -c "$tmp/samples.safetensors" > .gpu/samples.safetensors.xz
+    $bin train-data --out "$tmp/probe.safetensors" --tokens 400000 --seed 1
+    xz -T0 -c "$tmp/probe.safetensors" > .gpu/probe.safetensors.xz
+fi
+
+echo "== staged (each call carries at most 64 MiB)"
+du -ch .gl .whl .gpu/* | sed 's/^/  /'
+cat <<'TXT'
+A training lease (train/README.md), each call made at once after the last:
+  carry .gl .whl .gpu/model.part1 .gpu/kvlink.xz .gpu/probe.safetensors.xz
+                                    PROBE=0 scripts/gpu-train.sh setup
+  carry .gpu/model.part2 .gpu/data.tar.xz    scripts/gpu-train.sh stash .gpu/model.part2
+  carry .gpu/model.part3            EVALS=none scripts/gpu-train.sh model
+  carry .gpu/samples.safetensors.xz RUNS=... STEPS=... scripts/gpu-train.sh train
+A benchmark lease: carry .gl and the release binaries, scripts/gpu-bench.sh BINARY.
+TXT
