@@ -10,6 +10,7 @@
 #          data.tar.xz        hqa500.json (HotpotQA 0-499, test), hqa-val.json (500-999,
 #                             validation), squad-v2-dev.json, wiki.utf8
 #          samples.safetensors.xz  training samples of the shipped adapter's last recipe
+#          samples20.safetensors.xz  those of its first three stages (`gpu-train.sh chain`)
 #          probe.safetensors.xz    a small sample file for setup's throughput probe
 # Usage: scripts/gpu-stage.sh [--no-build] [--no-samples]
 #   --no-build    keep .gpu/kvlink.xz if present (else build it)
@@ -21,7 +22,7 @@ for a in "$@"; do
     case "$a" in
         --no-build) build=0 ;;
         --no-samples) samples=0 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $a (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -77,6 +78,8 @@ if [ "$samples" = 1 ]; then
     $bin train-data --out "$tmp/samples.safetensors" --tokens "${TOKENS:-30000000}" \
         --mix "${MIX:-qa_mem=40,qa=15,sft_mem=12,sft=8,text_mem=17,text=8}" --seed "${SEED:-0}"
     xz -T0 -c "$tmp/samples.safetensors" > .gpu/samples.safetensors.xz
+    $bin train-data --out "$tmp/samples20.safetensors"
+    xz -T0 -c "$tmp/samples20.safetensors" > .gpu/samples20.safetensors.xz
     $bin train-data --out "$tmp/probe.safetensors" --tokens 400000 --seed 1
     xz -T0 -c "$tmp/probe.safetensors" > .gpu/probe.safetensors.xz
 fi
@@ -90,5 +93,6 @@ A training lease (train/README.md), each call made at once after the last:
   carry .gpu/model.part2 .gpu/data.tar.xz    scripts/gpu-train.sh stash .gpu/model.part2
   carry .gpu/model.part3            EVALS=none scripts/gpu-train.sh model
   carry .gpu/samples.safetensors.xz RUNS=... STEPS=... scripts/gpu-train.sh train
+  (or carry it and .gpu/samples20.safetensors.xz: scripts/gpu-train.sh chain, the matched control)
 A benchmark lease: carry .gl and the release binaries, scripts/gpu-bench.sh BINARY.
 TXT

@@ -16,6 +16,13 @@
 #                                 (STEPS, BATCH_TOKENS, GRAD_ACCUM, LR, WARMUP, SEED from the
 #                                 environment; INIT_TUNED / INIT_CONTROL: a stashed adapter folder
 #                                 in $W to start that run from, a warm restart)
+#   scripts/gpu-train.sh chain    .gpu/samples20.safetensors.xz + .gpu/samples.safetensors.xz:
+#                                 the shipped adapter's whole schedule from scratch for RUNS
+#                                 (default: control, the matched "fine-tuned upper bound"),
+#                                 one detached process per run, about 16 minutes alone on an
+#                                 H100: 400 steps (samples20, warm-up 30, seed 0), 250 (seed 1),
+#                                 400 (seed 2), then 300 on the last recipe's samples (seed 3,
+#                                 --loss-weight sample, checkpoints every 100) into run-<run>
 #   scripts/gpu-train.sh wait S   report progress every 60 s for up to S seconds; returns early
 #                                 once both runs are done (then starts the tuned evals) or once
 #                                 every evaluation is done
@@ -45,6 +52,7 @@ M="$W/model.gguf"
 MODEL_SHA=${MODEL_SHA:-b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53}
 detach() { # detach NAME CMD...: run in its own session, output to $W/NAME.log
     local name=$1; shift
+    rm -f "$W/$name.exit"  # an earlier process of that name: not this one's end
     setsid nohup bash -c "$*; echo \"exit \$?\" > '$W/$name.exit'" > "$W/$name.log" 2>&1 < /dev/null &
 }
 evals() { # evals TAG [--lora DIR]: those of $EVALS (HotpotQA 0-499, SQuAD held-out, chunked perplexity)
@@ -69,8 +77,8 @@ evals() { # evals TAG [--lora DIR]: those of $EVALS (HotpotQA 0-499, SQuAD held-
     detach "eval-$tag" "$joined"
 }
 progress() {
-    for r in tuned control; do
-        [ -f "$W/run-$r/log.jsonl" ] && echo "$r: $(tail -n 1 "$W/run-$r/log.jsonl" | cut -c1-300)"
+    for d in "$W"/chain-* "$W"/run-*; do
+        [ -f "$d/log.jsonl" ] && echo "${d##*/}: $(tail -n 1 "$d/log.jsonl" | cut -c1-300)"
     done
     for f in "$W"/eval-*.log; do
         [ -f "$f" ] && echo "$(basename "$f"): $(tr '\r' '\n' < "$f" | grep -v '^\s*$' | tail -n 1 | cut -c1-200)"
@@ -131,6 +139,26 @@ train)
     done
     sleep 45; progress
     ;;
+chain)
+    for f in samples20 samples; do
+        xz -dc ".gpu/$f.safetensors.xz" > "$W/$f.safetensors" || exit 1
+    done
+    rm -rf "$W/train" && cp -r train "$W/train"
+    for r in ${RUNS:-control}; do
+        extra=""; [ $r = control ] && extra=--control
+        t="env PYTHONPATH=$W/train:/tmp/site python3 -m kvlink_train.train --model $M \
+            --batch-tokens ${BATCH_TOKENS:-32768} --grad-accum ${GRAD_ACCUM:-2} --lr ${LR:-2e-4} \
+            --save-every 50 --quiet $extra"
+        s20="--samples $W/samples20.safetensors"
+        c="$W/chain-$r"
+        detach "train-$r" "$t $s20 --run $c-400 --steps 400 --warmup 30 --seed 0 \
+            && $t $s20 --run $c-650 --init-adapter $c-400/adapter --steps 250 --warmup 20 --seed 1 \
+            && $t $s20 --run $c-1050 --init-adapter $c-650/adapter --steps 400 --warmup 20 --seed 2 \
+            && $t --samples $W/samples.safetensors --run $W/run-$r --init-adapter $c-1050/adapter \
+                --steps 300 --warmup 20 --seed 3 --loss-weight sample --export-every 100"
+    done
+    sleep 45; progress
+    ;;
 wait)
     end=$((SECONDS + ${2:-500}))
     while [ $SECONDS -lt $end ]; do
@@ -142,9 +170,10 @@ wait)
         done
         n_eval=$(ls "$W"/eval-*.log 2>/dev/null | wc -l)
         n_exit=$(ls "$W"/eval-*.exit 2>/dev/null | wc -l)
-        n_run=$(ls -d "$W"/run-* 2>/dev/null | wc -l)
-        n_done=$(ls "$W"/run-*/DONE 2>/dev/null | wc -l)
-        [ "$n_eval" -ge 1 ] && [ "$n_exit" -ge "$n_eval" ] && [ "$n_done" -ge "$n_run" ] && break
+        # training processes (train, chain) still running
+        n_train=$(ls "$W"/train-*.log 2>/dev/null | wc -l)
+        n_texit=$(ls "$W"/train-*.exit 2>/dev/null | wc -l)
+        [ "$n_eval" -ge 1 ] && [ "$n_exit" -ge "$n_eval" ] && [ "$n_texit" -ge "$n_train" ] && break
         sleep 60; date; progress
     done
     progress
