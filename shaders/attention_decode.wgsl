@@ -14,12 +14,15 @@
 // the chunks of a split.
 // Grid: x = KV heads, y = key splits, z = groups of TQ queries (one group: the queries
 // of one sequence share their K and V reads; a batch of sequences side by side in one
-// cache takes a group per query, so each reads only its own keys). Split z owns the absolute chunks
-// [z * per, (z + 1) * per) of the cache, fixed by the cache size, so a row's result does
-// not depend on the other rows of its batch; only chunks that meet the rows' visible
-// range [first slot of the earliest segment, last query slot] are read. One split
-// writes O; more write unnormalised outputs and (max, sum) to `part` in the layout
-// attention_combine.wgsl merges (an idle split writes only (max, sum) = (-3.4e38, 0)).
+// cache takes a group per query, so each reads only its own keys). Split z owns the chunks
+// [base + z * per, base + (z + 1) * per), counted from base = the chunk of the group's
+// first visible slot (0 for a sequence alone in its cache), and the last split also
+// everything after (so no key is ever left out, whatever `per`): with `per` fixed by the
+// cache size or by the caller, a row's result does not depend on the other rows of its
+// batch; only chunks that meet the rows' visible range [first slot of the earliest
+// segment, last query slot] are read. One split writes O; more write unnormalised
+// outputs and (max, sum) to `part` in the layout attention_combine.wgsl merges (an idle
+// split writes only (max, sum) = (-3.4e38, 0)).
 // Q: f32 [T, heads, D] (RoPE applied, scaled here). Kc, Vc: f16 pairs [slots, kv_heads, D].
 
 struct Params {
@@ -89,8 +92,10 @@ fn attention_decode(@builtin(workgroup_id) wg: vec3<u32>,
             lo = min(lo, first);
             hi = max(hi, ts);
         }
-        let a = max(lo / C, z * p.per);
-        let b = min(hi / C + 1u, (z + 1u) * p.per);
+        let base = lo / C;
+        let a = base + z * p.per;
+        var b = hi / C + 1u;
+        if (z + 1u < p.splits) { b = min(b, base + (z + 1u) * p.per); }
         span[0] = a;
         span[1] = max(a, b);
         span[2] = lo;

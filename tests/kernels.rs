@@ -777,19 +777,27 @@ fn attention_sequences_keeps_sequences_apart() {
         // What the batch decoder runs, then each kernel it may take: the decode kernel
         // with a group per query at several key splits, and the row kernel; last the
         // decode kernel with as many queries of different sequences in one workgroup as
-        // fit (each row bounded by its own start).
+        // fit (each row bounded by its own start); and the batch decoder's call with a
+        // hint of the longest sequence far too small (its last split takes the rest).
         let full = ops::DECODE_ROWS / (heads / kvh);
-        let kernels: [(&str, usize, usize); 6] = [
-            ("attention_sequences", 0, 0),
+        let longest = *lens.iter().max().unwrap();
+        let kernels: [(&str, usize, usize); 8] = [
+            (
+                "attention_sequences (GPU variant: splits from each start)",
+                0,
+                0,
+            ),
             ("decode_attention group 1, splits 1", 1, 1),
             ("decode_attention group 1, splits 3", 3, 1),
             ("decode_attention group 1, splits 16", 16, 1),
             ("attention_rows", 0, 0),
             ("decode_attention full groups, splits 3", 3, full),
+            ("attention_sequences, longest 1", 0, 0),
+            ("attention_sequences (serial variant: one split)", 0, 0),
         ];
         for (i, (name, splits, group)) in kernels.iter().enumerate() {
             let out = nan_tensor(t * heads * hd);
-            run(|s| {
+            run_variant(i == 7, |s| {
                 let a = ops::Attn {
                     q: &qt,
                     t,
@@ -803,7 +811,8 @@ fn attention_sequences_keeps_sequences_apart() {
                     out: &out,
                 };
                 match i {
-                    0 => ops::attention_sequences(s, &a),
+                    0 | 7 => ops::attention_sequences(s, &a, longest),
+                    6 => ops::attention_sequences(s, &a, 1),
                     4 => ops::attention_rows(s, &a),
                     _ => ops::decode_attention(s, &a, *splits, *group),
                 }

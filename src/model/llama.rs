@@ -571,6 +571,7 @@ impl Llama {
             logit_rows,
             greedy,
             shared,
+            longest: longest(batch.positions),
             capture: capture.as_deref(),
             token_out: &s.token_out,
         };
@@ -706,6 +707,7 @@ impl Llama {
             logit_rows: 0,
             greedy: true,
             shared,
+            longest: longest(positions),
             capture: None,
             token_out: &pipe.token,
         };
@@ -847,11 +849,6 @@ impl Llama {
                     vc,
                 )?;
             }
-            let attention = if r.shared {
-                ops::attention_sequences
-            } else {
-                ops::attention
-            };
             let operands = ops::Attn {
                 q: &s.q,
                 t,
@@ -864,7 +861,11 @@ impl Llama {
                 seg: &cache.seg,
                 out: &s.att,
             };
-            attention(st, &operands)?;
+            if r.shared {
+                ops::attention_sequences(st, &operands, r.longest)?;
+            } else {
+                ops::attention(st, &operands)?;
+            }
             if let Some(cap) = r.capture {
                 let n = cap.n_groups;
                 ops::attention_mass(
@@ -926,6 +927,16 @@ impl Llama {
         }
         Ok(())
     }
+}
+
+/// The most keys a row of a decode step sees: its position + 1 (a sequence's first slot
+/// holds position 0).
+fn longest(positions: &[i32]) -> usize {
+    positions
+        .iter()
+        .map(|&p| p.max(0) as usize + 1)
+        .max()
+        .unwrap_or(1)
 }
 
 /// Refuse cache slots past the cache's capacity.
@@ -1068,6 +1079,9 @@ struct Record<'a> {
     greedy: bool,
     /// Rows of several sequences sharing the cache ([`Llama::forward_sequences`]).
     shared: bool,
+    /// With `shared`: the most keys a row sees (its position + 1: a sequence's first
+    /// slot holds position 0).
+    longest: usize,
     capture: Option<&'a MassCapture>,
     token_out: &'a Tensor,
 }

@@ -166,16 +166,31 @@ fn decode_fits(step: &Step, a: &Attn, group: usize) -> Option<usize> {
 /// [`attention`] for queries of several sequences that share one cache, each in its own
 /// slot range: a segment-0 query sees the slots from its sequence's start
 /// ([`sequence_segments`]) to itself, so rows of different requests decode together.
-/// The decode kernel with one query per workgroup group (each reads only its own keys,
-/// split over the cache), where the head size and workgroup memory allow; else one
+/// The decode kernel with one query per workgroup group, each reading only its own keys
+/// split from its own start, where the head size and workgroup memory allow; else one
 /// workgroup per (query, head). (The tiled kernels bound a workgroup's keys by all of
 /// its rows and take segment-0 starts as 0: they serve one sequence per cache.)
-pub fn attention_sequences(step: &mut Step, a: &Attn) -> Result<()> {
+///
+/// `longest`: the most keys a query sees (its sequence's start to itself); the splits
+/// cover that many from each query's start, not the whole cache (most of which holds
+/// other sequences). A hint for speed only: keys past it go to the last split. A query's
+/// result depends only on its own keys and the chunks per split, which `longest` changes
+/// only past 64 chunks (4,096 keys).
+pub fn attention_sequences(step: &mut Step, a: &Attn, longest: usize) -> Result<()> {
     a.check()?;
-    match decode_fits(step, a, 1) {
-        Some(splits) => decode_attention(step, a, splits, 1),
-        None => attention_rows(step, a),
+    if decode_fits(step, a, 1).is_none() {
+        return attention_rows(step, a);
     }
+    // Chunks a query's keys can meet: its start need not fall on a chunk boundary.
+    let chunks = longest.max(1).div_ceil(DECODE_CHUNK) + 1;
+    let splits = if step.serial() {
+        1
+    } else {
+        let max = step.gpu().tuning.decode_splits;
+        decode_splits(a.t, a.heads, chunks * DECODE_CHUNK, a.head_dim, max)
+    };
+    let per = chunks.div_ceil(splits).max(1);
+    decode_dispatch(step, a, chunks.div_ceil(per), per, 1)
 }
 
 /// [`attention`] (or [`attention_sequences`]: the kernel bounds each query by its own
@@ -258,9 +273,10 @@ fn decode_kernel(head_dim: usize) -> Option<Kernel> {
     }
 }
 
-/// Key splits of the decode kernel on a GPU: one per chunk of 64 cache slots, at most 64
-/// (past 4096 slots a split takes several chunks), fixed by the cache size so a row's
-/// result does not depend on the other rows of its batch; fewer where the partials
+/// Key splits of the decode kernel on a GPU: one per chunk of 64 of `cap` slots (the
+/// cache's, or in [`attention_sequences`] the longest sequence's), at most 64 (past 4096
+/// slots a split takes several chunks), so a row's result does not depend on the other
+/// rows of its batch; fewer where the partials
 /// (splits x rows x (head_dim + 4) floats) would pass 64 MiB.
 /// `KVLINK_DECODE_SPLITS=N` caps the count (fewer splits: fewer workgroups, and with one
 /// split no combine dispatch; for tuning).
@@ -279,10 +295,27 @@ fn decode_splits(t: usize, heads: usize, cap: usize, head_dim: usize, max: usize
 /// (`group` = t), queries of different sequences in one cache take a group each (1).
 /// Public so tests can check every split count.
 pub fn decode_attention(step: &mut Step, a: &Attn, splits: usize, group: usize) -> Result<()> {
-    let head_dim = a.head_dim;
-    let kernel = decode_kernel(head_dim).ok_or_else(|| {
+    let per = a
+        .cap()
+        .div_ceil(DECODE_CHUNK)
+        .div_ceil(splits.max(1))
+        .max(1);
+    decode_dispatch(step, a, splits, per, group)
+}
+
+/// The decode kernel with `splits` splits of `per` chunks each (from each query group's
+/// first visible chunk; the last split takes the rest).
+fn decode_dispatch(
+    step: &mut Step,
+    a: &Attn,
+    splits: usize,
+    per: usize,
+    group: usize,
+) -> Result<()> {
+    let kernel = decode_kernel(a.head_dim).ok_or_else(|| {
         Error::Input(format!(
-            "decode attention: head_dim {head_dim} is not 32, 64 or 128"
+            "decode attention: head_dim {} is not 32, 64 or 128",
+            a.head_dim
         ))
     })?;
     a.check()?;
@@ -291,11 +324,6 @@ pub fn decode_attention(step: &mut Step, a: &Attn, splits: usize, group: usize) 
     need(rows <= DECODE_ROWS, || {
         format!("decode attention: {rows} rows per workgroup, at most {DECODE_ROWS}")
     })?;
-    let per = a
-        .cap()
-        .div_ceil(DECODE_CHUNK)
-        .div_ceil(splits.max(1))
-        .max(1);
     let params = a.split_params(splits, group, per)?;
     if a.t == 0 {
         return Ok(());
@@ -305,7 +333,18 @@ pub fn decode_attention(step: &mut Step, a: &Attn, splits: usize, group: usize) 
         splits as u32,
         u32_of(a.t.div_ceil(group), "decode attention query groups")?,
     ];
-    split_attention(step, kernel, &params, groups, a, splits, DECODE_CHUNK * per)
+    let layout = SplitLayout::Decode { group, per };
+    split_attention(step, kernel, &params, groups, a, splits, layout)
+}
+
+/// How a split kernel's splits divide the keys, for the combine pass.
+#[derive(Clone, Copy)]
+enum SplitLayout {
+    /// Split z: the cache slots [z * span, (z + 1) * span) (flash).
+    Absolute { span: usize },
+    /// Split z: `per` chunks from the chunk of its query group's first visible slot
+    /// (`group` queries a group), the last split to the end (the decode kernel).
+    Decode { group: usize, per: usize },
 }
 
 /// [`attention`] with its flash kernel and an explicit number of key splits (> 1 adds
@@ -341,7 +380,8 @@ pub(super) fn tiled_attention(
         a.kv_heads as u32,
         splits as u32,
     ];
-    split_attention(step, kernel, &params, groups, a, splits, bc * per)
+    let layout = SplitLayout::Absolute { span: bc * per };
+    split_attention(step, kernel, &params, groups, a, splits, layout)
 }
 
 /// Dispatch an attention kernel (flash or decode: bindings Q, K, V, query slots,
@@ -355,7 +395,7 @@ fn split_attention(
     groups: [u32; 3],
     a: &Attn,
     splits: usize,
-    span: usize,
+    layout: SplitLayout,
 ) -> Result<()> {
     let [q, kc, vc, qslot, seg, out] = a.bufs();
     if splits == 1 {
@@ -373,8 +413,12 @@ fn split_attention(
         .gpu()
         .scratch("attention splits", splits * r * (a.head_dim + 4))?;
     step.dispatch(kernel, params, &[q, kc, vc, qslot, seg, out, &part], groups);
-    // attention_combine.wgsl merges the splits (each `span` slots) into O.
+    // attention_combine.wgsl merges the splits into O.
     let d4 = a.head_dim / 4;
+    let (span, group, chunk) = match layout {
+        SplitLayout::Absolute { span } => (span, 0, 0),
+        SplitLayout::Decode { group, per } => (DECODE_CHUNK * per, group, DECODE_CHUNK),
+    };
     let params = [
         u32_of(r, "attention rows")?,
         d4 as u32,
@@ -382,6 +426,8 @@ fn split_attention(
         u32_of(span, "attention split span")?,
         a.heads as u32,
         u32_of(a.cap(), "attention cache slots")?,
+        group as u32,
+        chunk as u32,
     ];
     step.dispatch(
         ATTENTION_COMBINE,
