@@ -174,8 +174,9 @@ fn decode_fits(step: &Step, a: &Attn, group: usize) -> Option<usize> {
 /// `longest`: the most keys a query sees (its sequence's start to itself); the splits
 /// cover that many from each query's start, not the whole cache (most of which holds
 /// other sequences). A hint for speed only: keys past it go to the last split. A query's
-/// result depends only on its own keys and the chunks per split, which `longest` changes
-/// only past 64 chunks (4,096 keys).
+/// result depends only on its own keys and the chunks per split, which stay one (so the
+/// result does not depend on the batch) while `longest` is at most 4,032 keys and the
+/// partials fit 64 MiB.
 pub fn attention_sequences(step: &mut Step, a: &Attn, longest: usize) -> Result<()> {
     a.check()?;
     if decode_fits(step, a, 1).is_none() {
@@ -276,8 +277,8 @@ fn decode_kernel(head_dim: usize) -> Option<Kernel> {
 /// Key splits of the decode kernel on a GPU: one per chunk of 64 of `cap` slots (the
 /// cache's, or in [`attention_sequences`] the longest sequence's), at most 64 (past 4096
 /// slots a split takes several chunks), so a row's result does not depend on the other
-/// rows of its batch; fewer where the partials
-/// (splits x rows x (head_dim + 4) floats) would pass 64 MiB.
+/// rows of its batch; fewer where the partials (splits x rows x (head_dim + 4) floats)
+/// would pass 64 MiB.
 /// `KVLINK_DECODE_SPLITS=N` caps the count (fewer splits: fewer workgroups, and with one
 /// split no combine dispatch; for tuning).
 fn decode_splits(t: usize, heads: usize, cap: usize, head_dim: usize, max: usize) -> usize {
