@@ -571,7 +571,7 @@ impl Llama {
             logit_rows,
             greedy,
             shared,
-            longest: longest(batch.positions),
+            longest: if shared { longest(batch.positions) } else { 0 },
             capture: capture.as_deref(),
             token_out: &s.token_out,
         };
@@ -619,10 +619,8 @@ impl Llama {
     /// A [`DecodePipe`] for steps of up to `rows` rows
     /// ([`Llama::decode_sequences_async`]); it grows when a step brings its own tokens.
     pub fn decode_pipe_rows(&self, rows: usize) -> Result<DecodePipe> {
-        let rows = rows.max(1);
         Ok(DecodePipe {
             token: Tensor::zeros(&self.gpu, &[rows.max(4)], DType::U32, "decode token")?,
-            rows,
             ring: Vec::new(),
             next: 0,
             last_rows: None,
@@ -707,7 +705,7 @@ impl Llama {
             logit_rows: 0,
             greedy: true,
             shared,
-            longest: longest(positions),
+            longest: if shared { longest(positions) } else { 0 },
             capture: None,
             token_out: &pipe.token,
         };
@@ -961,8 +959,6 @@ fn u32_of(pos: usize) -> Result<u32> {
 /// reads tokens from.
 pub struct DecodePipe {
     token: Tensor,
-    /// Rows `token` holds.
-    rows: usize,
     ring: Vec<Arc<wgpu::Buffer>>,
     next: usize,
     /// Rows of the last step queued (None before the first): a step that takes its
@@ -990,16 +986,15 @@ impl DecodePipe {
 
     /// Room for `rows` rows of tokens (only before a step that brings its own).
     fn reserve(&mut self, gpu: &Gpu, rows: usize) -> Result<()> {
-        if rows > self.rows {
-            self.token = Tensor::zeros(gpu, &[rows.max(4)], DType::U32, "decode token")?;
-            self.rows = rows;
+        if rows > self.token.numel() {
+            self.token = Tensor::zeros(gpu, &[rows], DType::U32, "decode token")?;
         }
         Ok(())
     }
 
     /// Copy the step's tokens out for the host and submit it.
     fn submit(&mut self, gpu: &Gpu, mut st: Step, rows: usize) -> Result<PendingToken> {
-        let size = (4 * self.rows.max(4)) as u64;
+        let size = 4 * self.token.numel() as u64;
         if self.ring.len() < PIPE_RING {
             self.ring
                 .resize_with(PIPE_RING, || Self::readback(gpu, size));
@@ -1080,7 +1075,7 @@ struct Record<'a> {
     /// Rows of several sequences sharing the cache ([`Llama::forward_sequences`]).
     shared: bool,
     /// With `shared`: the most keys a row sees (its position + 1: a sequence's first
-    /// slot holds position 0).
+    /// slot holds position 0); unused otherwise.
     longest: usize,
     capture: Option<&'a MassCapture>,
     token_out: &'a Tensor,
