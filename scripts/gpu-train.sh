@@ -19,7 +19,7 @@
 #   scripts/gpu-train.sh chain    .gpu/samples20.safetensors.xz + .gpu/samples.safetensors.xz:
 #                                 the shipped adapter's whole schedule from scratch for RUNS
 #                                 (default: control, the matched "fine-tuned upper bound"),
-#                                 one detached process per run, about 16 minutes alone on an
+#                                 one detached process per run, an estimated 16 minutes alone on an
 #                                 H100: 400 steps (samples20, warm-up 30, seed 0), 250 (seed 1),
 #                                 400 (seed 2), then 300 on the last recipe's samples (seed 3,
 #                                 --loss-weight sample, checkpoints every 100) into run-<run>
