@@ -15,7 +15,7 @@
 # Usage: scripts/gpu-stage.sh [--no-build] [--no-samples]
 #   --no-build    keep .gpu/kvlink.xz if present (else build it)
 #   --no-samples  skip the training samples (benchmark- or evaluation-only leases)
-# Environment: MIX, TOKENS, SEED for the samples (default: the 1,350-step recipe).
+# Environment: MIX, TOKENS, SEED, QA_PASSES for the samples (default: the 1,350-step recipe).
 set -euo pipefail
 build=1 samples=1
 for a in "$@"; do
@@ -76,7 +76,8 @@ bin=target/release/kvlink
 if [ "$samples" = 1 ]; then
     echo "== training samples"
     $bin train-data --out "$tmp/samples.safetensors" --tokens "${TOKENS:-30000000}" \
-        --mix "${MIX:-qa_mem=40,qa=15,sft_mem=12,sft=8,text_mem=17,text=8}" --seed "${SEED:-0}"
+        --mix "${MIX:-qa_mem=40,qa=15,sft_mem=12,sft=8,text_mem=17,text=8}" --seed "${SEED:-0}" \
+        --qa-passes "${QA_PASSES:-1}"
     xz -T0 -c "$tmp/samples.safetensors" > .gpu/samples.safetensors.xz
     $bin train-data --out "$tmp/samples20.safetensors"
     xz -T0 -c "$tmp/samples20.safetensors" > .gpu/samples20.safetensors.xz

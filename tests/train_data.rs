@@ -177,8 +177,12 @@ fn samples_file_round_trips_and_mixture_is_honoured() {
         texts: vec!["Some text about rivers and mountains. ".repeat(200)],
     };
     let mix = train_data::parse_mix("qa_mem=1,qa=1,text=1").unwrap();
-    let (samples, stats) =
-        train_data::build(&b, &sources, &mix, 12_000, 7, &mut |_, _| {}).unwrap();
+    let draw = train_data::Draw {
+        budget: 12_000,
+        seed: 7,
+        qa_passes: 1,
+    };
+    let (samples, stats) = train_data::build(&b, &sources, &mix, draw, &mut |_, _| {}).unwrap();
     assert_eq!(stats.per_component.len(), 3);
     assert!(samples.iter().any(|s| s.component == Component::QaMem));
     assert!(samples.iter().any(|s| s.component == Component::Text));
@@ -205,4 +209,79 @@ fn samples_file_round_trips_and_mixture_is_honoured() {
     std::fs::remove_dir_all(&dir).ok();
     assert!(train_data::parse_mix("qa=1,bogus=2").is_err());
     assert!(train_data::parse_mix("qa=0").is_err());
+}
+
+/// `--qa-passes 3`: each QA record is drawn three times; every sample is the record's
+/// serving layout with its documents in some order (the first pass: the record's own),
+/// and the later passes reorder them.
+#[test]
+fn qa_passes_draw_each_record_again_with_its_documents_reordered() {
+    let (_src, tok, _vocab, link) = setup();
+    let b = Builder {
+        tok: &tok,
+        link,
+        max_len: 4096,
+    };
+    let recs = fixture();
+    assert!(recs.iter().all(|r| r.context.len() == 3));
+    let sources = Sources {
+        qa: recs.clone(),
+        conversations: Vec::new(),
+        texts: Vec::new(),
+    };
+    let mix = train_data::parse_mix("qa_mem=1").unwrap();
+    let build = |qa_passes| {
+        let draw = train_data::Draw {
+            budget: 10_000_000,
+            seed: 3,
+            qa_passes,
+        };
+        train_data::build(&b, &sources, &mix, draw, &mut |_, _| {})
+            .unwrap()
+            .0
+    };
+    let (one, three) = (build(1), build(3));
+    assert_eq!(one.len(), recs.len());
+    assert_eq!(three.len(), 3 * recs.len());
+    // Every record's sample for every order of its three documents.
+    let perms = [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ];
+    let mut layouts = Vec::new();
+    for (r, rec) in recs.iter().enumerate() {
+        for p in perms {
+            let mut x = rec.clone();
+            x.context = p.iter().map(|&k| rec.context[k].clone()).collect();
+            layouts.push((r, p, b.qa(&x, true).unwrap().expect("fits")));
+        }
+    }
+    for s in &one {
+        let hit = layouts
+            .iter()
+            .find(|(_, _, l)| l == s)
+            .expect("a record's layout");
+        assert_eq!(hit.1, [0, 1, 2], "one pass keeps the record's order");
+        assert!(three.contains(s), "the first pass is the one-pass draw");
+    }
+    let mut per_record = vec![0; recs.len()];
+    let mut reordered = 0;
+    for s in &three {
+        let (r, p, _) = layouts
+            .iter()
+            .find(|(_, _, l)| l == s)
+            .expect("each sample is a record with its documents in some order");
+        per_record[*r] += 1;
+        reordered += usize::from(*p != [0, 1, 2]);
+    }
+    assert_eq!(per_record, vec![3; recs.len()]);
+    // 10 later draws, each the record's own order with probability 1/6 (seed fixed).
+    assert!(
+        reordered >= recs.len(),
+        "only {reordered} samples reordered"
+    );
 }

@@ -34,6 +34,10 @@ pub struct TrainDataArgs {
     /// Seed of every random choice (sample order, text cuts).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// How often each QA record may be drawn (qa_mem, qa): after the first time, with its
+    /// documents in a new random order each time. 1 (default): each record once.
+    #[arg(long, default_value_t = 1)]
+    pub qa_passes: usize,
     /// Data folder holding hotpotqa.json, squad-v2-dev.json, sharegpt.jsonl, wiki.utf8,
     /// paul-graham-essays.json (scripts/fetch-train-data.sh). Default: <cache dir>/data.
     #[arg(long)]
@@ -61,6 +65,9 @@ pub fn train_data(a: &TrainDataArgs) -> Result<()> {
     }
     if a.max_len < 64 {
         bail!("--max-len must be at least 64");
+    }
+    if a.qa_passes == 0 {
+        bail!("--qa-passes must be at least 1");
     }
     if a.slots == 0 || a.slots > 255 {
         bail!("--slots must be between 1 and 255");
@@ -124,8 +131,11 @@ pub fn train_data(a: &TrainDataArgs) -> Result<()> {
             texts,
         },
         &mix,
-        a.tokens,
-        a.seed,
+        train_data::Draw {
+            budget: a.tokens,
+            seed: a.seed,
+            qa_passes: a.qa_passes,
+        },
         &mut |done, _| pb.set_position(done as u64),
     )?;
     pb.finish_and_clear();

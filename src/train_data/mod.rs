@@ -436,6 +436,19 @@ impl Builder<'_> {
 /// How often each text may be drawn (at other random places each time).
 pub const TEXT_PASSES: usize = 4;
 
+/// How the components draw from their sources.
+#[derive(Clone, Copy, Debug)]
+pub struct Draw {
+    /// Token budget over all components.
+    pub budget: usize,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// How often each QA record may be drawn: the first time with its documents in the
+    /// record's order, each later time in a new random order (so the gold paragraphs sit
+    /// at other places of the context, its edges included). 1: each record once.
+    pub qa_passes: usize,
+}
+
 /// Where the samples come from (see [`sources`]).
 pub struct Sources {
     /// QA records for training (HotpotQA train part and SQuAD train articles).
@@ -452,18 +465,22 @@ pub struct Stats {
     pub per_component: Vec<(Component, usize, usize, usize)>,
 }
 
-/// Build samples under a token budget split by `mix`, deterministically from `seed`.
+/// Build samples under a token budget split by `mix`, deterministically from the seed.
 /// Each component draws from its sources in a seeded random order until its share of
-/// `budget` tokens is reached or its source runs out. `progress(done, budget)` is
-/// called as tokens accumulate.
+/// the budget is reached or its source runs out (texts [`TEXT_PASSES`] times, QA
+/// records `qa_passes` times). `progress(done, budget)` is called as tokens accumulate.
 pub fn build(
     b: &Builder,
     src: &Sources,
     mix: &[(Component, f64)],
-    budget: usize,
-    seed: u64,
+    draw: Draw,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<Sample>, Stats)> {
+    let Draw {
+        budget,
+        seed,
+        qa_passes,
+    } = draw;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut samples = Vec::new();
     let mut stats = Stats::default();
@@ -483,19 +500,25 @@ pub fn build(
             Component::SftMem | Component::Sft => src.conversations.len(),
             Component::TextMem | Component::Text => src.texts.len(),
         };
-        // Texts are cut at random places each time, so they may be drawn several times.
-        let passes = if matches!(c, Component::TextMem | Component::Text) {
-            TEXT_PASSES
-        } else {
-            1
+        // Texts are cut at random places each time, so they may be drawn several times;
+        // QA records too where asked, their documents in a new order after the first.
+        let passes = match c {
+            Component::TextMem | Component::Text => TEXT_PASSES,
+            Component::QaMem | Component::Qa => qa_passes.max(1),
+            Component::SftMem | Component::Sft => 1,
         };
         let mut it = (0..passes)
-            .flat_map(|_| order(pool, &mut rng))
+            .flat_map(|p| order(pool, &mut rng).into_iter().map(move |i| (p, i)))
             .collect::<Vec<_>>()
             .into_iter();
         while toks < want {
-            let Some(i) = it.next() else { break };
+            let Some((pass, i)) = it.next() else { break };
             let s = match c {
+                Component::QaMem | Component::Qa if pass > 0 => {
+                    let mut rec = src.qa[i].clone();
+                    rec.context.shuffle(&mut rng);
+                    b.qa(&rec, c == Component::QaMem)?
+                }
                 Component::QaMem | Component::Qa => b.qa(&src.qa[i], c == Component::QaMem)?,
                 Component::SftMem => b.sft_mem(&src.conversations[i])?,
                 Component::Sft => b.sft(&src.conversations[i])?,
