@@ -4,11 +4,12 @@
 # (default /tmp/kvlink-train), which persists while the machine stays warm; training and
 # evaluations run detached (setsid), so they go on between calls.
 #
-#   scripts/gpu-train.sh setup    .gpu/{model.part1, kvlink.xz, data.tar.xz, probe.safetensors.xz}
+#   scripts/gpu-train.sh setup    .gpu/{model.part1, kvlink.xz, probe.safetensors.xz (unless PROBE=0)}
 #                                 + .whl/gguf: loaders, binary, eval data, then a training
 #                                 throughput probe (random SmolLM2-shaped base, both runs at once)
 #   scripts/gpu-train.sh stash P.. copies carried files or folders P into $W (more model parts
 #                                 when the working tree leaves no room for halves; adapters)
+# setup, stash and model extract .gpu/data.tar.xz where their call carries it.
 #   scripts/gpu-train.sh model    .gpu/model.part2 (or the last part; data.tar.xz too if setup
 #                                 had no room for it): joins every part in
 #                                 name order into the GGUF, checks it, starts the base evals
@@ -76,6 +77,11 @@ evals() { # evals TAG [--lora DIR]: those of $EVALS (HotpotQA 0-499, SQuAD held-
     for c in "${cmds[@]:1}"; do joined+=" && $c"; done
     detach "eval-$tag" "$joined"
 }
+data_if_carried() { # the evaluation data, extracted by whichever call carries it
+    mkdir -p "$W/data" "$W/res"
+    [ -f .gpu/data.tar.xz ] && tar -xJf .gpu/data.tar.xz -C "$W/data" && echo "data: $(ls "$W/data" | tr '\n' ' ')"
+    return 0
+}
 progress() {
     for d in "$W"/chain-* "$W"/run-*; do
         [ -f "$d/log.jsonl" ] && echo "${d##*/}: $(tail -n 1 "$d/log.jsonl" | cut -c1-300)"
@@ -96,11 +102,11 @@ setup)
         --target /tmp/site .whl/*.whl || exit 1
     cp .gpu/model.part* "$W/" || exit 1
     xz -dc .gpu/kvlink.xz > "$K" && chmod +x "$K"
-    mkdir -p "$W/data" "$W/res" && tar -xJf .gpu/data.tar.xz -C "$W/data"
-    xz -dc .gpu/probe.safetensors.xz > "$W/probe.safetensors"
+    data_if_carried
     python3 -c "import torch, gguf, safetensors; print('torch', torch.__version__, torch.cuda.get_device_name())"
     "$K" devices 2>&1 | head -n 3
     [ "${PROBE:-1}" = 0 ] && exit 0
+    xz -dc .gpu/probe.safetensors.xz > "$W/probe.safetensors" || exit 1
     python3 train/scripts/random_base.py "$W/random.safetensors"
     for r in tuned control; do
         extra=""; [ $r = control ] && extra=--control
@@ -115,8 +121,7 @@ setup)
     ;;
 model)
     cp .gpu/model.part* "$W/" 2>/dev/null
-    # the evaluation data, when setup's call had no room for it
-    [ -f .gpu/data.tar.xz ] && mkdir -p "$W/data" "$W/res" && tar -xJf .gpu/data.tar.xz -C "$W/data"
+    data_if_carried  # when no earlier call had room for it
     cat $(ls "$W"/model.part* | sort) > "$M" && rm -f "$W"/model.part*
     got=$(sha256sum "$M" | cut -d' ' -f1)
     [ "$got" = "$MODEL_SHA" ] || { echo "model sha256 $got != $MODEL_SHA"; exit 1; }
@@ -247,7 +252,7 @@ PY
     sleep 5; progress
     ;;
 stash)
-    shift; cp -r "$@" "$W/" && ls -la "$W"
+    shift; cp -r "$@" "$W/" && data_if_carried && ls -la "$W"
     ;;
 eval)
     tag=${2:?tag}
