@@ -13,7 +13,8 @@
 #   scripts/gpu-train.sh model    .gpu/model.part2 (or the last part; data.tar.xz too if setup
 #                                 had no room for it): joins every part in
 #                                 name order into the GGUF, checks it, starts the base evals
-#   scripts/gpu-train.sh train    .gpu/samples.safetensors.xz: starts the tuned and control runs
+#   scripts/gpu-train.sh train    .gpu/samples.safetensors.xz (or .gpu/$SAMPLES.safetensors.xz):
+#                                 starts the tuned and control runs
 #                                 (STEPS, BATCH_TOKENS, GRAD_ACCUM, LR, WARMUP, SEED from the
 #                                 environment; INIT_TUNED / INIT_CONTROL: a stashed adapter folder
 #                                 in $W to start that run from, a warm restart)
@@ -129,7 +130,7 @@ model)
     evals base
     ;;
 train)
-    xz -dc .gpu/samples.safetensors.xz > "$W/samples.safetensors" || exit 1
+    xz -dc ".gpu/${SAMPLES:-samples}.safetensors.xz" > "$W/samples.safetensors" || exit 1
     # The trainer's code as it is now (later calls lay a new working tree down).
     rm -rf "$W/train" && cp -r train "$W/train"
     for r in ${RUNS:-tuned control}; do
