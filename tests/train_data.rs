@@ -27,6 +27,10 @@ fn setup() -> (Box<dyn WeightSource>, Tokenizer, usize, LinkConfig) {
     (src, tok, vocab, link)
 }
 
+fn builder(tok: &Tokenizer, link: LinkConfig, max_len: usize) -> Builder<'_> {
+    Builder { tok, link, max_len }
+}
+
 fn fixture() -> Vec<hotpotqa::HotpotRecord> {
     hotpotqa::load(
         &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hotpot_mini.json"),
@@ -44,11 +48,7 @@ fn targets(s: &Sample) -> Vec<u32> {
 #[test]
 fn qa_samples_are_the_engines_serving_layout_plus_the_answer() {
     let (src, tok, vocab, link) = setup();
-    let b = Builder {
-        tok: &tok,
-        link: link.clone(),
-        max_len: 4096,
-    };
+    let b = builder(&tok, link.clone(), 4096);
     // The engine that serves the tuned model: same link configuration, its own plan.
     let mut engine =
         kvlink::Engine::load(common::gpu().clone(), src.as_ref(), 4096, &mut |_, _| {}).unwrap();
@@ -97,11 +97,7 @@ fn qa_samples_are_the_engines_serving_layout_plus_the_answer() {
 #[test]
 fn conversation_and_text_samples_label_only_what_the_model_must_produce() {
     let (_src, tok, vocab, link) = setup();
-    let b = Builder {
-        tok: &tok,
-        link: link.clone(),
-        max_len: 2048,
-    };
+    let b = builder(&tok, link.clone(), 2048);
     let turns = vec![
         ChatMessage::new("user", "Name a colour."),
         ChatMessage::new("assistant", "Blue."),
@@ -166,11 +162,7 @@ fn conversation_and_text_samples_label_only_what_the_model_must_produce() {
 #[test]
 fn samples_file_round_trips_and_mixture_is_honoured() {
     let (_src, tok, vocab, link) = setup();
-    let b = Builder {
-        tok: &tok,
-        link,
-        max_len: 4096,
-    };
+    let b = builder(&tok, link, 4096);
     let sources = Sources {
         qa: fixture(),
         conversations: Vec::new(),
@@ -217,11 +209,7 @@ fn samples_file_round_trips_and_mixture_is_honoured() {
 #[test]
 fn qa_passes_draw_each_record_again_with_its_documents_reordered() {
     let (_src, tok, _vocab, link) = setup();
-    let b = Builder {
-        tok: &tok,
-        link,
-        max_len: 4096,
-    };
+    let b = builder(&tok, link, 4096);
     let recs = fixture();
     assert!(recs.iter().all(|r| r.context.len() == 3));
     let sources = Sources {
