@@ -629,9 +629,25 @@ impl Engine {
         self.tiers.store()
     }
 
+    /// How document caches are written to the disk and shared stores: f16 as computed
+    /// (the default) or q8 (about half the bytes to read and upload on a hit, within
+    /// half a quantization step of the f16 values; see [`crate::kv::quant`]). Entries of
+    /// either format are read.
+    pub fn set_store_format(&self, format: crate::kv::KvFormat) {
+        self.tiers.set_format(format);
+    }
+
+    pub fn store_format(&self) -> crate::kv::KvFormat {
+        self.tiers.format()
+    }
+
     /// GPU memory budget for resident document caches (evicts beyond it).
     pub fn set_doc_cache_budget(&self, bytes: u64) {
         self.tiers.set_budget(bytes);
+    }
+
+    pub fn doc_cache_budget(&self) -> u64 {
+        self.tiers.budget()
     }
 
     /// Bytes of document caches resident on the GPU now.

@@ -6,6 +6,7 @@ mod common;
 use kvlink::eval::hotpotqa::{self, format_document, HotpotRecord, SYSTEM_PROMPT};
 use kvlink::eval::score::{best_subspan_em, normalize_answer};
 use kvlink::eval::{self, perplexity, QaOptions, ResultsFile};
+use kvlink::kv::{DiskStore, KvFormat};
 use kvlink::link::Mode;
 use kvlink::GenerateParams;
 use std::collections::HashSet;
@@ -266,6 +267,7 @@ fn hotpotqa_end_to_end_and_resume() {
         modes: vec![Mode::Full, Mode::Kvlink, Mode::Naive],
         max_new_tokens: 8,
         warm_docs: true,
+        ..Default::default()
     };
     let dir = temp_dir("e2e");
     let out = dir.join("results.jsonl");
@@ -439,6 +441,7 @@ fn squad_held_out_question_end_to_end() {
         modes: vec![Mode::Full, Mode::Kvlink],
         max_new_tokens: 8,
         warm_docs: true,
+        ..Default::default()
     };
     let got = eval::run_question(engine, r, 0, &opts, &HashSet::new(), None).unwrap();
     assert_eq!(got.len(), 2);
@@ -446,4 +449,53 @@ fn squad_held_out_question_end_to_end() {
         assert_eq!(g.gold, "azure");
         assert_eq!(g.score, best_subspan_em(&g.prediction, &["azure", "blue"]));
     }
+}
+
+/// `docs_from_store`: the reusing modes take the documents back from the engine's store
+/// (here q8), and without a store the run says so instead of measuring the GPU caches.
+#[test]
+fn documents_can_come_back_from_a_q8_store() {
+    // An engine of its own: the shared one's caches must not come from this store.
+    let engine = kvlink::Engine::load(
+        common::gpu().clone(),
+        common::model::source().as_ref(),
+        2048,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let recs: Vec<HotpotRecord> = hotpotqa::load(&fixture("hotpot_mini.json")).unwrap();
+    let opts = QaOptions {
+        modes: vec![Mode::Full, Mode::Kvlink],
+        max_new_tokens: 4,
+        warm_docs: true,
+        docs_from_store: true,
+    };
+    let err = eval::run_question(&engine, &recs[0], 0, &opts, &HashSet::new(), None)
+        .expect_err("no store: the documents cannot come back from it");
+    assert!(err.to_string().contains("not from the store"), "{err}");
+    let dir = temp_dir("q8-store");
+    let store = DiskStore::open(&dir).unwrap();
+    engine.set_store(Some(store.clone()));
+    engine.set_store_format(KvFormat::Q8);
+    engine.clear_doc_caches();
+    let got = eval::run_question(&engine, &recs[1], 1, &opts, &HashSet::new(), None).unwrap();
+    let kv = got
+        .iter()
+        .find(|r| r.mode == "kvlink")
+        .expect("kvlink record");
+    assert_eq!(kv.computed_doc_tokens, 0);
+    assert!(kv.cached_doc_tokens > 0);
+    let plan = engine.plan(&recs[1].request(Mode::Kvlink)).unwrap();
+    for j in 0..plan.docs.len() {
+        assert!(
+            store.contains(&engine.doc_key(plan.doc_tokens(j))),
+            "document {j}"
+        );
+    }
+    for e in &store.entries().unwrap() {
+        let raw = std::fs::read(&e.path).unwrap();
+        assert_eq!(raw[4..8], kvlink::kv::store::Q8_ENTRY_VERSION.to_le_bytes());
+    }
+    engine.set_store(None);
+    std::fs::remove_dir_all(&dir).ok();
 }

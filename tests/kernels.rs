@@ -1910,3 +1910,86 @@ fn qkv_rope_matvec_matches_cpu() {
         }
     }
 }
+
+/// A q8 part as the disk store lays it out (src/kv/quant.rs), built here from its
+/// values and scales: `q.len()` signed bytes, the f16 scales, zero bytes to a word.
+fn q8_part_bytes(q: &[i8], scales: &[f16]) -> Vec<u8> {
+    let mut b: Vec<u8> = q.iter().map(|&x| x as u8).collect();
+    for s in scales {
+        b.extend_from_slice(&s.to_bits().to_le_bytes());
+    }
+    b.resize(b.len().next_multiple_of(4), 0);
+    b
+}
+
+#[test]
+fn dequant_q8_matches_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new();
+    // 9 blocks: an odd count, so the last scale sits alone in the low half of its word.
+    let n = 9 * 32;
+    let (dst, cap) = (66, 66 + n + 40);
+    let mut parts = Vec::new();
+    for _ in 0..2 {
+        // Every byte value, -128 included (the kernel must sign-extend it), and scales
+        // of either sign, one of them 0.
+        let q: Vec<i8> = (0..n).map(|_| rng.below(256) as u8 as i8).collect();
+        let scales: Vec<f16> = (0..n / 32)
+            .map(|b| {
+                if b == 4 {
+                    f16::ZERO
+                } else {
+                    f16::from_f32(rng.unit() * 0.1)
+                }
+            })
+            .collect();
+        let want: Vec<f32> = (0..n)
+            .map(|i| f16r(q[i] as f32 * scales[i / 32].to_f32()))
+            .collect();
+        parts.push((q8_part_bytes(&q, &scales), want));
+    }
+    // K at byte 8 of its source, V at byte 0 of another, with junk around them.
+    let src = |lead: usize, part: &[u8]| {
+        let mut b = vec![0xA5u8; lead];
+        b.extend_from_slice(part);
+        b.extend_from_slice(&[0x5Au8; 12]);
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&b);
+        Tensor::from_u32(g, &[words.len()], &words, "q8 part").unwrap()
+    };
+    let ks = src(8, &parts[0].0);
+    let vs = src(0, &parts[1].0);
+    let poison = vec![f32::NAN; cap];
+    let kd = Tensor::from_f32_as_f16(g, &[cap], &poison, "kd").unwrap();
+    let vd = Tensor::from_f32_as_f16(g, &[cap], &poison, "vd").unwrap();
+    run(|s| ops::dequant_q8(s, &ks, 8, &vs, 0, &kd, &vd, dst, n).unwrap());
+    for (t, (_, want), what) in [(&kd, &parts[0], "k"), (&vd, &parts[1], "v")] {
+        let got = g.read_f32(t).unwrap();
+        assert!(
+            got[..dst].iter().chain(&got[dst + n..]).all(|x| x.is_nan()),
+            "dequant_q8 {what}: wrote outside its range"
+        );
+        // f16 results of an exact f32 product (8-bit value x 11-bit scale): at most one
+        // f16 rounding apart, whichever rounding the adapter's pack2x16float does.
+        assert_close(
+            &got[dst..dst + n],
+            want,
+            1e-7,
+            1.0 / 1024.0,
+            &format!("dequant_q8 {what}"),
+        );
+    }
+    // The host's dequantization of the same part agrees with the reference too.
+    let mut host = vec![0u8; 2 * n];
+    kvlink::kv::quant::dequantize(&parts[0].0, n, &mut host).unwrap();
+    let host: Vec<f32> = host
+        .chunks_exact(2)
+        .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect();
+    assert_eq!(host, parts[0].1, "quant::dequantize");
+    // Bad shapes are input errors, not panics.
+    let mut s = Step::new(g);
+    assert!(ops::dequant_q8(&mut s, &ks, 8, &vs, 0, &kd, &vd, dst, n + 1).is_err());
+    assert!(ops::dequant_q8(&mut s, &ks, 6, &vs, 0, &kd, &vd, dst, n).is_err());
+    assert!(ops::dequant_q8(&mut s, &ks, 8, &vs, 0, &kd, &vd, cap - n + 2, n).is_err());
+    assert!(ops::dequant_q8(&mut s, &ks, 64, &vs, 0, &kd, &vd, dst, n).is_err());
+}

@@ -5,9 +5,14 @@ mod common;
 use common::tempdir::tempdir;
 use common::Rng;
 
-use kvlink::kv::store::{EntryHeader, PayloadSink, PRUNE_AT_OPEN_AFTER, PRUNE_MARKER};
+use kvlink::kv::quant::Q8_BLOCK;
+use kvlink::kv::store::{
+    decode_entry, encode_entry_as, EntryHeader, PayloadSink, PRUNE_AT_OPEN_AFTER, PRUNE_MARKER,
+    Q8_ENTRY_VERSION,
+};
 use kvlink::kv::{
-    checksum64, fnv1a64, xxh64, DiskStore, DocKey, DocKv, Lookup, Lru, Xxh64, CACHE_FORMAT_VERSION,
+    checksum64, fnv1a64, xxh64, DiskStore, DocKey, DocKv, KvFormat, Lookup, Lru, Xxh64,
+    CACHE_FORMAT_VERSION,
 };
 use std::collections::HashSet;
 use std::fs;
@@ -384,7 +389,7 @@ fn wrong_format_version_refused() {
         .unwrap();
     let p = store.path_for(&key);
     let mut raw = fs::read(&p).unwrap();
-    raw[4..8].copy_from_slice(&(CACHE_FORMAT_VERSION + 1).to_le_bytes());
+    raw[4..8].copy_from_slice(&(Q8_ENTRY_VERSION + 1).to_le_bytes());
     reseal(&mut raw);
     fs::write(&p, &raw).unwrap();
     match store.get(&key, MODEL, TOK, &t).unwrap() {
@@ -1164,4 +1169,170 @@ fn push_copies_intact_entries_under_their_header_keys() {
     // what was pushed reads back as the disk entry it came from
     assert!(kvlink::kv::store::check_entry(&got[&a.to_string()]).is_ok());
     assert!(kvlink::kv::store::check_entry(&raw).is_err());
+}
+
+// --- the q8 format ------------------------------------------------------------------------
+
+/// A cache of finite f16 values (standard normal), with one all-zero block and one block
+/// with an outlier in layer 0's K.
+fn finite_kv(seed: u64, n_tokens: usize, n_layers: usize, kv_dim: usize) -> DocKv {
+    let mut r = Rng::seeded(seed);
+    let mut part = |outliers: bool| -> Vec<u8> {
+        let mut x: Vec<f32> = (0..n_tokens * kv_dim).map(|_| r.unit() * 3.0).collect();
+        if outliers {
+            x[..Q8_BLOCK].fill(0.0);
+            x[Q8_BLOCK + 5] = 400.0;
+        }
+        x.iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect()
+    };
+    DocKv {
+        n_tokens,
+        n_layers,
+        kv_dim,
+        k: (0..n_layers).map(|l| part(l == 0)).collect(),
+        v: (0..n_layers).map(|_| part(false)).collect(),
+    }
+}
+
+fn f32s(part: &[u8]) -> Vec<f32> {
+    part.chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect()
+}
+
+/// Each value of `got` within half a quantization step of `want` (the block's absmax /
+/// 254, and the f16 roundings of the scale and of the result); and some values not
+/// equal (it was quantized).
+fn assert_within_half_a_step(got: &DocKv, want: &DocKv) {
+    let mut moved = 0;
+    for (g, w) in got.k.iter().chain(&got.v).zip(want.k.iter().chain(&want.v)) {
+        let (g, w) = (f32s(g), f32s(w));
+        for (gb, wb) in g.chunks(Q8_BLOCK).zip(w.chunks(Q8_BLOCK)) {
+            let absmax = wb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in gb.iter().zip(wb) {
+                let tol = absmax / 254.0 * (1.0 + 1.0 / 1024.0) + b.abs() / 2048.0;
+                assert!((a - b).abs() <= tol, "{a} vs {b}: block absmax {absmax}");
+                moved += (a != b) as usize;
+            }
+        }
+    }
+    assert!(moved > 0, "no value changed: not quantized");
+}
+
+#[test]
+fn q8_entries_round_trip_within_half_a_step_in_half_the_bytes() {
+    let td = tempdir("q8");
+    let store = DiskStore::open(td.path()).unwrap();
+    let (n, layers, kv_dim) = (37, 3, 64);
+    let kv = finite_kv(21, n, layers, kv_dim);
+    let t = tokens(21, n);
+    let key = DocKey::new(MODEL, TOK, &t);
+    store
+        .put_as(&key, MODEL, TOK, &t, &kv, KvFormat::Q8)
+        .unwrap();
+    let raw = fs::read(store.path_for(&key)).unwrap();
+    assert_eq!(raw[4..8], Q8_ENTRY_VERSION.to_le_bytes());
+    let hl = u32::from_le_bytes(raw[8..12].try_into().unwrap()) as usize;
+    let header: EntryHeader = serde_json::from_slice(&raw[12..12 + hl]).unwrap();
+    assert_eq!(header.dtype, "q8");
+    // Values, then scales (a whole number of words), per part.
+    let part = n * kv_dim + (n * kv_dim / Q8_BLOCK * 2).next_multiple_of(4);
+    assert_eq!(raw.len(), 12 + hl + 2 * layers * part + 8);
+    assert!(2 * layers * part < kv.bytes() * 54 / 100);
+    let got = hit(store.get(&key, MODEL, TOK, &t).unwrap());
+    assert_eq!(
+        (got.n_tokens, got.n_layers, got.kv_dim),
+        (n, layers, kv_dim)
+    );
+    assert_within_half_a_step(&got, &kv);
+    // The all-zero block stays exactly zero; the outlier is kept to its f16 rounding.
+    let k0 = f32s(&got.k[0]);
+    assert!(k0[..Q8_BLOCK].iter().all(|&x| x == 0.0));
+    assert!((k0[Q8_BLOCK + 5] - 400.0).abs() <= 400.0 / 2048.0);
+    // The shared tier's bytes are the same entry.
+    let bytes = encode_entry_as(MODEL, TOK, &t, &kv, KvFormat::Q8, header.created_unix_ms).unwrap();
+    assert_eq!(bytes, raw);
+    assert_eq!(hit(decode_entry(&bytes, MODEL, TOK, &t)), got);
+    // A plain put of the same document is f16 (version 1) and exact again.
+    store.put(&key, MODEL, TOK, &t, &kv).unwrap();
+    assert_eq!(
+        fs::read(store.path_for(&key)).unwrap()[4..8],
+        CACHE_FORMAT_VERSION.to_le_bytes()
+    );
+    assert_eq!(hit(store.get(&key, MODEL, TOK, &t).unwrap()), kv);
+}
+
+#[test]
+fn q8_falls_back_to_f16_where_it_cannot_store_a_cache() {
+    let td = tempdir("q8-fallback");
+    let store = DiskStore::open(td.path()).unwrap();
+    // Rows that are not whole blocks, and a value that is not finite: stored exactly.
+    let mut nan = finite_kv(5, 8, 2, 64);
+    nan.v[1][6..8].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    for (seed, kv) in [(4, finite_kv(4, 8, 2, 48)), (5, nan)] {
+        let t = tokens(seed, 8);
+        let key = DocKey::new(MODEL, TOK, &t);
+        store
+            .put_as(&key, MODEL, TOK, &t, &kv, KvFormat::Q8)
+            .unwrap();
+        let raw = fs::read(store.path_for(&key)).unwrap();
+        assert_eq!(raw[4..8], CACHE_FORMAT_VERSION.to_le_bytes());
+        let got = hit(store.get(&key, MODEL, TOK, &t).unwrap());
+        assert_eq!(got.k, kv.k);
+        // (NaN != NaN: compare the bytes)
+        assert_eq!(got.v, kv.v);
+    }
+}
+
+#[test]
+fn q8_entries_that_do_not_add_up_are_corrupt() {
+    let td = tempdir("q8-corrupt");
+    let store = DiskStore::open(td.path()).unwrap();
+    let t = tokens(6, 16);
+    let key = DocKey::new(MODEL, TOK, &t);
+    let kv = finite_kv(6, 16, 2, 32);
+    store
+        .put_as(&key, MODEL, TOK, &t, &kv, KvFormat::Q8)
+        .unwrap();
+    let p = store.path_for(&key);
+    let good = fs::read(&p).unwrap();
+    let check = |raw: &[u8], want: &str| {
+        fs::write(&p, raw).unwrap();
+        match store.get(&key, MODEL, TOK, &t).unwrap() {
+            Lookup::Corrupt(why) => assert!(why.contains(want), "{why}"),
+            other => panic!("expected Corrupt ({want}), got {other:?}"),
+        }
+    };
+    // A flipped scale byte (the checksum).
+    let mut raw = good.clone();
+    let n = raw.len();
+    raw[n - 20] ^= 0x40;
+    check(&raw, "checksum");
+    // A q8 entry whose prefix says version 1 (f16), resealed.
+    let mut raw = good.clone();
+    raw[4..8].copy_from_slice(&CACHE_FORMAT_VERSION.to_le_bytes());
+    reseal(&mut raw);
+    check(&raw, "version");
+    // A version-2 entry whose header names another dtype, resealed.
+    let hl = u32::from_le_bytes(good[8..12].try_into().unwrap()) as usize;
+    for dtype in ["f16", "bf16"] {
+        let mut h: EntryHeader = serde_json::from_slice(&good[12..12 + hl]).unwrap();
+        h.dtype = dtype.into();
+        let json = serde_json::to_vec(&h).unwrap();
+        let mut raw = good[..8].to_vec();
+        raw.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        raw.extend_from_slice(&json);
+        raw.extend_from_slice(&good[12 + hl..]);
+        reseal(&mut raw);
+        check(&raw, "dtype");
+    }
+    // An f16 payload's length under a q8 header: the length check.
+    let mut raw = good.clone();
+    raw.truncate(n - 8);
+    raw.extend_from_slice(&[0u8; 64]);
+    raw.extend_from_slice(&[0u8; 8]);
+    reseal(&mut raw);
+    check(&raw, "length");
 }

@@ -7,7 +7,7 @@ mod common;
 use common::model::engine;
 use common::tempdir::tempdir;
 use kvlink::engine::CacheSource;
-use kvlink::kv::{DiskStore, DocKv};
+use kvlink::kv::{DiskStore, DocKv, KvFormat};
 use std::sync::Mutex;
 
 /// The tests share one engine; those that set its store take turns.
@@ -104,6 +104,85 @@ fn gpu_hits_keep_the_disk_entry_recent_for_lru_eviction() {
         kvlink::Result::Ok(())
     })();
     e.set_store(None);
+    e.clear_doc_caches();
+    r.unwrap();
+}
+
+/// f16 values of a part's bytes.
+fn f32s(part: &[u8]) -> Vec<f32> {
+    part.chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect()
+}
+
+#[test]
+fn q8_store_hits_are_dequantized_on_the_gpu_as_on_the_host() {
+    let _g = STORE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let e = engine();
+    let td = tempdir("q8-engine");
+    let store = DiskStore::open(td.path()).unwrap();
+    let a = doc("The lighthouse keeper logged every ship that passed the cape in 1911.\n");
+    let b = doc("Its lamp burned whale oil until the harbour board bought kerosene.\n");
+    let budget = e.doc_cache_budget();
+    let r = (|| -> kvlink::Result<()> {
+        e.set_store(Some(store.clone()));
+        e.set_store_format(KvFormat::Q8);
+        e.clear_doc_caches();
+        let (computed, from) = e.doc_caches(&[&a, &b])?;
+        assert_eq!(from, vec![CacheSource::Computed; 2]);
+        // Hits from the q8 entries: into pool rows, then (no budget) into tensors of
+        // their own.
+        for budget in [budget, 0] {
+            e.clear_doc_caches();
+            e.set_doc_cache_budget(budget);
+            let (hits, from) = e.doc_caches(&[&a, &b])?;
+            assert_eq!(from, vec![CacheSource::Disk; 2], "budget {budget}");
+            for ((hit, comp), toks) in hits.iter().zip(&computed).zip([&a, &b]) {
+                let host = match store.get(
+                    &e.doc_key(toks),
+                    e.fingerprint(),
+                    e.tokenizer_fingerprint(),
+                    toks,
+                )? {
+                    kvlink::kv::Lookup::Hit(kv) => kv,
+                    other => panic!("the q8 entry: {other:?}"),
+                };
+                let (gk, gv) = hit.download(e.gpu())?;
+                let (ck, cv) = comp.download(e.gpu())?;
+                for ((g, h), c) in gk
+                    .iter()
+                    .chain(&gv)
+                    .zip(host.k.iter().chain(&host.v))
+                    .zip(ck.iter().chain(&cv))
+                {
+                    let (g, h, c) = (f32s(g), f32s(h), f32s(c));
+                    // GPU and host: the same product, at most one f16 rounding apart.
+                    for (x, y) in g.iter().zip(&h) {
+                        assert!((x - y).abs() <= y.abs() / 1024.0, "GPU {x} vs host {y}");
+                    }
+                    // Both within half a step (block absmax / 254, plus roundings) of
+                    // the computed f16 cache, and not equal to it (quantized).
+                    let mut moved = false;
+                    for (gb, cb) in g.chunks(32).zip(c.chunks(32)) {
+                        let absmax = cb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        for (x, y) in gb.iter().zip(cb) {
+                            let tol = absmax / 254.0 * (1.0 + 1.0 / 1024.0) + y.abs() / 1024.0;
+                            assert!(
+                                (x - y).abs() <= tol,
+                                "{x} vs computed {y} (absmax {absmax})"
+                            );
+                            moved |= x != y;
+                        }
+                    }
+                    assert!(moved, "a hit equal to the f16 cache: not from the q8 entry");
+                }
+            }
+        }
+        Ok(())
+    })();
+    e.set_doc_cache_budget(budget);
+    e.set_store(None);
+    e.set_store_format(KvFormat::F16);
     e.clear_doc_caches();
     r.unwrap();
 }

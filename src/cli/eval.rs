@@ -55,6 +55,11 @@ pub struct HotpotArgs {
     /// reusing mode's TTFT then includes encoding them.
     #[arg(long)]
     pub cold: bool,
+    /// Take the documents' caches from a disk store in this format (f16 or q8), as a
+    /// later request would, not from the GPU where they were just encoded: what the
+    /// store's format costs in accuracy. Uses a temporary store, removed at the end.
+    #[arg(long, value_name = "f16|q8", value_parser = super::rag::parse_store_format)]
+    pub store_format: Option<kvlink::kv::KvFormat>,
 }
 
 pub fn eval(adapter: &AdapterChoice, cmd: &EvalCmd) -> Result<()> {
@@ -113,11 +118,19 @@ fn qa(
         None => None,
     };
     let done = results.as_ref().map(|r| r.done()).unwrap_or_default();
+    if a.cold && a.store_format.is_some() {
+        bail!("--cold and --store-format: documents taken from a store are not cold");
+    }
     let engine = load_engine_from(adapter, &a.model)?;
+    let _store = match a.store_format {
+        Some(f) => Some(TempStore::set(&engine, f)?),
+        None => None,
+    };
     let opts = QaOptions {
         modes: modes.clone(),
         max_new_tokens: a.max_new_tokens,
         warm_docs: !a.cold,
+        docs_from_store: a.store_format.is_some(),
     };
     let mut session: Vec<QaRecord> = Vec::new();
     let pb = ProgressBar::new(slice.len() as u64);
@@ -201,6 +214,7 @@ fn qa(
             "skipped_already_done": skipped_before,
             "max_new_tokens": a.max_new_tokens,
             "warm_docs": !a.cold,
+            "store_format": a.store_format.map(|f| f.to_string()),
             "modes": summary,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -411,4 +425,29 @@ pub fn perplexity(adapter: &AdapterChoice, a: &PerplexityArgs) -> Result<()> {
 
 fn nll_json(n: &perplexity::Nll) -> serde_json::Value {
     serde_json::json!({"tokens": n.tokens, "mean_nll": n.mean(), "perplexity": n.perplexity()})
+}
+
+/// `eval --store-format`: a store of its own in a temporary directory, removed (and
+/// unset) when dropped.
+struct TempStore<'a> {
+    engine: &'a kvlink::Engine,
+    dir: PathBuf,
+}
+
+impl<'a> TempStore<'a> {
+    fn set(engine: &'a kvlink::Engine, format: kvlink::kv::KvFormat) -> Result<TempStore<'a>> {
+        let dir = std::env::temp_dir().join(format!("kvlink-eval-store-{}", std::process::id()));
+        let store = kvlink::kv::DiskStore::open(dir.clone())
+            .with_context(|| format!("cannot open a store in {}", dir.display()))?;
+        engine.set_store(Some(store));
+        engine.set_store_format(format);
+        Ok(TempStore { engine, dir })
+    }
+}
+
+impl Drop for TempStore<'_> {
+    fn drop(&mut self) {
+        self.engine.set_store(None);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kvlink::engine::StartOptions;
 use kvlink::gpu::AdapterChoice;
 use kvlink::kv::redis::RedisStore;
-use kvlink::kv::DiskStore;
+use kvlink::kv::{DiskStore, KvFormat};
 use kvlink::link::{LinkConfig, Mode, PromptPlan, Timings};
 use kvlink::{Engine, GenerateParams, Request};
 use std::io::Write;
@@ -32,6 +32,11 @@ pub struct DocArgs {
     /// least recently used entries (last written or read) are deleted. Default: 20.
     #[arg(long, value_name = "GB")]
     pub store_max_gb: Option<f64>,
+    /// How new document caches are written to the stores: f16 (as computed) or q8
+    /// (8-bit with a scale per 32 values: 53% of the bytes to read and upload on a hit,
+    /// each value within half a quantization step). Entries of either format are read.
+    #[arg(long, value_name = "f16|q8", default_value = "f16", value_parser = parse_store_format)]
+    pub store_format: KvFormat,
     /// Expiry of entries in a Redis store, in hours after their last write or hit (0:
     /// never; then bound Redis with `maxmemory` and an LRU `maxmemory-policy`).
     /// Default: 168 (a week).
@@ -101,6 +106,7 @@ impl DocArgs {
             link.kv_end = self.kv_end;
         }
         engine.set_link(link)?;
+        engine.set_store_format(self.store_format);
         let (urls, mut dirs): (Vec<&PathBuf>, Vec<&PathBuf>) = self
             .store
             .iter()
@@ -138,6 +144,11 @@ impl DocArgs {
         }
         Ok(())
     }
+}
+
+/// `--store-format`.
+pub fn parse_store_format(s: &str) -> std::result::Result<KvFormat, String> {
+    s.parse().map_err(|e: kvlink::Error| e.to_string())
 }
 
 /// `--store-max-gb` in bytes ([`DiskStore`]'s default without it).
@@ -274,6 +285,10 @@ pub struct PrecomputeArgs {
     /// deleted beyond it. Default: 20.
     #[arg(long, value_name = "GB")]
     pub store_max_gb: Option<f64>,
+    /// How the caches are written: f16 (as computed) or q8 (53% of the bytes; see `ask
+    /// --help`).
+    #[arg(long, value_name = "f16|q8", default_value = "f16", value_parser = parse_store_format)]
+    pub store_format: KvFormat,
     /// Documents encoded per batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -286,6 +301,7 @@ pub fn precompute(adapter: &AdapterChoice, a: &PrecomputeArgs) -> Result<()> {
     let store = DiskStore::open_with_cap(&dir, cap)
         .with_context(|| format!("cannot open the document store {}", dir.display()))?;
     engine.set_store(Some(store.clone()));
+    engine.set_store_format(a.store_format);
     let docs = DocArgs {
         docs: a.files.clone(),
         ..Default::default()
@@ -417,7 +433,7 @@ pub struct TtftArgs {
     /// Tokens in the prefix (system prompt).
     #[arg(long, default_value_t = 16)]
     pub prefix_len: usize,
-    /// Skip the disk-store measurement.
+    /// Skip the disk-store measurements (f16 and q8 entries).
     #[arg(long)]
     pub no_disk: bool,
 }
@@ -578,21 +594,30 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
         last = tm;
         Ok(ms)
     })?;
-    let mut disk = None;
-    if !a.no_disk {
-        let dir = std::env::temp_dir().join(format!("kvlink-bench-{}", std::process::id()));
+    // Caches from disk, stored as f16 and as q8.
+    let mut disk = [None, None];
+    for (d, format) in disk
+        .iter_mut()
+        .zip([KvFormat::F16, KvFormat::Q8])
+        .filter(|_| !a.no_disk)
+    {
+        let dir =
+            std::env::temp_dir().join(format!("kvlink-bench-{}-{format}", std::process::id()));
         let store = DiskStore::open(dir.clone())?;
         engine.set_store(Some(store));
+        engine.set_store_format(format);
         engine.clear_doc_caches();
         run(Mode::Kvlink)?; // writes the store
-        let d = timed(0, r, || {
+        let t = timed(0, r, || {
             engine.clear_doc_caches();
             Ok(run(Mode::Kvlink)?.0)
-        })?;
+        });
         engine.set_store(None);
+        engine.set_store_format(KvFormat::F16);
         let _ = std::fs::remove_dir_all(&dir);
-        disk = Some(d);
+        *d = Some(t?);
     }
+    let [disk, disk_q8] = disk;
     let v = serde_json::json!({
         "adapter": engine.gpu().report.name,
         "backend": engine.gpu().report.backend,
@@ -602,9 +627,11 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
         "full_ms": full,
         "kvlink_gpu_ms": warm,
         "kvlink_disk_ms": disk,
+        "kvlink_disk_q8_ms": disk_q8,
         "kvlink_cold_ms": cold,
         "ratio_gpu": warm / full,
         "ratio_disk": disk.map(|d| d / full),
+        "ratio_disk_q8": disk_q8.map(|d| d / full),
         "kvlink_breakdown_ms": last,
     });
     if a.bench.json {
@@ -619,6 +646,12 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
         println!("| kvlink, caches on GPU | {warm:.2} | {:.3} |", warm / full);
         if let Some(d) = disk {
             println!("| kvlink, caches from disk | {d:.2} | {:.3} |", d / full);
+        }
+        if let Some(d) = disk_q8 {
+            println!(
+                "| kvlink, caches from disk, q8 | {d:.2} | {:.3} |",
+                d / full
+            );
         }
         println!(
             "| kvlink, cold (encode docs) | {cold:.2} | {:.3} |",

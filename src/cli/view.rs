@@ -21,6 +21,10 @@ pub struct ViewArgs {
     /// Default: 20.
     #[arg(long, value_name = "GB")]
     pub store_max_gb: Option<f64>,
+    /// How new document caches are written: f16 (as computed) or q8 (53% of the bytes;
+    /// see `ask --help`).
+    #[arg(long, value_name = "f16|q8", default_value = "f16", value_parser = super::rag::parse_store_format)]
+    pub store_format: kvlink::kv::KvFormat,
 }
 
 pub fn view(adapter: &AdapterChoice, a: &ViewArgs) -> Result<()> {
@@ -34,5 +38,6 @@ pub fn view(adapter: &AdapterChoice, a: &ViewArgs) -> Result<()> {
         store: a.store.clone(),
         no_store: a.no_store,
         store_max_gb: a.store_max_gb,
+        store_format: a.store_format,
     })
 }

@@ -12,7 +12,7 @@ pub mod perplexity;
 pub mod score;
 pub mod squad;
 
-use crate::engine::{StartOptions, Started};
+use crate::engine::{CacheSource, StartOptions, Started};
 use crate::error::{Error, Result};
 use crate::link::{Mode, Timings};
 use crate::model::llama::{Batch, Logits};
@@ -173,6 +173,11 @@ pub struct QaOptions {
     /// `naive` TTFT measure reuse of precomputed caches (as in the paper). Without it,
     /// the first reusing mode also pays for encoding the documents it did not find.
     pub warm_docs: bool,
+    /// With `warm_docs`: once the question's documents are encoded (and written to the
+    /// engine's store), drop every GPU-resident cache so that the reusing modes take
+    /// them back from the store, as a later request would: measures what the store's
+    /// format (e.g. q8, [`crate::kv::KvFormat`]) costs in accuracy. Needs a store.
+    pub docs_from_store: bool,
 }
 
 impl Default for QaOptions {
@@ -181,6 +186,7 @@ impl Default for QaOptions {
             modes: vec![Mode::Full, Mode::Kvlink, Mode::Naive],
             max_new_tokens: 200,
             warm_docs: true,
+            docs_from_store: false,
         }
     }
 }
@@ -242,6 +248,18 @@ pub fn run_question(
         let plan = engine.plan(&rec.request(Mode::Kvlink))?;
         let docs: Vec<&[u32]> = (0..plan.docs.len()).map(|j| plan.doc_tokens(j)).collect();
         engine.doc_caches(&docs)?;
+        if opts.docs_from_store {
+            engine.clear_doc_caches();
+            let (_, from) = engine.doc_caches(&docs)?;
+            if let Some(j) = from.iter().position(|&f| f != CacheSource::Disk) {
+                return Err(Error::Input(format!(
+                    "document {} of question {index} came from {:?}, not from the store \
+                     (is the store set and writable?)",
+                    j + 1,
+                    from[j]
+                )));
+            }
+        }
     }
     let mut out = Vec::with_capacity(order.len());
     for mode in order {

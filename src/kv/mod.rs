@@ -13,11 +13,13 @@
 //! Hashes: [`xxh64`] (the store's checksum, a key lane) is xxhash-rust's; [`fnv1a64`] (the
 //! other key lane) is hand-written. The shared tier ([`redis`]) uses the Redis client.
 
+pub mod quant;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod redis;
 pub mod shared;
 pub mod store;
 
+pub use quant::KvFormat;
 pub use shared::SharedStore;
 pub use store::{DiskStore, EntryInfo, Lookup, PruneStats, StoreStats};
 

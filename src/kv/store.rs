@@ -3,9 +3,14 @@
 //! File layout (all integers little-endian):
 //! ```text
 //! b"KVLC" | format version u32 | header length u32 | header JSON (EntryHeader)
-//!         | payload: K of layers 0..n_layers, then V of layers 0..n_layers (f16 bytes)
+//!         | payload: K of layers 0..n_layers, then V of layers 0..n_layers
 //!         | XXH64 (seed 0) of every byte before it, u64 (see `super::checksum64`)
 //! ```
+//! The payload's parts are f16 bytes (format version 1, header `dtype` "f16") or the
+//! 8-bit parts of [`super::quant`] (format version [`Q8_ENTRY_VERSION`], `dtype` "q8",
+//! written by [`DiskStore::put_as`] with [`KvFormat::Q8`]); both are read, whatever the
+//! caller writes. Builds that know only version 1 take a q8 entry for a mismatch (and
+//! leave it alone), not for a corrupt file.
 //! Writes go to a unique temp file in the same directory, are fsynced and then renamed
 //! over the final name, so readers see either the old complete file or the new complete
 //! file, never a torn one; concurrent writers of one key are fine (the last rename wins).
@@ -32,6 +37,7 @@
 //! is safe (an open file outlives its name), and one that is being replaced can only be
 //! lost (a later miss), never torn.
 
+use super::quant::{self, KvFormat};
 use super::{DocKey, DocKv, Xxh64, CACHE_FORMAT_VERSION, DTYPE_BYTES};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -46,6 +52,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const MAGIC: &[u8; 4] = b"KVLC";
 /// Entry file extension.
 pub const ENTRY_EXT: &str = "kvc";
+/// The format version of q8 entries (f16 entries keep [`CACHE_FORMAT_VERSION`], so
+/// that older builds still read them; the key derivation does not change).
+pub const Q8_ENTRY_VERSION: u32 = 2;
 /// Bytes before the header JSON: magic, version, header length.
 const PREFIX_BYTES: u64 = 12;
 /// Trailing checksum bytes.
@@ -95,6 +104,13 @@ pub struct EntryHeader {
     /// Milliseconds since the Unix epoch when the entry was written.
     pub created_unix_ms: u64,
     pub token_ids: Vec<u32>,
+}
+
+impl EntryHeader {
+    /// How the payload's parts are stored (checked when the header is read).
+    pub fn format(&self) -> KvFormat {
+        KvFormat::from_dtype(&self.dtype).unwrap_or_default()
+    }
 }
 
 /// Result of [`DiskStore::get`] (a [`DocKv`]) and [`DiskStore::get_with`] (what the
@@ -150,12 +166,19 @@ pub trait PayloadSink {
     fn finish(self) -> Result<Self::Output>;
 }
 
-/// The payload as a [`DocKv`] in host memory.
-struct DocKvSink(DocKv);
+/// The payload as a [`DocKv`] in host memory (q8 parts: dequantized when verified).
+struct DocKvSink {
+    kv: DocKv,
+    /// The q8 parts as read (K of every layer, then V), for a q8 entry.
+    q8: Option<Vec<Vec<u8>>>,
+}
 
 impl DocKvSink {
     fn part(&mut self, part: usize) -> &mut Vec<u8> {
-        let kv = &mut self.0;
+        if let Some(q8) = &mut self.q8 {
+            return &mut q8[part];
+        }
+        let kv = &mut self.kv;
         if part < kv.n_layers {
             &mut kv.k[part]
         } else {
@@ -173,7 +196,14 @@ impl PayloadSink for DocKvSink {
         Some(&mut self.part(part)[offset..offset + len])
     }
     fn finish(self) -> Result<DocKv> {
-        Ok(self.0)
+        let DocKvSink { mut kv, q8 } = self;
+        if let Some(q8) = q8 {
+            let n = kv.n_tokens * kv.kv_dim;
+            for (dst, src) in kv.k.iter_mut().chain(kv.v.iter_mut()).zip(&q8) {
+                quant::dequantize(src, n, dst)?;
+            }
+        }
+        Ok(kv)
     }
 }
 
@@ -181,13 +211,20 @@ fn doc_kv_sink(h: &EntryHeader) -> Result<DocKvSink> {
     // The length check has passed: the file holds this many bytes.
     let lb = h.n_tokens * h.kv_dim * DTYPE_BYTES;
     let layers = || (0..h.n_layers).map(|_| vec![0u8; lb]).collect();
-    Ok(DocKvSink(DocKv {
-        n_tokens: h.n_tokens,
-        n_layers: h.n_layers,
-        kv_dim: h.kv_dim,
-        k: layers(),
-        v: layers(),
-    }))
+    let q8 = (h.format() == KvFormat::Q8).then(|| {
+        let pb = KvFormat::Q8.part_bytes(h.n_tokens * h.kv_dim);
+        vec![vec![0u8; pb]; 2 * h.n_layers]
+    });
+    Ok(DocKvSink {
+        kv: DocKv {
+            n_tokens: h.n_tokens,
+            n_layers: h.n_layers,
+            kv_dim: h.kv_dim,
+            k: layers(),
+            v: layers(),
+        },
+        q8,
+    })
 }
 
 /// What the caller asks an entry to be for.
@@ -521,6 +558,28 @@ impl DiskStore {
         token_ids: &[u32],
         kv: &DocKv,
     ) -> Result<()> {
+        self.put_as(
+            key,
+            model_fingerprint,
+            tokenizer_fingerprint,
+            token_ids,
+            kv,
+            KvFormat::F16,
+        )
+    }
+
+    /// [`DiskStore::put`] in `format`: [`KvFormat::Q8`] stores about 53% of the bytes
+    /// ([`super::quant`]); a cache whose rows are not whole q8 blocks, or that holds a
+    /// value that is not finite, is stored as f16.
+    pub fn put_as(
+        &self,
+        key: &DocKey,
+        model_fingerprint: &str,
+        tokenizer_fingerprint: &str,
+        token_ids: &[u32],
+        kv: &DocKv,
+        format: KvFormat,
+    ) -> Result<()> {
         kv.validate()?;
         if token_ids.len() != kv.n_tokens {
             return Err(Error::Input(format!(
@@ -535,15 +594,17 @@ impl DiskStore {
                 "kv store put: key {key} does not match its fields (expected {want})"
             )));
         }
+        let payload = Payload::new(kv, format);
         let json = header_json(
             model_fingerprint,
             tokenizer_fingerprint,
             token_ids,
             kv,
+            payload.format(),
             now_unix_ms(),
         )?;
 
-        let entry_bytes = PREFIX_BYTES + json.len() as u64 + kv.bytes() as u64 + CHECKSUM_BYTES;
+        let entry_bytes = PREFIX_BYTES + json.len() as u64 + payload.bytes() + CHECKSUM_BYTES;
         if entry_bytes > self.max_bytes {
             return Err(Error::Input(format!(
                 "kv store: an entry of {entry_bytes} bytes does not fit the store's cap of {} \
@@ -562,7 +623,7 @@ impl DiskStore {
 
         let write = || -> io::Result<()> {
             let mut w = BufWriter::with_capacity(1 << 20, file);
-            write_entry(&mut w, &json, kv)?;
+            write_entry(&mut w, &json, &payload)?;
             let file = w.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()?;
             drop(file);
@@ -892,16 +953,17 @@ fn header_json(
     tokenizer_fingerprint: &str,
     token_ids: &[u32],
     kv: &DocKv,
+    format: KvFormat,
     created_unix_ms: u64,
 ) -> Result<Vec<u8>> {
     let header = EntryHeader {
-        format_version: CACHE_FORMAT_VERSION,
+        format_version: entry_version(format),
         model_fingerprint: model_fingerprint.to_string(),
         tokenizer_fingerprint: tokenizer_fingerprint.to_string(),
         n_tokens: kv.n_tokens,
         n_layers: kv.n_layers,
         kv_dim: kv.kv_dim,
-        dtype: "f16".into(),
+        dtype: format.dtype().into(),
         created_unix_ms,
         token_ids: token_ids.to_vec(),
     };
@@ -911,19 +973,71 @@ fn header_json(
     Ok(json)
 }
 
+/// The prefix (and header) format version of an entry in `format`.
+fn entry_version(format: KvFormat) -> u32 {
+    match format {
+        KvFormat::F16 => CACHE_FORMAT_VERSION,
+        KvFormat::Q8 => Q8_ENTRY_VERSION,
+    }
+}
+
+/// An entry's payload: the cache's f16 parts, or their q8 form.
+enum Payload<'a> {
+    F16(&'a DocKv),
+    Q8(Vec<Vec<u8>>),
+}
+
+impl<'a> Payload<'a> {
+    /// `kv` in `format` where it can be (else f16: see [`DiskStore::put_as`]).
+    fn new(kv: &'a DocKv, format: KvFormat) -> Payload<'a> {
+        if format == KvFormat::Q8 && format.fits(kv.kv_dim) {
+            let parts: Result<Vec<Vec<u8>>> =
+                kv.k.iter()
+                    .chain(kv.v.iter())
+                    .map(|l| {
+                        let mut q = Vec::new();
+                        quant::quantize(l, &mut q).map(|_| q)
+                    })
+                    .collect();
+            if let Ok(parts) = parts {
+                return Payload::Q8(parts);
+            }
+        }
+        Payload::F16(kv)
+    }
+
+    fn format(&self) -> KvFormat {
+        match self {
+            Payload::F16(_) => KvFormat::F16,
+            Payload::Q8(_) => KvFormat::Q8,
+        }
+    }
+
+    fn parts(&self) -> Box<dyn Iterator<Item = &[u8]> + '_> {
+        match self {
+            Payload::F16(kv) => Box::new(kv.k.iter().chain(kv.v.iter()).map(|l| &l[..])),
+            Payload::Q8(parts) => Box::new(parts.iter().map(|p| &p[..])),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.parts().map(|p| p.len() as u64).sum()
+    }
+}
+
 /// Write one entry (see the module docs for the layout) after its header JSON.
-fn write_entry(w: &mut impl Write, json: &[u8], kv: &DocKv) -> io::Result<()> {
+fn write_entry(w: &mut impl Write, json: &[u8], payload: &Payload) -> io::Result<()> {
     let mut h = Xxh64::new(0);
     let mut emit = |w: &mut dyn Write, b: &[u8]| -> io::Result<()> {
         h.update(b);
         w.write_all(b)
     };
     emit(w, MAGIC)?;
-    emit(w, &CACHE_FORMAT_VERSION.to_le_bytes())?;
+    emit(w, &entry_version(payload.format()).to_le_bytes())?;
     emit(w, &(json.len() as u32).to_le_bytes())?;
     emit(w, json)?;
-    for l in kv.k.iter().chain(kv.v.iter()) {
-        emit(w, l)?;
+    for part in payload.parts() {
+        emit(w, part)?;
     }
     w.write_all(&h.finish().to_le_bytes())
 }
@@ -937,6 +1051,25 @@ pub fn encode_entry(
     kv: &DocKv,
     created_unix_ms: u64,
 ) -> Result<Vec<u8>> {
+    encode_entry_as(
+        model_fingerprint,
+        tokenizer_fingerprint,
+        token_ids,
+        kv,
+        KvFormat::F16,
+        created_unix_ms,
+    )
+}
+
+/// [`encode_entry`] in `format`, as [`DiskStore::put_as`] writes it.
+pub fn encode_entry_as(
+    model_fingerprint: &str,
+    tokenizer_fingerprint: &str,
+    token_ids: &[u32],
+    kv: &DocKv,
+    format: KvFormat,
+    created_unix_ms: u64,
+) -> Result<Vec<u8>> {
     kv.validate()?;
     if token_ids.len() != kv.n_tokens {
         return Err(Error::Input(format!(
@@ -945,15 +1078,17 @@ pub fn encode_entry(
             kv.n_tokens
         )));
     }
+    let payload = Payload::new(kv, format);
     let json = header_json(
         model_fingerprint,
         tokenizer_fingerprint,
         token_ids,
         kv,
+        payload.format(),
         created_unix_ms,
     )?;
-    let mut out = Vec::with_capacity(json.len() + kv.bytes() + 32);
-    write_entry(&mut out, &json, kv).map_err(|e| Error::Input(format!("kv store: {e}")))?;
+    let mut out = Vec::with_capacity(json.len() + payload.bytes() as usize + 32);
+    write_entry(&mut out, &json, &payload).map_err(|e| Error::Input(format!("kv store: {e}")))?;
     Ok(out)
 }
 
@@ -1004,7 +1139,10 @@ pub fn check_entry(bytes: &[u8]) -> std::result::Result<EntryHeader, String> {
 }
 
 fn version_mismatch(v: u32) -> String {
-    format!("entry has cache format version {v}, this build uses {CACHE_FORMAT_VERSION}")
+    format!(
+        "entry has cache format version {v}, this build reads {CACHE_FORMAT_VERSION} and \
+         {Q8_ENTRY_VERSION}"
+    )
 }
 
 /// Why an intact entry is not the one asked for, if it is not.
@@ -1055,7 +1193,7 @@ fn read_header_hashed(
         return Err(ReadErr::Corrupt(format!("bad magic {magic:02x?}")));
     }
     let version = read_u32(f, h)?;
-    if version != CACHE_FORMAT_VERSION {
+    if version != CACHE_FORMAT_VERSION && version != Q8_ENTRY_VERSION {
         return Err(ReadErr::Version(version));
     }
     let hlen = read_u32(f, h)? as u64;
@@ -1075,10 +1213,17 @@ fn read_header_hashed(
             header.format_version
         )));
     }
-    if header.dtype != "f16" {
+    let format = KvFormat::from_dtype(&header.dtype);
+    if format.map(entry_version) != Some(version) {
         return Err(ReadErr::Corrupt(format!(
-            "unsupported dtype {:?}",
+            "dtype {:?} in a version {version} entry",
             header.dtype
+        )));
+    }
+    if !header.format().fits(header.kv_dim) {
+        return Err(ReadErr::Corrupt(format!(
+            "kv_dim {} is not whole {} blocks",
+            header.kv_dim, header.dtype
         )));
     }
     if header.token_ids.len() != header.n_tokens {
@@ -1115,7 +1260,9 @@ fn read_entry_into<R: Read, S: PayloadSink>(
     let (header, consumed) = read_header_hashed(f, file_len, &mut h)?;
     let layer_bytes = (header.n_tokens as u64)
         .checked_mul(header.kv_dim as u64)
-        .and_then(|x| x.checked_mul(DTYPE_BYTES as u64));
+        .and_then(|n| usize::try_from(n).ok())
+        .and_then(|n| n.checked_mul(DTYPE_BYTES))
+        .map(|b| header.format().part_bytes(b / DTYPE_BYTES) as u64);
     let payload = layer_bytes.and_then(|lb| lb.checked_mul(2 * header.n_layers as u64));
     let Some(payload) = payload else {
         return Err(ReadErr::Corrupt("shape overflows".into()));

@@ -8,8 +8,9 @@
 use super::pool::Lease;
 use super::{DocCache, DocPool};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Tensor, TensorUpload};
+use crate::gpu::{DType, Gpu, Step, Tensor, TensorUpload};
 use crate::kv::store::PayloadSink;
+use crate::kv::KvFormat;
 use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru, SharedStore};
 use crate::model::llama::Llama;
 use std::collections::HashMap;
@@ -46,6 +47,8 @@ pub struct DocTiers {
     store: Mutex<Option<DiskStore>>,
     /// Document caches shared with other processes (Redis), behind the disk store.
     shared: Mutex<Option<Arc<dyn SharedStore>>>,
+    /// How computed caches are written to the disk and shared stores.
+    format: Mutex<KvFormat>,
 }
 
 impl DocTiers {
@@ -69,7 +72,18 @@ impl DocTiers {
             docs: Mutex::new(Lru::new(budget)),
             store: Mutex::new(None),
             shared: Mutex::new(None),
+            format: Mutex::new(KvFormat::F16),
         }
+    }
+
+    /// How computed caches are written to the disk and shared stores from now on (both
+    /// formats are read, whatever this is).
+    pub fn set_format(&self, format: KvFormat) {
+        *self.format.lock().unwrap_or_else(|e| e.into_inner()) = format;
+    }
+
+    pub fn format(&self) -> KvFormat {
+        *self.format.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Share document caches with other processes through `shared` (None: not), looked
@@ -134,6 +148,14 @@ impl DocTiers {
             .unwrap_or_else(|e| e.into_inner())
             .set_budget(bytes);
         self.pool.set_budget(bytes);
+    }
+
+    /// The GPU memory budget for resident caches.
+    pub fn budget(&self) -> u64 {
+        self.docs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .budget_bytes()
     }
 
     /// Bytes of document caches resident on the GPU now.
@@ -220,7 +242,8 @@ impl DocTiers {
                 b.len()
             )));
         }
-        let mut sink = self.upload_sink(tokens, kv.n_tokens, kv.n_layers, kv.kv_dim)?;
+        let shape = (kv.n_tokens, kv.n_layers, kv.kv_dim);
+        let mut sink = self.upload_sink(tokens, shape, KvFormat::F16)?;
         for (part, bytes) in parts.enumerate() {
             sink.write(part, 0, bytes);
         }
@@ -229,21 +252,25 @@ impl DocTiers {
 
     /// A sink that uploads a disk-store entry as it is read: file -> (L2-sized chunk) ->
     /// pooled staging memory -> GPU buffers, with no host copy of the whole cache.
+    /// `shape`: tokens, layers, kv_dim; `format`: how the entry's parts are stored (q8
+    /// parts go to the GPU as they are and are turned into f16 there).
     fn upload_sink(
         &self,
         tokens: &[u32],
-        n_tokens: usize,
-        n_layers: usize,
-        kv_dim: usize,
+        (n_tokens, n_layers, kv_dim): (usize, usize, usize),
+        format: KvFormat,
     ) -> Result<UploadSink> {
         self.check_doc_shape(tokens, n_tokens, n_layers, kv_dim)?;
+        let lease = self.pool.lease(n_tokens)?;
+        if format == KvFormat::Q8 {
+            return self.upload_sink_q8(tokens, (n_tokens, n_layers, kv_dim), lease);
+        }
         // One staging buffer per document, or per group of layers for a cache too big
         // for one buffer; straight into pool rows where the pool has room.
         let n = 2 * n_layers;
         let part_bytes = (n_tokens * kv_dim * 2).max(4) as u64;
         let max = UPLOAD_BYTES.min(self.gpu.limits.max_buffer_size);
         let per = ((max / part_bytes) as usize).clamp(1, n.max(1));
-        let lease = self.pool.lease(n_tokens)?;
         let uploads = (0..n)
             .step_by(per)
             .map(|i| {
@@ -275,6 +302,70 @@ impl DocTiers {
             uploads,
             per,
             lease,
+            q8: None,
+        })
+    }
+
+    /// [`DocTiers::upload_sink`] for q8 parts: they go as they are into staging tensors
+    /// (a group of parts per tensor, within a storage binding), and
+    /// [`crate::ops::dequant_q8`] writes their f16 values into the pool rows (or new
+    /// tensors) when the entry has verified.
+    fn upload_sink_q8(
+        &self,
+        tokens: &[u32],
+        (n_tokens, n_layers, kv_dim): (usize, usize, usize),
+        lease: Option<Lease>,
+    ) -> Result<UploadSink> {
+        let n = 2 * n_layers;
+        let values = n_tokens * kv_dim;
+        let part_bytes = KvFormat::Q8.part_bytes(values).max(4);
+        let lim = &self.gpu.limits;
+        let max = UPLOAD_BYTES
+            .min(lim.max_buffer_size)
+            .min(lim.max_storage_buffer_binding_size);
+        let per = ((max / part_bytes as u64) as usize).clamp(1, n.max(1));
+        let uploads = (0..n)
+            .step_by(per)
+            .map(|i| {
+                let parts = (i + per).min(n) - i;
+                let raw = Tensor::zeros(
+                    &self.gpu,
+                    &[parts * part_bytes / 4],
+                    DType::U32,
+                    "doc kv q8",
+                )?;
+                let dests = (0..parts)
+                    .map(|j| (raw.clone(), (j * part_bytes) as u64))
+                    .collect();
+                self.gpu.upload_into(dests, part_bytes, "doc kv q8")
+            })
+            .collect::<Result<_>>()?;
+        let dests = match &lease {
+            Some(l) => {
+                let (k, v, at) = l.rows();
+                k.iter()
+                    .chain(v.iter())
+                    .map(|t| (t.clone(), at * kv_dim))
+                    .collect()
+            }
+            None => (0..n)
+                .map(|_| {
+                    Tensor::zeros(&self.gpu, &[n_tokens, kv_dim], DType::F16, "doc kv")
+                        .map(|t| (t, 0))
+                })
+                .collect::<Result<_>>()?,
+        };
+        Ok(UploadSink {
+            tokens: tokens.to_vec(),
+            uploads,
+            per,
+            lease,
+            q8: Some(Q8Parts {
+                dests,
+                values,
+                part_bytes,
+                gpu: self.gpu.clone(),
+            }),
         })
     }
 
@@ -331,7 +422,7 @@ impl DocTiers {
                 &self.fingerprint,
                 &self.tokenizer_fingerprint,
                 d,
-                |h| self.upload_sink(d, h.n_tokens, h.n_layers, h.kv_dim),
+                |h| self.upload_sink(d, (h.n_tokens, h.n_layers, h.kv_dim), h.format()),
             )
         };
         #[cfg(not(target_arch = "wasm32"))]
@@ -465,6 +556,7 @@ impl DocTiers {
             missing = still;
         }
         let batch: Vec<&[u32]> = missing.iter().map(|(_, d)| *d).collect();
+        let format = self.format();
         for ((i, d), dc) in missing.iter().zip(super::encode_documents(
             model,
             &batch,
@@ -480,12 +572,13 @@ impl DocTiers {
             if let (Some(store), Some(kv)) = (&store, &kv) {
                 // A store that cannot be written (disk full, read-only) costs the reuse
                 // of this document later, not this answer.
-                if let Err(e) = store.put(
+                if let Err(e) = store.put_as(
                     &keys[*i],
                     &self.fingerprint,
                     &self.tokenizer_fingerprint,
                     d,
                     kv,
+                    format,
                 ) {
                     eprintln!(
                         "kvlink: warning: could not write document cache {} to the store \
@@ -500,11 +593,12 @@ impl DocTiers {
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
-                let r = crate::kv::store::encode_entry(
+                let r = crate::kv::store::encode_entry_as(
                     &self.fingerprint,
                     &self.tokenizer_fingerprint,
                     d,
                     kv,
+                    format,
                     now_ms,
                 )
                 .and_then(|bytes| sh.put(&keys[*i], &bytes));
@@ -546,6 +640,19 @@ struct UploadSink {
     per: usize,
     /// The pool rows the uploads fill, if the pool had room.
     lease: Option<Lease>,
+    /// For q8 parts: where their f16 values go (the uploads fill staging tensors).
+    q8: Option<Q8Parts>,
+}
+
+/// See [`DocTiers::upload_sink_q8`].
+struct Q8Parts {
+    /// Per part (K of every layer, then V): the f16 tensor and the value offset in it.
+    dests: Vec<(Tensor, usize)>,
+    /// Values per part.
+    values: usize,
+    /// Bytes of one q8 part in the staging tensors.
+    part_bytes: usize,
+    gpu: Arc<Gpu>,
 }
 
 impl PayloadSink for UploadSink {
@@ -562,6 +669,21 @@ impl PayloadSink for UploadSink {
             .into_iter()
             .flat_map(TensorUpload::finish)
             .collect();
+        if let Some(q) = &self.q8 {
+            // The staging tensor of part p holds it at byte (p % per) * part_bytes; a
+            // layer's K and V go to the same rows of their tensors.
+            let layers = q.dests.len() / 2;
+            let at = |p: usize| (p % self.per) * q.part_bytes;
+            let mut st = Step::new(&q.gpu);
+            for l in 0..layers {
+                let ((kd, row), (vd, _)) = (&q.dests[l], &q.dests[l + layers]);
+                let (ks, vs) = (&k[l], &k[l + layers]);
+                let (k_at, v_at) = (at(l), at(l + layers));
+                crate::ops::dequant_q8(&mut st, ks, k_at, vs, v_at, kd, vd, *row, q.values)?;
+            }
+            let _ = st.submit();
+            k = q.dests.iter().map(|(t, _)| t.clone()).collect();
+        }
         Ok(match self.lease {
             Some(lease) => DocCache::leased(self.tokens, lease),
             None => {

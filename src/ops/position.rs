@@ -1,6 +1,7 @@
 //! Positions and the KV cache: RoPE (fused with the cache write, in place, or as a
 //! rotation of cached keys by a position delta), the gather-and-rotate assembly of
-//! document caches, and plain cache writes.
+//! document caches, plain cache writes, and the q8 cache parts of the disk store turned
+//! back into f16.
 
 use super::kernels::*;
 use super::{need, need_dtype, need_len, u32_of};
@@ -210,6 +211,54 @@ pub fn kv_write(
         &[t as u32, kv_dim as u32],
         &[k, v, slots, kc, vc],
         grid_1d(n.div_ceil(256) as u32),
+    );
+    Ok(())
+}
+
+/// One layer's K and V of a document cache stored as q8 ([`crate::kv::quant`]), turned
+/// into f16: `n` values from byte `k_src` of `ks` (and `v_src` of `vs`), q8 parts as the
+/// disk store holds them, into `kd`/`vd` (f16) from value `dst` on.
+#[allow(clippy::too_many_arguments)]
+pub fn dequant_q8(
+    step: &mut Step,
+    ks: &Tensor,
+    k_src: usize,
+    vs: &Tensor,
+    v_src: usize,
+    kd: &Tensor,
+    vd: &Tensor,
+    dst: usize,
+    n: usize,
+) -> Result<()> {
+    use crate::kv::quant::{KvFormat, Q8_BLOCK};
+    need(n.is_multiple_of(Q8_BLOCK) && dst.is_multiple_of(2), || {
+        format!("dequant_q8: {n} values at {dst}: whole blocks of {Q8_BLOCK} at an even offset")
+    })?;
+    let part = KvFormat::Q8.part_bytes(n);
+    for (src, at, what) in [(ks, k_src, "k"), (vs, v_src, "v")] {
+        need(
+            at.is_multiple_of(4) && (at + part) as u64 <= src.buf.size(),
+            || format!("dequant_q8 {what}: a {part}-byte part at byte {at} is outside the source"),
+        )?;
+    }
+    need_dtype(kd, DType::F16, "dequant_q8 k")?;
+    need_dtype(vd, DType::F16, "dequant_q8 v")?;
+    need_len(kd, dst + n, "dequant_q8 k")?;
+    need_len(vd, dst + n, "dequant_q8 v")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let params = [
+        u32_of(n, "dequant_q8 values")?,
+        u32_of(k_src / 4, "dequant_q8 k offset")?,
+        u32_of(v_src / 4, "dequant_q8 v offset")?,
+        u32_of(dst / 2, "dequant_q8 destination")?,
+    ];
+    step.dispatch(
+        DEQUANT_Q8,
+        &params,
+        &[ks, vs, kd, vd],
+        grid_1d((n / 4).div_ceil(256) as u32),
     );
     Ok(())
 }

@@ -33,6 +33,8 @@ pub struct Options {
     pub no_store: bool,
     /// `--store-max-gb` (None: the store's default cap).
     pub store_max_gb: Option<f64>,
+    /// `--store-format`.
+    pub store_format: kvlink::kv::KvFormat,
 }
 
 /// Test mode (env KVLINK_VIEW_SCRIPT=path to this as JSON): drive the app, save a
@@ -213,6 +215,7 @@ pub struct ViewerApp {
     store_dir: Option<PathBuf>,
     no_store: bool,
     store_max_gb: Option<f64>,
+    store_format: kvlink::kv::KvFormat,
     model_field: String,
     engine: Option<Arc<Engine>>,
     loading: bool,
@@ -266,6 +269,7 @@ impl ViewerApp {
             store_dir: opts.store,
             no_store: opts.no_store,
             store_max_gb: opts.store_max_gb,
+            store_format: opts.store_format,
             model_field: model.map(|p| p.display().to_string()).unwrap_or_default(),
             engine: None,
             loading: false,
@@ -359,6 +363,7 @@ impl ViewerApp {
             store: self.store_dir.clone().into_iter().collect(),
             no_store: self.no_store,
             store_max_gb: self.store_max_gb,
+            store_format: self.store_format,
             ..Default::default()
         };
         std::thread::spawn(move || {

@@ -1,0 +1,158 @@
+//! The compact cache format: 8-bit K/V with one f16 scale per block of [`Q8_BLOCK`]
+//! values (symmetric, absmax / 127), about 53% of the f16 bytes. Used by the disk store
+//! (and the shared tier, which holds its entry bytes) when asked for
+//! ([`KvFormat::Q8`]); the GPU turns a part back into f16 as it uploads it
+//! (`ops::dequant_q8`), the host with [`dequantize`].
+//!
+//! One part (the K or the V of one layer, `n` values, `n` a multiple of [`Q8_BLOCK`]):
+//! ```text
+//! n signed bytes (the quantized values, in order) | n / Q8_BLOCK f16 scales (LE) | 0-2 zero bytes to a whole word
+//! ```
+//! Value `i` is `q[i] * scale[i / Q8_BLOCK]`. Quantizing rounds to nearest (ties away
+//! from zero) after dividing by the block's scale as stored (f16), so each value is off
+//! by at most half a step: `scale / 2`, i.e. `absmax / 254` of its block (plus the f16
+//! rounding of the product).
+
+use crate::{Error, Result};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use std::fmt;
+use std::str::FromStr;
+
+/// Values per scale.
+pub const Q8_BLOCK: usize = 32;
+
+/// How document caches are stored: f16 as computed, or the 8-bit format of this module.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvFormat {
+    #[default]
+    F16,
+    Q8,
+}
+
+impl KvFormat {
+    /// The entry header's `dtype`.
+    pub fn dtype(self) -> &'static str {
+        match self {
+            KvFormat::F16 => "f16",
+            KvFormat::Q8 => "q8",
+        }
+    }
+
+    /// The format of an entry header's `dtype`, if known.
+    pub fn from_dtype(dtype: &str) -> Option<KvFormat> {
+        match dtype {
+            "f16" => Some(KvFormat::F16),
+            "q8" => Some(KvFormat::Q8),
+            _ => None,
+        }
+    }
+
+    /// Bytes of one stored part of `n` values.
+    pub fn part_bytes(self, n: usize) -> usize {
+        match self {
+            KvFormat::F16 => n * 2,
+            KvFormat::Q8 => n + (n / Q8_BLOCK * 2).next_multiple_of(4),
+        }
+    }
+
+    /// Whether parts of `kv_dim`-wide rows can be stored this way (q8: whole blocks).
+    pub fn fits(self, kv_dim: usize) -> bool {
+        match self {
+            KvFormat::F16 => true,
+            KvFormat::Q8 => kv_dim.is_multiple_of(Q8_BLOCK),
+        }
+    }
+}
+
+impl fmt::Display for KvFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.dtype())
+    }
+}
+
+impl FromStr for KvFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<KvFormat> {
+        KvFormat::from_dtype(s).ok_or_else(|| {
+            Error::Input(format!(
+                "unknown cache format {s:?}: f16 (as computed) or q8 (8-bit, half the bytes)"
+            ))
+        })
+    }
+}
+
+/// Quantize one part: `f16_bytes` (little-endian f16, a multiple of [`Q8_BLOCK`]
+/// values) into `out` (cleared first), laid out as the module docs say. Fails on a value
+/// that is not finite (a cache holding one is broken; better not to store it).
+pub fn quantize(f16_bytes: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    let n = f16_bytes.len() / 2;
+    if !f16_bytes.len().is_multiple_of(2) || !n.is_multiple_of(Q8_BLOCK) {
+        return Err(Error::Input(format!(
+            "q8: {} bytes are not whole blocks of {Q8_BLOCK} f16 values",
+            f16_bytes.len()
+        )));
+    }
+    out.clear();
+    out.resize(KvFormat::Q8.part_bytes(n), 0);
+    let (q, scales) = out.split_at_mut(n);
+    let mut x = [0f32; Q8_BLOCK];
+    let mut h = [f16::ZERO; Q8_BLOCK];
+    for (b, (src, dst)) in f16_bytes
+        .chunks_exact(2 * Q8_BLOCK)
+        .zip(q.chunks_exact_mut(Q8_BLOCK))
+        .enumerate()
+    {
+        for (hv, c) in h.iter_mut().zip(src.chunks_exact(2)) {
+            *hv = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+        }
+        h.convert_to_f32_slice(&mut x);
+        let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if !absmax.is_finite() || x.iter().any(|v| v.is_nan()) {
+            return Err(Error::Input(format!(
+                "q8: block {b} holds a value that is not finite"
+            )));
+        }
+        let scale = f16::from_f32(absmax / 127.0);
+        let s = scale.to_f32();
+        for (d, v) in dst.iter_mut().zip(&x) {
+            let v = if s > 0.0 {
+                (v / s).round().clamp(-127.0, 127.0)
+            } else {
+                0.0
+            };
+            *d = v as i8 as u8;
+        }
+        scales[2 * b..2 * b + 2].copy_from_slice(&scale.to_bits().to_le_bytes());
+    }
+    Ok(())
+}
+
+/// The f16 values of one quantized part of `n` values, into `out` (`2 n` bytes).
+pub fn dequantize(part: &[u8], n: usize, out: &mut [u8]) -> Result<()> {
+    if part.len() != KvFormat::Q8.part_bytes(n) || out.len() != 2 * n {
+        return Err(Error::Input(format!(
+            "q8: a part of {} bytes into {} bytes is not {n} values",
+            part.len(),
+            out.len()
+        )));
+    }
+    let (q, scales) = part.split_at(n);
+    let mut x = [0f32; Q8_BLOCK];
+    let mut h = [f16::ZERO; Q8_BLOCK];
+    for (b, (src, dst)) in q
+        .chunks_exact(Q8_BLOCK)
+        .zip(out.chunks_exact_mut(2 * Q8_BLOCK))
+        .enumerate()
+    {
+        let s = f16::from_bits(u16::from_le_bytes([scales[2 * b], scales[2 * b + 1]])).to_f32();
+        for (v, &c) in x.iter_mut().zip(src) {
+            *v = (c as i8) as f32 * s;
+        }
+        h.convert_from_f32_slice(&x);
+        for (c, hv) in dst.chunks_exact_mut(2).zip(&h) {
+            c.copy_from_slice(&hv.to_bits().to_le_bytes());
+        }
+    }
+    Ok(())
+}
