@@ -40,7 +40,8 @@
 #   scripts/gpu-train.sh valwatch S  validation evals of each tuned checkpoint as it appears
 #   scripts/gpu-train.sh pick     the validation winner; starts its and the control's test evals
 # EVALS (default "hotpotqa squad ppl"; "none": no evaluation; "val": HotpotQA validation
-# questions 500-999, full and kvlink, for picking checkpoints) picks the evaluations that
+# questions 500-999, full and kvlink, for picking checkpoints; "q8": HotpotQA 0-499, full and kvlink
+# with every question's documents taken back from a q8 store) picks the evaluations that
 # `model`, `wait` and `eval` start; PROBE=0 skips setup's throughput probe; RUNS (default "tuned control") picks the
 # training runs.
 set -uo pipefail
@@ -67,11 +68,13 @@ evals() { # evals TAG [--lora DIR]: those of $EVALS (HotpotQA 0-499, SQuAD held-
             --out $W/res/$tag-hotpotqa.jsonl --json > $W/res/$tag-hotpotqa.summary.json") ;;
         val) cmds+=("$K eval hotpotqa --model $M $* --data $W/data/hqa-val.json --limit 500 --modes full,kvlink \
             --out $W/res/$tag-val.jsonl --json > $W/res/$tag-val.summary.json") ;;
+        q8) cmds+=("$K eval hotpotqa --model $M $* --data $W/data/hqa500.json --limit 500 --modes full,kvlink \
+            --store-format q8 --out $W/res/$tag-q8-hotpotqa.jsonl --json > $W/res/$tag-q8-hotpotqa.summary.json") ;;
         squad) cmds+=("$K eval squad --model $M $* --data $W/data/squad-v2-dev.json \
             --out $W/res/$tag-squad.jsonl --json > $W/res/$tag-squad.summary.json") ;;
         ppl) cmds+=("for c in 4 16; do $K perplexity --model $M $* --text $W/data/wiki.utf8 --ctx 1024 \
             --max-windows 8 --chunks \$c --json > $W/res/$tag-ppl-\$c.json || exit 1; done") ;;
-        *) echo "unknown evaluation $e (EVALS: hotpotqa squad ppl val)"; return 1 ;;
+        *) echo "unknown evaluation $e (EVALS: hotpotqa squad ppl val q8)"; return 1 ;;
         esac
     done
     local joined=${cmds[0]} c
