@@ -181,13 +181,14 @@ fn samples_file_round_trips_and_mixture_is_honoured() {
     let dir = std::env::temp_dir().join(format!("kvlink-train-data-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("s.safetensors");
-    train_data::write(&path, &samples, vocab, "{\"k\":5}").unwrap();
+    train_data::write(&path, &samples, vocab, "{\"k\":5}", "{\"args\":[\"x\"]}").unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap();
     assert_eq!(meta["format"], train_data::FORMAT);
     assert_eq!(meta["components"], "qa_mem,qa,sft_mem,sft,text_mem,text");
     assert_eq!(meta["base_vocab"], vocab.to_string());
+    assert_eq!(meta["recipe"], "{\"args\":[\"x\"]}");
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let offsets: Vec<i64> = bytemuck::pod_collect_to_vec(st.tensor("offsets").unwrap().data());
     let tokens: Vec<u32> = bytemuck::pod_collect_to_vec(st.tensor("tokens").unwrap().data());

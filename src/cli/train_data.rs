@@ -152,7 +152,16 @@ pub fn train_data(a: &TrainDataArgs) -> Result<()> {
         "extra_tokens": train_data::extra_tokens(&link),
     })
     .to_string();
-    train_data::write(&a.out, &samples, base_vocab, &kvlink_json)?;
+    // The command line and the build: enough to make the same file again from the
+    // same data (every random choice follows --seed).
+    let recipe = serde_json::json!({
+        "kvlink": env!("CARGO_PKG_VERSION"),
+        "args": std::env::args().skip(1).collect::<Vec<_>>(),
+        "samples": samples.len(),
+        "tokens": samples.iter().map(|s| s.len()).sum::<usize>(),
+    })
+    .to_string();
+    train_data::write(&a.out, &samples, base_vocab, &kvlink_json, &recipe)?;
     std::fs::write(a.out.with_extension("kvlink.json"), &kvlink_json)?;
     println!(
         "{:<9} {:>8} {:>11} {:>13} {:>9}",

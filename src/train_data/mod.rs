@@ -562,8 +562,15 @@ pub fn build(
 /// Write samples as a safetensors file: `tokens` U32, `segments` U8, `positions` I32,
 /// `loss` U8 (all `[total tokens]`), `offsets` I64 `[n + 1]`, `component` U8 `[n]`;
 /// metadata `format`, `components` (names by index), `base_vocab`, `kvlink_json` (the
-/// link configuration the adapter ships with).
-pub fn write(path: &Path, samples: &[Sample], base_vocab: usize, kvlink_json: &str) -> Result<()> {
+/// link configuration the adapter ships with) and `recipe` (how the file was made, JSON,
+/// for the trainer's log and the model card).
+pub fn write(
+    path: &Path,
+    samples: &[Sample],
+    base_vocab: usize,
+    kvlink_json: &str,
+    recipe: &str,
+) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
     let mut tokens = Vec::new();
     let mut segments = Vec::new();
@@ -626,6 +633,7 @@ pub fn write(path: &Path, samples: &[Sample], base_vocab: usize, kvlink_json: &s
         ("components", names.join(",")),
         ("base_vocab", base_vocab.to_string()),
         ("kvlink_json", kvlink_json.to_string()),
+        ("recipe", recipe.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

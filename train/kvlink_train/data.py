@@ -22,6 +22,7 @@ class Samples:
     components: list[str]
     base_vocab: int
     kvlink_json: str
+    recipe: str = ""  # how the file was made (JSON: `kvlink train-data` args), if recorded
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -65,7 +66,7 @@ def load_samples(path: str) -> Samples:
              ("tokens", "segments", "positions", "loss", "offsets", "component")}
     s = Samples(t["tokens"], t["segments"], t["positions"], t["loss"], t["offsets"], t["component"],
                 [c for c in meta.get("components", "").split(",") if c], int(meta["base_vocab"]),
-                meta.get("kvlink_json", ""))
+                meta.get("kvlink_json", ""), meta.get("recipe", ""))
     n = len(s)
     if s.offsets[0] != 0 or s.offsets[-1] != len(s.tokens) or len(s.component) != n or np.any(np.diff(s.offsets) <= 0):
         raise ValueError(f"{path}: inconsistent offsets/component")
@@ -73,7 +74,7 @@ def load_samples(path: str) -> Samples:
 
 
 def write_samples(path: str, samples: Sequence[dict], components: Sequence[str], base_vocab: int,
-                  kvlink_json: str) -> None:
+                  kvlink_json: str, recipe: str = "") -> None:
     """Write a samples file; each sample is a dict of tokens, segments, positions, loss, component."""
     from safetensors.numpy import save_file
 
@@ -84,7 +85,7 @@ def write_samples(path: str, samples: Sequence[dict], components: Sequence[str],
         "positions": cat("positions", np.int32), "loss": cat("loss", np.uint8), "offsets": offsets,
         "component": np.asarray([s["component"] for s in samples], dtype=np.uint8),
     }, path, metadata={"format": FORMAT, "components": ",".join(components), "base_vocab": str(base_vocab),
-                       "kvlink_json": kvlink_json})
+                       "kvlink_json": kvlink_json, "recipe": recipe})
 
 
 def to_control(s: Samples) -> Samples:

@@ -82,6 +82,17 @@ def lr_at(step: int, lr: float, warmup: int, steps: int, floor: float) -> float:
     return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * prog)))
 
 
+def _recipe(text: str):
+    """The samples file's recipe for the log: its JSON, the text if it is not JSON, None
+    if the file has none (made before recipes were recorded)."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def _save(path: str, obj: dict) -> None:
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -169,7 +180,8 @@ class Trainer:
                   "samples": len(self.samples), "tokens": int(len(self.samples.tokens)),
                   "labelled": int(self.samples.loss.sum()), "n_extra": self.n_extra,
                   "trainable_params": sum(p.numel() for _, p in named),
-                  "batches_per_epoch": len(self.batches), "load_s": round(time.time() - self.t0, 2)})
+                  "batches_per_epoch": len(self.batches), "load_s": round(time.time() - self.t0, 2),
+                  "recipe": _recipe(self.samples.recipe)})
 
     def log(self, rec: dict) -> None:
         line = json.dumps(rec)

@@ -108,10 +108,13 @@ def kvlink_sample(rng: np.random.Generator, n_docs: int, plain: bool = False) ->
             "component": 1 if plain else 0}
 
 
+RECIPE = '{"args": ["train-data", "--seed", "0"]}'
+
+
 def make_samples(path: str, n: int = 12, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     ss = [kvlink_sample(rng, int(rng.integers(1, MAX_SLOTS + 1)), plain=(i % 3 == 2)) for i in range(n)]
-    write_samples(path, ss, COMPONENTS, TINY["vocab"], KVLINK_JSON)
+    write_samples(path, ss, COMPONENTS, TINY["vocab"], KVLINK_JSON, RECIPE)
     return path
 
 

@@ -55,6 +55,8 @@ def test_training_lowers_loss(tiny, tmp_path):
     ls = [r["loss"] for r in steps_of(run)]
     assert len(ls) == 25
     assert ls[-1] < 0.7 * ls[0], ls
+    start = [json.loads(x) for x in open(run / "log.jsonl")][0]
+    assert start["event"] == "start" and start["recipe"] == {"args": ["train-data", "--seed", "0"]}
     first = steps_of(run)[0]
     assert first["labelled"] == int(load_samples(tiny["samples"]).loss.sum())
     assert set(first["comp_loss"]) == {"qa_mem", "qa"}
