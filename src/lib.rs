@@ -23,6 +23,7 @@ pub mod gpu;
 pub mod kv;
 pub mod link;
 pub mod ops;
+pub mod par;
 pub mod paths;
 pub mod sampling;
 #[cfg(not(target_arch = "wasm32"))]

@@ -13,6 +13,7 @@ use std::path::Path;
 const LAYERS: &[(&str, u32)] = &[
     ("error", 0),
     ("paths", 0),
+    ("par", 0),
     // Pure storage and numerics: bytes of KV caches, sampling from logits.
     ("kv", 1),
     ("sampling", 1),

@@ -1025,28 +1025,8 @@ fn quantize_parts(parts: &[&Vec<u8>]) -> Result<Vec<Vec<u8>>> {
         let mut q = Vec::new();
         quant::quantize(p, &mut q).map(|_| q)
     };
-    #[cfg(not(target_arch = "wasm32"))]
-    if parts.len() > 1 {
-        let threads = std::thread::available_parallelism()
-            .map_or(4, |n| n.get())
-            .min(16);
-        let per = parts.len().div_ceil(threads);
-        return std::thread::scope(|s| {
-            let handles: Vec<_> = parts
-                .chunks(per)
-                .map(|c| s.spawn(move || c.iter().map(one).collect::<Result<Vec<_>>>()))
-                .collect();
-            let mut out = Vec::with_capacity(parts.len());
-            for h in handles {
-                out.extend(
-                    h.join()
-                        .map_err(|_| Error::Input("q8: a thread panicked".into()))??,
-                );
-            }
-            Ok(out)
-        });
-    }
-    parts.iter().map(one).collect()
+    let lost = || Err(Error::Input("q8: a quantizing thread panicked".into()));
+    crate::par::map(parts, one, lost).into_iter().collect()
 }
 
 /// Write one entry (see the module docs for the layout) after its header JSON.

@@ -425,35 +425,8 @@ impl DocTiers {
                 |h| self.upload_sink(d, (h.n_tokens, h.n_layers, h.kv_dim), h.format()),
             )
         };
-        #[cfg(not(target_arch = "wasm32"))]
-        if docs.len() > 1 {
-            let threads = std::thread::available_parallelism()
-                .map_or(4, |n| n.get())
-                .min(16);
-            let per = docs.len().div_ceil(threads);
-            return std::thread::scope(|s| {
-                let handles: Vec<_> = docs
-                    .chunks(per)
-                    .map(|c| {
-                        (
-                            c.len(),
-                            s.spawn(move || c.iter().map(get).collect::<Vec<_>>()),
-                        )
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|(n, h)| {
-                        h.join().unwrap_or_else(|_| {
-                            (0..n)
-                                .map(|_| Err(Error::Gpu("document cache reader panicked".into())))
-                                .collect()
-                        })
-                    })
-                    .collect()
-            });
-        }
-        docs.iter().map(get).collect()
+        let lost = || Err(Error::Gpu("document cache reader panicked".into()));
+        crate::par::map(docs, get, lost)
     }
 
     /// The one lookup path: caches for documents, GPU-resident, else from the disk store,
