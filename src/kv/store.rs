@@ -1262,11 +1262,12 @@ fn read_entry_into<R: Read, S: PayloadSink>(
 ) -> std::result::Result<Lookup<S::Output>, ReadErr> {
     let mut h = Xxh64::new(0);
     let (header, consumed) = read_header_hashed(f, file_len, &mut h)?;
-    let layer_bytes = (header.n_tokens as u64)
-        .checked_mul(header.kv_dim as u64)
-        .and_then(|n| usize::try_from(n).ok())
-        .and_then(|n| n.checked_mul(DTYPE_BYTES))
-        .map(|b| header.format().part_bytes(b / DTYPE_BYTES) as u64);
+    // Bytes of one part (the K or the V of a layer); None where the shape overflows.
+    let layer_bytes = header
+        .n_tokens
+        .checked_mul(header.kv_dim)
+        .filter(|n| n.checked_mul(DTYPE_BYTES).is_some())
+        .map(|n| header.format().part_bytes(n) as u64);
     let payload = layer_bytes.and_then(|lb| lb.checked_mul(2 * header.n_layers as u64));
     let Some(payload) = payload else {
         return Err(ReadErr::Corrupt("shape overflows".into()));
