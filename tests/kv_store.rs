@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::mem_shared::MemShared;
 use common::tempdir::tempdir;
 use common::Rng;
 
@@ -1110,28 +1111,6 @@ fn get_with_streams_parts_in_order_and_finishes_only_verified_hits() {
 }
 
 /// A shared tier in memory, for what writes to one.
-#[derive(Default)]
-struct MemShared(std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>);
-
-impl kvlink::kv::SharedStore for MemShared {
-    fn describe(&self) -> String {
-        "memory".into()
-    }
-    fn get(&self, key: &DocKey) -> kvlink::Result<Option<Vec<u8>>> {
-        Ok(self.0.lock().unwrap().get(&key.to_string()).cloned())
-    }
-    fn put(&self, key: &DocKey, entry: &[u8]) -> kvlink::Result<()> {
-        self.0
-            .lock()
-            .unwrap()
-            .insert(key.to_string(), entry.to_vec());
-        Ok(())
-    }
-    fn remove(&self, key: &DocKey) -> kvlink::Result<bool> {
-        Ok(self.0.lock().unwrap().remove(&key.to_string()).is_some())
-    }
-}
-
 #[test]
 fn push_copies_intact_entries_under_their_header_keys() {
     use kvlink::kv::shared::push_store;
@@ -1335,4 +1314,50 @@ fn q8_entries_that_do_not_add_up_are_corrupt() {
     raw.extend_from_slice(&[0u8; 8]);
     reseal(&mut raw);
     check(&raw, "length");
+}
+
+#[test]
+fn put_entry_writes_intact_entries_verbatim_and_refuses_the_rest() {
+    let td = tempdir("put-entry");
+    let store = DiskStore::open(td.path()).unwrap();
+    for (seed, format) in [(7, KvFormat::F16), (8, KvFormat::Q8)] {
+        let t = tokens(seed, 16);
+        let key = DocKey::new(MODEL, TOK, &t);
+        let kv = finite_kv(seed, 16, 2, 32);
+        let entry = encode_entry_as(MODEL, TOK, &t, &kv, format, 1234).unwrap();
+        store.put_entry(&key, &entry).unwrap();
+        assert_eq!(fs::read(store.path_for(&key)).unwrap(), entry, "{format:?}");
+        // It reads back as the same entry through the store as through decode_entry.
+        let want = hit(decode_entry(&entry, MODEL, TOK, &t));
+        let got = hit(store.get(&key, MODEL, TOK, &t).unwrap());
+        assert_eq!((got.k, got.v), (want.k, want.v), "{format:?}");
+    }
+    // Refused, and nothing written: another key, a flipped payload byte, a truncation,
+    // bytes that are no entry, an entry over the cap.
+    let t = tokens(9, 16);
+    let key = DocKey::new(MODEL, TOK, &t);
+    let entry = encode_entry_as(MODEL, TOK, &t, &finite_kv(9, 16, 2, 32), KvFormat::Q8, 1).unwrap();
+    let other = DocKey::new(MODEL, TOK, &tokens(10, 16));
+    let err = store.put_entry(&other, &entry).unwrap_err().to_string();
+    assert!(err.contains("does not match"), "{err}");
+    let mut flipped = entry.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 1;
+    let err = store.put_entry(&key, &flipped).unwrap_err().to_string();
+    assert!(err.contains("checksum"), "{err}");
+    let err = store
+        .put_entry(&key, &entry[..entry.len() - 1])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not an intact cache entry"), "{err}");
+    assert!(store.put_entry(&key, b"not an entry").is_err());
+    let small = DiskStore::open_with_cap(td.path().join("small"), entry.len() as u64 - 1).unwrap();
+    let err = small.put_entry(&key, &entry).unwrap_err().to_string();
+    assert!(err.contains("does not fit"), "{err}");
+    assert!(!store.contains(&key) && !store.contains(&other) && !small.contains(&key));
+    let kvc: Vec<String> = files_in(td.path())
+        .into_iter()
+        .filter(|f| !f.starts_with(".prune") && !f.starts_with(".last-prune"))
+        .collect();
+    assert_eq!(kvc.len(), 2, "{kvc:?}");
 }

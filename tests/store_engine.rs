@@ -186,3 +186,49 @@ fn q8_store_hits_are_dequantized_on_the_gpu_as_on_the_host() {
     e.clear_doc_caches();
     r.unwrap();
 }
+
+#[test]
+fn new_caches_are_encoded_once_for_both_tiers_and_shared_hits_keep_their_format() {
+    use common::mem_shared::MemShared;
+    use kvlink::kv::store::Q8_ENTRY_VERSION;
+    let _g = STORE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let e = engine();
+    let (td1, td2) = (tempdir("both-tiers-1"), tempdir("both-tiers-2"));
+    let store1 = DiskStore::open(td1.path()).unwrap();
+    let store2 = DiskStore::open(td2.path()).unwrap();
+    let mem = std::sync::Arc::new(MemShared::default());
+    let a = doc("The ferry to the island leaves twice a day, at seven and at five.\n");
+    let r = (|| -> kvlink::Result<()> {
+        e.set_store(Some(store1.clone()));
+        e.set_shared_store(Some(mem.clone()));
+        e.set_store_format(KvFormat::Q8);
+        e.clear_doc_caches();
+        let (_, from) = e.doc_caches(&[&a])?;
+        assert_eq!(from, vec![CacheSource::Computed]);
+        let key = e.doc_key(&a);
+        let shared = mem.entry(&key).expect("the new cache in the shared tier");
+        assert_eq!(shared[4..8], Q8_ENTRY_VERSION.to_le_bytes());
+        // Quantized once: the same entry, creation time included, in both tiers.
+        let disk = std::fs::read(store1.path_for(&key)).unwrap();
+        assert!(disk == shared, "disk and shared entries differ");
+        // Another server: its own empty disk store, writing f16. The shared tier's hit
+        // goes to its disk as the shared tier has it (q8), not re-encoded.
+        e.set_store(Some(store2.clone()));
+        e.set_store_format(KvFormat::F16);
+        e.clear_doc_caches();
+        let (_, from) = e.doc_caches(&[&a])?;
+        assert_eq!(from, vec![CacheSource::Shared]);
+        let disk = std::fs::read(store2.path_for(&key)).unwrap();
+        assert!(disk == shared, "the shared hit was re-encoded for the disk");
+        // And serves from there next.
+        e.clear_doc_caches();
+        let (_, from) = e.doc_caches(&[&a])?;
+        assert_eq!(from, vec![CacheSource::Disk]);
+        Ok(())
+    })();
+    e.set_store(None);
+    e.set_shared_store(None);
+    e.set_store_format(KvFormat::F16);
+    e.clear_doc_caches();
+    r.unwrap();
+}

@@ -605,6 +605,36 @@ impl DiskStore {
         )?;
 
         let entry_bytes = PREFIX_BYTES + json.len() as u64 + payload.bytes() + CHECKSUM_BYTES;
+        self.write_file(key, entry_bytes, |w| write_entry(w, &json, &payload))
+    }
+
+    /// [`DiskStore::put`] of an entry's bytes as they are: an entry [`encode_entry_as`]
+    /// made, or one read from a shared tier (so that it keeps its format and creation
+    /// time, and a cache is quantized once for both tiers). The bytes must be an intact
+    /// entry (magic, version, lengths, checksum: [`check_entry`]) whose header gives
+    /// `key`; anything else is refused, and nothing is written.
+    pub fn put_entry(&self, key: &DocKey, entry: &[u8]) -> Result<()> {
+        let h = check_entry(entry).map_err(|why| {
+            Error::Input(format!("kv store put: not an intact cache entry ({why})"))
+        })?;
+        let want = DocKey::new(&h.model_fingerprint, &h.tokenizer_fingerprint, &h.token_ids);
+        if &want != key {
+            return Err(Error::Input(format!(
+                "kv store put: key {key} does not match the entry's header (expected {want})"
+            )));
+        }
+        self.write_file(key, entry.len() as u64, |w| w.write_all(entry))
+    }
+
+    /// Writes `key`'s entry file atomically (a temporary file, synced, then renamed over
+    /// any previous entry) with `emit`, which writes `entry_bytes` bytes; refuses an
+    /// entry over the store's cap.
+    fn write_file(
+        &self,
+        key: &DocKey,
+        entry_bytes: u64,
+        emit: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
+    ) -> Result<()> {
         if entry_bytes > self.max_bytes {
             return Err(Error::Input(format!(
                 "kv store: an entry of {entry_bytes} bytes does not fit the store's cap of {} \
@@ -612,7 +642,6 @@ impl DiskStore {
                 self.max_bytes
             )));
         }
-
         let final_path = self.path_for(key);
         let shard = final_path
             .parent()
@@ -623,7 +652,7 @@ impl DiskStore {
 
         let write = || -> io::Result<()> {
             let mut w = BufWriter::with_capacity(1 << 20, file);
-            write_entry(&mut w, &json, &payload)?;
+            emit(&mut w)?;
             let file = w.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()?;
             drop(file);
@@ -1130,15 +1159,32 @@ pub fn check_entry(bytes: &[u8]) -> std::result::Result<EntryHeader, String> {
         Err(ReadErr::Io(e)) => return Err(e.to_string()),
         Err(ReadErr::Sink(e)) => return Err(e.to_string()),
     };
-    match decode_entry(
-        bytes,
-        &h.model_fingerprint,
-        &h.tokenizer_fingerprint,
-        &h.token_ids,
-    ) {
-        Lookup::Hit(_) => Ok(h),
-        Lookup::Corrupt(why) | Lookup::Mismatch(why) => Err(why),
-        Lookup::Miss => Err("no entry".into()),
+    let want = Want {
+        model_fingerprint: &h.model_fingerprint,
+        tokenizer_fingerprint: &h.tokenizer_fingerprint,
+        token_ids: &h.token_ids,
+    };
+    let mut r = bytes;
+    // Checked, not decoded: the payload only passes through the checksum.
+    match read_entry_into(&mut r, bytes.len() as u64, &want, |_| Ok(Discard)) {
+        Ok(Lookup::Hit(())) => Ok(h),
+        Ok(Lookup::Corrupt(why) | Lookup::Mismatch(why)) => Err(why),
+        Ok(Lookup::Miss) => Err("no entry".into()),
+        Err(ReadErr::Version(v)) => Err(version_mismatch(v)),
+        Err(ReadErr::Corrupt(why)) => Err(why),
+        Err(ReadErr::Io(e)) => Err(e.to_string()),
+        Err(ReadErr::Sink(e)) => Err(e.to_string()),
+    }
+}
+
+/// A sink that keeps nothing, for checking an entry.
+struct Discard;
+
+impl PayloadSink for Discard {
+    type Output = ();
+    fn write(&mut self, _part: usize, _offset: usize, _bytes: &[u8]) {}
+    fn finish(self) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -102,7 +102,12 @@ impl DocTiers {
     /// A document's entry from the shared tier, checked as a disk entry is: `None` for a
     /// miss, and for a failure, a corrupt or a mismatched entry (warned about; the store
     /// is a cache).
-    fn read_shared(&self, sh: &dyn SharedStore, k: &DocKey, tokens: &[u32]) -> Option<DocKv> {
+    fn read_shared(
+        &self,
+        sh: &dyn SharedStore,
+        k: &DocKey,
+        tokens: &[u32],
+    ) -> Option<(DocKv, Vec<u8>)> {
         let bytes = match sh.get(k) {
             Ok(b) => b?,
             Err(e) => {
@@ -119,7 +124,7 @@ impl DocTiers {
             &self.tokenizer_fingerprint,
             tokens,
         ) {
-            Lookup::Hit(kv) => Some(kv),
+            Lookup::Hit(kv) => Some((kv, bytes)),
             Lookup::Corrupt(why) => {
                 eprintln!(
                     "kvlink: warning: document cache {k} in {} was corrupt ({why}); \
@@ -406,6 +411,60 @@ impl DocTiers {
         })
     }
 
+    /// Write a newly computed cache to the disk store and the shared tier, in `format`:
+    /// with both, encoded once and the same entry bytes written to each. A tier that
+    /// cannot be written (disk full, read-only, unreachable) costs the reuse of this
+    /// document later, not this answer: a warning, and nothing else.
+    fn write_new(
+        &self,
+        store: Option<&DiskStore>,
+        shared: Option<&dyn SharedStore>,
+        key: &DocKey,
+        tokens: &[u32],
+        kv: &DocKv,
+        format: KvFormat,
+    ) {
+        let (fp, tfp) = (&self.fingerprint, &self.tokenizer_fingerprint);
+        let warn_store = |store: &DiskStore, e: Error| {
+            eprintln!(
+                "kvlink: warning: could not write document cache {key} to the store {} \
+                 ({e}); answering without storing it",
+                store.dir().display()
+            )
+        };
+        let Some(sh) = shared else {
+            if let Some(store) = store {
+                // Streamed from the parts: no copy of the whole entry in memory.
+                if let Err(e) = store.put_as(key, fp, tfp, tokens, kv, format) {
+                    warn_store(store, e);
+                }
+            }
+            return;
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let entry = match crate::kv::store::encode_entry_as(fp, tfp, tokens, kv, format, now_ms) {
+            Ok(entry) => entry,
+            Err(e) => {
+                eprintln!("kvlink: warning: could not encode document cache {key} ({e})");
+                return;
+            }
+        };
+        if let Some(store) = store {
+            if let Err(e) = store.put_entry(key, &entry) {
+                warn_store(store, e);
+            }
+        }
+        if let Err(e) = sh.put(key, &entry) {
+            eprintln!(
+                "kvlink: warning: could not write document cache {key} to {} ({e}); \
+                 answering without sharing it",
+                sh.describe()
+            );
+        }
+    }
+
     /// Look documents up in the disk store and upload the hits. Reading, checksumming
     /// and uploading hundreds of MB of K/V is the slow part of a disk hit, so each
     /// document is read and copied into staging memory on its own thread (natively; one
@@ -507,15 +566,14 @@ impl DocTiers {
             let mut still = Vec::new();
             for (i, d) in missing {
                 let k = &keys[i];
-                let Some(kv) = self.read_shared(sh.as_ref(), k, d) else {
+                let Some((kv, entry)) = self.read_shared(sh.as_ref(), k, d) else {
                     still.push((i, d));
                     continue;
                 };
                 let dc = Arc::new(self.upload_doc(d, &kv)?);
                 if let Some(store) = &store {
-                    if let Err(e) =
-                        store.put(k, &self.fingerprint, &self.tokenizer_fingerprint, d, &kv)
-                    {
+                    // The entry as the shared tier has it (its format, f16 or q8).
+                    if let Err(e) = store.put_entry(k, &entry) {
                         eprintln!(
                             "kvlink: warning: could not write document cache {k} to the store \
                              {} ({e}); going on without it",
@@ -537,52 +595,9 @@ impl DocTiers {
             Some(&self.pool),
         )?) {
             let dc = Arc::new(dc);
-            let kv = if store.is_some() || shared.is_some() {
-                Some(self.download_doc(&dc)?)
-            } else {
-                None
-            };
-            if let (Some(store), Some(kv)) = (&store, &kv) {
-                // A store that cannot be written (disk full, read-only) costs the reuse
-                // of this document later, not this answer.
-                if let Err(e) = store.put_as(
-                    &keys[*i],
-                    &self.fingerprint,
-                    &self.tokenizer_fingerprint,
-                    d,
-                    kv,
-                    format,
-                ) {
-                    eprintln!(
-                        "kvlink: warning: could not write document cache {} to the store \
-                         {} ({e}); answering without storing it",
-                        keys[*i],
-                        store.dir().display()
-                    );
-                }
-            }
-            if let (Some(sh), Some(kv)) = (&shared, &kv) {
-                // The disk store's entry bytes (same format, same checks on reading).
-                let now_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
-                let r = crate::kv::store::encode_entry_as(
-                    &self.fingerprint,
-                    &self.tokenizer_fingerprint,
-                    d,
-                    kv,
-                    format,
-                    now_ms,
-                )
-                .and_then(|bytes| sh.put(&keys[*i], &bytes));
-                if let Err(e) = r {
-                    eprintln!(
-                        "kvlink: warning: could not write document cache {} to {} ({e}); \
-                         answering without sharing it",
-                        keys[*i],
-                        sh.describe()
-                    );
-                }
+            if store.is_some() || shared.is_some() {
+                let kv = self.download_doc(&dc)?;
+                self.write_new(store.as_ref(), shared.as_deref(), &keys[*i], d, &kv, format);
             }
             lru.insert(keys[*i].clone(), dc.clone(), dc.bytes());
             found.insert(&keys[*i], (dc, CacheSource::Computed));

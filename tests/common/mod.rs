@@ -73,6 +73,7 @@ pub fn rand_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.unit() * scale).collect()
 }
 
+pub mod mem_shared;
 pub mod model;
 pub mod reference;
 pub mod tempdir;
