@@ -3,16 +3,16 @@
 //!
 //!     cargo run --release --example rag -- DOCS_DIR "your question" [MODEL [ADAPTER]]
 //!
-//! MODEL defaults to SmolLM2-135M-Instruct in the cache directory
-//! (scripts/fetch-model.sh fetches it), with the KVLink-tuned adapter that ships in
+//! MODEL defaults to SmolLM2-135M-Instruct in the cache directory (fetched the first
+//! time, as `kvlink` does), with the KVLink-tuned adapter that ships in
 //! `adapters/smollm2-135m-kvlink` (link tokens after each document; reuse keeps the
 //! answers of full prefill far better than the plain model). With MODEL, no adapter is
-//! used unless ADAPTER is given.
+//! used unless ADAPTER is given. The model and adapter are set up by
+//! `kvlink::setup::ModelSpec`, as the `kvlink` command sets them up.
 
 use kvlink::gpu::{AdapterChoice, Gpu};
-use kvlink::model::lora::with_lora;
-use kvlink::model::{default_model_path, open_model};
-use kvlink::{Engine, GenerateParams, Mode, Request};
+use kvlink::setup::ModelSpec;
+use kvlink::{GenerateParams, Mode, Request};
 use std::io::Write;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,15 +21,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("usage: rag DOCS_DIR QUESTION [MODEL [ADAPTER]]");
         std::process::exit(2);
     }
-    let (model, adapter): (std::path::PathBuf, Option<std::path::PathBuf>) = match args.get(3) {
-        Some(m) => (m.into(), args.get(4).map(Into::into)),
-        None => (
-            default_model_path(),
-            Some(
+    // The default model comes with the KVLink-tuned adapter; another MODEL only with
+    // the ADAPTER given.
+    let spec = match args.get(3) {
+        Some(m) => ModelSpec {
+            model: Some(m.into()),
+            lora: args.get(4).map(Into::into),
+            ctx: 0,
+        },
+        None => ModelSpec {
+            model: None,
+            lora: Some(
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                     .join("adapters/smollm2-135m-kvlink"),
             ),
-        ),
+            ctx: 0,
+        },
     };
     let mut files: Vec<_> = std::fs::read_dir(&args[1])?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -42,17 +49,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<std::io::Result<Vec<_>>>()?;
     eprintln!("{} documents from {}", documents.len(), args[1]);
 
-    let mut src = open_model(&model)?;
-    if let Some(dir) = &adapter {
-        src = with_lora(src, dir)?;
+    if let Some(dir) = &spec.lora {
         eprintln!("adapter {}", dir.display());
     }
-    let engine = Engine::load(
-        Gpu::new(&AdapterChoice::from_env())?,
-        src.as_ref(),
-        0,
-        &mut |_, _| {},
-    )?;
+    // (A missing default model is fetched first, as `kvlink` does.)
+    let gpu = Gpu::new(&AdapterChoice::from_env())?;
+    let engine = spec.load(gpu, &mut |m| eprintln!("{m}"), &mut |_, _| {})?;
     let request = Request {
         mode: Mode::Kvlink,
         ..Request::new(documents, args[2].clone())

@@ -29,6 +29,8 @@ pub mod sampling;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod server;
 #[cfg(not(target_arch = "wasm32"))]
+pub mod setup;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod train_data;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]
 pub mod web;

@@ -25,6 +25,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("eval", 6),
     ("train_data", 6),
     ("server", 6),
+    ("setup", 6),
     ("web", 6),
     ("fuzz", 6),
 ];

@@ -232,3 +232,74 @@ fn new_caches_are_encoded_once_for_both_tiers_and_shared_hits_keep_their_format(
     e.clear_doc_caches();
     r.unwrap();
 }
+
+#[test]
+fn store_specs_refuse_bad_settings_and_warn_for_an_unusable_directory() {
+    use kvlink::setup::StoreSpec;
+    let _g = STORE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let e = engine();
+    let td = tempdir("spec");
+    let mut warnings = Vec::new();
+    let bad = [
+        StoreSpec {
+            locations: vec![td.path().join("a"), td.path().join("b")],
+            ..Default::default()
+        },
+        StoreSpec {
+            locations: vec!["redis://127.0.0.1:1".into(), "redis://127.0.0.1:2".into()],
+            ..Default::default()
+        },
+        StoreSpec {
+            max_gb: Some(0.0),
+            ..Default::default()
+        },
+        StoreSpec {
+            max_gb: Some(f64::NAN),
+            no_disk: true,
+            ..Default::default()
+        },
+        StoreSpec {
+            ttl_hours: Some(-1.0),
+            ..Default::default()
+        },
+    ];
+    for spec in bad {
+        let err = spec.apply(e, &mut |w| warnings.push(w.to_string()));
+        assert!(
+            matches!(err, Err(kvlink::Error::Input(_))),
+            "{spec:?}: {err:?}"
+        );
+    }
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert!(e.store().is_none(), "a refused spec set a store");
+    // A directory that cannot be a store (a file is in the way): a warning, no store.
+    let file = td.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let spec = StoreSpec {
+        locations: vec![file.clone()],
+        format: KvFormat::Q8,
+        ..Default::default()
+    };
+    let r = spec.apply(e, &mut |w| warnings.push(w.to_string()));
+    let (format, store) = (e.store_format(), e.store());
+    e.set_store_format(KvFormat::F16);
+    r.unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(&file.display().to_string()),
+        "{warnings:?}"
+    );
+    assert!(store.is_none());
+    assert_eq!(format, KvFormat::Q8);
+    // A usable one is the engine's store, with its cap.
+    let spec = StoreSpec {
+        locations: vec![td.path().join("store")],
+        max_gb: Some(0.5),
+        ..Default::default()
+    };
+    spec.apply(e, &mut |w| panic!("warning {w}")).unwrap();
+    let store = e.store().expect("the store");
+    e.set_store(None);
+    assert_eq!(store.dir(), td.path().join("store"));
+    assert_eq!(store.max_bytes(), 500_000_000);
+}

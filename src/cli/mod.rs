@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvlink::gpu::{AdapterChoice, Gpu};
-use kvlink::model::{open_model, WeightSource};
+use kvlink::model::WeightSource;
 use kvlink::sampling::SamplingParams;
 use kvlink::{Engine, GenerateParams};
 use std::io::{BufRead, Write};
@@ -163,6 +163,16 @@ pub(crate) struct ModelArgs {
     /// KVLINK_LORA.
     #[arg(long, env = "KVLINK_LORA")]
     pub lora: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn spec(&self) -> kvlink::setup::ModelSpec {
+        kvlink::setup::ModelSpec {
+            model: self.model.clone(),
+            lora: self.lora.clone(),
+            ctx: self.ctx,
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -327,35 +337,7 @@ fn devices(json: bool, verbose: bool) -> Result<()> {
 /// Resolve `--model` (or the default model, fetched if missing) and open it, with the
 /// `--lora` adapter merged in if one is given.
 pub(crate) fn open_source(m: &ModelArgs) -> Result<Box<dyn WeightSource>> {
-    let src = open_base(m)?;
-    match &m.lora {
-        Some(dir) => Ok(kvlink::model::lora::with_lora(src, dir)?),
-        None => Ok(src),
-    }
-}
-
-fn open_base(m: &ModelArgs) -> Result<Box<dyn WeightSource>> {
-    let path = match &m.model {
-        Some(p) => p.clone(),
-        None => {
-            let p = kvlink::model::default_model_path();
-            if !p.exists() {
-                kvlink::model::fetch::ensure_default_model(&mut |m| eprintln!("{m}"))?
-            } else {
-                p
-            }
-        }
-    };
-    if !path.exists() {
-        let s = path.to_string_lossy();
-        if kvlink::model::hub::looks_like_repo(&s) {
-            // Not a file or folder here: a Hugging Face Hub repository id.
-            let dir = kvlink::model::hub::download(&s, true)?;
-            return Ok(open_model(&dir)?);
-        }
-        bail!("model not found: {}", path.display());
-    }
-    Ok(open_model(&path)?)
+    Ok(m.spec().open(&mut |m| eprintln!("{m}"))?)
 }
 
 fn progress_bar(len: u64, msg: &str) -> ProgressBar {

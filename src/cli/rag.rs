@@ -6,13 +6,12 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvlink::engine::StartOptions;
 use kvlink::gpu::AdapterChoice;
-use kvlink::kv::redis::RedisStore;
 use kvlink::kv::{DiskStore, KvFormat};
-use kvlink::link::{LinkConfig, Mode, PromptPlan, Timings};
+use kvlink::link::{Mode, PromptPlan, Timings};
 use kvlink::{Engine, GenerateParams, Request};
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Documents and cache flags shared by `ask`, `logits` and `precompute`.
 #[derive(Args, Clone, Default)]
@@ -71,78 +70,38 @@ impl DocArgs {
     }
 
     /// Apply link-token configuration (a `--lora` adapter's kvlink.json, which the
-    /// engine took at load, else kvlink.json next to the model; then flags) and the disk
-    /// store to a loaded engine.
+    /// engine took at load, else kvlink.json next to the model; then flags) and the
+    /// stores to a loaded engine.
     pub fn configure(&self, engine: &mut Engine, model: &ModelArgs) -> Result<()> {
-        let adapter_link = model
-            .lora
-            .as_ref()
-            .is_some_and(|d| d.join(kvlink::model::lora::LINK_FILE).is_file());
-        let mut link = if adapter_link {
-            engine.link().clone()
-        } else {
-            LinkConfig::default()
+        store_cap(self.store_max_gb)?;
+        if let Some(h) = self.store_ttl_hours {
+            if !(h.is_finite() && h >= 0.0) {
+                bail!("--store-ttl-hours must be 0 or more, got {h}");
+            }
+        }
+        let links = kvlink::setup::LinkOverrides {
+            k: self.link_tokens,
+            link_base: self.link_base,
+            kv_start: self.kv_start,
+            kv_end: self.kv_end,
         };
-        if let (false, Some(m)) = (adapter_link, &model.model) {
-            let dir = if m.is_dir() {
-                m.clone()
-            } else {
-                m.parent().map(|p| p.to_path_buf()).unwrap_or_default()
-            };
-            if let Some(c) = LinkConfig::from_file(&dir.join("kvlink.json"))? {
-                link = c;
-            }
+        Ok(kvlink::setup::configure(
+            engine,
+            &model.spec(),
+            &links,
+            &self.stores(),
+        )?)
+    }
+
+    /// Where the flags say document caches go.
+    pub fn stores(&self) -> kvlink::setup::StoreSpec {
+        kvlink::setup::StoreSpec {
+            locations: self.store.clone(),
+            no_disk: self.no_store,
+            max_gb: self.store_max_gb,
+            format: self.store_format,
+            ttl_hours: self.store_ttl_hours,
         }
-        if let Some(k) = self.link_tokens {
-            link.k = k;
-        }
-        if self.link_base.is_some() {
-            link.link_base = self.link_base;
-        }
-        if self.kv_start.is_some() {
-            link.kv_start = self.kv_start;
-        }
-        if self.kv_end.is_some() {
-            link.kv_end = self.kv_end;
-        }
-        engine.set_link(link)?;
-        engine.set_store_format(self.store_format);
-        let (urls, mut dirs): (Vec<&PathBuf>, Vec<&PathBuf>) = self
-            .store
-            .iter()
-            .partition(|p| RedisStore::is_url(&p.to_string_lossy()));
-        if dirs.len() > 1 || urls.len() > 1 {
-            bail!("--store: at most one directory and one redis:// URL");
-        }
-        if let Some(url) = urls.first() {
-            let hours = self.store_ttl_hours.unwrap_or(168.0);
-            if !(hours.is_finite() && hours >= 0.0) {
-                bail!("--store-ttl-hours must be 0 or more, got {hours}");
-            }
-            let url = url.to_string_lossy();
-            let shared = RedisStore::open(&url, Duration::from_secs_f64(hours * 3600.0))?;
-            // Like the disk store, an unreachable Redis is a warning: it is tried again
-            // later, and requests are answered without it meanwhile.
-            if let Err(e) = shared.ping() {
-                eprintln!("kvlink: warning: {e}; going on without it until it answers");
-            }
-            engine.set_shared_store(Some(std::sync::Arc::new(shared)));
-        }
-        if !self.no_store {
-            let cap = store_cap(self.store_max_gb)?;
-            let dir = dirs.pop().cloned().unwrap_or_else(DiskStore::default_dir);
-            // The store only saves work: one that cannot be opened is a warning, and the
-            // request is answered without it.
-            match DiskStore::open_with_cap(&dir, cap) {
-                Ok(store) => engine.set_store(Some(store)),
-                Err(e) => eprintln!(
-                    "kvlink: warning: cannot use the document store {} ({e}); going on \
-                     without it",
-                    dir.display()
-                ),
-            }
-        }
-        Ok(())
     }
 }
 
@@ -153,10 +112,16 @@ pub fn parse_store_format(s: &str) -> std::result::Result<KvFormat, String> {
 
 /// `--store-max-gb` in bytes ([`DiskStore`]'s default without it).
 pub fn store_cap(gb: Option<f64>) -> Result<u64> {
-    match gb {
-        None => Ok(kvlink::kv::store::DEFAULT_MAX_BYTES),
-        Some(g) if g.is_finite() && g > 0.0 => Ok((g * 1e9) as u64),
-        Some(g) => bail!("--store-max-gb must be a positive number of GB, got {g}"),
+    let spec = kvlink::setup::StoreSpec {
+        max_gb: gb,
+        ..Default::default()
+    };
+    match spec.disk_cap() {
+        Ok(cap) => Ok(cap),
+        Err(_) => bail!(
+            "--store-max-gb must be a positive number of GB, got {}",
+            gb.unwrap_or_default()
+        ),
     }
 }
 

@@ -32,12 +32,13 @@ pub fn view(adapter: &AdapterChoice, a: &ViewArgs) -> Result<()> {
     super::rag::store_cap(a.store_max_gb)?;
     super::viewer::app::run(super::viewer::app::Options {
         adapter: adapter.clone(),
-        model: a.model.model.clone(),
-        ctx: a.model.ctx,
-        lora: a.model.lora.clone(),
-        store: a.store.clone(),
-        no_store: a.no_store,
-        store_max_gb: a.store_max_gb,
-        store_format: a.store_format,
+        model: a.model.spec(),
+        stores: kvlink::setup::StoreSpec {
+            locations: a.store.iter().cloned().collect(),
+            no_disk: a.no_store,
+            max_gb: a.store_max_gb,
+            format: a.store_format,
+            ttl_hours: None,
+        },
     })
 }

@@ -4,13 +4,13 @@
 
 use super::attention::{self, AttentionCapture, CaptureExt, CAPTURE_IS_REAL};
 use super::export::colormap;
-use crate::cli::ModelArgs;
 use anyhow::{anyhow, Result};
 use eframe::egui;
 use egui::{Color32, Key, KeyboardShortcut, Modifiers, RichText};
 use egui_plot::{Bar, BarChart, Legend, Line, Plot, PlotPoints, Points};
 use kvlink::gpu::AdapterChoice;
 use kvlink::link::Mode;
+use kvlink::setup::{LinkOverrides, ModelSpec, StoreSpec};
 use kvlink::{AskStats, Engine, GenerateParams, Request};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -25,16 +25,12 @@ type TtftPart = (&'static str, Color32, fn(&AskStats) -> f64);
 /// What `kvlink view` was started with.
 pub struct Options {
     pub adapter: AdapterChoice,
-    pub model: Option<PathBuf>,
-    pub ctx: usize,
-    /// A LoRA adapter folder merged into every model the app loads (`--lora`).
-    pub lora: Option<PathBuf>,
-    pub store: Option<PathBuf>,
-    pub no_store: bool,
-    /// `--store-max-gb` (None: the store's default cap).
-    pub store_max_gb: Option<f64>,
-    /// `--store-format`.
-    pub store_format: kvlink::kv::KvFormat,
+    /// The model, a LoRA adapter merged into every model the app loads (`--lora`), the
+    /// context.
+    pub model: ModelSpec,
+    /// Where document caches are kept (`--store`, `--no-store`, `--store-max-gb`,
+    /// `--store-format`).
+    pub stores: StoreSpec,
 }
 
 /// Test mode (env KVLINK_VIEW_SCRIPT=path to this as JSON): drive the app, save a
@@ -212,10 +208,7 @@ pub struct ViewerApp {
     ctx_len: usize,
     /// LoRA adapter folder (empty: none), applied at the next Load.
     lora_field: String,
-    store_dir: Option<PathBuf>,
-    no_store: bool,
-    store_max_gb: Option<f64>,
-    store_format: kvlink::kv::KvFormat,
+    stores: StoreSpec,
     model_field: String,
     engine: Option<Arc<Engine>>,
     loading: bool,
@@ -254,22 +247,19 @@ impl ViewerApp {
         let model = script
             .as_ref()
             .and_then(|s| s.model.clone())
-            .or(opts.model.clone())
+            .or(opts.model.model.clone())
             .or(saved.model.clone());
         let mut app = ViewerApp {
             adapter: opts.adapter,
-            ctx_len: opts.ctx,
+            ctx_len: opts.model.ctx,
             lora_field: script
                 .as_ref()
                 .and_then(|s| s.lora.clone())
-                .or(opts.lora)
+                .or(opts.model.lora)
                 .or(saved.lora.clone())
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
-            store_dir: opts.store,
-            no_store: opts.no_store,
-            store_max_gb: opts.store_max_gb,
-            store_format: opts.store_format,
+            stores: opts.stores,
             model_field: model.map(|p| p.display().to_string()).unwrap_or_default(),
             engine: None,
             loading: false,
@@ -352,25 +342,19 @@ impl ViewerApp {
         let tx = self.tx.clone();
         let ctx = ctx.clone();
         let m = self.model_field.trim();
-        let args = ModelArgs {
+        let spec = ModelSpec {
             model: (!m.is_empty()).then(|| PathBuf::from(m)),
             ctx: self.ctx_len,
             lora: (!self.lora_field.trim().is_empty())
                 .then(|| PathBuf::from(self.lora_field.trim())),
         };
         let adapter = self.adapter.clone();
-        let docs = crate::cli::rag::DocArgs {
-            store: self.store_dir.clone().into_iter().collect(),
-            no_store: self.no_store,
-            store_max_gb: self.store_max_gb,
-            store_format: self.store_format,
-            ..Default::default()
-        };
+        let stores = self.stores.clone();
         std::thread::spawn(move || {
             let r = catch(|| -> Result<Arc<Engine>> {
-                let src = crate::cli::open_source(&args)?;
-                let mut engine = crate::cli::load_engine_with(&adapter, src.as_ref(), args.ctx)?;
-                docs.configure(&mut engine, &args)?;
+                let gpu = kvlink::gpu::Gpu::new(&adapter)?;
+                let mut engine = spec.load(gpu, &mut |m| eprintln!("{m}"), &mut |_, _| {})?;
+                kvlink::setup::configure(&mut engine, &spec, &LinkOverrides::default(), &stores)?;
                 Ok(Arc::new(engine))
             });
             let _ = tx.send(Msg::Loaded(r.map_err(|e| format!("{e:#}"))));
