@@ -1361,3 +1361,104 @@ fn put_entry_writes_intact_entries_verbatim_and_refuses_the_rest() {
         .collect();
     assert_eq!(kvc.len(), 2, "{kvc:?}");
 }
+
+#[test]
+fn convert_rewrites_intact_entries_in_the_other_format_keeping_their_last_use() {
+    use kvlink::kv::convert::convert_store;
+    let td = tempdir("convert");
+    let store = DiskStore::open(td.path()).unwrap();
+    let put = |seed: u64, kv: &DocKv, format: KvFormat| {
+        let t = tokens(seed, kv.n_tokens);
+        let key = DocKey::new(MODEL, TOK, &t);
+        store.put_as(&key, MODEL, TOK, &t, kv, format).unwrap();
+        (key, t)
+    };
+    let (a, b) = (finite_kv(20, 16, 2, 32), finite_kv(21, 8, 3, 64));
+    let (ka, ta) = put(20, &a, KvFormat::F16);
+    let (kb, tb) = put(21, &b, KvFormat::F16);
+    let (kc, tc) = put(22, &finite_kv(22, 16, 2, 32), KvFormat::Q8);
+    let mut nan = finite_kv(23, 8, 2, 64);
+    nan.k[0][2..4].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    let (kn, tn) = put(23, &nan, KvFormat::F16);
+    // Corrupt (a flipped payload byte), and an intact entry under another key's name.
+    let (kx, _) = put(24, &finite_kv(24, 16, 2, 32), KvFormat::F16);
+    let mut raw = fs::read(store.path_for(&kx)).unwrap();
+    let mid = raw.len() / 2;
+    raw[mid] ^= 4;
+    fs::write(store.path_for(&kx), &raw).unwrap();
+    let (ky, _) = put(25, &finite_kv(25, 16, 2, 32), KvFormat::F16);
+    let kz = DocKey::new(MODEL, TOK, &tokens(26, 16));
+    fs::create_dir_all(store.path_for(&kz).parent().unwrap()).unwrap();
+    fs::rename(store.path_for(&ky), store.path_for(&kz)).unwrap();
+    // Distinct last uses, to see them kept.
+    let keys = [&ka, &kb, &kc, &kn, &kx, &kz];
+    for (i, k) in keys.iter().enumerate() {
+        set_age(
+            &store.path_for(k),
+            Duration::from_secs(1000 * (i as u64 + 1)),
+        );
+    }
+    let mtimes = |store: &DiskStore| -> Vec<SystemTime> {
+        keys.iter()
+            .map(|k| fs::metadata(store.path_for(k)).unwrap().modified().unwrap())
+            .collect()
+    };
+    let before = mtimes(&store);
+    let f16_bytes: u64 = [&ka, &kb]
+        .iter()
+        .map(|k| fs::metadata(store.path_for(k)).unwrap().len())
+        .sum();
+    let mut calls = Vec::new();
+    let st = convert_store(&store, KvFormat::Q8, &mut |d, n| calls.push((d, n))).unwrap();
+    assert_eq!(
+        (st.converted, st.unchanged, st.kept_f16, st.skipped),
+        (2, 1, 1, 2),
+        "{st:?}"
+    );
+    assert_eq!(calls.last(), Some(&(6, 6)));
+    assert_eq!(st.bytes_before, f16_bytes);
+    let q8_bytes: u64 = [&ka, &kb]
+        .iter()
+        .map(|k| fs::metadata(store.path_for(k)).unwrap().len())
+        .sum();
+    assert_eq!(st.bytes_after, q8_bytes);
+    assert!(q8_bytes * 100 < f16_bytes * 56, "{q8_bytes} of {f16_bytes}");
+    assert_eq!(mtimes(&store), before, "last-use times changed");
+    let formats: Vec<KvFormat> = store.entries().unwrap().iter().map(|e| e.format).collect();
+    assert_eq!(
+        formats.iter().filter(|f| **f == KvFormat::Q8).count(),
+        3,
+        "{formats:?}"
+    );
+    // The converted entries are what a q8 put of the same caches writes.
+    let q8_of = |kv: &DocKv, t: &[u32]| {
+        let bytes = encode_entry_as(MODEL, TOK, t, kv, KvFormat::Q8, 0).unwrap();
+        hit(decode_entry(&bytes, MODEL, TOK, t))
+    };
+    let (ga, gb) = (
+        hit(store.get(&ka, MODEL, TOK, &ta).unwrap()),
+        hit(store.get(&kb, MODEL, TOK, &tb).unwrap()),
+    );
+    for (g, w) in [(&ga, q8_of(&a, &ta)), (&gb, q8_of(&b, &tb))] {
+        assert_eq!((&g.k, &g.v), (&w.k, &w.v));
+    }
+    let gn = hit(store.get(&kn, MODEL, TOK, &tn).unwrap());
+    assert_eq!((gn.k, gn.v), (nan.k.clone(), nan.v.clone()));
+    // Back to f16: the dequantized values, bit for bit. The NaN, corrupt and misfiled
+    // entries are f16 already: left alone, unread.
+    let gc = hit(store.get(&kc, MODEL, TOK, &tc).unwrap());
+    let before = mtimes(&store); // (a hit is a use)
+    let st = convert_store(&store, KvFormat::F16, &mut |_, _| {}).unwrap();
+    assert_eq!(
+        (st.converted, st.unchanged, st.kept_f16, st.skipped),
+        (3, 3, 0, 0),
+        "{st:?}"
+    );
+    assert_eq!(mtimes(&store), before);
+    for (k, t, want) in [(&ka, &ta, &ga), (&kb, &tb, &gb), (&kc, &tc, &gc)] {
+        let raw = fs::read(store.path_for(k)).unwrap();
+        assert_eq!(raw[4..8], CACHE_FORMAT_VERSION.to_le_bytes());
+        let got = hit(store.get(k, MODEL, TOK, t).unwrap());
+        assert_eq!((&got.k, &got.v), (&want.k, &want.v));
+    }
+}

@@ -81,7 +81,7 @@ fn store_stats_and_prune_commands() {
         let t = vec![i, 7, 9];
         let key = DocKey::new("m", "t", &t);
         store
-            .put(&key, "m", "t", &t, &DocKv::zeros(3, 2, 8))
+            .put(&key, "m", "t", &t, &DocKv::zeros(3, 2, 32))
             .unwrap();
         total += std::fs::metadata(store.path_for(&key)).unwrap().len();
     }
@@ -92,6 +92,42 @@ fn store_stats_and_prune_commands() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["entries"], 3);
     assert_eq!(v["entry_bytes"], total);
+    assert_eq!(v["q8_entries"], 0);
+    // Rewritten as q8 in place, then counted as such.
+    let (out, _) = ok(
+        kvlink(&["store", "convert", "--store", &dir, "--to", "q8", "--json"])
+            .output()
+            .unwrap(),
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (v["converted"].as_u64(), v["skipped"].as_u64()),
+        (Some(3), Some(0)),
+        "{v}"
+    );
+    assert_eq!(v["bytes_before"], total);
+    let (out, _) = ok(kvlink(&["store", "stats", "--store", &dir, "--json"])
+        .output()
+        .unwrap());
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["q8_entries"], 3);
+    assert!(v["entry_bytes"].as_u64().unwrap() < total, "{v}");
+    for bad in [
+        &["--to", "q4"][..],
+        &["--to", "q8", "--store", "/nonexistent/kv"][..],
+    ] {
+        let mut args = vec!["store", "convert"];
+        if !bad.contains(&"--store") {
+            args.extend(["--store", &dir]);
+        }
+        args.extend(bad);
+        let o = kvlink(&args).output().unwrap();
+        let (_, err) = text(&o);
+        assert!(
+            !o.status.success() && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
     let (out, _) = ok(kvlink(&[
         "store",
         "prune",

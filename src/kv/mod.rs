@@ -13,6 +13,8 @@
 //! Hashes: [`xxh64`] (the store's checksum, a key lane) is xxhash-rust's; [`fnv1a64`] (the
 //! other key lane) is hand-written. The shared tier ([`redis`]) uses the Redis client.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod convert;
 pub mod quant;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod redis;

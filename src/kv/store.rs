@@ -253,6 +253,8 @@ pub struct EntryInfo {
     pub created_unix_ms: u64,
     /// Last write or last hit.
     pub modified: SystemTime,
+    /// How its K/V are stored.
+    pub format: KvFormat,
 }
 
 /// What [`DiskStore::prune`] did.
@@ -566,11 +568,12 @@ impl DiskStore {
             kv,
             KvFormat::F16,
         )
+        .map(|_| ())
     }
 
     /// [`DiskStore::put`] in `format`: [`KvFormat::Q8`] stores about 53% of the bytes
     /// ([`super::quant`]); a cache whose rows are not whole q8 blocks, or that holds a
-    /// value that is not finite, is stored as f16.
+    /// value that is not finite, is stored as f16. Returns the format written.
     pub fn put_as(
         &self,
         key: &DocKey,
@@ -579,7 +582,7 @@ impl DiskStore {
         token_ids: &[u32],
         kv: &DocKv,
         format: KvFormat,
-    ) -> Result<()> {
+    ) -> Result<KvFormat> {
         kv.validate()?;
         if token_ids.len() != kv.n_tokens {
             return Err(Error::Input(format!(
@@ -605,7 +608,8 @@ impl DiskStore {
         )?;
 
         let entry_bytes = PREFIX_BYTES + json.len() as u64 + payload.bytes() + CHECKSUM_BYTES;
-        self.write_file(key, entry_bytes, |w| write_entry(w, &json, &payload))
+        self.write_file(key, entry_bytes, |w| write_entry(w, &json, &payload))?;
+        Ok(payload.format())
     }
 
     /// [`DiskStore::put`] of an entry's bytes as they are: an entry [`encode_entry_as`]
@@ -819,6 +823,7 @@ impl DiskStore {
             let Ok(h) = read_header(&mut f, r.size) else {
                 continue;
             };
+            let format = h.format();
             out.push(EntryInfo {
                 key,
                 path: r.path,
@@ -830,6 +835,7 @@ impl DiskStore {
                 tokenizer_fingerprint: h.tokenizer_fingerprint,
                 created_unix_ms: h.created_unix_ms,
                 modified: r.mtime,
+                format,
             });
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
