@@ -272,8 +272,10 @@ async fn document_store_matches_native() {
     // browser -> native format: a fresh engine computes the document and writes it
     store.remove(&key).await.unwrap();
     let k2 = Kvlink::create().await.unwrap();
+    let model_q8 = model.clone();
     k2.load_model(model, "model.gguf".into(), 512).unwrap();
     assert!(k2.use_store(true).await.unwrap());
+    let text_q8 = text.clone();
     let d = js_json(&k2.add_document(text).await.unwrap());
     assert_eq!(d["source"], "computed", "{d}");
     let written = store.get_bytes(&key).await.unwrap().expect("written");
@@ -302,5 +304,45 @@ async fn document_store_matches_native() {
     }
     web_sys::console::log_1(&format!("browser vs native K/V: max rel diff {worst:.5}").into());
     assert!(worst < 0.02, "browser and native K/V differ by {worst}");
+
+    // The q8 format: written as a version-2 entry, each value within half a
+    // quantization step (its block's largest magnitude / 254) of the native cache, on top
+    // of the two GPUs' difference above.
+    store.remove(&key).await.unwrap();
+    let k3 = Kvlink::create().await.unwrap();
+    k3.load_model(model_q8, "model.gguf".into(), 512).unwrap();
+    assert!(k3.set_store_format("q4").is_err());
+    k3.set_store_format("q8").unwrap();
+    assert!(k3.use_store(true).await.unwrap());
+    let d = js_json(&k3.add_document(text_q8).await.unwrap());
+    assert_eq!(d["source"], "computed", "{d}");
+    let written = store.get_bytes(&key).await.unwrap().expect("written");
+    assert_eq!(
+        written[4..8],
+        kvlink::kv::store::Q8_ENTRY_VERSION.to_le_bytes()
+    );
+    let Lookup::Hit(q8_kv) = decode_entry(&written, &mfp, &tfp, &tokens) else {
+        panic!("the browser's q8 entry does not decode");
+    };
+    let mut worst = 0.0f32;
+    for (a, b) in q8_kv
+        .k
+        .iter()
+        .zip(&native_kv.k)
+        .chain(q8_kv.v.iter().zip(&native_kv.v))
+    {
+        for (xs, ys) in f(a).chunks(32).zip(f(b).chunks(32)) {
+            let step = ys.iter().fold(0f32, |m, y| m.max(y.abs())) / 254.0;
+            for (x, y) in xs.iter().zip(ys) {
+                let excess = ((x - y).abs() - step * 1.02).max(0.0);
+                worst = worst.max(excess / (1.0 + y.abs()));
+            }
+        }
+    }
+    web_sys::console::log_1(&format!("browser q8 vs native K/V: max excess {worst:.5}").into());
+    assert!(
+        worst < 0.02,
+        "browser q8 and native K/V differ by {worst} beyond q8"
+    );
     store.remove(&key).await.unwrap();
 }

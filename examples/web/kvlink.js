@@ -114,8 +114,17 @@ export class KvlinkEngine {
     return this.model;
   }
 
-  /** Keep document caches in the origin-private file system (native store format). */
-  async useStore(enable = true) { return this.inner.useStore(enable); }
+  /**
+   * Keep document caches in the origin-private file system (native store format).
+   * options.format: "f16" (default) or "q8" (53% of the storage; see setStoreFormat).
+   */
+  async useStore(enable = true, options = {}) {
+    if (options.format) this.inner.setStoreFormat(options.format);
+    return this.inner.useStore(enable);
+  }
+
+  /** How new document caches are written to the store: "f16" or "q8". */
+  setStoreFormat(format) { this.inner.setStoreFormat(format); }
 
   /** Add a document; its KV cache is computed (or loaded) now. Resolves to {index, tokens, source, ms}. */
   async addDocument(text) { return this.inner.addDocument(text); }

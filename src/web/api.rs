@@ -38,6 +38,8 @@ struct State {
     /// Documents added so far (their caches are computed when added).
     docs: Vec<String>,
     store: Option<super::store::OpfsStore>,
+    /// How new document caches are written to the store.
+    format: crate::kv::KvFormat,
 }
 
 /// An engine on the browser's WebGPU adapter.
@@ -132,6 +134,7 @@ impl Kvlink {
                 engine: None,
                 docs: Vec::new(),
                 store: None,
+                format: crate::kv::KvFormat::F16,
             })),
         })
     }
@@ -196,18 +199,30 @@ impl Kvlink {
         Ok(on)
     }
 
+    /// How new document caches are written to the store: "f16" (as computed, the
+    /// default) or "q8" (8-bit with a scale per 32 values: 53% of the storage, each
+    /// value within half a quantization step). Entries of either format are read.
+    #[wasm_bindgen(js_name = setStoreFormat)]
+    pub fn set_store_format(&self, format: &str) -> std::result::Result<(), JsError> {
+        self.st.borrow_mut().format = format.parse().map_err(js_err)?;
+        Ok(())
+    }
+
     /// Add a document: tokenize it and compute (or load from the store) its KV cache
     /// now. Resolves to `{index, tokens, source, ms}`.
     #[wasm_bindgen(js_name = addDocument)]
     pub async fn add_document(&self, text: String) -> std::result::Result<JsValue, JsError> {
         let engine = self.engine().map_err(js_err)?;
-        let store = self.st.borrow().store.clone();
+        let (store, format) = {
+            let st = self.st.borrow();
+            (st.store.clone(), st.format)
+        };
         let t0 = Instant::now();
         if text.trim().is_empty() {
             return Err(js_err(Error::Input("the document is empty".into())));
         }
         let tokens = engine.tokenizer().encode_data(&text).map_err(js_err)?;
-        let source = super::store::doc_cache(&engine, store.as_ref(), &tokens)
+        let source = super::store::doc_cache(&engine, store.as_ref(), format, &tokens)
             .await
             .map_err(js_err)?;
         // Report the time the GPU took, not just the time to submit the encoding.

@@ -1,9 +1,9 @@
 //! Document caches in the browser's origin-private file system (OPFS).
 //!
-//! Same layout, keys, checksums and format version as the native [`DiskStore`]:
+//! Same layout, keys, checksums and format versions as the native [`DiskStore`]:
 //! `kvlink/kv/<first 2 hex of key>/<key>.kvc`, each file exactly the bytes
-//! `DiskStore::put` writes ([`encode_entry`] / [`decode_entry`]), so an entry file can be
-//! copied between a native store directory and the browser either way. A writable
+//! `DiskStore::put_as` writes ([`encode_entry_as`] / [`decode_entry`]), f16 or q8, so an
+//! entry file can be copied between a native store directory and the browser either way. A writable
 //! stream only replaces the file when it is closed, so readers never see a torn entry.
 //!
 //! [`DiskStore`]: crate::kv::DiskStore
@@ -12,7 +12,8 @@ use super::api::source_name;
 use super::readback;
 use crate::engine::{CacheSource, Engine};
 use crate::error::{Error, Result};
-use crate::kv::store::{decode_entry, encode_entry, ENTRY_EXT};
+use crate::kv::store::{decode_entry, encode_entry_as, ENTRY_EXT};
+use crate::kv::KvFormat;
 use crate::kv::{DocKey, DocKv, Lookup};
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
@@ -135,10 +136,12 @@ impl OpfsStore {
 }
 
 /// Make a document's cache resident on the GPU: already there, else from the store,
-/// else computed (and then written to the store). Returns where it came from.
+/// else computed (and then written to the store in `format`). Returns where it came
+/// from.
 pub async fn doc_cache(
     engine: &Engine,
     store: Option<&OpfsStore>,
+    format: KvFormat,
     tokens: &[u32],
 ) -> Result<&'static str> {
     let key = engine.doc_key(tokens);
@@ -187,7 +190,7 @@ pub async fn doc_cache(
         }
         let now = js_sys::Date::now() as u64;
         store
-            .put_bytes(&key, &encode_entry(mfp, tfp, tokens, &kv, now)?)
+            .put_bytes(&key, &encode_entry_as(mfp, tfp, tokens, &kv, format, now)?)
             .await?;
     }
     Ok(source_name(CacheSource::Computed))
