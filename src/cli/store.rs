@@ -210,14 +210,7 @@ fn push(a: &StorePushArgs) -> Result<()> {
     }
     let shared = RedisStore::open(&a.to, Duration::from_secs_f64(hours * 3600.0))?;
     shared.ping()?;
-    let pb = ProgressBar::new(0);
-    pb.set_style(
-        ProgressStyle::with_template("pushing [{bar:25}] {pos}/{len} ({elapsed}, eta {eta})")
-            .expect("valid template"),
-    );
-    if a.json {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let pb = entries_bar("pushing", a.json);
     let st = push_store(&DiskStore::inspect(&dir), &shared, &mut |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
@@ -246,14 +239,7 @@ fn convert(a: &StoreConvertArgs) -> Result<()> {
     if !dir.is_dir() {
         anyhow::bail!("no document store at {}", dir.display());
     }
-    let pb = ProgressBar::new(0);
-    pb.set_style(
-        ProgressStyle::with_template("converting [{bar:25}] {pos}/{len} ({elapsed}, eta {eta})")
-            .expect("valid template"),
-    );
-    if a.json {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let pb = entries_bar("converting", a.json);
     let st = kvlink::kv::convert::convert_store(&DiskStore::inspect(&dir), a.to, &mut |d, n| {
         pb.set_length(n as u64);
         pb.set_position(d as u64);
@@ -281,4 +267,19 @@ fn convert(a: &StoreConvertArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A progress bar over a store's entries (hidden for `--json`).
+fn entries_bar(verb: &str, hidden: bool) -> ProgressBar {
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{verb} [{{bar:25}}] {{pos}}/{{len}} ({{elapsed}}, eta {{eta}})"
+        ))
+        .expect("valid template"),
+    );
+    if hidden {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    pb
 }
