@@ -193,6 +193,69 @@ fn bench_batch_reports_every_stream_count() {
     assert!(stderr(&bad).contains("--streams"), "{}", stderr(&bad));
 }
 
+/// `bench kernels` on a tiny shape: every projection at every row count, and each
+/// attention case, checked against the CPU (none wrong); with tensor cores, each forced
+/// split-K factor is its own variant.
+#[test]
+fn bench_kernels_checks_every_shape_it_times() {
+    let json = ok(&[
+        "bench",
+        "kernels",
+        "--shape",
+        "tiny",
+        "--rows",
+        "1,5",
+        "--attention",
+        "3x16",
+        "--splits",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object a line"))
+        .collect();
+    let gemms: Vec<&serde_json::Value> = lines.iter().filter(|v| v["rows"].is_u64()).collect();
+    for rows in [1, 5] {
+        for p in ["qkv", "wo", "gate_up", "down"] {
+            assert!(
+                gemms
+                    .iter()
+                    .any(|v| v["rows"] == rows && v["projection"] == p),
+                "{p} at {rows} rows missing: {json}"
+            );
+        }
+    }
+    for v in &gemms {
+        assert_eq!(v["ok"], true, "{v}");
+        assert!(v["us"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    }
+    let coop = gemms
+        .iter()
+        .filter(|v| v["variant"].as_str().unwrap().starts_with("coop"));
+    let (n_coop, n_split) = coop.fold((0, 0), |(c, s), v| {
+        let split = v["variant"].as_str().unwrap().ends_with("split 2");
+        (c + 1, s + split as usize)
+    });
+    assert_eq!(
+        n_split * 2,
+        n_coop,
+        "each tile once by default, once split 2: {json}"
+    );
+    // Under scripts/lavapipe-coop.sh the tensor-core variants must be there.
+    if std::env::var("KVLINK_REQUIRE").is_ok_and(|r| r.contains("coop")) {
+        assert!(n_coop > 0, "no tensor-core variant: {json}");
+    }
+    let attention: Vec<_> = lines.iter().filter(|v| v["attention"] == "3x16").collect();
+    assert!(!attention.is_empty(), "{json}");
+    assert!(attention.iter().all(|v| v["ok"] == true), "{json}");
+    let bad = kvlink(&["bench", "kernels", "--shape", "tiny", "--splits", "0"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--splits"), "{}", stderr(&bad));
+}
+
 /// A reader that hangs up early (`kvlink devices | grep -q x`) ends the command quietly:
 /// no "failed printing to stdout" panic, and on Unix the SIGPIPE death of any filter.
 #[test]

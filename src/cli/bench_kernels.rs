@@ -29,6 +29,10 @@ pub struct KernelArgs {
     /// wide and skinny, always run).
     #[arg(long, value_delimiter = ';')]
     pub coop_tiles: Vec<String>,
+    /// Split-K factors to try with each tensor-core tile besides the one the engine picks
+    /// (e.g. 1,4,8,16,32: the K chunks each workgroup sums before the reduction).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub splits: Vec<u16>,
     /// Dispatches per timed submit.
     #[arg(long, default_value_t = 20)]
     pub repeats: usize,
@@ -48,7 +52,7 @@ enum Variant {
     Portable,
     /// What `ops::matmul` picks by default.
     Default,
-    Coop(Tile),
+    Coop(Tile, Option<usize>),
 }
 
 impl std::fmt::Display for Variant {
@@ -56,7 +60,8 @@ impl std::fmt::Display for Variant {
         match self {
             Variant::Portable => write!(f, "portable"),
             Variant::Default => write!(f, "default"),
-            Variant::Coop(t) => write!(f, "coop {t}"),
+            Variant::Coop(t, None) => write!(f, "coop {t}"),
+            Variant::Coop(t, Some(s)) => write!(f, "coop {t} split {s}"),
         }
     }
 }
@@ -122,12 +127,12 @@ pub fn run(adapter: &AdapterChoice, a: &KernelArgs) -> Result<()> {
             let yt = Tensor::zeros(g, &[m, n], DType::F32, "y")?;
             let mut variants = vec![Variant::Default, Variant::Portable];
             if let Some(shape) = g.coop.filter(|_| m > 1) {
-                variants.extend(
-                    tiles
-                        .iter()
-                        .filter(|t| t.fits(g, shape))
-                        .map(|&t| Variant::Coop(t)),
-                );
+                variants.extend(tiles.iter().filter(|t| t.fits(g, shape)).flat_map(|&t| {
+                    let forced = a.splits.iter().map(|&s| Some(s as usize));
+                    std::iter::once(None)
+                        .chain(forced)
+                        .map(move |s| Variant::Coop(t, s))
+                }));
             }
             for v in variants {
                 let record = |s: &mut Step, w: &Matrix| -> kvlink::Result<()> {
@@ -137,7 +142,7 @@ pub fn run(adapter: &AdapterChoice, a: &KernelArgs) -> Result<()> {
                             s.set_coop(false);
                             ops::matmul(s, &xt, 0, m, w, None, &yt, 0, false)
                         }
-                        Variant::Coop(tile) => {
+                        Variant::Coop(tile, splits) => {
                             let shape = g.coop.expect("coop variants need a shape");
                             let (_, part) = &w.parts[0];
                             let params = [m as u32, n as u32, k as u32, 0, 0, n as u32, 0, 0];
@@ -146,7 +151,7 @@ pub fn run(adapter: &AdapterChoice, a: &KernelArgs) -> Result<()> {
                                 shape,
                                 tile,
                                 &params,
-                                None,
+                                splits,
                                 [&xt, part, &g.dummy(), &yt],
                             )
                         }
@@ -158,7 +163,7 @@ pub fn run(adapter: &AdapterChoice, a: &KernelArgs) -> Result<()> {
                 record(&mut s, &ws[0])?;
                 s.submit();
                 let y = g.read_f32(&yt)?;
-                let coop = matches!(v, Variant::Coop(_))
+                let coop = matches!(v, Variant::Coop(..))
                     || (matches!(v, Variant::Default) && g.coop.is_some() && m > 1);
                 let mut err = 0.0f64;
                 for i in 0..256usize {
