@@ -5,8 +5,9 @@
 #   .gl/   the Vulkan loader packages (Debian amd64 .debs, extracted there by `setup`)
 #   .whl/  the gguf Python package (the trainer's GGUF reader), installed by `setup`
 #   .gpu/  kvlink.xz          release build of this tree
-#          model.part1..3     SmolLM2-135M-Instruct Q4_1 GGUF (scripts/fetch-model.sh) in
-#                             parts of 33 MB: one per call, under the 64 MiB a call carries
+#          model.part1..4     SmolLM2-135M-Instruct Q4_1 GGUF (scripts/fetch-model.sh) in
+#                             parts of 25 MB: one per call, under the 64 MiB a call carries
+#                             with the ~29 MB working tree
 #          data.tar.xz        hqa500.json (HotpotQA 0-499, test), hqa-val.json (500-999,
 #                             validation), squad-v2-dev.json, wiki.utf8
 #          samples.safetensors.xz  training samples of the shipped adapter's last recipe
@@ -49,7 +50,7 @@ echo "== model parts"
 scripts/fetch-model.sh
 model="$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 rm -f .gpu/model.part*
-split -b 33000000 --numeric-suffixes=1 -a 1 "$model" .gpu/model.part
+split -b 25000000 --numeric-suffixes=1 -a 1 "$model" .gpu/model.part
 
 echo "== evaluation and training data"
 scripts/fetch-train-data.sh
@@ -92,7 +93,8 @@ A training lease (train/README.md), each call made at once after the last:
   carry .gl .whl .gpu/model.part1 .gpu/kvlink.xz .gpu/probe.safetensors.xz
                                     PROBE=0 scripts/gpu-train.sh setup
   carry .gpu/model.part2 .gpu/data.tar.xz    scripts/gpu-train.sh stash .gpu/model.part2
-  carry .gpu/model.part3            EVALS=none scripts/gpu-train.sh model
+  carry .gpu/model.part3            scripts/gpu-train.sh stash .gpu/model.part3
+  carry .gpu/model.part4            EVALS=none scripts/gpu-train.sh model
   carry .gpu/samples.safetensors.xz RUNS=... STEPS=... scripts/gpu-train.sh train
   (or carry it and .gpu/samples20.safetensors.xz: scripts/gpu-train.sh chain, the matched control)
 A benchmark lease: carry .gl and the release binaries, scripts/gpu-bench.sh BINARY.
