@@ -41,6 +41,6 @@ for l in 2,4 4,2 8,2 2,8 4,8; do
 done
 echo; echo "### bench ttft 20 x 512 + 32, GPU caches (default, then each of TTFT_ENVS)"
 ttft "$B"
-for e in ${TTFT_ENVS:-KVLINK_FLASH_SPLITS=8 KVLINK_FLASH_SPLITS=32 KVLINK_COOP_SKINNY=1,4,2,2vw}; do
+for e in ${TTFT_ENVS:-KVLINK_COOP_SPLITS=4 KVLINK_COOP_SPLITS=8 KVLINK_COOP_SPLITS=16 KVLINK_FLASH_SPLITS=8 KVLINK_FLASH_SPLITS=32 KVLINK_COOP_SKINNY=1,4,2,2vw}; do
   echo "--- $e"; ttft env "$e" "$B"
 done

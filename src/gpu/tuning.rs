@@ -185,6 +185,9 @@ pub struct Tuning {
     pub decode_splits: usize,
     /// Tensor-core flash attention where usable (`KVLINK_COOP_FLASH=off`).
     pub coop_flash: bool,
+    /// Most split-K chunks of the tensor-core GEMM, 1..=32 (`KVLINK_COOP_SPLITS`): fewer
+    /// means longer K loops and a smaller reduction.
+    pub coop_splits: usize,
     /// Its layout (subgroups, key-tile fragments), each 1..=8, instead of the per-head-size
     /// default (`KVLINK_FLASH_LAYOUT=NSG,BCF`).
     pub flash_layout: Option<(u32, u32)>,
@@ -215,6 +218,7 @@ impl Default for Tuning {
             gemv_batch: 0,
             decode_splits: 64,
             coop_flash: true,
+            coop_splits: 32,
             flash_layout: None,
             flash_splits: None,
             flash_vec_tiles: true,
@@ -226,7 +230,7 @@ impl Default for Tuning {
 }
 
 /// The environment variables [`Tuning::from_env`] reads.
-pub const ENV_VARS: [&str; 17] = [
+pub const ENV_VARS: [&str; 18] = [
     "KVLINK_KERNELS",
     "KVLINK_COOPMAT",
     "KVLINK_SUBGROUPS",
@@ -238,6 +242,7 @@ pub const ENV_VARS: [&str; 17] = [
     "KVLINK_GEMV_BATCH",
     "KVLINK_DECODE_SPLITS",
     "KVLINK_COOP_FLASH",
+    "KVLINK_COOP_SPLITS",
     "KVLINK_FLASH_LAYOUT",
     "KVLINK_FLASH_SPLITS",
     "KVLINK_FLASH_VARIANT",
@@ -313,6 +318,12 @@ impl Tuning {
                     }
                 }
                 "KVLINK_COOP_FLASH" => t.coop_flash = off_on(v)?,
+                "KVLINK_COOP_SPLITS" => {
+                    t.coop_splits = match v.parse() {
+                        Ok(n @ 1..=32) => n,
+                        _ => return Err(bad("a number of splits from 1 to 32")),
+                    }
+                }
                 "KVLINK_FLASH_LAYOUT" => {
                     let p: Vec<Option<u32>> = v.split(',').map(|x| x.trim().parse().ok()).collect();
                     t.flash_layout = match p[..] {
@@ -400,6 +411,7 @@ mod tests {
             ("KVLINK_GEMV_BATCH", "16"),
             ("KVLINK_DECODE_SPLITS", "8"),
             ("KVLINK_COOP_FLASH", "off"),
+            ("KVLINK_COOP_SPLITS", "4"),
             ("KVLINK_FLASH_LAYOUT", "2, 3"),
             ("KVLINK_FLASH_SPLITS", "16"),
             ("KVLINK_FLASH_VARIANT", "b"),
@@ -417,6 +429,7 @@ mod tests {
             (Some(4), 16, 8)
         );
         assert!(!t.coop_flash && !t.flash_vec_tiles);
+        assert_eq!(t.coop_splits, 4);
         assert_eq!((t.flash_layout, t.flash_splits), (Some((2, 3)), Some(16)));
         assert_eq!(t.coop_wide, "2,2,2,2d".parse().unwrap());
         assert_eq!(t.coop_skinny, "1,2,2,1".parse().unwrap());
@@ -439,6 +452,8 @@ mod tests {
             ("KVLINK_FLASH_LAYOUT", "9,1"),
             ("KVLINK_FLASH_LAYOUT", "2"),
             ("KVLINK_FLASH_SPLITS", "257"),
+            ("KVLINK_COOP_SPLITS", "0"),
+            ("KVLINK_COOP_SPLITS", "33"),
             ("KVLINK_FLASH_VARIANT", "c"),
             ("KVLINK_COOP_WIDE", "1,2,3"),
             ("KVLINK_PROFILE", "3"),

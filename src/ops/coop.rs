@@ -282,12 +282,13 @@ pub fn usable(step: &Step, k: usize, x_off: usize) -> Option<CoopShape> {
 }
 
 /// Split-K factor: enough workgroups for a large GPU (~2 per SM of 132) when the tiles
-/// alone are fewer, K chunks of at least 256.
-fn splits(tiles: usize, k: usize) -> usize {
+/// alone are fewer, K chunks of at least 256, at most `max`
+/// ([`crate::gpu::Tuning::coop_splits`]).
+fn splits(tiles: usize, k: usize, max: usize) -> usize {
     if tiles >= 256 {
         return 1;
     }
-    512usize.div_ceil(tiles).min(k / 256).clamp(1, 32)
+    512usize.div_ceil(tiles).min(k / 256).clamp(1, max.max(1))
 }
 
 /// `Y (+)= X W^T (+ bias)` on cooperative matrices with matmul.wgsl's 8 parameter words
@@ -316,7 +317,8 @@ pub fn matmul(
     need(gx <= 65535 && gy <= 65535, || {
         format!("matmul_coop too large: {m}x{pn}")
     })?;
-    let s = splits_override.unwrap_or_else(|| splits(gx as usize * gy as usize, k));
+    let max = step.gpu().tuning.coop_splits;
+    let s = splits_override.unwrap_or_else(|| splits(gx as usize * gy as usize, k, max));
     let kern = kernel(shape, tile, step.gpu().tuning.coop_diag);
     if s <= 1 {
         step.dispatch(kern, &gemm_words(params, k, 0), &bufs, [gx, gy, 1]);
