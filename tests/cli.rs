@@ -193,6 +193,46 @@ fn bench_batch_reports_every_stream_count() {
     assert!(stderr(&bad).contains("--streams"), "{}", stderr(&bad));
 }
 
+/// `bench ttft` end to end on a tiny random model: every measure positive, and the disk
+/// runs' breakdowns name the documents they read from the store (not recomputed).
+#[test]
+fn bench_ttft_reports_each_path_with_its_breakdown() {
+    let json = ok(&[
+        "bench",
+        "ttft",
+        "--random-model",
+        "tiny",
+        "--docs",
+        "3",
+        "--doc-len",
+        "16",
+        "--question-len",
+        "4",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("bench ttft --json");
+    for k in [
+        "full_ms",
+        "kvlink_gpu_ms",
+        "kvlink_disk_ms",
+        "kvlink_disk_q8_ms",
+        "kvlink_cold_ms",
+    ] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k}: {json}");
+    }
+    let gpu = &v["kvlink_breakdown_ms"];
+    assert_eq!(gpu["cached_docs"], 3, "{json}");
+    assert_eq!(gpu["disk_docs"], 0, "{json}");
+    for k in ["kvlink_disk_breakdown_ms", "kvlink_disk_q8_breakdown_ms"] {
+        let b = &v[k];
+        assert_eq!(b["disk_docs"], 3, "{k}: {json}");
+        assert_eq!(b["computed_docs"], 0, "{k}: {json}");
+        assert!(b["lookup"].as_f64().is_some_and(|x| x > 0.0), "{k}: {json}");
+    }
+}
+
 /// `bench kernels` on a tiny shape: every projection at every row count, and each
 /// attention case, checked against the CPU (none wrong); with tensor cores, each forced
 /// split-K factor is its own variant.

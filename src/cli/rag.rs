@@ -561,8 +561,12 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
     })?;
     // Caches from disk, stored as f16 and as q8.
     let mut disk = [None, None];
-    for (d, format) in disk
+    // The last disk run's breakdown per format: the host's reads and checksums land in
+    // lookup, the GPU copies they queue in prefill (which waits for them).
+    let mut disk_tm = [Timings::default(), Timings::default()];
+    for ((d, tm), format) in disk
         .iter_mut()
+        .zip(disk_tm.iter_mut())
         .zip([KvFormat::F16, KvFormat::Q8])
         .filter(|_| !a.no_disk)
     {
@@ -575,7 +579,9 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
         run(Mode::Kvlink)?; // writes the store
         let t = timed(0, r, || {
             engine.clear_doc_caches();
-            Ok(run(Mode::Kvlink)?.0)
+            let (ms, t) = run(Mode::Kvlink)?;
+            *tm = t;
+            Ok(ms)
         });
         engine.set_store(None);
         engine.set_store_format(KvFormat::F16);
@@ -598,6 +604,8 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
         "ratio_disk": disk.map(|d| d / full),
         "ratio_disk_q8": disk_q8.map(|d| d / full),
         "kvlink_breakdown_ms": last,
+        "kvlink_disk_breakdown_ms": disk.map(|_| &disk_tm[0]),
+        "kvlink_disk_q8_breakdown_ms": disk_q8.map(|_| &disk_tm[1]),
     });
     if a.bench.json {
         println!("{v}");
@@ -623,13 +631,23 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
             cold / full
         );
         print_profile(&engine);
-        println!(
-            "kvlink breakdown (GPU caches): lookup {:.2} ms, assembly {:.2} ms, prefill {:.2} ms ({} tokens)",
-            last.lookup.as_secs_f64() * 1e3,
-            last.assemble.as_secs_f64() * 1e3,
-            last.prefill.as_secs_f64() * 1e3,
-            last.prefill_tokens
-        );
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let breakdown = |what: &str, t: &Timings| {
+            println!(
+                "kvlink breakdown ({what}): lookup {:.2} ms, assembly {:.2} ms, prefill {:.2} ms ({} tokens)",
+                ms(t.lookup),
+                ms(t.assemble),
+                ms(t.prefill),
+                t.prefill_tokens
+            )
+        };
+        breakdown("GPU caches", &last);
+        if disk.is_some() {
+            breakdown("disk f16", &disk_tm[0]);
+        }
+        if disk_q8.is_some() {
+            breakdown("disk q8", &disk_tm[1]);
+        }
     }
     Ok(())
 }
