@@ -2,7 +2,7 @@
 //! in f16 shrinks to about 53% as q8 without recomputing any document (`kvlink store
 //! convert`).
 
-use super::store::{check_entry, decode_entry, DiskStore, Lookup};
+use super::store::{decode_entry, entry_header, DiskStore, Lookup};
 use super::{DocKey, KvFormat};
 use crate::Result;
 use std::fs::File;
@@ -47,7 +47,8 @@ pub fn convert_store(
         }
         let checked = std::fs::read(&e.path)
             .map_err(|err| err.to_string())
-            .and_then(|b| check_entry(&b).map(|h| (b, h)))
+            // The header names the entry; decoding checks the payload and checksum.
+            .and_then(|b| entry_header(&b).map(|h| (b, h)))
             .and_then(|(b, h)| {
                 let key = DocKey::new(&h.model_fingerprint, &h.tokenizer_fingerprint, &h.token_ids);
                 if key != e.key {

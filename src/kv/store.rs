@@ -1154,17 +1154,23 @@ pub fn decode_entry(
     }
 }
 
+/// The header of one entry file's bytes (magic, version and header fields checked; the
+/// payload and checksum are not: [`check_entry`] or [`decode_entry`] check those).
+pub fn entry_header(bytes: &[u8]) -> std::result::Result<EntryHeader, String> {
+    let mut r = bytes;
+    match read_header_hashed(&mut r, bytes.len() as u64, &mut Xxh64::new(0)) {
+        Ok((h, _)) => Ok(h),
+        Err(ReadErr::Version(v)) => Err(version_mismatch(v)),
+        Err(ReadErr::Corrupt(why)) => Err(why),
+        Err(ReadErr::Io(e)) => Err(e.to_string()),
+        Err(ReadErr::Sink(e)) => Err(e.to_string()),
+    }
+}
+
 /// The header of one entry file's bytes, if they are an intact entry of this cache
 /// format (magic, version, length, checksum); why not otherwise.
 pub fn check_entry(bytes: &[u8]) -> std::result::Result<EntryHeader, String> {
-    let mut r = bytes;
-    let h = match read_header_hashed(&mut r, bytes.len() as u64, &mut Xxh64::new(0)) {
-        Ok((h, _)) => h,
-        Err(ReadErr::Version(v)) => return Err(version_mismatch(v)),
-        Err(ReadErr::Corrupt(why)) => return Err(why),
-        Err(ReadErr::Io(e)) => return Err(e.to_string()),
-        Err(ReadErr::Sink(e)) => return Err(e.to_string()),
-    };
+    let h = entry_header(bytes)?;
     let want = Want {
         model_fingerprint: &h.model_fingerprint,
         tokenizer_fingerprint: &h.tokenizer_fingerprint,
