@@ -96,6 +96,6 @@ A training lease (train/README.md), each call made at once after the last:
   carry .gpu/model.part3            scripts/gpu-train.sh stash .gpu/model.part3
   carry .gpu/model.part4            EVALS=none scripts/gpu-train.sh model
   carry .gpu/samples.safetensors.xz RUNS=... STEPS=... scripts/gpu-train.sh train
-  (or carry it and .gpu/samples20.safetensors.xz: scripts/gpu-train.sh chain, the matched control)
+  the matched control: scripts/gpu-train.sh chain (train/README.md: two leases)
 A benchmark lease: carry .gl and the release binaries, scripts/gpu-bench.sh BINARY.
 TXT

@@ -18,13 +18,16 @@
 #                                 (STEPS, BATCH_TOKENS, GRAD_ACCUM, LR, WARMUP, SEED from the
 #                                 environment; INIT_TUNED / INIT_CONTROL: a stashed adapter folder
 #                                 in $W to start that run from, a warm restart)
-#   scripts/gpu-train.sh chain    .gpu/samples20.safetensors.xz + .gpu/samples.safetensors.xz:
-#                                 the shipped adapter's whole schedule from scratch for RUNS
-#                                 (default: control, the matched "fine-tuned upper bound"),
-#                                 one detached process per run, an estimated 16 minutes alone on an
-#                                 H100: 400 steps (samples20, warm-up 30, seed 0), 250 (seed 1),
-#                                 400 (seed 2), then 300 on the last recipe's samples (seed 3,
-#                                 --loss-weight sample, checkpoints every 100) into run-<run>
+#   scripts/gpu-train.sh chain    the shipped adapter's whole schedule (five stages, 1,650 steps) for
+#                                 RUNS (default: control, the matched "fine-tuned upper bound"), one
+#                                 detached process per run: 400 steps (samples20, warm-up 30, seed 0),
+#                                 250 (seed 1), 400 (seed 2), 300 on samples (samples30; seed 3,
+#                                 --loss-weight sample), 300 on samples40 (seed 4, sample), each a warm
+#                                 restart into chain-<run>-<steps>, the last into run-<run>; about 20
+#                                 minutes alone on an H100. CHAIN_FROM / CHAIN_TO (stage names: 400,
+#                                 650, 1050, 1350, 1650) run part of it, e.g. CHAIN_TO=1050 in one lease
+#                                 and `CHAIN_FROM=1350 INIT_CONTROL=<stashed 1050 adapter>` in the next.
+#                                 Samples files: carried (.gpu/<name>.safetensors.xz) or stashed
 #   scripts/gpu-train.sh wait S   report progress every 60 s for up to S seconds; returns early
 #                                 once both runs are done (then starts the tuned evals) or once
 #                                 every evaluation is done
@@ -149,22 +152,39 @@ train)
     sleep 45; progress
     ;;
 chain)
-    for f in samples20 samples; do
-        xz -dc ".gpu/$f.safetensors.xz" > "$W/$f.safetensors" || exit 1
-    done
+    # The shipped adapter's stages (name = steps at its end): samples file, steps,
+    # warm-up, seed, loss weighting; each a warm restart from the stage before.
+    stages="400:samples20:400:30:0:token 650:samples20:250:20:1:token 1050:samples20:400:20:2:token
+        1350:samples:300:20:3:sample 1650:samples40:300:20:4:sample"
+    from=${CHAIN_FROM:-400}; to=${CHAIN_TO:-1650}
     rm -rf "$W/train" && cp -r train "$W/train"
+    run_stages=() need=()
+    for st in $stages; do
+        IFS=: read -r name f _ <<< "$st"
+        [ "$name" -lt "$from" ] || [ "$name" -gt "$to" ] && continue
+        run_stages+=("$st"); need+=("$f")
+    done
+    [ ${#run_stages[@]} -gt 0 ] || { echo "chain: no stage from $from to $to"; exit 2; }
+    for f in $(printf '%s\n' "${need[@]}" | sort -u); do  # carried now or stashed before
+        [ -f "$W/$f.safetensors" ] && continue
+        src=.gpu/$f.safetensors.xz; [ -f "$src" ] || src=$W/$f.safetensors.xz
+        xz -dc "$src" > "$W/$f.safetensors" || { echo "chain: carry or stash $f.safetensors.xz"; exit 1; }
+    done
     for r in ${RUNS:-control}; do
         extra=""; [ $r = control ] && extra=--control
-        t="env PYTHONPATH=$W/train:/tmp/site python3 -m kvlink_train.train --model $M \
-            --batch-tokens ${BATCH_TOKENS:-32768} --grad-accum ${GRAD_ACCUM:-2} --lr ${LR:-2e-4} \
-            --save-every 50 --quiet $extra"
-        s20="--samples $W/samples20.safetensors"
-        c="$W/chain-$r"
-        detach "train-$r" "$t $s20 --run $c-400 --steps 400 --warmup 30 --seed 0 \
-            && $t $s20 --run $c-650 --init-adapter $c-400/adapter --steps 250 --warmup 20 --seed 1 \
-            && $t $s20 --run $c-1050 --init-adapter $c-650/adapter --steps 400 --warmup 20 --seed 2 \
-            && $t --samples $W/samples.safetensors --run $W/run-$r --init-adapter $c-1050/adapter \
-                --steps 300 --warmup 20 --seed 3 --loss-weight sample --export-every 100"
+        init=INIT_${r^^}; prev=${!init:+$W/${!init}}
+        [ "$from" -gt 400 ] && [ -z "$prev" ] && { echo "chain: CHAIN_FROM=$from needs INIT_${r^^}"; exit 2; }
+        cmd="true"
+        for st in "${run_stages[@]}"; do
+            IFS=: read -r name f steps warm seed weight <<< "$st"
+            out=$W/chain-$r-$name; [ "$name" = "$to" ] && out=$W/run-$r
+            cmd+=" && python3 -m kvlink_train.train --model $M --samples $W/$f.safetensors --run $out \
+                --steps $steps --warmup $warm --seed $seed --loss-weight $weight \
+                --batch-tokens ${BATCH_TOKENS:-32768} --grad-accum ${GRAD_ACCUM:-2} --lr ${LR:-2e-4} \
+                --save-every 50 --export-every 100 --quiet $extra ${prev:+--init-adapter $prev}"
+            prev=$out/adapter
+        done
+        detach "train-$r" "export PYTHONPATH=$W/train:/tmp/site; $cmd"
     done
     sleep 45; progress
     ;;
