@@ -39,6 +39,10 @@ for l in 2,4 4,2 8,2 2,8 4,8; do
   KVLINK_FLASH_LAYOUT=$l "$B" bench kernels --shape llama-3.2-1b --rows 1 --attention 32x10240 \
     2>&1 | grep -E "^\| 32 \| 10240|rror"
 done
+# Prefill 512 costs ~34 ms against ~55 ms for 2048: GPU time per kernel against the wall.
+for n in 512 2048; do  # 4 runs each (1 warm-up, 3 timed): GPU total / 4 against the wall's median
+  run env KVLINK_PROFILE=1 "$B" bench speed --random-model llama-3.2-1b --prefill $n --decode 0 --repeats 3
+done
 echo; echo "### bench ttft 20 x 512 + 32, GPU caches (default, then each of TTFT_ENVS)"
 ttft "$B"
 for e in ${TTFT_ENVS:-KVLINK_COOP_SPLITS=4 KVLINK_COOP_SPLITS=8 KVLINK_COOP_SPLITS=16 KVLINK_FLASH_SPLITS=8 KVLINK_FLASH_SPLITS=32 KVLINK_COOP_SKINNY=1,4,2,2vw}; do
