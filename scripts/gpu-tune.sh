@@ -3,7 +3,7 @@
 # release binaries (prints tables; no timing is asserted):
 #   scripts/gpu-tune.sh KVLINK_BINARY [OLD_KVLINK_BINARY]
 # With OLD, first `bench speed` (decode after 512) and `bench batch` (1 and 16 streams)
-# of both binaries, alternating, twice. Then, for the 32-row question of a 20 x 512
+# of both binaries, alternating (AB_ROUNDS="1 2": twice). Then, for the 32-row question of a 20 x 512
 # KVLink request on the llama-3.2-1b shape: every tensor-core tile of SWEEP_TILES with
 # forced split-K factors (`bench kernels --splits`), the flash attention over 10,240 keys
 # under each KVLINK_FLASH_SPLITS and KVLINK_FLASH_LAYOUT, and `bench ttft` under the
@@ -17,7 +17,7 @@ ttft() { "$@" bench ttft --random-model llama-3.2-1b --docs 20 --doc-len 512 --q
     --repeats 5 --no-disk 2>&1 | grep -iE "kvlink|full|prefill|assembly" | head -n 8; }
 "$B" devices 2>&1 | head -n 3
 if [ -n "$OLD" ]; then
-  for round in 1 2; do
+  for round in ${AB_ROUNDS:-1}; do
     for b in "$OLD" "$B"; do
       echo; echo "### round $round: $b"
       "$b" bench speed --random-model llama-3.2-1b --prefill 512 --decode 128 --decode-ctx 512 \
@@ -34,7 +34,7 @@ for s in 4 8 32 64; do
   KVLINK_FLASH_SPLITS=$s "$B" bench kernels --shape llama-3.2-1b --rows 1 --attention 32x10240 \
     2>&1 | grep -E "^\| 32 \| 10240"
 done
-for l in 2,4 4,2 8,2 2,8 4,8; do
+for l in 2,4 4,2 8,2 4,8; do
   echo; echo "### KVLINK_FLASH_LAYOUT=$l"
   KVLINK_FLASH_LAYOUT=$l "$B" bench kernels --shape llama-3.2-1b --rows 1 --attention 32x10240 \
     2>&1 | grep -E "^\| 32 \| 10240|rror"
@@ -45,6 +45,6 @@ for n in 512 2048; do  # 4 runs each (1 warm-up, 3 timed): GPU total / 4 against
 done
 echo; echo "### bench ttft 20 x 512 + 32, GPU caches (default, then each of TTFT_ENVS)"
 ttft "$B"
-for e in ${TTFT_ENVS:-KVLINK_COOP_SPLITS=4 KVLINK_COOP_SPLITS=8 KVLINK_COOP_SPLITS=16 KVLINK_FLASH_SPLITS=8 KVLINK_FLASH_SPLITS=32 KVLINK_COOP_SKINNY=1,4,2,2vw}; do
+for e in ${TTFT_ENVS:-KVLINK_COOP_SPLITS=8 KVLINK_COOP_SPLITS=16 KVLINK_FLASH_SPLITS=8 KVLINK_FLASH_SPLITS=32}; do
   echo "--- $e"; ttft env "$e" "$B"
 done
