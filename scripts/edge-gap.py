@@ -3,9 +3,11 @@
 
     scripts/edge-gap.py RECORDS.jsonl [HOTPOTQA.json] [--offset N]
 
-RECORDS: `kvlink eval hotpotqa --out` records (modes full / kvlink / naive, field
-`index`: the question's place in the file the eval read). HOTPOTQA: the official dev
-file with `supporting_facts` (default: ~/.cache/kvlink/data/hotpotqa.json);
+RECORDS: `kvlink eval hotpotqa|squad --out` records (modes full / kvlink / naive, field
+`index`: the question's place in the file the eval read). Records that carry
+`gold_docs` and `documents` (written since 2026-12-07, SQuAD's too) need nothing else;
+for older HotpotQA records, HOTPOTQA: the official dev file with `supporting_facts`
+(default: ~/.cache/kvlink/data/hotpotqa.json);
 `--offset N`: the eval read that file from question N on (500 for the validation split
 hqa-val.json). Prints, per group of questions, n and the EM of each mode with full -
 kvlink: supporting paragraph in the first document only, the last only, both, neither
@@ -29,21 +31,28 @@ def main():
     a = ap.parse_args()
     offset, data = a.offset, a.hotpotqa
     args = [a.records]
-    questions = json.load(open(data))
     scores = collections.defaultdict(dict)
+    where = {}  # question -> (0-based gold positions, documents), from the records
     for line in open(args[0]):
         r = json.loads(line)
         scores[r["index"]][r["mode"]] = r["score"]
+        if r.get("gold_docs") and r.get("documents"):
+            where[r["index"]] = ([d - 1 for d in r["gold_docs"]], r["documents"])
     modes = [m for m in ("full", "kvlink", "naive") if any(m in s for s in scores.values())]
     groups = collections.defaultdict(list)
-    if max(scores, default=-1) + offset >= len(questions):
-        sys.exit(f"edge-gap: the records name question {max(scores)} (+ offset {offset}) "
-                 f"but {data} holds {len(questions)}")
+    if len(where) < len(scores):
+        questions = json.load(open(data))
+        if max(scores, default=-1) + offset >= len(questions):
+            sys.exit(f"edge-gap: the records name question {max(scores)} (+ offset {offset}) "
+                     f"but {data} holds {len(questions)}")
+        for i in scores.keys() - where.keys():
+            rec = questions[offset + i]
+            titles = [c[0] for c in rec["context"]]
+            pos = sorted({titles.index(t) for t, _ in rec["supporting_facts"] if t in titles})
+            where[i] = (pos, len(titles))
     for i in sorted(scores):
-        rec = questions[offset + i]
-        titles = [c[0] for c in rec["context"]]
-        pos = sorted({titles.index(t) for t, _ in rec["supporting_facts"] if t in titles})
-        first, last = 0 in pos, len(titles) - 1 in pos
+        pos, n_docs = where[i]
+        first, last = 0 in pos, n_docs - 1 in pos
         edge = {(True, False): "first", (False, True): "last", (True, True): "first+last"}
         groups[edge.get((first, last), "inside")].append(i)
         for p in pos:

@@ -135,6 +135,9 @@ fn hotpotqa_reader_reads_the_official_format() {
         format_document(7, "T", &["a".into(), "b".into()]),
         "Document [7](Title: T) ab\n"
     );
+    // The supporting facts' titles name the gold documents (1-based, in order).
+    let gold: Vec<Vec<usize>> = recs.iter().map(|r| r.gold_documents()).collect();
+    assert_eq!(gold, [vec![1], vec![1], vec![1], vec![1, 2], vec![1]]);
     let req = r.request(Mode::Naive);
     assert_eq!(req.mode, Mode::Naive);
     assert_eq!(req.system.as_deref(), Some(SYSTEM_PROMPT));
@@ -278,6 +281,7 @@ fn hotpotqa_end_to_end_and_resume() {
     for (i, r) in recs.iter().enumerate().take(3) {
         let got = eval::run_question(engine, r, i, &opts, &rf.done(), None).unwrap();
         assert_eq!(got.len(), 3);
+        assert!(got.iter().all(|q| q.gold_docs == r.gold_documents()));
         rf.append(&got).unwrap();
         all.extend(got);
     }

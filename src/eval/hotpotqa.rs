@@ -1,7 +1,8 @@
 //! HotpotQA (dev, distractor setting) in the official `hotpot_dev_distractor_v1.json`
 //! format: a JSON list of records
 //! `{"_id", "question", "answer", "context": [[title, [sentence, ...]], ...], ...}`
-//! (other fields such as `supporting_facts`, `type`, `level` are ignored).
+//! (`supporting_facts` names the gold paragraphs; other fields such as `type`, `level`
+//! are ignored).
 //!
 //! Prompt layout of the KVLink reference evaluation (`hqa_eval.py`): the system text
 //! [`SYSTEM_PROMPT`], then one document per context paragraph,
@@ -32,6 +33,13 @@ pub struct HotpotRecord {
     /// Further accepted answers besides `answer` (SQuAD lists several; HotpotQA none).
     #[serde(default)]
     pub other_answers: Vec<String>,
+    /// HotpotQA's `[title, sentence]` pairs of the facts the answer needs.
+    #[serde(default)]
+    pub supporting_facts: Vec<(String, serde_json::Value)>,
+    /// Documents (1-based) holding the answer where no `supporting_facts` say it (SQuAD's
+    /// gold paragraph).
+    #[serde(default)]
+    pub gold_docs: Vec<usize>,
 }
 
 /// The text of document `j` (1-based) as the reference formats it.
@@ -46,6 +54,19 @@ impl HotpotRecord {
             .iter()
             .enumerate()
             .map(|(i, (t, s))| format_document(i + 1, t, s))
+            .collect()
+    }
+
+    /// The documents (1-based, in order) that hold what the answer needs: `gold_docs`, or
+    /// those whose title a supporting fact names; empty where the record says neither.
+    pub fn gold_documents(&self) -> Vec<usize> {
+        if !self.gold_docs.is_empty() {
+            return self.gold_docs.clone();
+        }
+        let titles: Vec<&str> = self.supporting_facts.iter().map(|f| f.0.as_str()).collect();
+        (self.context.iter().enumerate())
+            .filter(|(_, (t, _))| titles.contains(&t.as_str()))
+            .map(|(i, _)| i + 1)
             .collect()
     }
 

@@ -156,6 +156,14 @@ pub struct QaRecord {
     pub first_token_agree: Option<bool>,
     /// The whole greedy answer equals the `full` mode's (None for `full`).
     pub answer_identical: Option<bool>,
+    /// The documents (1-based) holding the gold paragraphs, where the data says
+    /// ([`hotpotqa::HotpotRecord::gold_documents`]): for where-in-the-context analyses
+    /// (`scripts/edge-gap.py`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gold_docs: Vec<usize>,
+    /// Documents in the prompt (0 in records written before it was kept).
+    #[serde(default)]
+    pub documents: usize,
 }
 
 impl QaRecord {
@@ -281,6 +289,8 @@ pub fn run_question(
             kl_vs_full: None,
             first_token_agree: None,
             answer_identical: None,
+            gold_docs: rec.gold_documents(),
+            documents: rec.context.len(),
         };
         if mode == Mode::Full {
             full = Some((a.first_logits, a.tokens, a.text));

@@ -162,6 +162,8 @@ fn record(a: &Article, title: &str, gold: usize, q: &Question) -> HotpotRecord {
             })
             .collect(),
         other_answers: golds,
+        supporting_facts: Vec::new(),
+        gold_docs: vec![at + 1],
     }
 }
 
@@ -220,6 +222,7 @@ mod tests {
                 .filter(|&i| r.context[i].1[0] == gold)
                 .collect();
             assert_eq!(at.len(), 1, "the gold paragraph once");
+            assert_eq!(r.gold_documents(), [at[0] + 1], "the record names it");
             slots.insert(at[0]);
             let title = format!("Art {art:0>2}");
             let prefix = format!("Paragraph {art}.");

@@ -162,6 +162,8 @@ mod tests {
                 .map(|t| (t.to_string(), vec!["s".to_string()]))
                 .collect(),
             other_answers: Vec::new(),
+            supporting_facts: Vec::new(),
+            gold_docs: Vec::new(),
         }
     }
 
