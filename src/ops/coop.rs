@@ -281,14 +281,18 @@ pub fn usable(step: &Step, k: usize, x_off: usize) -> Option<CoopShape> {
     })
 }
 
-/// Split-K factor: enough workgroups for a large GPU (~2 per SM of 132) when the tiles
-/// alone are fewer, K chunks of at least 256, at most `max`
-/// ([`crate::gpu::Tuning::coop_splits`]).
-fn splits(tiles: usize, k: usize, max: usize) -> usize {
-    if tiles >= 256 {
+/// Split-K factor: enough workgroups for a large GPU when the tiles alone are fewer, K
+/// chunks of at least 256, at most `max` ([`crate::gpu::Tuning::coop_splits`]). `target`
+/// workgroups: 512 for the wide tile (~4 per SM of 132); 128 for the skinny tile of a few
+/// rows, whose 8-subgroup workgroups fill an SM sooner and whose partials the reduction
+/// reads again (`kvlink bench kernels --rows 32 --splits`, H100, 1B shapes: the down
+/// projection 37 us with 8 splits against 45-57 with 32, gate/up 51-60 us unsplit against
+/// 74-81 with 4).
+fn splits(tiles: usize, k: usize, max: usize, target: usize) -> usize {
+    if tiles >= target / 2 {
         return 1;
     }
-    512usize.div_ceil(tiles).min(k / 256).clamp(1, max.max(1))
+    target.div_ceil(tiles).min(k / 256).clamp(1, max.max(1))
 }
 
 /// `Y (+)= X W^T (+ bias)` on cooperative matrices with matmul.wgsl's 8 parameter words
@@ -317,8 +321,14 @@ pub fn matmul(
     need(gx <= 65535 && gy <= 65535, || {
         format!("matmul_coop too large: {m}x{pn}")
     })?;
-    let max = step.gpu().tuning.coop_splits;
-    let s = splits_override.unwrap_or_else(|| splits(gx as usize * gy as usize, k, max));
+    let gpu = step.gpu();
+    let target = if m <= Tile::skinny(gpu).outputs(shape.t).0 {
+        128
+    } else {
+        512
+    };
+    let max = gpu.tuning.coop_splits;
+    let s = splits_override.unwrap_or_else(|| splits(gx as usize * gy as usize, k, max, target));
     let kern = kernel(shape, tile, step.gpu().tuning.coop_diag);
     if s <= 1 {
         step.dispatch(kern, &gemm_words(params, k, 0), &bufs, [gx, gy, 1]);
