@@ -52,11 +52,15 @@ impl Tile {
                 <= gpu.limits.max_compute_invocations_per_workgroup
     }
 
+    /// A product of `m` rows is few enough for the skinny tile.
+    pub fn few_rows(gpu: &Gpu, m: usize, t: u32) -> bool {
+        m <= Tile::skinny(gpu).outputs(t).0
+    }
+
     /// The tile for a product of `m` rows.
     pub fn for_rows(gpu: &Gpu, m: usize, t: u32) -> Tile {
-        let skinny = Tile::skinny(gpu);
-        if m <= skinny.outputs(t).0 {
-            skinny
+        if Tile::few_rows(gpu, m, t) {
+            Tile::skinny(gpu)
         } else {
             Tile::wide(gpu)
         }
@@ -322,14 +326,14 @@ pub fn matmul(
         format!("matmul_coop too large: {m}x{pn}")
     })?;
     let gpu = step.gpu();
-    let target = if m <= Tile::skinny(gpu).outputs(shape.t).0 {
+    let target = if Tile::few_rows(gpu, m, shape.t) {
         128
     } else {
         512
     };
     let max = gpu.tuning.coop_splits;
     let s = splits_override.unwrap_or_else(|| splits(gx as usize * gy as usize, k, max, target));
-    let kern = kernel(shape, tile, step.gpu().tuning.coop_diag);
+    let kern = kernel(shape, tile, gpu.tuning.coop_diag);
     if s <= 1 {
         step.dispatch(kern, &gemm_words(params, k, 0), &bufs, [gx, gy, 1]);
         return Ok(());
