@@ -38,7 +38,8 @@
 #                                 in an earlier lease: `eval tuned adapters/smollm2-135m-kvlink`
 #   scripts/gpu-train.sh collect  copies adapters (a run not done yet: its last checkpoint),
 #                                 logs and results into $OUT
-# LOSS_WEIGHT (token, sample) and EXPORT_EVERY go to the trainer's --loss-weight and --export-every;
+# LOSS_WEIGHT (token, sample) and EXPORT_EVERY go to the trainer's --loss-weight and --export-every,
+# TUNED_ARGS to the tuned run only (e.g. TUNED_ARGS="--distill 1");
 # collect takes COLLECT_TUNED / COLLECT_CONTROL (default: what `pick` chose, else adapter).
 #   scripts/gpu-train.sh valwatch S  validation evals of each tuned checkpoint as it appears
 #   scripts/gpu-train.sh pick     the validation winner; starts its and the control's test evals
@@ -117,6 +118,7 @@ setup)
     python3 train/scripts/random_base.py "$W/random.safetensors"
     for r in tuned control; do
         extra=""; [ $r = control ] && extra=--control
+        [ $r = tuned ] && extra="${TUNED_ARGS:-}"
         python3 -m kvlink_train.train --model "$W/random.safetensors" --samples "$W/probe.safetensors" \
             --run "$W/probe-$r" --steps 8 --warmup 2 --batch-tokens "${BATCH_TOKENS:-32768}" \
             --grad-accum "${GRAD_ACCUM:-2}" --quiet $extra &
@@ -141,6 +143,7 @@ train)
     rm -rf "$W/train" && cp -r train "$W/train"
     for r in ${RUNS:-tuned control}; do
         extra=""; [ $r = control ] && extra=--control
+        [ $r = tuned ] && extra="${TUNED_ARGS:-}"
         init=INIT_${r^^}
         [ -n "${!init:-}" ] && extra+=" --init-adapter $W/${!init}"
         detach "train-$r" env PYTHONPATH="$W/train:/tmp/site" python3 -m kvlink_train.train --model "$M" --samples "$W/samples.safetensors" \
@@ -172,6 +175,7 @@ chain)
     done
     for r in ${RUNS:-control}; do
         extra=""; [ $r = control ] && extra=--control
+        [ $r = tuned ] && extra="${TUNED_ARGS:-}"
         init=INIT_${r^^}; prev=${!init:+$W/${!init}}
         [ "$from" -gt 400 ] && [ -z "$prev" ] && { echo "chain: CHAIN_FROM=$from needs INIT_${r^^}"; exit 2; }
         cmd="true"

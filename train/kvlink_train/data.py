@@ -103,6 +103,20 @@ def to_control(s: Samples) -> Samples:
                    loss=s.loss[keep], offsets=offsets, kvlink_json=json.dumps(ctl))
 
 
+def tail_lengths(s: Samples) -> np.ndarray:
+    """Per sample, how many tokens follow its last memory token (a token of a document
+    segment, a link token or a marker): the question and answer of a QA sample, the
+    continuation of a text one. 0 for a sample without memory. [`to_control`] keeps
+    these tokens, in the same order, as the last ones of the sample."""
+    out = np.zeros(len(s), np.int64)
+    for i in range(len(s)):
+        t, g, _, _ = s.sample(i)
+        mem = np.flatnonzero((g > 0) | (t >= s.base_vocab))
+        if len(mem):
+            out[i] = len(t) - 1 - int(mem[-1])
+    return out
+
+
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 

@@ -246,17 +246,33 @@ class KVLinkLlama(nn.Module):
 
         Returns (sum, per-row-index of each labelled row [N], per-token loss [N]); the lm_head is
         computed only at those rows."""
-        h = self.hidden(ids, seg, pos)
+        return self.ce_sums(self.hidden(ids, seg, pos), targets)
+
+    def ce_sums(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[`loss_sums`] from the final hidden states [B,L,H]."""
         rows = (targets >= 0).nonzero(as_tuple=True)
-        hs, ts = h[rows], targets[rows]
-        if self.training and torch.is_grad_enabled() and hs.shape[0] > self.ce_chunk:
-            # fp32 logits of every labelled row at once can take many GiB: compute them in
-            # chunks and again in backward
-            tok = torch.cat([checkpoint(self._ce, hs[i:i + self.ce_chunk], ts[i:i + self.ce_chunk], use_reentrant=False)
-                             for i in range(0, hs.shape[0], self.ce_chunk)])
-        else:
-            tok = self._ce(hs, ts)
+        tok = self._rowwise(self._ce, h[rows], targets[rows])
         return tok.sum(), rows[0], tok
+
+    def distill_kl(self, h_student: torch.Tensor, h_teacher: torch.Tensor) -> torch.Tensor:
+        """Per-row KL(teacher || student) [M] of the next-token distributions over the base
+        vocabulary, from final hidden states [M,H] of the same rows (the teacher's detached)."""
+        return self._rowwise(self._kl, h_student, h_teacher.detach())
+
+    def _rowwise(self, f, h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled() and h.shape[0] > self.ce_chunk:
+            # fp32 logits of every row at once can take many GiB: compute them in chunks
+            # and again in backward
+            c = self.ce_chunk
+            return torch.cat([checkpoint(f, h[i:i + c], other[i:i + c], use_reentrant=False)
+                              for i in range(0, h.shape[0], c)])
+        return f(h, other)
 
     def _ce(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.lm_logits(h), t, reduction="none")
+
+    def _kl(self, h: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            lt = F.log_softmax(self.lm_logits(ht), dim=-1)
+        ls = F.log_softmax(self.lm_logits(h), dim=-1)
+        return (lt.exp() * (lt - ls)).sum(-1)

@@ -16,16 +16,16 @@ import numpy as np
 import torch
 
 from .base import load_base
-from .data import Samples, collate, epoch_batches, load_samples, to_control
+from .data import Samples, collate, epoch_batches, load_samples, tail_lengths, to_control
 from .export import export_adapter, read_trainable
 from .model import KVLinkLlama
 
 # Arguments that must not change between a run and its resumption.
-FIXED = ["control", "init_adapter", "loss_weight", "steps", "batch_tokens", "grad_accum", "lr", "extra_lr", "warmup", "min_lr_ratio",
+FIXED = ["control", "init_adapter", "loss_weight", "distill", "distill_rows", "distill_components", "steps", "batch_tokens", "grad_accum", "lr", "extra_lr", "warmup", "min_lr_ratio",
          "lora_r", "lora_alpha", "lora_dropout", "seed", "pad_to", "beta2", "weight_decay"]
 
 # What a checkpoint written before an argument existed ran with.
-FIXED_DEFAULTS = {"loss_weight": "token"}
+FIXED_DEFAULTS = {"loss_weight": "token", "distill": 0.0, "distill_rows": "tail", "distill_components": None}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -47,6 +47,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="token: every labelled token weighs the same (samples with long answers dominate); "
                         "sample: every sample weighs the same, its tokens share its weight (a QA answer of "
                         "five tokens counts as much as a continuation of 800)")
+    p.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="self-distillation weight: add W x the mean KL(full || kvlink) of the next-token "
+                        "distributions, the teacher being the model itself (no gradient) on the same sample "
+                        "with plain causal attention and no link tokens, the student the sample as laid out "
+                        "for reuse; it pulls reuse toward what full prefill predicts (0 = off)")
+    p.add_argument("--distill-rows", choices=["tail", "answer"], default="tail",
+                   help="rows the KL is taken at: tail = every token after the documents (question and "
+                        "answer, a text's continuation), answer = the labelled tokens only")
+    p.add_argument("--distill-components", default=None, metavar="A,B",
+                   help="components whose samples are distilled (default: every *_mem component)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.0)
@@ -69,6 +79,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.export_every < 0 or a.save_every < 0:
         p.exit(2, f"{p.prog}: --save-every and --export-every must be >= 0\n")
+    if not a.distill >= 0:
+        p.exit(2, f"{p.prog}: --distill must be >= 0 (got {a.distill})\n")
+    if a.distill > 0 and a.control:
+        p.exit(2, f"{p.prog}: --distill needs the link-token layout; a --control run has none\n")
     if not a.lr > 0 or (a.extra_lr is not None and not a.extra_lr >= 0):
         p.exit(2, f"{p.prog}: --lr must be > 0 and --extra-lr >= 0 (got {a.lr}, {a.extra_lr})\n")
     return a
@@ -127,6 +141,7 @@ class Trainer:
         s = load_samples(args.samples)
         self.samples: Samples = to_control(s) if args.control else s
         self.n_extra = 0 if args.control else self.samples.n_extra()
+        self.distill_setup(s)
         if ck is not None and (ck["meta"]["n_samples"], ck["meta"]["n_tokens"]) != (len(s), len(s.tokens)):
             raise SystemExit("--resume with a different samples file")
         cfg, base = load_base(args.model)
@@ -183,6 +198,52 @@ class Trainer:
                   "batches_per_epoch": len(self.batches), "load_s": round(time.time() - self.t0, 2),
                   "recipe": _recipe(self.samples.recipe)})
 
+    def distill_setup(self, s: Samples) -> None:
+        """--distill: the teacher's samples (the control layout of the same samples, same
+        order), which samples are distilled and at how many rows each."""
+        a = self.args
+        self.teacher: Optional[Samples] = None
+        if not a.distill > 0:
+            return
+        names = a.distill_components.split(",") if a.distill_components else \
+            [c for c in s.components if c.endswith("_mem")]
+        unknown = [n for n in names if n not in s.components]
+        if unknown or not names:
+            raise SystemExit(f"--distill-components {names}: not components of {a.samples} ({s.components})")
+        self.teacher = to_control(s)
+        self.tails = tail_lengths(s)
+        ids = [s.components.index(n) for n in names]
+        self.distilled = np.isin(s.component, ids) & (self.tails >= 2)
+        for i in np.flatnonzero(self.distilled):
+            t, tt = s.sample(i)[0], self.teacher.sample(i)[0]
+            if not np.array_equal(t[len(t) - self.tails[i]:], tt[len(tt) - self.tails[i]:]):
+                raise SystemExit(f"sample {i}: its tail differs between the two layouts")
+        if a.distill_rows == "tail":
+            self.kl_rows = self.tails - 1
+        else:
+            self.kl_rows = np.add.reduceat(s.loss.astype(np.int64), s.offsets[:-1])
+        self.kl_rows = np.where(self.distilled, self.kl_rows, 0)
+        if not self.kl_rows.any():
+            raise SystemExit(f"--distill: no sample of {names} has rows to distill")
+
+    def distill_rows(self, idx: list[int], b: dict, tb: dict, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean masks of the rows the KL is taken at, in the student's batch b and the
+        teacher's batch tb (its row j = the student's row rows[j]); equal counts per
+        sample, in the same order."""
+        if self.args.distill_rows == "answer":
+            sm = torch.zeros_like(b["targets"], dtype=torch.bool)
+            sm[rows] = b["targets"][rows] >= 0
+            return sm, tb["targets"] >= 0
+        sm = torch.zeros(b["ids"].shape, dtype=torch.bool)
+        tm = torch.zeros(tb["ids"].shape, dtype=torch.bool)
+        lens, tlens = self.samples.lengths(), self.teacher.lengths()
+        for j, r in enumerate(rows):
+            i = idx[r]
+            n, nt, T = int(lens[i]), int(tlens[i]), int(self.tails[i])
+            sm[r, n - T:n - 1] = True
+            tm[j, nt - T:nt - 1] = True
+        return sm.to(b["ids"].device), tm.to(b["ids"].device)
+
     def log(self, rec: dict) -> None:
         line = json.dumps(rec)
         self.log_f.write(line + "\n")
@@ -213,8 +274,13 @@ class Trainer:
     def train_step(self) -> dict:
         a = self.args
         t = time.time()
-        batches = [collate(self.samples, self.next_batch(), a.pad_to, self.device) for _ in range(a.grad_accum)]
+        idxs = [self.next_batch() for _ in range(a.grad_accum)]
+        batches = [collate(self.samples, idx, a.pad_to, self.device) for idx in idxs]
         n_lab = sum(int((b["targets"] >= 0).sum()) for b in batches)
+        # --distill: rows and samples of the step the KL is taken at
+        n_kl = sum(int(self.kl_rows[i]) for idx in idxs for i in idx) if self.teacher is not None else 0
+        n_kl_samples = sum(int(self.kl_rows[i] > 0) for idx in idxs for i in idx) if self.teacher is not None else 0
+        kl_total = torch.zeros((), device=self.device)
         # --loss-weight sample: the step's loss is the mean over samples of each sample's mean
         sample = a.loss_weight == "sample"
         n_rows = sum(int((b["targets"] >= 0).any(dim=1).sum()) for b in batches) if sample else 0
@@ -227,14 +293,30 @@ class Trainer:
         comp_n = torch.zeros(nc, device=self.device)
         loss_total = torch.zeros((), device=self.device)
         tokens = padded = 0
-        for b in batches:
+        for idx, b in zip(idxs, batches):
+            kl_part = torch.zeros((), device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                s, row, tok = self.model.loss_sums(b["ids"], b["seg"], b["pos"], b["targets"])
+                h = self.model.hidden(b["ids"], b["seg"], b["pos"])
+                s, row, tok = self.model.ce_sums(h, b["targets"])
+                rows = [r for r, i in enumerate(idx) if self.teacher is not None and self.kl_rows[i] > 0]
+                if rows:
+                    tb = collate(self.teacher, [idx[r] for r in rows], a.pad_to, self.device)
+                    with torch.no_grad():
+                        ht = self.model.hidden(tb["ids"], tb["seg"], tb["pos"])
+                    sm, tm = self.distill_rows(idx, b, tb, rows)
+                    kl = self.model.distill_kl(h[sm], ht[tm])
+                    kl_total += kl.detach().sum()
+                    if sample:
+                        krow = sm.nonzero(as_tuple=True)[0]
+                        per = torch.bincount(krow, minlength=b["ids"].shape[0])
+                        kl_part = (kl / per[krow]).sum() / n_kl_samples
+                    else:
+                        kl_part = kl.sum() / n_kl
             if sample:
                 per_row = torch.bincount(row, minlength=b["ids"].shape[0])
-                (tok.float() / per_row[row]).sum().div(max(1, n_rows)).backward()
+                ((tok.float() / per_row[row]).sum().div(max(1, n_rows)) + a.distill * kl_part).backward()
             else:
-                (s / max(1, n_lab)).backward()
+                (s / max(1, n_lab) + a.distill * kl_part).backward()
             loss_total += s.detach()
             c = b["comp"][row].clamp(max=nc - 1)
             comp_sum.index_add_(0, c, tok.detach())
@@ -255,6 +337,7 @@ class Trainer:
                 "tokens": tokens, "padded_tokens": padded, "labelled": n_lab, "tok_s": round(tokens / dt, 1),
                 "step_s": round(dt, 3), "elapsed": round(self.elapsed_before + time.time() - self.t_train, 1),
                 "epoch": self.epoch, "comp_loss": comps,
+                **({"kl": round(float(kl_total) / max(1, n_kl), 5), "kl_rows": n_kl} if self.teacher is not None else {}),
                 **({"mem_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)} if self.cuda else {})}
 
     def run(self) -> str:

@@ -301,3 +301,87 @@ def test_export_every_and_old_checkpoints(tiny, tmp_path):
     with pytest.raises(SystemExit, match="loss_weight"):
         main(args(tiny, part, "--steps", "4", "--resume", "--loss-weight", "sample"))
     assert main(args(tiny, part, "--steps", "4", "--resume")) == "done"
+
+
+def _reference_kl(m, s, i: int, rows: str) -> torch.Tensor:
+    """Per-row KL(full || kvlink) of sample i, from two plain forwards: the sample as laid
+    out (KV-START, documents, links, KV-END, question, answer) and its control layout."""
+    import torch.nn.functional as F
+    from conftest import KV_END
+    ctl = to_control(s)
+    b, tb = collate(s, [i]), collate(ctl, [i])
+    ls = F.log_softmax(m(b["ids"], b["seg"], b["pos"])[0], -1)
+    with torch.no_grad():  # the teacher gets no gradient
+        lt = F.log_softmax(m(tb["ids"], tb["seg"], tb["pos"])[0], -1)
+    n, nt = int(s.lengths()[i]), int(ctl.lengths()[i])
+    if rows == "tail":
+        # what follows KV-END (the samples' last memory token), less the last token
+        T = n - 1 - int(np.flatnonzero(s.sample(i)[0] == KV_END)[-1])
+        sr, tr = list(range(n - T, n - 1)), list(range(nt - T, nt - 1))
+    else:
+        sr = (b["targets"][0] >= 0).nonzero()[:, 0].tolist()
+        tr = (tb["targets"][0] >= 0).nonzero()[:, 0].tolist()
+    assert len(sr) == len(tr) > 0
+    return (lt[tr].exp() * (lt[tr] - ls[sr])).sum(-1)
+
+
+@pytest.mark.parametrize("weight,rows", [("token", "tail"), ("sample", "answer")])
+def test_distill_matches_reference(tiny, tmp_path, weight, rows):
+    # one micro-batch holds every sample; the logged KL and the step's gradient (a
+    # direction: clipped) must be those of CE + W x KL computed here one sample at a time
+    W = 3.0
+    t = Trainer(parse_args(args(tiny, tmp_path / rows, "--steps", "1", "--lr", "1e-12", "--batch-tokens", "100000",
+                                "--loss-weight", weight, "--distill", str(W), "--distill-rows", rows,
+                                "--init-adapter", str(_adapter(tiny, tmp_path)))))
+    t.t_train = time.time()
+    rec = t.train_step()
+    got = _unit_grad(t.model)
+    s = t.samples
+    mem = [i for i in range(len(s)) if (s.sample(i)[0] >= s.base_vocab).any()]
+    assert 0 < len(mem) < len(s)  # the plain (qa) samples are not distilled
+    t.model.zero_grad(set_to_none=True)
+    labelled = sum(int(s.sample(i)[3].sum()) for i in range(len(s)))
+    kls = {i: _reference_kl(t.model, s, i, rows) for i in mem}
+    n_kl = sum(len(k) for k in kls.values())
+    assert rec["kl_rows"] == n_kl
+    assert rec["kl"] == pytest.approx(float(sum(k.detach().sum() for k in kls.values())) / n_kl, abs=2e-5)
+    assert rec["kl"] > 1e-3  # the layouts differ: reuse changes the predictions
+    ce = torch.zeros(())
+    for i in range(len(s)):
+        b = collate(s, [i])
+        ls, _, tok = t.model.loss_sums(b["ids"], b["seg"], b["pos"], b["targets"])
+        ce = ce + (ls / labelled if weight == "token" else tok.mean() / len(s))
+    kl = sum(k.sum() / n_kl if weight == "token" else k.mean() / len(mem) for k in kls.values())
+    (ce + W * kl).backward(retain_graph=True)
+    want = _unit_grad(t.model)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    # and the KL term moves it: CE alone points elsewhere
+    t.model.zero_grad(set_to_none=True)
+    ce.backward()
+    assert not torch.allclose(got, _unit_grad(t.model), atol=1e-2)
+
+
+def _adapter(tiny, tmp_path):
+    """A trained adapter (so the link rows and LoRA are not at their initial values)."""
+    run = tmp_path / "pre"
+    if not (run / "adapter").exists():
+        main(args(tiny, run, "--steps", "3", "--lr", "1e-2", "--save-every", "0"))
+    return run / "adapter"
+
+
+def test_distill_lowers_kl_and_checks_its_arguments(tiny, tmp_path, capsys):
+    run = tmp_path / "d"
+    main(args(tiny, run, "--steps", "20", "--lr", "1e-2", "--batch-tokens", "100000", "--save-every", "0",
+              "--distill", "10"))
+    kl = [r["kl"] for r in steps_of(run)]
+    assert kl[-1] < 0.5 * kl[0], kl
+    with pytest.raises(SystemExit):
+        main(args(tiny, tmp_path / "c", "--steps", "1", "--control", "--distill", "1"))
+    assert "--distill needs the link-token layout" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not components"):
+        main(args(tiny, tmp_path / "u", "--steps", "1", "--distill", "1", "--distill-components", "text_mem"))
+    part = tmp_path / "part"
+    main(args(tiny, part, "--steps", "4", "--stop-at-step", "2", "--distill", "1"))
+    with pytest.raises(SystemExit, match="distill"):
+        main(args(tiny, part, "--steps", "4", "--resume", "--distill", "2"))
+    assert main(args(tiny, part, "--steps", "4", "--resume", "--distill", "1")) == "done"
