@@ -749,7 +749,9 @@ impl Engine {
             if with_prefix {
                 docs.insert(0, &plan.tokens[..plan.prefix_len]);
             }
-            let (mut c, mut from) = self.doc_caches(&docs)?;
+            let found = self.tiers.lookup_timed(&self.model, &docs, PREFILL_CHUNK)?;
+            tm.disk_reads = found.disk;
+            let (mut c, mut from) = (found.caches, found.sources);
             if with_prefix {
                 tm.prefix_cached = from.remove(0) != CacheSource::Computed;
                 prefix = Some(c.remove(0));

@@ -230,7 +230,21 @@ fn bench_ttft_reports_each_path_with_its_breakdown() {
         assert_eq!(b["disk_docs"], 3, "{k}: {json}");
         assert_eq!(b["computed_docs"], 0, "{k}: {json}");
         assert!(b["lookup"].as_f64().is_some_and(|x| x > 0.0), "{k}: {json}");
+        // where the reads went: the 3 documents and the prompt's prefix, read from disk
+        let r = &b["disk_reads"];
+        assert_eq!(r["entries"], 4, "{k}: {json}");
+        assert!(r["wall"].as_f64().is_some_and(|x| x > 0.0), "{k}: {json}");
     }
+    assert!(gpu["disk_reads"].is_null(), "{json}");
+    let bytes = |k: &str| v[k]["disk_reads"]["bytes"].as_u64().unwrap_or(0);
+    let (f16, q8) = (
+        bytes("kvlink_disk_breakdown_ms"),
+        bytes("kvlink_disk_q8_breakdown_ms"),
+    );
+    assert!(
+        q8 > 0 && q8 < f16,
+        "q8 entries are smaller: {q8} vs {f16} bytes"
+    );
 }
 
 /// `bench kernels` on a tiny shape: every projection at every row count, and each

@@ -1110,6 +1110,43 @@ fn get_with_streams_parts_in_order_and_finishes_only_verified_hits() {
     );
 }
 
+#[test]
+fn get_with_times_counts_entries_and_payload_bytes() {
+    use kvlink::kv::store::ReadTimes;
+    let td = tempdir("readtimes");
+    let store = DiskStore::open(td.path()).unwrap();
+    let t = tokens(22, 300);
+    let kv = random_kv(22, 300, 2, 512);
+    let key = DocKey::new(MODEL, TOK, &t);
+    store.put(&key, MODEL, TOK, &t, &kv).unwrap();
+    let mut times = ReadTimes::default();
+    let get = |model: &str, times: &mut ReadTimes| {
+        let sink = |h: &EntryHeader| {
+            Ok(Recorder {
+                parts: vec![Vec::new(); 2 * h.n_layers],
+                finished: Arc::new(AtomicBool::new(false)),
+            })
+        };
+        store
+            .get_with_times(&key, model, TOK, &t, sink, times)
+            .unwrap()
+    };
+    assert!(matches!(get(MODEL, &mut times), Lookup::Hit(_)));
+    assert_eq!((times.entries, times.bytes), (1, kv.bytes() as u64));
+    // A mismatched entry is read through (to tell it from a corrupt one): counted too.
+    assert!(matches!(get("other", &mut times), Lookup::Mismatch(_)));
+    assert_eq!((times.entries, times.bytes), (2, 2 * kv.bytes() as u64));
+    // The phases are measured, not left at zero: 600 KB are read and hashed.
+    assert!(!times.read.is_zero() && !times.hash.is_zero(), "{times:?}");
+    let mut sum = ReadTimes::default();
+    sum.add(&times);
+    sum.add(&times);
+    assert_eq!(
+        (sum.entries, sum.bytes, sum.read),
+        (4, 4 * kv.bytes() as u64, 2 * times.read)
+    );
+}
+
 /// A shared tier in memory, for what writes to one.
 #[test]
 fn push_copies_intact_entries_under_their_header_keys() {

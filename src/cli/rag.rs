@@ -639,7 +639,10 @@ fn bench_ttft(adapter: &AdapterChoice, a: &TtftArgs) -> Result<()> {
                 ms(t.assemble),
                 ms(t.prefill),
                 t.prefill_tokens
-            )
+            );
+            if let Some(d) = &t.disk_reads {
+                println!("  disk reads: {d}");
+            }
         };
         breakdown("GPU caches", &last);
         if disk.is_some() {

@@ -47,6 +47,7 @@ use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use web_time::Instant;
 
 /// File magic.
 pub const MAGIC: &[u8; 4] = b"KVLC";
@@ -238,6 +239,41 @@ struct Want<'a> {
 /// L2 between the read, the hash and the sink's copy.
 const READ_CHUNK: usize = 256 << 10;
 
+/// Where the time of disk-store reads went (sums over the entries read, on whatever
+/// threads): for profiles of the disk tier (`kvlink bench ttft`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReadTimes {
+    /// Entries read (hits or not).
+    pub entries: usize,
+    /// Payload bytes read.
+    pub bytes: u64,
+    /// Opening the file, reading and checking its header.
+    pub open: Duration,
+    /// The sink's setup (`make`: e.g. GPU rows and staging memory for the payload).
+    pub setup: Duration,
+    /// Reading the payload from the file.
+    pub read: Duration,
+    /// Its checksum.
+    pub hash: Duration,
+    /// Handing it to the sink (e.g. a copy into mapped staging memory).
+    pub copy: Duration,
+    /// The sink's finish (e.g. queueing the GPU copies) and the hit's mtime refresh.
+    pub finish: Duration,
+}
+
+impl ReadTimes {
+    pub fn add(&mut self, o: &ReadTimes) {
+        self.entries += o.entries;
+        self.bytes += o.bytes;
+        self.open += o.open;
+        self.setup += o.setup;
+        self.read += o.read;
+        self.hash += o.hash;
+        self.copy += o.copy;
+        self.finish += o.finish;
+    }
+}
+
 /// One entry as listed by [`DiskStore::entries`].
 #[derive(Clone, Debug)]
 pub struct EntryInfo {
@@ -300,9 +336,9 @@ struct Usage {
     /// Bytes this process wrote since.
     added: AtomicU64,
     /// When the last scan was.
-    last_scan: std::sync::Mutex<web_time::Instant>,
+    last_scan: std::sync::Mutex<Instant>,
     /// When this process last refreshed each entry's mtime (touch, hit, put).
-    touched: std::sync::Mutex<HashMap<DocKey, web_time::Instant>>,
+    touched: std::sync::Mutex<HashMap<DocKey, Instant>>,
 }
 
 /// The on-disk store. Cheap to clone; many instances (and processes) may share a directory.
@@ -410,7 +446,7 @@ impl DiskStore {
                 let u = &store.usage;
                 u.scanned.store(bytes, Ordering::Relaxed);
                 if let Ok(mut t) = u.last_scan.lock() {
-                    let now = web_time::Instant::now();
+                    let now = Instant::now();
                     *t = now.checked_sub(age).unwrap_or(now);
                 }
             }
@@ -452,7 +488,7 @@ impl DiskStore {
             usage: std::sync::Arc::new(Usage {
                 scanned: AtomicU64::new(0),
                 added: AtomicU64::new(0),
-                last_scan: std::sync::Mutex::new(web_time::Instant::now()),
+                last_scan: std::sync::Mutex::new(Instant::now()),
                 touched: std::sync::Mutex::new(HashMap::new()),
             }),
         }
@@ -532,7 +568,7 @@ impl DiskStore {
                 t.clear();
             }
         }
-        t.insert(key.clone(), web_time::Instant::now());
+        t.insert(key.clone(), Instant::now());
     }
 
     pub fn contains(&self, key: &DocKey) -> bool {
@@ -719,29 +755,63 @@ impl DiskStore {
         token_ids: &[u32],
         make: impl FnOnce(&EntryHeader) -> Result<S>,
     ) -> Result<Lookup<S::Output>> {
+        let want = Want {
+            model_fingerprint,
+            tokenizer_fingerprint,
+            token_ids,
+        };
+        self.get_timed(key, &want, make, &mut ReadTimes::default())
+    }
+
+    /// [`DiskStore::get_with`], adding where the time went to `times`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn get_with_times<S: PayloadSink>(
+        &self,
+        key: &DocKey,
+        model_fingerprint: &str,
+        tokenizer_fingerprint: &str,
+        token_ids: &[u32],
+        make: impl FnOnce(&EntryHeader) -> Result<S>,
+        times: &mut ReadTimes,
+    ) -> Result<Lookup<S::Output>> {
+        let want = Want {
+            model_fingerprint,
+            tokenizer_fingerprint,
+            token_ids,
+        };
+        self.get_timed(key, &want, make, times)
+    }
+
+    fn get_timed<S: PayloadSink>(
+        &self,
+        key: &DocKey,
+        want: &Want,
+        make: impl FnOnce(&EntryHeader) -> Result<S>,
+        times: &mut ReadTimes,
+    ) -> Result<Lookup<S::Output>> {
+        let t0 = Instant::now();
         let path = self.path_for(key);
         let mut file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Lookup::Miss),
             Err(e) => return Err(Error::io(path, e)),
         };
-        let want = Want {
-            model_fingerprint,
-            tokenizer_fingerprint,
-            token_ids,
-        };
+        times.entries += 1;
+        times.open += t0.elapsed();
         let read = file
             .metadata()
             .map_err(ReadErr::from)
-            .and_then(|md| read_entry_into(&mut file, md.len(), &want, make));
+            .and_then(|md| read_entry_into(&mut file, md.len(), want, make, times));
         match read {
             Ok(found) => {
                 if found.is_hit() {
+                    let t = Instant::now();
                     // Best effort: a hit refreshes the mtime so prune() evicts least
                     // recently used.
                     if file.set_modified(SystemTime::now()).is_ok() {
                         self.note_touched(key);
                     }
+                    times.finish += t.elapsed();
                 }
                 Ok(found)
             }
@@ -942,7 +1012,7 @@ impl DiskStore {
         self.usage.scanned.store(total, Ordering::Relaxed);
         self.usage.added.store(0, Ordering::Relaxed);
         if let Ok(mut t) = self.usage.last_scan.lock() {
-            *t = web_time::Instant::now();
+            *t = Instant::now();
         }
         drop(lock);
         Ok(st)
@@ -1145,7 +1215,13 @@ pub fn decode_entry(
         token_ids,
     };
     let mut r = bytes;
-    match read_entry_into(&mut r, bytes.len() as u64, &want, doc_kv_sink) {
+    match read_entry_into(
+        &mut r,
+        bytes.len() as u64,
+        &want,
+        doc_kv_sink,
+        &mut ReadTimes::default(),
+    ) {
         Ok(found) => found,
         Err(ReadErr::Version(v)) => Lookup::Mismatch(version_mismatch(v)),
         Err(ReadErr::Corrupt(reason)) => Lookup::Corrupt(reason),
@@ -1178,7 +1254,13 @@ pub fn check_entry(bytes: &[u8]) -> std::result::Result<EntryHeader, String> {
     };
     let mut r = bytes;
     // Checked, not decoded: the payload only passes through the checksum.
-    match read_entry_into(&mut r, bytes.len() as u64, &want, |_| Ok(Discard)) {
+    match read_entry_into(
+        &mut r,
+        bytes.len() as u64,
+        &want,
+        |_| Ok(Discard),
+        &mut ReadTimes::default(),
+    ) {
         Ok(Lookup::Hit(())) => Ok(h),
         Ok(Lookup::Corrupt(why) | Lookup::Mismatch(why)) => Err(why),
         Ok(Lookup::Miss) => Err("no entry".into()),
@@ -1317,9 +1399,12 @@ fn read_entry_into<R: Read, S: PayloadSink>(
     file_len: u64,
     want: &Want,
     make: impl FnOnce(&EntryHeader) -> Result<S>,
+    times: &mut ReadTimes,
 ) -> std::result::Result<Lookup<S::Output>, ReadErr> {
+    let t = Instant::now();
     let mut h = Xxh64::new(0);
     let (header, consumed) = read_header_hashed(f, file_len, &mut h)?;
+    times.open += t.elapsed();
     // Bytes of one part (the K or the V of a layer); None where the shape overflows.
     let layer_bytes = header
         .n_tokens
@@ -1344,11 +1429,20 @@ fn read_entry_into<R: Read, S: PayloadSink>(
     // The payload fits the file, so each part fits in memory.
     let lb = layer_bytes.unwrap_or(0) as usize;
     // A sink only for the entry asked for; else why it is not (reported once intact).
+    let t = Instant::now();
     let mut sink = match header_mismatch(&header, want) {
         None => Ok(make(&header).map_err(ReadErr::Sink)?),
         Some(why) => Err(why),
     };
+    times.setup += t.elapsed();
     let mut buf = vec![0u8; lb.min(READ_CHUNK)];
+    // (a clock read per 256 KiB: tens of nanoseconds against tens of microseconds)
+    let mut t = Instant::now();
+    let mut lap = |d: &mut Duration| {
+        let now = Instant::now();
+        *d += now - t;
+        t = now;
+    };
     for part in 0..2 * header.n_layers {
         let mut off = 0;
         while off < lb {
@@ -1356,20 +1450,26 @@ fn read_entry_into<R: Read, S: PayloadSink>(
             match sink.as_mut().ok().and_then(|s| s.read_into(part, off, n)) {
                 Some(dst) => {
                     f.read_exact(dst)?;
+                    lap(&mut times.read);
                     h.update(dst);
+                    lap(&mut times.hash);
                 }
                 None => {
                     let chunk = &mut buf[..n];
                     f.read_exact(chunk)?;
+                    lap(&mut times.read);
                     h.update(chunk);
+                    lap(&mut times.hash);
                     if let Ok(s) = &mut sink {
                         s.write(part, off, chunk);
+                        lap(&mut times.copy);
                     }
                 }
             }
             off += n;
         }
     }
+    times.bytes += payload;
     let mut sum = [0u8; 8];
     f.read_exact(&mut sum)?;
     let stored = u64::from_le_bytes(sum);
@@ -1380,7 +1480,12 @@ fn read_entry_into<R: Read, S: PayloadSink>(
         )));
     }
     match sink {
-        Ok(s) => Ok(Lookup::Hit(s.finish().map_err(ReadErr::Sink)?)),
+        Ok(s) => {
+            let t = Instant::now();
+            let out = s.finish().map_err(ReadErr::Sink)?;
+            times.finish += t.elapsed();
+            Ok(Lookup::Hit(out))
+        }
         Err(why) => Ok(Lookup::Mismatch(why)),
     }
 }

@@ -197,6 +197,71 @@ pub struct Timings {
     /// Tokens run through the model for this request before the first token.
     pub prefill_tokens: usize,
     pub prompt_tokens: usize,
+    /// Where the disk store's reads spent their time, if any entry was read.
+    pub disk_reads: Option<DiskReads>,
+}
+
+/// Where a request's disk-store reads spent their time: `wall` is the parallel read of
+/// every entry (one thread per document, up to the cores), the phases are summed over
+/// those threads (so they can add up to more than `wall`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct DiskReads {
+    pub entries: usize,
+    pub bytes: u64,
+    #[serde(with = "ms")]
+    pub wall: Duration,
+    /// Opening each file, reading and checking its header.
+    #[serde(with = "ms")]
+    pub open: Duration,
+    /// GPU rows and staging memory for each payload.
+    #[serde(with = "ms")]
+    pub setup: Duration,
+    /// Reading the payloads from the files.
+    #[serde(with = "ms")]
+    pub read: Duration,
+    /// Their checksums.
+    #[serde(with = "ms")]
+    pub hash: Duration,
+    /// Copies into the mapped staging memory.
+    #[serde(with = "ms")]
+    pub copy: Duration,
+    /// Queueing the GPU copies (and q8's dequantization), the mtime refresh.
+    #[serde(with = "ms")]
+    pub finish: Duration,
+}
+
+impl DiskReads {
+    fn add(&mut self, t: &crate::kv::store::ReadTimes) {
+        self.entries += t.entries;
+        self.bytes += t.bytes;
+        self.open += t.open;
+        self.setup += t.setup;
+        self.read += t.read;
+        self.hash += t.hash;
+        self.copy += t.copy;
+        self.finish += t.finish;
+    }
+}
+
+impl std::fmt::Display for DiskReads {
+    /// One line: wall time, then the per-thread sums.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        write!(
+            f,
+            "{} entries, {:.1} MB in {:.2} ms; thread sums: open {:.2}, setup {:.2}, read {:.2}, \
+             hash {:.2}, copy {:.2}, finish {:.2} ms",
+            self.entries,
+            self.bytes as f64 / 1e6,
+            ms(self.wall),
+            ms(self.open),
+            ms(self.setup),
+            ms(self.read),
+            ms(self.hash),
+            ms(self.copy),
+            ms(self.finish),
+        )
+    }
 }
 
 impl std::fmt::Display for Timings {
@@ -568,7 +633,25 @@ mod tests {
             prefill_tokens: 340,
             prompt_tokens: 1240,
             prefix_cached: true,
+            disk_reads: None,
         };
+        let us = Duration::from_micros;
+        let d = DiskReads {
+            entries: 3,
+            bytes: 25_165_824,
+            wall: us(6_660),
+            open: us(220),
+            setup: us(290),
+            read: us(3_550),
+            hash: us(1_900),
+            copy: us(2_560),
+            finish: us(3_110),
+        };
+        assert_eq!(
+            d.to_string(),
+            "3 entries, 25.2 MB in 6.66 ms; thread sums: open 0.22, setup 0.29, read 3.55, \
+             hash 1.90, copy 2.56, finish 3.11 ms"
+        );
         assert_eq!(
             t.to_string(),
             "7.5 ms = lookup 1.2 + assembly 0.8 + prefill/first token 5.4 | 1240 prompt tokens, \

@@ -6,10 +6,11 @@
 //! tiers above where it came from: `lookup -> upload/compute -> insert`.
 
 use super::pool::Lease;
+use super::DiskReads;
 use super::{DocCache, DocPool};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Step, Tensor, TensorUpload};
-use crate::kv::store::PayloadSink;
+use crate::kv::store::{PayloadSink, ReadTimes};
 use crate::kv::KvFormat;
 use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru, SharedStore};
 use crate::model::llama::Llama;
@@ -474,17 +475,23 @@ impl DocTiers {
         store: &DiskStore,
         keys: &[DocKey],
         docs: &[(usize, &[u32])],
-    ) -> Vec<Result<Lookup<DocCache>>> {
+    ) -> Vec<(Result<Lookup<DocCache>>, ReadTimes)> {
         let get = |&(i, d): &(usize, &[u32])| {
-            store.get_with(
+            let mut times = ReadTimes::default();
+            let found = store.get_with_times(
                 &keys[i],
                 &self.fingerprint,
                 &self.tokenizer_fingerprint,
                 d,
                 |h| self.upload_sink(d, (h.n_tokens, h.n_layers, h.kv_dim), h.format()),
-            )
+                &mut times,
+            );
+            (found, times)
         };
-        let lost = || Err(Error::Gpu("document cache reader panicked".into()));
+        let lost = || {
+            let e = Error::Gpu("document cache reader panicked".into());
+            (Err(e), ReadTimes::default())
+        };
         crate::par::map(docs, get, lost)
     }
 
@@ -500,6 +507,12 @@ impl DocTiers {
         docs: &[&[u32]],
         chunk: usize,
     ) -> Result<(Vec<Arc<DocCache>>, Vec<CacheSource>)> {
+        let found = self.lookup_timed(model, docs, chunk)?;
+        Ok((found.caches, found.sources))
+    }
+
+    /// [`DocTiers::lookup`], also saying where the disk store's reads spent their time.
+    pub fn lookup_timed(&self, model: &Llama, docs: &[&[u32]], chunk: usize) -> Result<Found> {
         let mut lru = self.docs.lock().unwrap_or_else(|e| e.into_inner());
         let store = self.store();
         let keys: Vec<DocKey> = docs.iter().map(|d| self.key(d)).collect();
@@ -527,11 +540,23 @@ impl DocTiers {
             candidates.push((i, d));
         }
         let mut missing: Vec<(usize, &[u32])> = Vec::new();
+        let mut disk = None;
         match &store {
             None => missing = candidates,
             Some(store) => {
+                let t = web_time::Instant::now();
                 let lookups = self.read_stored(store, &keys, &candidates);
-                for ((i, d), lookup) in candidates.into_iter().zip(lookups) {
+                let mut reads = DiskReads {
+                    wall: t.elapsed(),
+                    ..DiskReads::default()
+                };
+                for (_, times) in &lookups {
+                    reads.add(times);
+                }
+                if reads.entries > 0 {
+                    disk = Some(reads);
+                }
+                for ((i, d), (lookup, _)) in candidates.into_iter().zip(lookups) {
                     let k = &keys[i];
                     // The store is a cache: a read that fails (permissions, I/O) is a
                     // miss, reported, and the request goes on.
@@ -609,7 +634,11 @@ impl DocTiers {
             out.push(dc.clone());
             src.push(*s);
         }
-        Ok((out, src))
+        Ok(Found {
+            caches: out,
+            sources: src,
+            disk,
+        })
     }
 
     /// Forget all GPU-resident document caches.
@@ -617,6 +646,14 @@ impl DocTiers {
         self.docs.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.pool.trim();
     }
+}
+
+/// What [`DocTiers::lookup_timed`] found: per document, its cache and where it came from.
+pub struct Found {
+    pub caches: Vec<Arc<DocCache>>,
+    pub sources: Vec<CacheSource>,
+    /// Where the disk store's reads spent their time, if any entry was read.
+    pub disk: Option<DiskReads>,
 }
 
 /// See [`DocTiers::upload_sink`].
