@@ -775,7 +775,10 @@ impl Engine {
         } else {
             Vec::new()
         };
-        self.gpu().wait()?;
+        // No wait for the GPU here: the copies of disk hits (and the encoding of missing
+        // documents) run while the assembly and the prefill are recorded, and the queue
+        // keeps them in order; so `lookup` is host time, and GPU work it queued lands in
+        // the later phases.
         tm.lookup = t0.elapsed();
         let refs: Vec<&DocCache> = caches.iter().map(|c| c.as_ref()).collect();
         let extra = o.extra.min(self.context.saturating_sub(plan.len()));

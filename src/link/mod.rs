@@ -172,7 +172,8 @@ fn row_bytes(t: &Tensor) -> u64 {
 /// Where the time to first token went.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Timings {
-    /// Tokenize, plan, and find/load/encode document caches.
+    /// Tokenize, plan, and find/load/encode document caches (host time: GPU work it
+    /// queues, copies of disk hits and encoding, runs on into the later phases).
     #[serde(with = "ms")]
     pub lookup: Duration,
     /// Prefix encode, K/V gather and key rotation (recorded and submitted).
