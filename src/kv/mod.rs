@@ -33,6 +33,16 @@ use std::hash::Hash;
 /// layout of [`DocKv`] or of the file changes: old entries then become misses.
 pub const CACHE_FORMAT_VERSION: u32 = 1;
 
+/// Durations as milliseconds (f64) in JSON: `#[serde(with = "serde_ms")]`.
+pub(crate) mod serde_ms {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1e3)
+    }
+}
+
 /// Bytes per stored element (f16).
 pub const DTYPE_BYTES: usize = 2;
 

@@ -240,24 +240,30 @@ struct Want<'a> {
 const READ_CHUNK: usize = 256 << 10;
 
 /// Where the time of disk-store reads went (sums over the entries read, on whatever
-/// threads): for profiles of the disk tier (`kvlink bench ttft`).
-#[derive(Clone, Copy, Debug, Default)]
+/// threads): for profiles of the disk tier (`kvlink bench ttft`). JSON: milliseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct ReadTimes {
     /// Entries read (hits or not).
     pub entries: usize,
     /// Payload bytes read.
     pub bytes: u64,
     /// Opening the file, reading and checking its header.
+    #[serde(with = "super::serde_ms")]
     pub open: Duration,
     /// The sink's setup (`make`: e.g. GPU rows and staging memory for the payload).
+    #[serde(with = "super::serde_ms")]
     pub setup: Duration,
     /// Reading the payload from the file.
+    #[serde(with = "super::serde_ms")]
     pub read: Duration,
     /// Its checksum.
+    #[serde(with = "super::serde_ms")]
     pub hash: Duration,
     /// Handing it to the sink (e.g. a copy into mapped staging memory).
+    #[serde(with = "super::serde_ms")]
     pub copy: Duration,
     /// The sink's finish (e.g. queueing the GPU copies) and the hit's mtime refresh.
+    #[serde(with = "super::serde_ms")]
     pub finish: Duration,
 }
 
@@ -755,16 +761,11 @@ impl DiskStore {
         token_ids: &[u32],
         make: impl FnOnce(&EntryHeader) -> Result<S>,
     ) -> Result<Lookup<S::Output>> {
-        let want = Want {
-            model_fingerprint,
-            tokenizer_fingerprint,
-            token_ids,
-        };
-        self.get_timed(key, &want, make, &mut ReadTimes::default())
+        let (mf, tf) = (model_fingerprint, tokenizer_fingerprint);
+        self.get_with_times(key, mf, tf, token_ids, make, &mut ReadTimes::default())
     }
 
     /// [`DiskStore::get_with`], adding where the time went to `times`.
-    #[allow(clippy::too_many_arguments)]
     pub fn get_with_times<S: PayloadSink>(
         &self,
         key: &DocKey,
@@ -779,16 +780,6 @@ impl DiskStore {
             tokenizer_fingerprint,
             token_ids,
         };
-        self.get_timed(key, &want, make, times)
-    }
-
-    fn get_timed<S: PayloadSink>(
-        &self,
-        key: &DocKey,
-        want: &Want,
-        make: impl FnOnce(&EntryHeader) -> Result<S>,
-        times: &mut ReadTimes,
-    ) -> Result<Lookup<S::Output>> {
         let t0 = Instant::now();
         let path = self.path_for(key);
         let mut file = match File::open(&path) {
@@ -801,7 +792,7 @@ impl DiskStore {
         let read = file
             .metadata()
             .map_err(ReadErr::from)
-            .and_then(|md| read_entry_into(&mut file, md.len(), want, make, times));
+            .and_then(|md| read_entry_into(&mut file, md.len(), &want, make, times));
         match read {
             Ok(found) => {
                 if found.is_hit() {

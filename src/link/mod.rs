@@ -17,6 +17,7 @@ pub use tiers::{CacheSource, DocTiers};
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Step, Tensor};
+use crate::kv::serde_ms as ms;
 use crate::model::llama::{Batch, ForwardOut, KvCache, Llama, Logits};
 use crate::ops;
 use std::sync::Arc;
@@ -203,64 +204,34 @@ pub struct Timings {
 }
 
 /// Where a request's disk-store reads spent their time: `wall` is the parallel read of
-/// every entry (one thread per document, up to the cores), the phases are summed over
+/// every entry (one thread per document, up to the cores); the phases are summed over
 /// those threads (so they can add up to more than `wall`).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct DiskReads {
-    pub entries: usize,
-    pub bytes: u64,
     #[serde(with = "ms")]
     pub wall: Duration,
-    /// Opening each file, reading and checking its header.
-    #[serde(with = "ms")]
-    pub open: Duration,
-    /// GPU rows and staging memory for each payload.
-    #[serde(with = "ms")]
-    pub setup: Duration,
-    /// Reading the payloads from the files.
-    #[serde(with = "ms")]
-    pub read: Duration,
-    /// Their checksums.
-    #[serde(with = "ms")]
-    pub hash: Duration,
-    /// Copies into the mapped staging memory.
-    #[serde(with = "ms")]
-    pub copy: Duration,
-    /// Queueing the GPU copies (and q8's dequantization), the mtime refresh.
-    #[serde(with = "ms")]
-    pub finish: Duration,
-}
-
-impl DiskReads {
-    fn add(&mut self, t: &crate::kv::store::ReadTimes) {
-        self.entries += t.entries;
-        self.bytes += t.bytes;
-        self.open += t.open;
-        self.setup += t.setup;
-        self.read += t.read;
-        self.hash += t.hash;
-        self.copy += t.copy;
-        self.finish += t.finish;
-    }
+    #[serde(flatten)]
+    pub phases: crate::kv::store::ReadTimes,
 }
 
 impl std::fmt::Display for DiskReads {
     /// One line: wall time, then the per-thread sums.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let p = &self.phases;
         write!(
             f,
             "{} entries, {:.1} MB in {:.2} ms; thread sums: open {:.2}, setup {:.2}, read {:.2}, \
              hash {:.2}, copy {:.2}, finish {:.2} ms",
-            self.entries,
-            self.bytes as f64 / 1e6,
+            p.entries,
+            p.bytes as f64 / 1e6,
             ms(self.wall),
-            ms(self.open),
-            ms(self.setup),
-            ms(self.read),
-            ms(self.hash),
-            ms(self.copy),
-            ms(self.finish),
+            ms(p.open),
+            ms(p.setup),
+            ms(p.read),
+            ms(p.hash),
+            ms(p.copy),
+            ms(p.finish),
         )
     }
 }
@@ -287,15 +258,6 @@ impl std::fmt::Display for Timings {
             self.computed_docs,
             self.computed_doc_tokens,
         )
-    }
-}
-
-mod ms {
-    pub fn serialize<S: serde::Serializer>(
-        d: &std::time::Duration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64() * 1e3)
     }
 }
 
@@ -638,15 +600,17 @@ mod tests {
         };
         let us = Duration::from_micros;
         let d = DiskReads {
-            entries: 3,
-            bytes: 25_165_824,
             wall: us(6_660),
-            open: us(220),
-            setup: us(290),
-            read: us(3_550),
-            hash: us(1_900),
-            copy: us(2_560),
-            finish: us(3_110),
+            phases: crate::kv::store::ReadTimes {
+                entries: 3,
+                bytes: 25_165_824,
+                open: us(220),
+                setup: us(290),
+                read: us(3_550),
+                hash: us(1_900),
+                copy: us(2_560),
+                finish: us(3_110),
+            },
         };
         assert_eq!(
             d.to_string(),

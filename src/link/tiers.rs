@@ -551,9 +551,9 @@ impl DocTiers {
                     ..DiskReads::default()
                 };
                 for (_, times) in &lookups {
-                    reads.add(times);
+                    reads.phases.add(times);
                 }
-                if reads.entries > 0 {
+                if reads.phases.entries > 0 {
                     disk = Some(reads);
                 }
                 for ((i, d), (lookup, _)) in candidates.into_iter().zip(lookups) {
