@@ -18,7 +18,13 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, gguf, s
     grep -vE '^torch\b' train/requirements.txt > "$venv/rest.txt"
     "${pip[@]}" --no-deps -r "$venv/torch.txt"
     "$venv/bin/python" scripts/torch-deps.py --without triton > "$venv/torch-deps.txt"
-    "${pip[@]}" -r "$venv/torch-deps.txt" -r "$venv/rest.txt"
+    # One requirement per pip call: pip keeps every wheel it downloaded until its call
+    # ends, so one call for all of them needs the ~3 GB of CUDA wheels twice over.
+    while read -r req; do
+        "${pip[@]}" "$req"
+    done < "$venv/torch-deps.txt"
+    "${pip[@]}" -r "$venv/rest.txt"
+    echo "train-test: installed ($(du -sh "$venv" | cut -f1)); disk free $(df -h . | awk 'NR == 2 { print $4 }')"
 fi
 [ -f "${KVLINK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvlink}/models/SmolLM2-135M-Instruct.Q4_1.gguf" ] \
     || scripts/fetch-model.sh
