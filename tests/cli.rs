@@ -504,3 +504,134 @@ fn bad_adapter_index_is_an_error() {
 fn bad_adapter_name_is_an_error() {
     assert_adapter_error("nosuchgpu", "nosuchgpu");
 }
+
+/// Mean and standard error (sample standard deviation / sqrt(n)) of a list of values.
+fn mean_se(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0);
+    (m, (var / n).sqrt())
+}
+
+/// `eval compare` on two small records files: EM per mode, the reuse cost, the paired
+/// differences over the shared questions, all against values computed here from the
+/// scores written; a truncated last line is left out and the file left as it was.
+#[test]
+fn eval_compare_pairs_records_over_shared_questions() {
+    let td = common::tempdir::tempdir("compare");
+    let line = |id: usize, mode: &str, score: f64, agree: Option<bool>| {
+        serde_json::json!({
+            "id": format!("q{id}"), "index": id, "mode": mode, "prediction": "p", "gold": "g",
+            "score": score, "ttft_ms": 1.0, "prompt_tokens": 10, "cached_doc_tokens": 0,
+            "computed_doc_tokens": 0, "generated_tokens": 1, "first_token": 5,
+            "kl_vs_full": agree.map(|_| 0.1), "first_token_agree": agree,
+            "answer_identical": agree,
+        })
+        .to_string()
+            + "\n"
+    };
+    let write = |name: &str, full: &[f64], kv: &[f64], agree: &[bool], tail: &str| {
+        let mut s = String::new();
+        for i in 0..full.len() {
+            s += &line(i, "full", full[i], None);
+            s += &line(i, "kvlink", kv[i], Some(agree[i]));
+        }
+        s += tail;
+        let p = td.path().join(name);
+        std::fs::write(&p, &s).unwrap();
+        (p.to_string_lossy().into_owned(), s)
+    };
+    let (a_full, a_kv) = ([1., 0., 1., 1., 0., 0.], [1., 0., 0., 1., 0., 0.]);
+    let (b_full, b_kv) = ([1., 1., 1., 1., 0., 0., 1.], [1., 1., 0., 1., 0., 1., 0.]);
+    let agree = [true, false, true, true, false, true, true];
+    let (a, a_text) = write(
+        "a.jsonl",
+        &a_full,
+        &a_kv,
+        &agree[..6],
+        "{\"id\": \"q9\", \"mo",
+    );
+    let (b, _) = write("b.jsonl", &b_full, &b_kv, &agree, "");
+    let json = ok(&["eval", "compare", &a, &b, "--names", "base,tuned", "--json"]);
+    assert_eq!(
+        std::fs::read_to_string(&a).unwrap(),
+        a_text,
+        "compare changed a file"
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).expect("compare --json");
+    let near = |got: &serde_json::Value, (m, se): (f64, f64), what: &str| {
+        let (gm, gs) = (got["mean"].as_f64(), got["se"].as_f64());
+        assert!(
+            gm.is_some_and(|g| (g - m).abs() < 1e-12) && gs.is_some_and(|g| (g - se).abs() < 1e-12),
+            "{what}: got {got}, want {m} ± {se}"
+        );
+    };
+    let f = &v["files"];
+    assert_eq!(
+        (f[0]["name"].as_str(), f[0]["questions"].as_u64()),
+        (Some("base"), Some(6))
+    );
+    assert_eq!(f[1]["questions"], 7, "{json}");
+    near(&f[0]["em"]["full"], mean_se(&a_full), "base full EM");
+    near(&f[1]["em"]["kvlink"], mean_se(&b_kv), "tuned kvlink EM");
+    let cost: Vec<f64> = a_full.iter().zip(&a_kv).map(|(x, y)| x - y).collect();
+    near(&f[0]["reuse_cost"], mean_se(&cost), "base reuse cost");
+    let agreed = agree[..6].iter().filter(|x| **x).count() as f64 / 6.0;
+    assert_eq!(
+        f[0]["first_token_agreement"].as_f64(),
+        Some(agreed),
+        "{json}"
+    );
+    // paired over q0..q5 (q6 is only in b)
+    let p = &v["paired"][0];
+    let diff = |x: &[f64], y: &[f64]| -> Vec<f64> { (0..6).map(|i| x[i] - y[i]).collect() };
+    near(
+        &p["same_mode"]["full"],
+        mean_se(&diff(&b_full, &a_full)),
+        "full, paired",
+    );
+    near(
+        &p["same_mode"]["kvlink"],
+        mean_se(&diff(&b_kv, &a_kv)),
+        "kvlink, paired",
+    );
+    near(
+        &p["kvlink_minus_base_full"],
+        mean_se(&diff(&b_kv, &a_full)),
+        "kvlink - base full",
+    );
+    // the markdown tables say the same
+    let md = ok(&["eval", "compare", &a, &b]);
+    assert!(md.contains("| a | 6 | 0.500 | 0.333 |"), "{md}");
+    assert!(md.contains("each minus a"), "{md}");
+
+    // bad input: clear errors, no panic
+    let bad = td.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        line(0, "full", 1.0, None) + "not a record\n" + &line(1, "full", 0.0, None),
+    )
+    .unwrap();
+    let bad = bad.to_string_lossy().into_owned();
+    let missing = td
+        .path()
+        .join("missing.jsonl")
+        .to_string_lossy()
+        .into_owned();
+    for (args, want) in [
+        (
+            vec![a.as_str(), bad.as_str()],
+            "line 2 is not an eval record",
+        ),
+        (vec![a.as_str(), missing.as_str()], "missing.jsonl"),
+        (
+            vec![a.as_str(), b.as_str(), "--names", "x"],
+            "1 names for 2 files",
+        ),
+    ] {
+        let o = kvlink(&[&["eval", "compare"], &args[..]].concat());
+        let err = stderr(&o);
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -21,6 +21,23 @@ pub enum EvalCmd {
     /// and nine other paragraphs of its article as ten documents (EVAL.md); same modes,
     /// metrics and options as `hotpotqa`. Data: scripts/fetch-train-data.sh.
     Squad(HotpotArgs),
+    /// Compare records files (`--out` of the above) on the questions they share: EM per
+    /// mode, what reuse costs (full - kvlink) with its standard error, first-token
+    /// agreement, and each file minus the first, paired over questions. No GPU.
+    Compare(CompareArgs),
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Records files; the first is the reference of the paired table.
+    #[arg(required = true, value_name = "RECORDS.jsonl")]
+    pub files: Vec<PathBuf>,
+    /// Names for the files in the tables, comma-separated, in order (default: file stems).
+    #[arg(long, value_delimiter = ',')]
+    pub names: Vec<String>,
+    /// Print the comparison as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -74,7 +91,32 @@ pub fn eval(adapter: &AdapterChoice, cmd: &EvalCmd) -> Result<()> {
             let all = squad::records(&squad::load(&path)?, squad::Part::Test);
             qa(adapter, a, "SQuAD held-out", &path, &all)
         }
+        EvalCmd::Compare(a) => compare(a),
     }
+}
+
+fn compare(a: &CompareArgs) -> Result<()> {
+    use kvlink::eval::compare::{self, Records};
+    if !a.names.is_empty() && a.names.len() != a.files.len() {
+        bail!(
+            "--names: {} names for {} files",
+            a.names.len(),
+            a.files.len()
+        );
+    }
+    let files = a
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Records::load(p, a.names.get(i).map(String::as_str)))
+        .collect::<kvlink::Result<Vec<_>>>()?;
+    let (md, json) = compare::compare(&files);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        print!("{md}");
+    }
+    Ok(())
 }
 
 fn data_path(a: &HotpotArgs, default: PathBuf, script: &str) -> Result<PathBuf> {

@@ -7,6 +7,7 @@
 //!   (first-token KL divergence and agreement, identical answers), the resumable JSONL
 //!   results file and the per-mode summary.
 
+pub mod compare;
 pub mod hotpotqa;
 pub mod perplexity;
 pub mod score;
@@ -313,7 +314,42 @@ pub fn run_question(
 pub struct ResultsFile {
     pub path: PathBuf,
     /// Records already in the file, by (id, mode); the last line wins for a repeated key.
-    pub records: HashMap<(String, String), QaRecord>,
+    pub records: RecordMap,
+}
+
+/// Eval records by (question id, mode).
+pub type RecordMap = HashMap<(String, String), QaRecord>;
+
+/// The records of a results file's text by (id, mode), the last line winning for a
+/// repeated key, and the length of the text they fill: a truncated last line (an
+/// interrupted write) is left out; any other line that is not a record is an error.
+pub(crate) fn parse_records(path: &Path, text: &str) -> Result<(RecordMap, usize)> {
+    let mut records = HashMap::new();
+    let complete = text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    let mut valid_len = 0usize;
+    for (i, line) in lines.iter().enumerate() {
+        let last = i + 1 == lines.len();
+        if line.trim().is_empty() {
+            valid_len += line.len() + 1;
+            continue;
+        }
+        match serde_json::from_str::<QaRecord>(line) {
+            Ok(r) => {
+                records.insert(r.key(), r);
+                valid_len += line.len() + 1;
+            }
+            Err(_) if last && !complete => break,
+            Err(e) => {
+                return Err(Error::Input(format!(
+                    "{}: line {} is not an eval record: {e}",
+                    path.display(),
+                    i + 1
+                )))
+            }
+        }
+    }
+    Ok((records, valid_len))
 }
 
 impl ResultsFile {
@@ -325,29 +361,8 @@ impl ResultsFile {
         if path.exists() {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
             let complete = text.ends_with('\n');
-            let lines: Vec<&str> = text.lines().collect();
-            let mut valid_len = 0usize;
-            for (i, line) in lines.iter().enumerate() {
-                let last = i + 1 == lines.len();
-                if line.trim().is_empty() {
-                    valid_len += line.len() + 1;
-                    continue;
-                }
-                match serde_json::from_str::<QaRecord>(line) {
-                    Ok(r) => {
-                        records.insert(r.key(), r);
-                        valid_len += line.len() + 1;
-                    }
-                    Err(_) if last && !complete => break,
-                    Err(e) => {
-                        return Err(Error::Input(format!(
-                            "{}: line {} is not an eval record: {e}",
-                            path.display(),
-                            i + 1
-                        )))
-                    }
-                }
-            }
+            let valid_len;
+            (records, valid_len) = parse_records(path, &text)?;
             if !complete && valid_len < text.len() {
                 // Drop the partial last line so the next append starts on a fresh line.
                 let f = std::fs::OpenOptions::new()
