@@ -146,6 +146,12 @@ impl Records {
     }
 }
 
+/// A markdown table's header: "records", then `cols` (right-aligned).
+fn table_head(cols: &[String]) -> String {
+    let head: String = cols.iter().map(|c| format!(" {c} |")).collect();
+    format!("| records |{head}\n|---|{}\n", "---:|".repeat(cols.len()))
+}
+
 /// The comparison of `files` (the first is the reference of the paired table) as
 /// markdown tables and as JSON.
 pub fn compare(files: &[Records]) -> (String, serde_json::Value) {
@@ -159,18 +165,12 @@ pub fn compare(files: &[Records]) -> (String, serde_json::Value) {
     modes.dedup();
     let has = |m: &str| modes.iter().any(|x| x == m);
     let reuse = has("full") && has("kvlink");
-    let mut md = String::new();
-    let mut head = String::from("| records | questions |");
-    let mut rule = String::from("|---|---:|");
-    for m in &modes {
-        head += &format!(" {m} EM |");
-        rule += "---:|";
-    }
+    let mut cols = vec!["questions".to_string()];
+    cols.extend(modes.iter().map(|m| format!("{m} EM")));
     if reuse {
-        head += " reuse cost (full - kvlink) | 1st-token agreement |";
-        rule += "---:|---:|";
+        cols.extend(["reuse cost (full - kvlink)", "1st-token agreement"].map(String::from));
     }
-    md += &format!("{head}\n{rule}\n");
+    let mut md = table_head(&cols);
     let mut json_files = Vec::new();
     for f in files {
         let mut row = format!("| {} | {} |", f.name, f.scores.len());
@@ -207,17 +207,11 @@ pub fn compare(files: &[Records]) -> (String, serde_json::Value) {
             "\nPaired over the questions in both, each minus {} (mean ± standard error):\n\n",
             base.name
         );
-        let mut head = String::from("| records |");
-        let mut rule = String::from("|---|");
-        for m in &modes {
-            head += &format!(" {m} |");
-            rule += "---:|";
-        }
+        let mut cols = modes.clone();
         if reuse {
-            head += &format!(" kvlink - {}'s full |", base.name);
-            rule += "---:|";
+            cols.push(format!("kvlink - {}'s full", base.name));
         }
-        md += &format!("{head}\n{rule}\n");
+        md += &table_head(&cols);
         for f in rest {
             let mut row = format!("| {} |", f.name);
             let mut by = serde_json::Map::new();
