@@ -13,7 +13,8 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, gguf, s
     # the ~3 GB of CUDA wheels), and PyTorch without triton (1 GB, only torch.compile uses
     # it): torch itself without its dependencies, then those dependencies less triton.
     pip=("$venv/bin/python" -m pip install --quiet --no-cache-dir)
-    # (pip then reports the missing triton as a conflict; that line is expected.)
+    # (pip then reports the missing triton, and until the loop below is through torch's
+    # other dependencies, as conflicts; those lines are expected.)
     grep -E '^torch\b' train/requirements.txt > "$venv/torch.txt"
     grep -vE '^torch\b' train/requirements.txt > "$venv/rest.txt"
     "${pip[@]}" --no-deps -r "$venv/torch.txt"
