@@ -191,6 +191,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     engine.tokenizer_fingerprint(),
                     d,
                     |_: &EntryHeader| Ok(Discard),
+                    &mut kvlink::kv::store::ReadTimes::default(),
                 )
                 .unwrap()
                 .into_hit()

@@ -8,8 +8,8 @@ use common::Rng;
 
 use kvlink::kv::quant::Q8_BLOCK;
 use kvlink::kv::store::{
-    decode_entry, encode_entry_as, EntryHeader, PayloadSink, PRUNE_AT_OPEN_AFTER, PRUNE_MARKER,
-    Q8_ENTRY_VERSION,
+    decode_entry, encode_entry_as, EntryHeader, PayloadSink, ReadTimes, PRUNE_AT_OPEN_AFTER,
+    PRUNE_MARKER, Q8_ENTRY_VERSION,
 };
 use kvlink::kv::{
     checksum64, fnv1a64, xxh64, DiskStore, DocKey, DocKv, KvFormat, Lookup, Lru, Xxh64,
@@ -1061,13 +1061,14 @@ fn get_with_streams_parts_in_order_and_finishes_only_verified_hits() {
     let finished = Arc::new(AtomicBool::new(false));
     let get = |model: &str| {
         let f = finished.clone();
-        store.get_with(&key, model, TOK, &t, |h: &EntryHeader| {
+        let sink = |h: &EntryHeader| {
             assert_eq!((h.n_tokens, h.n_layers, h.kv_dim), (300, 2, 512));
             Ok(Recorder {
                 parts: vec![Vec::new(); 2 * h.n_layers],
                 finished: f,
             })
-        })
+        };
+        store.get_with(&key, model, TOK, &t, sink, &mut ReadTimes::default())
     };
     match get(MODEL).unwrap() {
         Lookup::Hit(parts) => {
@@ -1100,9 +1101,8 @@ fn get_with_streams_parts_in_order_and_finishes_only_verified_hits() {
 
     // A sink that cannot be made is an error, not a miss.
     store.put(&key, MODEL, TOK, &t, &kv).unwrap();
-    let r = store.get_with(&key, MODEL, TOK, &t, |_: &EntryHeader| {
-        Err::<Recorder, _>(kvlink::Error::Input("no room".into()))
-    });
+    let no_room = |_: &EntryHeader| Err::<Recorder, _>(kvlink::Error::Input("no room".into()));
+    let r = store.get_with(&key, MODEL, TOK, &t, no_room, &mut ReadTimes::default());
     assert!(r.is_err());
     assert!(
         store.contains(&key),
@@ -1111,8 +1111,7 @@ fn get_with_streams_parts_in_order_and_finishes_only_verified_hits() {
 }
 
 #[test]
-fn get_with_times_counts_entries_and_payload_bytes() {
-    use kvlink::kv::store::ReadTimes;
+fn get_with_counts_entries_and_payload_bytes() {
     let td = tempdir("readtimes");
     let store = DiskStore::open(td.path()).unwrap();
     let t = tokens(22, 300);
@@ -1127,9 +1126,7 @@ fn get_with_times_counts_entries_and_payload_bytes() {
                 finished: Arc::new(AtomicBool::new(false)),
             })
         };
-        store
-            .get_with_times(&key, model, TOK, &t, sink, times)
-            .unwrap()
+        store.get_with(&key, model, TOK, &t, sink, times).unwrap()
     };
     assert!(matches!(get(MODEL, &mut times), Lookup::Hit(_)));
     assert_eq!((times.entries, times.bytes), (1, kv.bytes() as u64));

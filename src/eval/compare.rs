@@ -100,13 +100,7 @@ impl Records {
             .values()
             .flat_map(|m| m.keys().cloned())
             .collect();
-        all.sort_by_key(|m| {
-            (
-                ORDER.iter().position(|o| o == m).unwrap_or(ORDER.len()),
-                m.clone(),
-            )
-        });
-        all.dedup();
+        sort_modes(&mut all);
         all
     }
 
@@ -146,6 +140,17 @@ impl Records {
     }
 }
 
+/// Modes in table order ([`ORDER`], then by name), each once.
+fn sort_modes(modes: &mut Vec<String>) {
+    modes.sort_by_key(|m| {
+        (
+            ORDER.iter().position(|o| o == m).unwrap_or(ORDER.len()),
+            m.clone(),
+        )
+    });
+    modes.dedup();
+}
+
 /// A markdown table's header: "records", then `cols` (right-aligned).
 fn table_head(cols: &[String]) -> String {
     let head: String = cols.iter().map(|c| format!(" {c} |")).collect();
@@ -156,13 +161,7 @@ fn table_head(cols: &[String]) -> String {
 /// markdown tables and as JSON.
 pub fn compare(files: &[Records]) -> (String, serde_json::Value) {
     let mut modes: Vec<String> = files.iter().flat_map(|f| f.modes()).collect();
-    modes.sort_by_key(|m| {
-        (
-            ORDER.iter().position(|o| o == m).unwrap_or(ORDER.len()),
-            m.clone(),
-        )
-    });
-    modes.dedup();
+    sort_modes(&mut modes);
     let has = |m: &str| modes.iter().any(|x| x == m);
     let reuse = has("full") && has("kvlink");
     let mut cols = vec!["questions".to_string()];

@@ -745,6 +745,7 @@ impl DiskStore {
             tokenizer_fingerprint,
             token_ids,
             doc_kv_sink,
+            &mut ReadTimes::default(),
         )
     }
 
@@ -752,21 +753,8 @@ impl DiskStore {
     /// entry's (checked) header, in one pass with the checksum: no copy of the whole
     /// entry in host memory. The same checks, in the same order, decide the result; the
     /// sink is only finished (and its output returned) on a `Hit`. `Err` also when
-    /// `make` or the sink fails.
+    /// `make` or the sink fails. Where the time went is added to `times`.
     pub fn get_with<S: PayloadSink>(
-        &self,
-        key: &DocKey,
-        model_fingerprint: &str,
-        tokenizer_fingerprint: &str,
-        token_ids: &[u32],
-        make: impl FnOnce(&EntryHeader) -> Result<S>,
-    ) -> Result<Lookup<S::Output>> {
-        let (mf, tf) = (model_fingerprint, tokenizer_fingerprint);
-        self.get_with_times(key, mf, tf, token_ids, make, &mut ReadTimes::default())
-    }
-
-    /// [`DiskStore::get_with`], adding where the time went to `times`.
-    pub fn get_with_times<S: PayloadSink>(
         &self,
         key: &DocKey,
         model_fingerprint: &str,

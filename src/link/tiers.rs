@@ -478,7 +478,7 @@ impl DocTiers {
     ) -> Vec<(Result<Lookup<DocCache>>, ReadTimes)> {
         let get = |&(i, d): &(usize, &[u32])| {
             let mut times = ReadTimes::default();
-            let found = store.get_with_times(
+            let found = store.get_with(
                 &keys[i],
                 &self.fingerprint,
                 &self.tokenizer_fingerprint,

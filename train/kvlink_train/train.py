@@ -203,6 +203,7 @@ class Trainer:
         order), which samples are distilled and at how many rows each."""
         a = self.args
         self.teacher: Optional[Samples] = None
+        self.kl_rows = np.zeros(len(s), np.int64)  # per sample; none without --distill
         if not a.distill > 0:
             return
         names = a.distill_components.split(",") if a.distill_components else \
@@ -278,8 +279,8 @@ class Trainer:
         batches = [collate(self.samples, idx, a.pad_to, self.device) for idx in idxs]
         n_lab = sum(int((b["targets"] >= 0).sum()) for b in batches)
         # --distill: rows and samples of the step the KL is taken at
-        n_kl = sum(int(self.kl_rows[i]) for idx in idxs for i in idx) if self.teacher is not None else 0
-        n_kl_samples = sum(int(self.kl_rows[i] > 0) for idx in idxs for i in idx) if self.teacher is not None else 0
+        n_kl = sum(int(self.kl_rows[i]) for idx in idxs for i in idx)
+        n_kl_samples = sum(int(self.kl_rows[i] > 0) for idx in idxs for i in idx)
         kl_total = torch.zeros((), device=self.device)
         # --loss-weight sample: the step's loss is the mean over samples of each sample's mean
         sample = a.loss_weight == "sample"
@@ -298,7 +299,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 h = self.model.hidden(b["ids"], b["seg"], b["pos"])
                 s, row, tok = self.model.ce_sums(h, b["targets"])
-                rows = [r for r, i in enumerate(idx) if self.teacher is not None and self.kl_rows[i] > 0]
+                rows = [r for r, i in enumerate(idx) if self.kl_rows[i] > 0]
                 if rows:
                     tb = collate(self.teacher, [idx[r] for r in rows], a.pad_to, self.device)
                     with torch.no_grad():
