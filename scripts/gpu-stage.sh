@@ -5,13 +5,14 @@
 #   .gl/   the Vulkan loader packages (Debian amd64 .debs, extracted there by `setup`)
 #   .whl/  the gguf Python package (the trainer's GGUF reader), installed by `setup`
 #   .gpu/  kvlink.xz          release build of this tree
-#          model.part1..4     SmolLM2-135M-Instruct Q4_1 GGUF (scripts/fetch-model.sh) in
-#                             parts of 25 MB: one per call, under the 64 MiB a call carries
-#                             with the ~29 MB working tree
+#          model.part1..N     SmolLM2-135M-Instruct Q4_1 GGUF (scripts/fetch-model.sh) in
+#                             parts that fill what the working tree leaves of the 64 MiB a
+#                             call carries (the first beside the loaders, binary and data)
 #          data.tar.xz        hqa500.json (HotpotQA 0-499, test), hqa-val.json (500-999,
 #                             validation), squad-v2-dev.json, wiki.utf8
-#          samples.safetensors.xz  training samples of the shipped adapter's last recipe
-#          samples20.safetensors.xz  those of its first three stages (`gpu-train.sh chain`)
+#          samples20.safetensors.xz  training samples of the shipped adapter's first three
+#                             stages, samples.safetensors.xz of its fourth, samples40 of its
+#                             fifth and sixth (`gpu-train.sh chain`)
 #          probe.safetensors.xz    a small sample file for setup's throughput probe
 # Usage: scripts/gpu-stage.sh [--no-build] [--no-samples]
 #   --no-build    keep .gpu/kvlink.xz if present (else build it)
@@ -46,12 +47,6 @@ fi
 echo "== gguf wheel (.whl)"
 ls .whl/gguf-*.whl >/dev/null 2>&1 || python3 -m pip download --no-deps --quiet gguf -d .whl
 
-echo "== model parts"
-scripts/fetch-model.sh
-model="$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-rm -f .gpu/model.part*
-split -b 25000000 --numeric-suffixes=1 -a 1 "$model" .gpu/model.part
-
 echo "== evaluation and training data"
 scripts/fetch-train-data.sh
 data="$cache/data"
@@ -74,6 +69,20 @@ fi
 bin=target/release/kvlink
 [ -x "$bin" ] || bin="cargo run --release --quiet --"
 
+echo "== model parts"
+scripts/fetch-model.sh
+model="$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+rm -f .gpu/model.part*
+# Each call carries the working tree too (tracked files), so the parts fill what it
+# leaves of 64 MiB, less 1 MB: the first beside the loaders, wheel, binary and data.
+tree=$(git ls-files -z | xargs -0 stat -c %s | awk '{ s += $1 } END { print s }')
+room=$((64 * 1024 * 1024 - 1000000 - tree))
+first=$((room - $(cat .gl/* .whl/* .gpu/kvlink.xz .gpu/data.tar.xz | wc -c)))
+[ "$first" -gt 1000000 ] || { echo "gpu-stage: the working tree ($tree bytes) leaves no room for the model" >&2; exit 1; }
+head -c "$first" "$model" > .gpu/model.part1
+tail -c +$((first + 1)) "$model" | split -b "$room" --numeric-suffixes=2 -a 1 - .gpu/model.part
+parts=$(ls .gpu/model.part* | wc -l)
+
 if [ "$samples" = 1 ]; then
     echo "== training samples"
     $bin train-data --out "$tmp/samples.safetensors" --tokens "${TOKENS:-30000000}" \
@@ -82,20 +91,26 @@ if [ "$samples" = 1 ]; then
     xz -T0 -c "$tmp/samples.safetensors" > .gpu/samples.safetensors.xz
     $bin train-data --out "$tmp/samples20.safetensors"
     xz -T0 -c "$tmp/samples20.safetensors" > .gpu/samples20.safetensors.xz
+    $bin train-data --out "$tmp/samples40.safetensors" --tokens 40000000 --qa-passes 3 --seed 4 \
+        --mix qa_mem=50,qa=15,sft_mem=10,sft=5,text_mem=15,text=5
+    xz -T0 -c "$tmp/samples40.safetensors" > .gpu/samples40.safetensors.xz
     $bin train-data --out "$tmp/probe.safetensors" --tokens 400000 --seed 1
     xz -T0 -c "$tmp/probe.safetensors" > .gpu/probe.safetensors.xz
 fi
 
-echo "== staged (each call carries at most 64 MiB)"
+echo "== staged (each call carries at most 64 MiB; the working tree takes $tree bytes)"
 du -ch .gl .whl .gpu/* | sed 's/^/  /'
-cat <<'TXT'
-A training lease (train/README.md), each call made at once after the last:
-  carry .gl .whl .gpu/model.part1 .gpu/kvlink.xz .gpu/probe.safetensors.xz
-                                    PROBE=0 scripts/gpu-train.sh setup
-  carry .gpu/model.part2 .gpu/data.tar.xz    scripts/gpu-train.sh stash .gpu/model.part2
-  carry .gpu/model.part3            scripts/gpu-train.sh stash .gpu/model.part3
-  carry .gpu/model.part4            EVALS=none scripts/gpu-train.sh model
-  carry .gpu/samples.safetensors.xz RUNS=... STEPS=... scripts/gpu-train.sh train
-  the matched control: scripts/gpu-train.sh chain (train/README.md: two leases)
-A benchmark lease: carry .gl and the release binaries, scripts/gpu-bench.sh BINARY.
-TXT
+echo "A training lease (train/README.md), each call made at once after the last:"
+echo "  carry .gl .whl .gpu/model.part1 .gpu/kvlink.xz .gpu/data.tar.xz   PROBE=0 scripts/gpu-train.sh setup"
+for i in $(seq 2 $((parts - 1))); do
+    echo "  carry .gpu/model.part$i   scripts/gpu-train.sh stash .gpu/model.part$i"
+done
+last=.gpu/model.part$parts
+if [ $(($(wc -c < "$last") + $(wc -c < .gpu/samples40.safetensors.xz 2>/dev/null || echo "$room"))) -le "$room" ]; then
+    echo "  carry $last .gpu/samples40.safetensors.xz   EVALS=none scripts/gpu-train.sh model && ... train"
+else
+    echo "  carry $last   EVALS=none scripts/gpu-train.sh model"
+    echo "  carry .gpu/<samples>.safetensors.xz   RUNS=... STEPS=... scripts/gpu-train.sh train"
+fi
+echo "  the matched control: scripts/gpu-train.sh chain (train/README.md: two leases)"
+echo "A benchmark lease: carry .gl and the release binaries, scripts/gpu-bench.sh BINARY."

@@ -18,15 +18,17 @@
 #                                 (STEPS, BATCH_TOKENS, GRAD_ACCUM, LR, WARMUP, SEED from the
 #                                 environment; INIT_TUNED / INIT_CONTROL: a stashed adapter folder
 #                                 in $W to start that run from, a warm restart)
-#   scripts/gpu-train.sh chain    the shipped adapter's whole schedule (five stages, 1,650 steps) for
+#   scripts/gpu-train.sh chain    the shipped adapter's whole schedule (six stages, 1,950 steps) for
 #                                 RUNS (default: control, the matched "fine-tuned upper bound"), one
 #                                 detached process per run: 400 steps (samples20, warm-up 30, seed 0),
 #                                 250 (seed 1), 400 (seed 2), 300 on samples (samples30; seed 3,
-#                                 --loss-weight sample), 300 on samples40 (seed 4, sample), each a warm
-#                                 restart into chain-<run>-<steps>, the last into run-<run>; about 20
+#                                 --loss-weight sample), 300 on samples40 (seed 4, sample), then the
+#                                 first 300 of a 400-step schedule on samples40 (seed 5, sample; the
+#                                 tuned run with --distill 1, which a control cannot take), each a warm
+#                                 restart into chain-<run>-<steps>, the last into run-<run>; about 24
 #                                 minutes alone on an H100. CHAIN_FROM / CHAIN_TO (stage names: 400,
-#                                 650, 1050, 1350, 1650) run part of it, e.g. CHAIN_TO=1050 in one lease
-#                                 and `CHAIN_FROM=1350 INIT_CONTROL=<stashed 1050 adapter>` in the next.
+#                                 650, 1050, 1350, 1650, 1950) run part of it, e.g. CHAIN_TO=1050 in one
+#                                 lease and `CHAIN_FROM=1350 INIT_CONTROL=<stashed 1050 adapter>` in the next.
 #                                 Samples files: carried (.gpu/<name>.safetensors.xz) or stashed
 #   scripts/gpu-train.sh wait S   report progress every 60 s for up to S seconds; returns early
 #                                 once both runs are done (then starts the tuned evals) or once
@@ -155,11 +157,13 @@ train)
     sleep 45; progress
     ;;
 chain)
-    # The shipped adapter's stages (name = steps at its end): samples file, steps,
-    # warm-up, seed, loss weighting; each a warm restart from the stage before.
-    stages="400:samples20:400:30:0:token 650:samples20:250:20:1:token 1050:samples20:400:20:2:token
-        1350:samples:300:20:3:sample 1650:samples40:300:20:4:sample"
-    from=${CHAIN_FROM:-400}; to=${CHAIN_TO:-1650}
+    # The shipped adapter's stages (name = steps at its end): samples file, steps in the
+    # schedule, warm-up, seed, loss weighting, the step it stops at (0: the end), whether
+    # the tuned run distills; each a warm restart from the stage before.
+    stages="400:samples20:400:30:0:token:0:- 650:samples20:250:20:1:token:0:-
+        1050:samples20:400:20:2:token:0:- 1350:samples:300:20:3:sample:0:-
+        1650:samples40:300:20:4:sample:0:- 1950:samples40:400:20:5:sample:300:distill"
+    from=${CHAIN_FROM:-400}; to=${CHAIN_TO:-1950}
     rm -rf "$W/train" && cp -r train "$W/train"
     run_stages=() need=()
     for st in $stages; do
@@ -180,12 +184,18 @@ chain)
         [ "$from" -gt 400 ] && [ -z "$prev" ] && { echo "chain: CHAIN_FROM=$from needs INIT_${r^^}"; exit 2; }
         cmd="true"
         for st in "${run_stages[@]}"; do
-            IFS=: read -r name f steps warm seed weight <<< "$st"
+            IFS=: read -r name f steps warm seed weight stop distill <<< "$st"
             out=$W/chain-$r-$name; [ "$name" = "$to" ] && out=$W/run-$r
+            stage="" after=""
+            [ "$distill" = distill ] && [ "$r" = tuned ] && stage+=" --distill 1"
+            # A stage cut short of its schedule: its checkpoint at that step (export-every
+            # 100) is the stage's adapter, and the run counts as done.
+            [ "$stop" != 0 ] && stage+=" --stop-at-step $stop" &&
+                after=" && cp -r $out/adapter-step$stop $out/adapter && echo $out/adapter > $out/DONE"
             cmd+=" && python3 -m kvlink_train.train --model $M --samples $W/$f.safetensors --run $out \
                 --steps $steps --warmup $warm --seed $seed --loss-weight $weight \
                 --batch-tokens ${BATCH_TOKENS:-32768} --grad-accum ${GRAD_ACCUM:-2} --lr ${LR:-2e-4} \
-                --save-every 50 --export-every 100 --quiet $extra ${prev:+--init-adapter $prev}"
+                --save-every 50 --export-every 100 --quiet $extra$stage ${prev:+--init-adapter $prev}$after"
             prev=$out/adapter
         done
         detach "train-$r" "export PYTHONPATH=$W/train:/tmp/site; $cmd"
