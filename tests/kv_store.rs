@@ -1234,6 +1234,42 @@ fn assert_within_half_a_step(got: &DocKv, want: &DocKv) {
     assert!(moved > 0, "no value changed: not quantized");
 }
 
+/// A disk hit's q8 parts are turned into f16 on the host as they are read
+/// (`quant::dequantize`, a few blocks at a time): every value is the f16 rounding of the
+/// exact f32 product, for parts of more than one of its chunks and a partial last one.
+#[test]
+fn q8_parts_dequantize_to_the_rounded_product() {
+    let mut rng = Rng::new();
+    for blocks in [1, 9, 64, 70, 129] {
+        let n = blocks * Q8_BLOCK;
+        // Every byte value (-128 too: sign-extended), scales of either sign, one of them 0.
+        let q: Vec<i8> = (0..n).map(|_| rng.below(256) as u8 as i8).collect();
+        let scales: Vec<half::f16> = (0..blocks)
+            .map(|b| match b % 5 {
+                4 => half::f16::ZERO,
+                _ => half::f16::from_f32((rng.unit() - 0.5) * 0.2),
+            })
+            .collect();
+        let mut part: Vec<u8> = q.iter().map(|&x| x as u8).collect();
+        for s in &scales {
+            part.extend_from_slice(&s.to_bits().to_le_bytes());
+        }
+        part.resize(part.len().next_multiple_of(4), 0);
+        assert_eq!(part.len(), KvFormat::Q8.part_bytes(n));
+        let mut out = vec![0xA5u8; 2 * n];
+        kvlink::kv::quant::dequantize(&part, n, &mut out).unwrap();
+        for (i, c) in out.chunks_exact(2).enumerate() {
+            // 8-bit value x 11-bit scale: exact in f32, then one f16 rounding.
+            let want = half::f16::from_f32(q[i] as f32 * scales[i / Q8_BLOCK].to_f32());
+            let got = half::f16::from_le_bytes([c[0], c[1]]);
+            assert_eq!(got.to_bits(), want.to_bits(), "{blocks} blocks, value {i}");
+        }
+        // A part or an output of the wrong size is an error, not a panic.
+        assert!(kvlink::kv::quant::dequantize(&part[1..], n, &mut out).is_err());
+        assert!(kvlink::kv::quant::dequantize(&part, n, &mut out[2..]).is_err());
+    }
+}
+
 #[test]
 fn q8_entries_round_trip_within_half_a_step_in_half_the_bytes() {
     let td = tempdir("q8");

@@ -1,8 +1,8 @@
 //! The compact cache format: 8-bit K/V with one f16 scale per block of [`Q8_BLOCK`]
 //! values (symmetric, absmax / 127), about 53% of the f16 bytes. Used by the disk store
 //! (and the shared tier, which holds its entry bytes) when asked for
-//! ([`KvFormat::Q8`]); the GPU turns a part back into f16 as it uploads it
-//! (`ops::dequant_q8`), the host with [`dequantize`].
+//! ([`KvFormat::Q8`]); [`dequantize`] turns a part back into f16 (on a disk hit, in the
+//! reading thread as the part arrives, before the GPU upload).
 //!
 //! One part (the K or the V of one layer, `n` values, `n` a multiple of [`Q8_BLOCK`]):
 //! ```text
@@ -158,9 +158,13 @@ pub fn quantize(f16_bytes: &[u8], out: &mut Vec<u8>) -> Result<()> {
 /// 1.5 * 2^23: adding it to an f32 of magnitude below 2^22 rounds it to an integer.
 const ROUND: f32 = 12_582_912.0;
 
-/// The f16 values of one quantized part of `n` values, into `out` (`2 n` bytes).
+/// The f16 values of one quantized part of `n` values, into `out` (`2 n` bytes,
+/// little-endian). On the disk-read path of every q8 hit, so it works a few blocks at a
+/// time, each step over whole arrays (it vectorizes; the f16 conversion uses the
+/// hardware's where there is one).
 pub fn dequantize(part: &[u8], n: usize, out: &mut [u8]) -> Result<()> {
-    if part.len() != KvFormat::Q8.part_bytes(n) || out.len() != 2 * n {
+    if part.len() != KvFormat::Q8.part_bytes(n) || out.len() != 2 * n || !n.is_multiple_of(Q8_BLOCK)
+    {
         return Err(Error::Input(format!(
             "q8: a part of {} bytes into {} bytes is not {n} values",
             part.len(),
@@ -168,20 +172,31 @@ pub fn dequantize(part: &[u8], n: usize, out: &mut [u8]) -> Result<()> {
         )));
     }
     let (q, scales) = part.split_at(n);
-    let mut x = [0f32; Q8_BLOCK];
-    let mut h = [f16::ZERO; Q8_BLOCK];
-    for (b, (src, dst)) in q
-        .chunks_exact(Q8_BLOCK)
-        .zip(out.chunks_exact_mut(2 * Q8_BLOCK))
-        .enumerate()
-    {
-        let s = f16::from_bits(u16::from_le_bytes([scales[2 * b], scales[2 * b + 1]])).to_f32();
-        for (v, &c) in x.iter_mut().zip(src) {
-            *v = (c as i8) as f32 * s;
+    const CHUNK: usize = 64 * Q8_BLOCK;
+    const BLOCKS: usize = CHUNK / Q8_BLOCK;
+    let mut x = [0f32; CHUNK];
+    let mut h = [f16::ZERO; CHUNK];
+    for (c, (src, dst)) in q.chunks(CHUNK).zip(out.chunks_mut(2 * CHUNK)).enumerate() {
+        let m = src.len();
+        for (j, (xb, qb)) in x[..m]
+            .chunks_exact_mut(Q8_BLOCK)
+            .zip(src.chunks_exact(Q8_BLOCK))
+            .enumerate()
+        {
+            let b = 2 * (c * BLOCKS + j);
+            let s = f16::from_bits(u16::from_le_bytes([scales[b], scales[b + 1]])).to_f32();
+            for (v, &q) in xb.iter_mut().zip(qb) {
+                *v = (q as i8) as f32 * s;
+            }
         }
-        h.convert_from_f32_slice(&x);
-        for (c, hv) in dst.chunks_exact_mut(2).zip(&h) {
-            c.copy_from_slice(&hv.to_bits().to_le_bytes());
+        let h = &mut h[..m];
+        h.convert_from_f32_slice(&x[..m]);
+        if cfg!(target_endian = "little") {
+            dst.copy_from_slice(bytemuck::cast_slice(h));
+        } else {
+            for (d, v) in dst.chunks_exact_mut(2).zip(h.iter()) {
+                d.copy_from_slice(&v.to_bits().to_le_bytes());
+            }
         }
     }
     Ok(())

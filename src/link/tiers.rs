@@ -9,7 +9,7 @@ use super::pool::Lease;
 use super::DiskReads;
 use super::{DocCache, DocPool};
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Step, Tensor, TensorUpload};
+use crate::gpu::{Gpu, Tensor, TensorUpload};
 use crate::kv::store::{PayloadSink, ReadTimes};
 use crate::kv::KvFormat;
 use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru, SharedStore};
@@ -268,9 +268,6 @@ impl DocTiers {
     ) -> Result<UploadSink> {
         self.check_doc_shape(tokens, n_tokens, n_layers, kv_dim)?;
         let lease = self.pool.lease(n_tokens)?;
-        if format == KvFormat::Q8 {
-            return self.upload_sink_q8(tokens, (n_tokens, n_layers, kv_dim), lease);
-        }
         // One staging buffer per document, or per group of layers for a cache too big
         // for one buffer; straight into pool rows where the pool has room.
         let n = 2 * n_layers;
@@ -303,74 +300,18 @@ impl DocTiers {
                 }
             })
             .collect::<Result<_>>()?;
-        Ok(UploadSink {
-            tokens: tokens.to_vec(),
-            uploads,
-            per,
-            lease,
-            q8: None,
-        })
-    }
-
-    /// [`DocTiers::upload_sink`] for q8 parts: they go as they are into staging tensors
-    /// (a group of parts per tensor, within a storage binding), and
-    /// [`crate::ops::dequant_q8`] writes their f16 values into the pool rows (or new
-    /// tensors) when the entry has verified.
-    fn upload_sink_q8(
-        &self,
-        tokens: &[u32],
-        (n_tokens, n_layers, kv_dim): (usize, usize, usize),
-        lease: Option<Lease>,
-    ) -> Result<UploadSink> {
-        let n = 2 * n_layers;
         let values = n_tokens * kv_dim;
-        let part_bytes = KvFormat::Q8.part_bytes(values).max(4);
-        let lim = &self.gpu.limits;
-        let max = UPLOAD_BYTES
-            .min(lim.max_buffer_size)
-            .min(lim.max_storage_buffer_binding_size);
-        let per = ((max / part_bytes as u64) as usize).clamp(1, n.max(1));
-        let uploads = (0..n)
-            .step_by(per)
-            .map(|i| {
-                let parts = (i + per).min(n) - i;
-                let raw = Tensor::zeros(
-                    &self.gpu,
-                    &[parts * part_bytes / 4],
-                    DType::U32,
-                    "doc kv q8",
-                )?;
-                let dests = (0..parts)
-                    .map(|j| (raw.clone(), (j * part_bytes) as u64))
-                    .collect();
-                self.gpu.upload_into(dests, part_bytes, "doc kv q8")
-            })
-            .collect::<Result<_>>()?;
-        let dests = match &lease {
-            Some(l) => {
-                let (k, v, at) = l.rows();
-                k.iter()
-                    .chain(v.iter())
-                    .map(|t| (t.clone(), at * kv_dim))
-                    .collect()
-            }
-            None => (0..n)
-                .map(|_| {
-                    Tensor::zeros(&self.gpu, &[n_tokens, kv_dim], DType::F16, "doc kv")
-                        .map(|t| (t, 0))
-                })
-                .collect::<Result<_>>()?,
-        };
         Ok(UploadSink {
             tokens: tokens.to_vec(),
             uploads,
             per,
             lease,
-            q8: Some(Q8Parts {
-                dests,
+            q8: (format == KvFormat::Q8).then(|| HostQ8 {
                 values,
-                part_bytes,
-                gpu: self.gpu.clone(),
+                part_bytes: KvFormat::Q8.part_bytes(values),
+                part: Vec::new(),
+                f16: vec![0; 2 * values],
+                failed: None,
             }),
         })
     }
@@ -665,50 +606,65 @@ struct UploadSink {
     per: usize,
     /// The pool rows the uploads fill, if the pool had room.
     lease: Option<Lease>,
-    /// For q8 parts: where their f16 values go (the uploads fill staging tensors).
-    q8: Option<Q8Parts>,
+    /// For a q8 entry: its parts, turned into f16 as they are read.
+    q8: Option<HostQ8>,
 }
 
-/// See [`DocTiers::upload_sink_q8`].
-struct Q8Parts {
-    /// Per part (K of every layer, then V): the f16 tensor and the value offset in it.
-    dests: Vec<(Tensor, usize)>,
+/// A q8 entry's parts, each turned into f16 by the reading thread once its last bytes
+/// arrive (a part's scales follow its values), then written to the f16 staging: the GPU
+/// gets plain copies, as for an f16 entry, and no dispatch per layer.
+struct HostQ8 {
     /// Values per part.
     values: usize,
-    /// Bytes of one q8 part in the staging tensors.
+    /// Bytes of one stored part.
     part_bytes: usize,
-    gpu: Arc<Gpu>,
+    /// The current part's bytes so far, where a part arrives in pieces.
+    part: Vec<u8>,
+    /// One part's f16 values.
+    f16: Vec<u8>,
+    /// A part that could not be turned into f16 (reported by `finish`).
+    failed: Option<crate::Error>,
 }
 
 impl PayloadSink for UploadSink {
     type Output = DocCache;
 
     fn write(&mut self, part: usize, offset: usize, bytes: &[u8]) {
-        self.uploads[part / self.per].write(part % self.per, offset, bytes);
+        let upload = &mut self.uploads[part / self.per];
+        let Some(h) = &mut self.q8 else {
+            return upload.write(part % self.per, offset, bytes);
+        };
+        // A whole part at once (a part within one read chunk), else gathered first.
+        let whole = if offset == 0 && bytes.len() == h.part_bytes {
+            bytes
+        } else {
+            if offset == 0 {
+                h.part.clear();
+            }
+            h.part.extend_from_slice(bytes);
+            if h.part.len() < h.part_bytes {
+                return;
+            }
+            &h.part
+        };
+        match crate::kv::quant::dequantize(whole, h.values, &mut h.f16) {
+            Ok(()) => upload.write(part % self.per, 0, &h.f16),
+            Err(e) => {
+                h.failed.get_or_insert(e);
+            }
+        }
     }
 
     fn finish(self) -> Result<DocCache> {
+        if let Some(e) = self.q8.and_then(|h| h.failed) {
+            return Err(crate::Error::Input(format!("a q8 document cache: {e}")));
+        }
         // Submits this document's copies now, while other threads still read theirs.
         let mut k: Vec<Tensor> = self
             .uploads
             .into_iter()
             .flat_map(TensorUpload::finish)
             .collect();
-        if let Some(q) = &self.q8 {
-            // The staging tensor of part p holds it at byte (p % per) * part_bytes; a
-            // layer's K and V go to the same rows of their tensors.
-            let layers = q.dests.len() / 2;
-            let at = |p: usize| (p % self.per) * q.part_bytes;
-            let mut st = Step::new(&q.gpu);
-            for l in 0..layers {
-                let ((kd, row), (vd, _)) = (&q.dests[l], &q.dests[l + layers]);
-                let (ks, vs) = (&k[l], &k[l + layers]);
-                let (k_at, v_at) = (at(l), at(l + layers));
-                crate::ops::dequant_q8(&mut st, ks, k_at, vs, v_at, kd, vd, *row, q.values)?;
-            }
-            let _ = st.submit();
-            k = q.dests.iter().map(|(t, _)| t.clone()).collect();
-        }
         Ok(match self.lease {
             Some(lease) => DocCache::leased(self.tokens, lease),
             None => {

@@ -29,7 +29,6 @@ pub mod kernels {
     kernel!(ROTATE_KEYS, "rope.wgsl", "rotate_keys");
     kernel!(ASSEMBLE_KV, "assemble.wgsl", "assemble_kv");
     kernel!(KV_WRITE, "kv.wgsl", "kv_write");
-    kernel!(DEQUANT_Q8, "dequant.wgsl", "dequant_q8");
     kernel!(ATTENTION, "attention.wgsl", "attention");
     kernel!(EMBED, "embed.wgsl", "embed");
     kernel!(ATTENTION_MASS, "attention_mass.wgsl", "attention_mass");
@@ -120,7 +119,6 @@ pub mod kernels {
         ROTATE_KEYS,
         ASSEMBLE_KV,
         KV_WRITE,
-        DEQUANT_Q8,
         ATTENTION,
         ATTENTION_MASS,
         EMBED,
