@@ -1270,6 +1270,56 @@ fn q8_parts_dequantize_to_the_rounded_product() {
     }
 }
 
+/// Parts that arrive in pieces (a disk read's chunks: a part bigger than one) are
+/// gathered and turned into f16 once whole, part after part; a piece out of order is an
+/// error.
+#[test]
+fn q8_parts_in_pieces_dequantize_as_whole_parts() {
+    use kvlink::kv::quant::{dequantize, PartDequantizer};
+    let mut rng = Rng::new();
+    let n = 70 * Q8_BLOCK;
+    let bytes = KvFormat::Q8.part_bytes(n);
+    let mut parts = Vec::new();
+    for _ in 0..3 {
+        let mut kv = vec![0u8; 2 * n];
+        for c in kv.chunks_exact_mut(2) {
+            c.copy_from_slice(&half::f16::from_f32(rng.unit() - 0.5).to_le_bytes());
+        }
+        let mut q = Vec::new();
+        kvlink::kv::quant::quantize(&kv, &mut q).unwrap();
+        let mut want = vec![0u8; 2 * n];
+        dequantize(&q, n, &mut want).unwrap();
+        parts.push((q, want));
+    }
+    let mut d = PartDequantizer::new(n);
+    // Whole, then in pieces of 1,000 bytes (the last shorter), then whole again.
+    for (i, (q, want)) in parts.iter().enumerate() {
+        if i == 1 {
+            let pieces: Vec<_> = q.chunks(1000).collect();
+            for (j, p) in pieces.iter().enumerate() {
+                let got = d.push(j * 1000, p);
+                if j + 1 < pieces.len() {
+                    assert!(got.is_none(), "piece {j}: a part before its last byte");
+                } else {
+                    assert_eq!(got.unwrap().unwrap(), &want[..], "part {i} in pieces");
+                }
+            }
+        } else {
+            assert_eq!(d.push(0, q).unwrap().unwrap(), &want[..], "part {i} whole");
+        }
+    }
+    // A piece that skips bytes, or runs past the part's end: errors.
+    let q = &parts[0].0;
+    assert!(d.push(0, &q[..100]).is_none());
+    assert!(d.push(200, &q[200..300]).unwrap().is_err());
+    assert!(d.push(0, &q[..100]).is_none());
+    assert!(d.push(100, &[0u8; 1]).is_none());
+    let mut long = q[101..].to_vec();
+    long.push(0);
+    assert!(d.push(101, &long).unwrap().is_err());
+    assert_eq!(bytes, q.len());
+}
+
 #[test]
 fn q8_entries_round_trip_within_half_a_step_in_half_the_bytes() {
     let td = tempdir("q8");

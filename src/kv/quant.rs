@@ -201,3 +201,53 @@ pub fn dequantize(part: &[u8], n: usize, out: &mut [u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// A stored q8 part that arrives in pieces (a disk read's chunks), turned into f16 once
+/// its last byte is in: a part's scales follow its values, so nothing can be turned
+/// before that. Reused part after part; allocates once.
+pub struct PartDequantizer {
+    values: usize,
+    part_bytes: usize,
+    /// The current part's bytes so far, where it arrives in more than one piece.
+    part: Vec<u8>,
+    /// One part's f16 values (little-endian).
+    f16: Vec<u8>,
+}
+
+impl PartDequantizer {
+    /// For parts of `values` values (a multiple of [`Q8_BLOCK`]).
+    pub fn new(values: usize) -> PartDequantizer {
+        PartDequantizer {
+            values,
+            part_bytes: KvFormat::Q8.part_bytes(values),
+            part: Vec::new(),
+            f16: vec![0; 2 * values],
+        }
+    }
+
+    /// The next `bytes` of the current part, `offset` bytes into it (pieces in order, a
+    /// new part at offset 0). Once the part is whole, its f16 values; before, `None`.
+    pub fn push(&mut self, offset: usize, bytes: &[u8]) -> Option<Result<&[u8]>> {
+        let whole = if offset == 0 && bytes.len() == self.part_bytes {
+            bytes // the whole part in one piece: no gathering
+        } else {
+            if offset == 0 {
+                self.part.clear();
+            }
+            if offset != self.part.len() || offset + bytes.len() > self.part_bytes {
+                return Some(Err(Error::Input(format!(
+                    "q8: {} bytes at offset {offset} of a {}-byte part that has {}",
+                    bytes.len(),
+                    self.part_bytes,
+                    self.part.len()
+                ))));
+            }
+            self.part.extend_from_slice(bytes);
+            if self.part.len() < self.part_bytes {
+                return None;
+            }
+            &self.part
+        };
+        Some(dequantize(whole, self.values, &mut self.f16).map(|()| &self.f16[..]))
+    }
+}

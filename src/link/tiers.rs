@@ -10,6 +10,7 @@ use super::DiskReads;
 use super::{DocCache, DocPool};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor, TensorUpload};
+use crate::kv::quant::PartDequantizer;
 use crate::kv::store::{PayloadSink, ReadTimes};
 use crate::kv::KvFormat;
 use crate::kv::{DiskStore, DocKey, DocKv, Lookup, Lru, SharedStore};
@@ -259,7 +260,7 @@ impl DocTiers {
     /// A sink that uploads a disk-store entry as it is read: file -> (L2-sized chunk) ->
     /// pooled staging memory -> GPU buffers, with no host copy of the whole cache.
     /// `shape`: tokens, layers, kv_dim; `format`: how the entry's parts are stored (q8
-    /// parts go to the GPU as they are and are turned into f16 there).
+    /// parts are turned into f16 as they arrive, so the GPU always gets f16).
     fn upload_sink(
         &self,
         tokens: &[u32],
@@ -307,10 +308,7 @@ impl DocTiers {
             per,
             lease,
             q8: (format == KvFormat::Q8).then(|| HostQ8 {
-                values,
-                part_bytes: KvFormat::Q8.part_bytes(values),
-                part: Vec::new(),
-                f16: vec![0; 2 * values],
+                parts: PartDequantizer::new(values),
                 failed: None,
             }),
         })
@@ -611,18 +609,11 @@ struct UploadSink {
 }
 
 /// A q8 entry's parts, each turned into f16 by the reading thread once its last bytes
-/// arrive (a part's scales follow its values), then written to the f16 staging: the GPU
-/// gets plain copies, as for an f16 entry, and no dispatch per layer.
+/// arrive, then written to the f16 staging: the GPU gets plain copies, as for an f16
+/// entry, and no dispatch per layer.
 struct HostQ8 {
-    /// Values per part.
-    values: usize,
-    /// Bytes of one stored part.
-    part_bytes: usize,
-    /// The current part's bytes so far, where a part arrives in pieces.
-    part: Vec<u8>,
-    /// One part's f16 values.
-    f16: Vec<u8>,
-    /// A part that could not be turned into f16 (reported by `finish`).
+    parts: PartDequantizer,
+    /// Why a part could not be turned into f16 (reported by `finish`).
     failed: Option<crate::Error>,
 }
 
@@ -634,22 +625,10 @@ impl PayloadSink for UploadSink {
         let Some(h) = &mut self.q8 else {
             return upload.write(part % self.per, offset, bytes);
         };
-        // A whole part at once (a part within one read chunk), else gathered first.
-        let whole = if offset == 0 && bytes.len() == h.part_bytes {
-            bytes
-        } else {
-            if offset == 0 {
-                h.part.clear();
-            }
-            h.part.extend_from_slice(bytes);
-            if h.part.len() < h.part_bytes {
-                return;
-            }
-            &h.part
-        };
-        match crate::kv::quant::dequantize(whole, h.values, &mut h.f16) {
-            Ok(()) => upload.write(part % self.per, 0, &h.f16),
-            Err(e) => {
+        match h.parts.push(offset, bytes) {
+            None => {}
+            Some(Ok(f16)) => upload.write(part % self.per, 0, f16),
+            Some(Err(e)) => {
                 h.failed.get_or_insert(e);
             }
         }
