@@ -9,7 +9,8 @@
 #                             parts that fill what the working tree leaves of the 64 MiB a
 #                             call carries (the first beside the loaders, binary and data)
 #          data.tar.xz        hqa500.json (HotpotQA 0-499, test), hqa-val.json (500-999,
-#                             validation), squad-v2-dev.json, wiki.utf8
+#                             validation), squad-v2-dev.json, wiki.utf8, ppl-heldout.utf8
+#                             (the held-out SQuAD articles: a perplexity text never trained on)
 #          samples20.safetensors.xz  training samples of the shipped adapter's first three
 #                             stages, samples.safetensors.xz of its fourth, samples40 of its
 #                             fifth and sixth (`gpu-train.sh chain`)
@@ -58,8 +59,21 @@ q = json.load(open(sys.argv[1]))
 json.dump(q[:500], open(sys.argv[2] + "/hqa500.json", "w"))
 json.dump(q[500:1000], open(sys.argv[2] + "/hqa-val.json", "w"))
 PY
+# A perplexity text no adapter trained on (wiki.utf8 is also a training source): the
+# paragraphs of the five SQuAD articles `kvlink train-data` holds out (EVAL.md), as
+# WikiExtractor articles (~22k tokens).
+python3 - "$data/squad-v2-dev.json" "$tmp/ppl-heldout.utf8" <<'PY'
+import json, sys
+held = ["Normans", "Jacksonville,_Florida", "Construction",
+        "Intergovernmental_Panel_on_Climate_Change", "Packet_switching"]
+arts = [a for a in json.load(open(sys.argv[1]))["data"] if a["title"] in held]
+assert len(arts) == len(held), [a["title"] for a in arts]
+with open(sys.argv[2], "w") as f:
+    for a in arts:
+        f.write(f'<doc title="{a["title"]}">\n' + "\n\n".join(p["context"] for p in a["paragraphs"]) + "\n</doc>\n")
+PY
 cp "$data/squad-v2-dev.json" "$data/wiki.utf8" "$tmp/"
-tar -cJf .gpu/data.tar.xz -C "$tmp" hqa500.json hqa-val.json squad-v2-dev.json wiki.utf8
+tar -cJf .gpu/data.tar.xz -C "$tmp" hqa500.json hqa-val.json squad-v2-dev.json wiki.utf8 ppl-heldout.utf8
 
 if [ "$build" = 1 ] || [ ! -f .gpu/kvlink.xz ]; then
     echo "== release build"

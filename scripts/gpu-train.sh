@@ -45,7 +45,8 @@
 # collect takes COLLECT_TUNED / COLLECT_CONTROL (default: what `pick` chose, else adapter).
 #   scripts/gpu-train.sh valwatch S  validation evals of each tuned checkpoint as it appears
 #   scripts/gpu-train.sh pick     the validation winner; starts its and the control's test evals
-# EVALS (default "hotpotqa squad ppl"; "none": no evaluation; "val": HotpotQA validation
+# EVALS (default "hotpotqa squad ppl"; "pplh": chunked perplexity on ppl-heldout.utf8, the held-out
+# SQuAD articles, which no adapter trained on, unlike wiki.utf8; "none": no evaluation; "val": HotpotQA validation
 # questions 500-999, full and kvlink, for picking checkpoints; "q8": HotpotQA 0-499, full and kvlink
 # with every question's documents taken back from a q8 store) picks the evaluations that
 # `model`, `wait` and `eval` start; PROBE=0 skips setup's throughput probe; RUNS (default "tuned control") picks the
@@ -80,7 +81,9 @@ evals() { # evals TAG [--lora DIR]: those of $EVALS (HotpotQA 0-499, SQuAD held-
             --out $W/res/$tag-squad.jsonl --json > $W/res/$tag-squad.summary.json") ;;
         ppl) cmds+=("for c in 4 16; do $K perplexity --model $M $* --text $W/data/wiki.utf8 --ctx 1024 \
             --max-windows 8 --chunks \$c --json > $W/res/$tag-ppl-\$c.json || exit 1; done") ;;
-        *) echo "unknown evaluation $e (EVALS: hotpotqa squad ppl val q8)"; return 1 ;;
+        pplh) cmds+=("for c in 4 16; do $K perplexity --model $M $* --text $W/data/ppl-heldout.utf8 \
+            --ctx 1024 --chunks \$c --json > $W/res/$tag-pplh-\$c.json || exit 1; done") ;;
+        *) echo "unknown evaluation $e (EVALS: hotpotqa squad ppl pplh val q8)"; return 1 ;;
         esac
     done
     local joined=${cmds[0]} c
